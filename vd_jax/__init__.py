@@ -1,0 +1,2 @@
+"""vd_jax: Versatile Diffusion in JAX/Flax."""
+__version__ = '0.1.0'

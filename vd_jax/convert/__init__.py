@@ -1,0 +1,211 @@
+"""Convert released PyTorch checkpoints of Versatile Diffusion into vd_jax checkpoints.
+
+    from vd_jax.convert import convert_checkpoint
+    convert_checkpoint('vd-four-flow-v1-0-fp16.pth', 'vd_four_flow', out='converted/vd4')
+
+or `python -m vd_jax.convert SRC OUT [--config vd_four_flow]`. The layout (v1.0,
+legacy, diffusers, ...) is detected from the keys; conversion is strict (see
+`vd_jax.convert.engine`) and memory-bounded (one tensor at a time, memory-mapped source).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from vd_jax.convert.engine import (ConversionError, Ignore, Plan, Rule, build_plan,  # noqa: F401
+                                   export_flat, run_plan)
+from vd_jax.convert.parts import (KNOWN_UNSUPPORTED, LAYOUTS, REGISTRY, Layout,  # noqa: F401
+                                  detect_layout)
+from vd_jax.convert.sources import DictSource, SourceError, TensorSource, open_source  # noqa: F401
+
+# Converters of the other model families register themselves on import.
+for _mod in ('vae_rules', 'clip_rules', 'optimus_rules'):
+    try:
+        __import__(f'vd_jax.convert.{_mod}')
+    except ModuleNotFoundError as _e:
+        if _e.name != f'vd_jax.convert.{_mod}':
+            raise
+
+
+def _model_config(config):
+    from vd_jax.config import load_config
+    if isinstance(config, str):
+        config = load_config(config)
+    if 'model' in config:
+        config = config['model']
+    return config
+
+
+def _claims(layout: Layout, keys: Sequence[str]):
+    """part -> claimed keys, plus keys ignored by the layout and keys nobody claims."""
+    prefixes = {name: conv.claims[layout.name] for name, conv in REGISTRY.items()
+                if layout.name in conv.claims}
+    for name, pre in KNOWN_UNSUPPORTED.get(layout.name, {}).items():
+        prefixes.setdefault(name, pre)
+    claimed: Dict[str, list] = {}
+    ignored, orphans = [], []
+    import re
+    ign = [(re.compile(i.pattern), i.reason) for i in layout.ignore]
+    for k in keys:
+        owner = None
+        for name, pre in prefixes.items():
+            if k.startswith(tuple(pre)):
+                owner = name
+                break
+        if owner is not None:
+            claimed.setdefault(owner, []).append(k)
+            continue
+        reason = next((r for rx, r in ign if rx.fullmatch(k)), None)
+        (ignored.append((k, reason)) if reason else orphans.append(k))
+    return claimed, ignored, orphans
+
+
+def plan_conversion(source: TensorSource, config, parts: Optional[Sequence[str]] = None,
+                    skip_parts: Sequence[str] = ()):
+    """Detect the layout and build a validated plan per part, reading no tensor data.
+
+    Returns (layout, {part: Plan}, {part: target shapes}, record) where record lists
+    ignored and skipped keys for the manifest. Raises `ConversionError` on any problem.
+    """
+    model_cfg = _model_config(config)
+    keys = source.keys()
+    layout = detect_layout(keys, source.path)
+    claimed, ignored, orphans = _claims(layout, keys)
+    if orphans:
+        raise ConversionError(
+            f"'{source.path}' ({layout.name} layout) has {len(orphans)} key(s) that belong to no "
+            f"part vd_jax knows: {sorted(orphans)[:20]}")
+    unknown = [p for p in (parts or ()) if p not in REGISTRY]
+    if unknown:
+        raise ConversionError(f'unknown part(s) {unknown}; known: {sorted(REGISTRY)}')
+    plans, targets, skipped = {}, {}, {}
+    problems = []
+    for part, pkeys in claimed.items():
+        if part in skip_parts or (parts is not None and part not in parts):
+            skipped[part] = len(pkeys)
+            continue
+        conv = REGISTRY.get(part)
+        if conv is None:
+            problems.append(f"  '{part}': {len(pkeys)} keys (e.g. {pkeys[0]}) that vd_jax cannot "
+                            f'convert yet; skip them explicitly with skip_parts=[{part!r}] '
+                            f'(--skip {part})')
+            continue
+        if not conv.has_part(model_cfg):
+            problems.append(f"  '{part}': {len(pkeys)} keys, but the config has no '{part}' "
+                            f'section; use a config that has it or skip_parts=[{part!r}]')
+            continue
+        targets[part] = conv.target(model_cfg)
+        rules, ign, rename, tied = conv.tables(model_cfg, layout.name, pkeys)
+        shapes = {k: tuple(source.shape(k)) for k in pkeys}
+        try:
+            plans[part] = build_plan(part, shapes, targets[part], rules, ign, rename, tied,
+                                     where=f"'{source.path}' ({layout.name} layout)")
+        except ConversionError as e:
+            problems.append(str(e))
+    missing = [p for p in (parts or ()) if p not in claimed]
+    if missing:
+        problems.append(f"  requested part(s) {missing} are not in '{source.path}' "
+                        f'(it has: {sorted(claimed)})')
+    if problems:
+        raise ConversionError('\n'.join(problems))
+    if not plans:
+        raise ConversionError(f"nothing to convert in '{source.path}' (parts present: "
+                              f'{sorted(claimed)}, skipped: {sorted(skipped)})')
+    record = dict(layout=layout.name, ignored=ignored, skipped=skipped)
+    return layout, plans, targets, record
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, enabled: bool):
+        self.total, self.done, self.t0, self.enabled = total_bytes, 0, time.time(), enabled
+        self._last = 0.0
+
+    def update(self, nbytes: int, label: str):
+        self.done += nbytes
+        now = time.time()
+        if not self.enabled or (now - self._last < 1.0 and self.done < self.total):
+            return
+        self._last = now
+        el = now - self.t0
+        eta = el / max(self.done, 1) * (self.total - self.done)
+        print(f'\r  converting {self.done / 2**20:9.1f} / {self.total / 2**20:.1f} MiB '
+              f'({100 * self.done / max(self.total, 1):5.1f}%)  {el:6.1f}s elapsed, '
+              f'ETA {eta:6.1f}s  [{label[:40]:<40}]', end='', file=sys.stderr, flush=True)
+        if self.done >= self.total:
+            print(file=sys.stderr)
+
+
+def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_flow',
+                       out: Optional[str] = None, *, parts: Optional[Sequence[str]] = None,
+                       skip_parts: Sequence[str] = (), dtype='float32', overwrite: bool = False,
+                       progress: bool = False):
+    """Convert a PyTorch VD checkpoint (file, diffusers folder, or in-memory state dict).
+
+    Args:
+      src: a `.pth`/`.bin`/`.ckpt`/`.safetensors` file, a diffusers pipeline or model
+        folder, a `TensorSource`, or a mapping of name -> tensor.
+      config: a config name ('vd_four_flow', 'vd_dc:tiny', ...), a file path, or a
+        ConfigDict (whole run config or its `model` section).
+      out: checkpoint folder to write (atomically; never over an existing path unless
+        `overwrite`). If None, the params are returned in memory instead.
+      parts: convert only these parts (default: every part in the source).
+      skip_parts: parts present in the source to leave out on purpose.
+      dtype: parameter dtype of the output (fp16 sources are cast).
+    Returns:
+      `out`, or {part: nested params dict of numpy arrays} when `out` is None.
+    """
+    from vd_jax import __version__
+    from vd_jax.checkpoint import SafetensorsWriter, atomic_dir, config_to_json, unflatten
+
+    if isinstance(src, TensorSource):
+        source = src
+    elif isinstance(src, Mapping):
+        source = DictSource(src)
+    else:
+        source = open_source(src)
+    model_cfg = _model_config(config)
+    layout, plans, targets, record = plan_conversion(source, model_cfg, parts, skip_parts)
+    dtype = np.dtype(dtype)
+    total = sum(int(np.prod(targets[p][e.path])) * dtype.itemsize
+                for p, plan in plans.items() for e in plan.entries)
+    prog = _Progress(total, progress)
+
+    if out is None:
+        result = {}
+        for part, plan in plans.items():
+            flat = {}
+            for path, a in run_plan(plan, source.get, dtype):
+                flat[path] = a
+                prog.update(a.nbytes, path)
+            result[part] = unflatten(flat)
+        return result
+
+    with atomic_dir(out, overwrite) as tmp:
+        manifest = dict(format='vd_jax checkpoint v1', vd_jax_version=__version__,
+                        source=os.path.abspath(source.path) if source.path != '<memory>' else None,
+                        layout=layout.name, dtype=dtype.name, parts={},
+                        ignored_keys=[{'key': k, 'reason': r} for k, r in record['ignored']],
+                        skipped_parts=record['skipped'])
+        for part, plan in plans.items():
+            entries = [(e.path, targets[part][e.path], dtype) for e in plan.entries]
+            w = SafetensorsWriter(os.path.join(tmp, f'{part}.safetensors'), entries,
+                                  {'part': part, 'source_layout': layout.name})
+            for path, a in run_plan(plan, source.get, dtype):
+                w.write(path, a)
+                prog.update(a.nbytes, path)
+            w.close()
+            manifest['parts'][part] = dict(
+                tensors=len(plan.entries),
+                params=int(sum(np.prod(targets[part][e.path]) for e in plan.entries)),
+                ignored=[{'key': k, 'reason': r} for k, r in plan.ignored],
+                tied_copies=[{'key': k, 'copy_of': o} for k, o in plan.tied])
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            f.write(config_to_json(model_cfg))
+        with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
+            json.dump(manifest, f, indent=1)
+    return out

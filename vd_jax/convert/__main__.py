@@ -1,0 +1,62 @@
+"""python -m vd_jax.convert SRC OUT [--config NAME|FILE[:ARG]] [--skip PART ...] ...
+
+Converts a released Versatile Diffusion checkpoint (original v1.0 or legacy `.pth`, a
+diffusers folder, or a `.safetensors` file) into a vd_jax checkpoint folder.
+"""
+import argparse
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='python -m vd_jax.convert', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('src', help='checkpoint file or diffusers folder')
+    p.add_argument('out', help='output checkpoint folder (must not exist unless --overwrite)')
+    p.add_argument('--config', default='vd_four_flow',
+                   help="model config: name in configs/ ('vd_four_flow', 'vd_dc', 'vd_basic', "
+                        "'tiny'), optionally ':arg', or a .py path (default: vd_four_flow)")
+    p.add_argument('--parts', nargs='+', default=None,
+                   help='convert only these parts (diffuser, vae_image, vae_text, ctx_image, ctx_text)')
+    p.add_argument('--skip', nargs='+', default=[], metavar='PART',
+                   help='parts present in the source to leave out on purpose')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    p.add_argument('--dry-run', action='store_true',
+                   help='check the whole mapping (keys, shapes) and print it; write nothing')
+    args = p.parse_args(argv)
+
+    import numpy as np
+    from vd_jax.convert import ConversionError, SourceError, convert_checkpoint, open_source, \
+        plan_conversion
+    from vd_jax.checkpoint import CheckpointError
+    try:
+        if args.dtype == 'bfloat16':
+            import ml_dtypes
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dtype = args.dtype
+        if args.dry_run:
+            source = open_source(args.src)
+            layout, plans, _, record = plan_conversion(source, args.config, args.parts, args.skip)
+            print(f'layout: {layout.name}')
+            for plan in plans.values():
+                print(plan.summary())
+                for e in plan.entries:
+                    print(f'  {e.source_key} -> {e.path}  [{e.transform.name}]')
+            for k, r in record['ignored']:
+                print(f'  ignored {k}: {r}')
+            for part, n in record['skipped'].items():
+                print(f'  skipped part {part} ({n} keys)')
+            return 0
+        out = convert_checkpoint(args.src, args.config, args.out, parts=args.parts,
+                                 skip_parts=args.skip, dtype=dtype, overwrite=args.overwrite,
+                                 progress=True)
+        print(f'wrote {out}')
+        return 0
+    except (ConversionError, SourceError, CheckpointError, FileExistsError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Which source layouts exist, which keys each part of a checkpoint claims, and the
+registry of part converters (diffuser here; VAEs and context encoders register theirs).
+
+A part converter answers, for a model config and a detected layout:
+  * `has_part(model_cfg)`: does the config define this part?
+  * `target(model_cfg)`: Flax path -> shape of every parameter (from `jax.eval_shape`);
+  * `tables(model_cfg, layout, keys)`: (rules, ignore, rename, tied) for `engine.build_plan`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from vd_jax.convert.engine import ConversionError, Ignore, Rule
+
+# The 12 DDPM schedule buffers every VD state dict carries (vd.py:127-185): recomputed by
+# `vd_jax.diffusion.make_schedule`, so never converted.
+SCHEDULE_BUFFERS = ('betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod',
+                    'sqrt_one_minus_alphas_cumprod', 'log_one_minus_alphas_cumprod',
+                    'sqrt_recip_alphas_cumprod', 'sqrt_recipm1_alphas_cumprod',
+                    'posterior_variance', 'posterior_log_variance_clipped',
+                    'posterior_mean_coef1', 'posterior_mean_coef2')
+_SCHEDULE_IGNORE = Ignore('|'.join(SCHEDULE_BUFFERS),
+                          'DDPM schedule buffer; recomputed from the config (vd_jax.diffusion)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    detect: Callable[[Sequence[str]], bool]
+    ignore: Tuple[Ignore, ...] = ()
+
+
+def _has_prefix(*prefixes):
+    return lambda keys: any(k.startswith(prefixes) for k in keys)
+
+
+LAYOUTS: List[Layout] = [
+    Layout('vd-v1.0', "original VD, v1.0 code (`diffuser.*`, `vae.*`, `ctx.*`)",
+           _has_prefix('diffuser.'), (_SCHEDULE_IGNORE,)),
+    Layout('vd-legacy', "original VD, Nov-2022 code (`model.diffusion_model.*`)",
+           _has_prefix('model.diffusion_model.'), (_SCHEDULE_IGNORE,)),
+    Layout('diffusers', 'a diffusers pipeline or model folder (`image_unet/`, `text_unet/`, '
+           '`vae/`, `text_encoder/`, `image_encoder/`)',
+           _has_prefix('image_unet.', 'text_unet.', 'vae.', 'text_encoder.', 'image_encoder.')),
+]
+
+
+@dataclasses.dataclass
+class PartConverter:
+    name: str
+    claims: Mapping[str, Tuple[str, ...]]     # layout -> key prefixes this part owns
+    has_part: Callable
+    target: Callable
+    tables: Callable
+
+
+REGISTRY: Dict[str, PartConverter] = {}
+# Parts that exist in released files but that no converter here handles yet: layout ->
+# {part: prefixes}. They are reported by name and need an explicit skip.
+KNOWN_UNSUPPORTED: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+
+
+def register(conv: PartConverter) -> PartConverter:
+    REGISTRY[conv.name] = conv
+    for layout in conv.claims:
+        KNOWN_UNSUPPORTED.get(layout, {}).pop(conv.name, None)
+    return conv
+
+
+def register_layout(layout: Layout, first: bool = False) -> None:
+    """Add a source layout (e.g. a stand-alone VAE file). `first` puts it ahead of others."""
+    if any(l.name == layout.name for l in LAYOUTS):
+        return
+    LAYOUTS.insert(0, layout) if first else LAYOUTS.append(layout)
+
+
+def detect_layout(keys: Sequence[str], where: str = '') -> Layout:
+    for layout in LAYOUTS:
+        if layout.detect(keys):
+            return layout
+    sample = sorted(keys)[:8]
+    raise ConversionError(
+        f"unknown checkpoint layout{' in ' + where if where else ''}: none of "
+        f"{[l.name for l in LAYOUTS]} matches. First keys: {sample}")
+
+
+# --------------------------------------------------------------------------------------------
+# The diffuser
+# --------------------------------------------------------------------------------------------
+
+def _diffuser_cfg(model_cfg):
+    from vd_jax.models.unet import DiffuserConfig
+    return DiffuserConfig.from_dict(model_cfg['diffuser'])
+
+
+def _diffuser_target(model_cfg):
+    from vd_jax.checkpoint import flatten
+    from vd_jax.models.unet import Diffuser, abstract_params
+    tree = abstract_params(Diffuser(_diffuser_cfg(model_cfg)))
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+def _diffuser_tables(model_cfg, layout: str, keys: Sequence[str]):
+    from vd_jax.convert.diffuser_rules import diffuser_rows
+    dcfg = _diffuser_cfg(model_cfg)
+    rows = diffuser_rows(dcfg)
+    rules = [Rule(r.canonical, r.path, r.transform, exact=True) for r in rows]
+    rename, tied = {}, {}
+    if layout == 'vd-legacy':
+        rename = {r.legacy: r.canonical for r in rows}
+    elif layout == 'diffusers':
+        rename = {r.diffusers: r.canonical for r in rows}
+        # diffusers copies the one shared time MLP into every UNet (its converter reads
+        # `model.diffusion_model.time_embed` twice); keep the owner's, require equal copies.
+        g = dcfg.global_layer_ptr
+        for s in dcfg.streams:
+            if 'global' in s.parts:
+                continue
+            for k in keys:
+                if k.startswith(f'{s.name}_unet.time_embedding.'):
+                    tied[k] = k.replace(f'{s.name}_unet.', f'{g}_unet.', 1)
+    return rules, [], rename, tied
+
+
+def _diffuser_claims():
+    return {'vd-v1.0': ('diffuser.',), 'vd-legacy': ('model.diffusion_model.',),
+            'diffusers': ('image_unet.', 'text_unet.')}
+
+
+register(PartConverter('diffuser', _diffuser_claims(), lambda cfg: 'diffuser' in cfg,
+                       _diffuser_target, _diffuser_tables))
+
+KNOWN_UNSUPPORTED.update({
+    'vd-v1.0': {'vae_image': ('vae.image.',), 'vae_text': ('vae.text.',),
+                'ctx_image': ('ctx.image.',), 'ctx_text': ('ctx.text.',)},
+    'diffusers': {'vae_image': ('vae.',), 'ctx_text': ('text_encoder.',),
+                  'ctx_image': ('image_encoder.',)},
+})
