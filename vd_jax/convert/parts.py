@@ -39,7 +39,8 @@ def _has_prefix(*prefixes):
 
 LAYOUTS: List[Layout] = [
     Layout('vd-v1.0', "original VD, v1.0 code (`diffuser.*`, `vae.*`, `ctx.*`)",
-           _has_prefix('diffuser.'), (_SCHEDULE_IGNORE,)),
+           _has_prefix('diffuser.', 'vae.image.', 'vae.text.', 'ctx.image.', 'ctx.text.'),
+           (_SCHEDULE_IGNORE,)),
     Layout('vd-legacy', "original VD, Nov-2022 code (`model.diffusion_model.*`)",
            _has_prefix('model.diffusion_model.'), (_SCHEDULE_IGNORE,)),
     Layout('diffusers', 'a diffusers pipeline or model folder (`image_unet/`, `text_unet/`, '

@@ -238,3 +238,23 @@ def open_source(path: str) -> TensorSource:
         return MergedSource({DIFFUSERS_CLASSES[cls] + '.': _model_folder_source(path)}, path)
     raise SourceError(f"folder '{path}' is neither a diffusers pipeline (sub-folders "
                       f"{DIFFUSERS_FOLDERS}) nor a diffusers/transformers model folder (config.json)")
+
+
+class ShapeSource(TensorSource):
+    """Key -> shape only (no data): for checking a mapping, e.g. against a key listing."""
+
+    def __init__(self, shapes: Mapping[str, Tuple[int, ...]], path: str = '<shapes>'):
+        self._s = {k: tuple(v) for k, v in shapes.items()}
+        self.path = path
+
+    def keys(self):
+        return list(self._s)
+
+    def shape(self, key):
+        return self._s[key]
+
+    def dtype(self, key):
+        return 'unknown'
+
+    def get(self, key):
+        raise SourceError(f"'{self.path}' has shapes only; no data for '{key}'")

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
@@ -99,7 +100,8 @@ def group_norm_stats(x, num_groups: int):
     b, c = x.shape[0], x.shape[-1]
     if c % num_groups:
         raise ValueError(f'GroupNorm: {c} channels are not divisible into {num_groups} groups')
-    xf = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
+    n = int(np.prod(x.shape[1:-1]))  # explicit: -1 is ambiguous for a zero-size batch
+    xf = x.astype(jnp.float32).reshape(b, n, num_groups, c // num_groups)
     mean = xf.mean(axis=(1, 3), keepdims=True)
     var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
     return xf, mean, var

@@ -337,7 +337,7 @@ class FCBlock(nn.Module):
 
     def __call__(self, x, emb):  # x (B, S, 1, Cin), emb (B, E)
         b = x.shape[0]
-        x = x.reshape(b, -1)  # (B, S*Cin), s-major
+        x = x.reshape(b, int(np.prod(x.shape[1:])))  # (B, S*Cin), s-major
         h = self.in_layers_2(nn.silu(self.in_layers_0(x)))
         h = h + self.emb_layers_1(nn.silu(emb))
         h = self.out_layers_3(nn.silu(self.out_layers_0(h)))
@@ -400,7 +400,7 @@ class LinearMultiDim(nn.Module):
     def __call__(self, x, emb=None):
         b = x.shape[0]
         y = Dense(self.features * self.out_positions, zero_init=self.zero_init, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='linear')(x.reshape(b, -1))
+                  param_dtype=self.param_dtype, name='linear')(x.reshape(b, int(np.prod(x.shape[1:]))))
         if self.out_positions == 1:
             return y
         return y.reshape(b, self.out_positions, 1, self.features)
@@ -424,7 +424,7 @@ class OutBlock(nn.Module):
     def __call__(self, x, emb):
         h = nn.silu(self.out_0(x))
         if self.kind == '0d':
-            h = h.reshape(h.shape[0], -1)  # (B, S*C), s-major
+            h = h.reshape(h.shape[0], int(np.prod(h.shape[1:])))  # (B, S*C), s-major
         return self.out_2(h)
 
 
@@ -519,7 +519,8 @@ class SpatialTransformer(nn.Module):
 
     def __call__(self, x, context):  # x (B, H, W, C) or (B, S, 1, C); context (B, L, D)
         b, hh, ww, c = x.shape
-        h = self.proj_in(self.norm(x)).reshape(b, hh * ww, -1)
+        h = self.proj_in(self.norm(x))
+        h = h.reshape(b, hh * ww, h.shape[-1])
         for blk in self.transformer_blocks:
             h = blk(h, context.astype(self.dtype))
         h = self.proj_out(h).reshape(b, hh, ww, c)
@@ -737,12 +738,12 @@ def example_latent(s: StreamConfig, batch: int = 1, size: Optional[int] = None):
 
 
 def init_params(model: Diffuser, key, batch: int = 1):
-    """Initialise every parameter of a diffuser; returns the unboxed params dict."""
-    init = jax.jit(lambda k: model.init(k, batch, method=Diffuser.init_all))
-    return nn.unbox(init(key)['params'])
+    """Initialise every parameter of a diffuser with its own initialisers (jitted)."""
+    from vd_jax.models.init import init_params as _init
+    return _init(model, key, batch, method=Diffuser.init_all)
 
 
 def abstract_params(model: Diffuser):
     """Parameter shapes without allocating (jax.eval_shape of init), unboxed."""
-    v = jax.eval_shape(lambda k: model.init(k, 1, method=Diffuser.init_all), jax.random.PRNGKey(0))
-    return nn.unbox(v['params'])
+    from vd_jax.models.init import abstract_params as _abstract
+    return _abstract(model, 1, method=Diffuser.init_all)

@@ -1,0 +1,199 @@
+"""The grouped diffuser: structure at full size (no allocation), configs, flows and mixing."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vd_jax.checkpoint import flatten
+from vd_jax.config import load_config
+from vd_jax.models.init import init_params as init_module, random_params
+from vd_jax.models.unet import (Diffuser, DiffuserConfig, FCBlock, ResBlock, SpatialTransformer,
+                                abstract_params, plan_stream)
+
+DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
+
+
+def _count(tree):
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def counts():
+    with open(os.path.join(DESIGN, 'vd_param_counts.json')) as f:
+        return json.load(f)
+
+
+def test_four_flow_full_size_parameter_counts(counts):
+    p = abstract_params(Diffuser(load_config('vd_four_flow').model.diffuser))
+    assert _count(p) == 2_566_318_852 == counts['diffuser (total)']
+    img, txt = p['image'], p['text']
+    assert _count({k: v for k, v in img.items() if k.startswith('time_embed')}) == 2_050_560
+    assert _count({k: v for k, v in img.items() if k.startswith('data_blocks')}) == 590_231_044
+    assert _count({k: v for k, v in img.items() if k.startswith('context_blocks')}) == 267_239_360
+    assert _count({k: v for k, v in txt.items() if k.startswith('data_blocks')}) == 1_439_558_528
+    assert _count({k: v for k, v in txt.items() if k.startswith('context_blocks')}) == 267_239_360
+    assert not any(k.startswith('time_embed') for k in txt)  # global_layer_ptr: image
+    # spot-check the text stream's shapes against the key listing (spec §2.5)
+    assert img['data_blocks_29']['out_2']['kernel'].shape == (3, 3, 320, 4)
+    assert txt['data_blocks_14']['in_layers_2']['kernel'].shape == (10240, 5120)
+
+
+def test_layer_order_and_block_counts(counts):
+    dcfg = DiffuserConfig.from_dict(load_config('vd_four_flow').model.diffuser)
+    for s in dcfg.streams:
+        plan = plan_stream(s)
+        assert plan.order == counts[f'layer_order_{s.name}']
+        assert len(plan.data) == counts[f'n_data_blocks_{s.name}'] == 30
+        assert len(plan.context) == counts[f'n_context_blocks_{s.name}'] == 16
+
+
+def test_progressive_settings_build_only_their_streams():
+    basic = abstract_params(Diffuser(load_config('vd_basic').model.diffuser))
+    assert set(basic) == {'image'} and _count(basic) == 859_520_964  # = the SD-v1 UNet
+    dc = abstract_params(Diffuser(load_config('vd_dc').model.diffuser))
+    assert set(dc['text']) == {f'context_blocks_{i}' for i in range(16)}
+    assert _count(dc) == 859_520_964 + 267_239_360
+
+
+def test_other_widths_can_be_written_down():
+    """A text latent width other than 768 and a context width other than 768."""
+    cfg = load_config('vd_four_flow').model.diffuser.to_dict()
+    cfg['streams']['text']['input_channels'] = 512
+    cfg['streams']['text']['output_channels'] = 512
+    for s in cfg['streams'].values():
+        s['context_dim'] = 1024
+    p = abstract_params(Diffuser(cfg))
+    assert p['text']['data_blocks_0']['linear']['kernel'].shape == (512, 1280)
+    assert p['text']['data_blocks_29']['out_2']['kernel'].shape == (1280, 512)
+    assert p['image']['context_blocks_0']['transformer_blocks_0']['attn2']['to_k']['kernel'].shape \
+        == (1024, 320)
+
+
+def test_config_errors_name_the_problem():
+    base = load_config('vd_four_flow').model.diffuser.to_dict()
+    bad = json.loads(json.dumps(base))
+    bad['streams']['text']['with_attn'] = [True, True, False, False]
+    with pytest.raises(ValueError, match='layer order'):
+        DiffuserConfig.from_dict(bad)
+    bad = json.loads(json.dumps(base))
+    bad['streams']['image']['bogus'] = 1
+    with pytest.raises(ValueError, match="unknown argument.*bogus"):
+        DiffuserConfig.from_dict(bad)
+    bad = json.loads(json.dumps(base))
+    bad['global_layer_ptr'] = 'text'
+    with pytest.raises(ValueError, match="global_layer_ptr 'text'"):
+        DiffuserConfig.from_dict(bad)
+    bad = json.loads(json.dumps(base))
+    bad['streams']['text']['second_dim'] = [4, 4, 2, 4]
+    with pytest.raises(ValueError, match='second_dim'):
+        DiffuserConfig.from_dict(bad)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    cfg = load_config('tiny').model
+    model = Diffuser(cfg.diffuser)
+    # random weights everywhere (the original's zero-init output layers would make every
+    # flow output 0)
+    return model, random_params(abstract_params(model), seed=0)
+
+
+def _inputs(key=0):
+    ks = jax.random.split(jax.random.PRNGKey(key), 4)
+    return dict(x_img=jax.random.normal(ks[0], (2, 16, 16, 4)), x_txt=jax.random.normal(ks[1], (2, 16)),
+                c_txt=jax.random.normal(ks[2], (2, 7, 32)), c_img=jax.random.normal(ks[3], (2, 9, 32)),
+                t=jnp.array([5, 900]))
+
+
+def test_initialisers_match_original():
+    """zero_module in the original: the last layer of each block and of the network; other
+    layers U(+-1/sqrt(fan_in)) as PyTorch's defaults."""
+    key = jax.random.PRNGKey(0)
+    p = init_module(ResBlock(32, 64), key, jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 128)))
+    assert float(jnp.abs(p['out_layers_3']['kernel']).max()) == 0
+    k = np.asarray(p['in_layers_2']['kernel'])
+    assert 0.9 / np.sqrt(9 * 32) < np.abs(k).max() <= 1 / np.sqrt(9 * 32)
+    p = init_module(FCBlock(32, 32, 4), key, jnp.zeros((1, 4, 1, 32)), jnp.zeros((1, 128)))
+    assert float(jnp.abs(p['out_layers_3']['kernel']).max()) == 0
+    p = init_module(SpatialTransformer(32, 2, 16), key, jnp.zeros((1, 2, 2, 32)), jnp.zeros((1, 3, 8)))
+    assert float(jnp.abs(p['proj_out']['kernel']).max()) == 0
+    assert float(jnp.abs(p['proj_in']['kernel']).max()) > 0
+
+
+def test_every_flow_runs_and_mixing_degenerates_to_single_flows(tiny):
+    model, params = tiny
+    i = _inputs()
+    f = lambda *a, **k: model.apply({'params': params}, *a, **k)
+    outs = {}
+    for xt, x in (('image', i['x_img']), ('text', i['x_txt'])):
+        for ct, c in (('image', i['c_img']), ('text', i['c_txt'])):
+            outs[xt, ct] = f(x, i['t'], c, xt, ct)
+            assert outs[xt, ct].shape == x.shape and outs[xt, ct].dtype == jnp.float32
+            assert bool(jnp.all(jnp.isfinite(outs[xt, ct])))
+        # ratio 1/0 is the single-context flow, exactly (for image and text outputs)
+        m = f(x, i['t'], [i['c_txt'], i['c_img']], ['text', 'image'], [1.0, 0.0], xt, method='mix')
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(outs[xt, 'text']))
+        m = f(x, i['t'], [i['c_txt'], i['c_img']], ['text', 'image'], [0.0, 3.0], xt, method='mix')
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(outs[xt, 'image']))
+        # ratios are normalised
+        a = f(x, i['t'], [i['c_txt'], i['c_img']], ['text', 'image'], [1.0, 1.0], xt, method='mix')
+        b = f(x, i['t'], [i['c_txt'], i['c_img']], ['text', 'image'], [3.0, 3.0], xt, method='mix')
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        # layer mixing with every layer on one context is that flow
+        m = f(x, i['t'], [i['c_txt'], i['c_img']], ['text', 'image'], [0.5, 0.5], xt, 'layer',
+              layer_choices=[1] * 7, method='mix')
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(outs[xt, 'image']))
+    assert float(jnp.abs(outs['image', 'image'] - outs['image', 'text']).max()) > 1e-3
+
+
+def test_layer_mixing_from_a_key_is_the_drawn_choice(tiny):
+    model, params = tiny
+    i = _inputs()
+    key = jax.random.PRNGKey(7)
+    r = jnp.array([0.3, 0.7])
+    drawn = np.asarray(jax.random.choice(key, 2, shape=(7,), p=r / r.sum()))
+    f = lambda **k: model.apply({'params': params}, i['x_txt'], i['t'], [i['c_txt'], i['c_img']],
+                                ['text', 'image'], r, 'text', 'layer', method='mix', **k)
+    np.testing.assert_allclose(np.asarray(f(rng=key)), np.asarray(f(layer_choices=list(drawn))),
+                               atol=1e-6)
+
+
+def test_bad_calls_name_the_problem(tiny):
+    model, params = tiny
+    i = _inputs()
+    f = lambda *a, **k: model.apply({'params': params}, *a, **k)
+    with pytest.raises(ValueError, match="xtype 'audio'"):
+        f(i['x_img'], i['t'], i['c_txt'], 'audio', 'text')
+    with pytest.raises(ValueError, match='divisible by 4'):
+        f(i['x_img'][:, :10, :10], i['t'], i['c_txt'], 'image', 'text')
+    with pytest.raises(ValueError, match=r"\(B, 16\)"):
+        f(i['x_img'], i['t'], i['c_txt'], 'text', 'text')
+    with pytest.raises(ValueError, match="context for 'text'"):
+        f(i['x_img'], i['t'], i['c_txt'][..., :8], 'image', 'text')
+    with pytest.raises(ValueError, match="mixing must be"):
+        f(i['x_img'], i['t'], [i['c_txt']], ['text'], [1.0], 'image', 'model', method='mix')
+    with pytest.raises(ValueError, match='layer_choices'):
+        f(i['x_img'], i['t'], [i['c_txt']], ['text'], [1.0], 'image', 'layer', layer_choices=[3] * 7,
+          method='mix')
+
+
+def test_bf16_compute_and_remat(tiny):
+    model, params = tiny
+    i = _inputs()
+    ref = model.apply({'params': params}, i['x_img'], i['t'], i['c_txt'], 'image', 'text')
+    cfg = load_config('tiny').model.diffuser
+    bf = Diffuser(cfg, dtype=jnp.bfloat16).apply({'params': params}, i['x_img'], i['t'], i['c_txt'],
+                                                 'image', 'text')
+    assert bf.dtype == jnp.float32
+    rel = float(jnp.abs(bf - ref).max() / jnp.abs(ref).max())
+    assert 0 < rel < 0.1  # bf16 has ~3 significant digits through ~20 layers
+
+    def loss(p, m):
+        return jnp.mean(m.apply({'params': p}, i['x_txt'], i['t'], i['c_img'], 'text', 'image') ** 2)
+    g0 = jax.grad(loss)(params, model)
+    g1 = jax.grad(loss)(params, Diffuser(cfg, remat=True))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,465 @@
+"""The sampling loop shared by DDIM, DDPM and DPM-Solver++(2M): one `lax.scan` over the steps
+inside `jit`, randomness only from explicit per-sample keys.
+
+Pieces, from the bottom up:
+  * `Plan` / `make_plan`: the static step grid (hashable; a `jit` static argument). Position p
+    of a plan feeds `timesteps[p]` to the model and moves alpha_bar[timesteps[p]] ->
+    alpha_bar[prev[p]] (prev = -1 means clean data, alpha_bar = 1).
+  * `init_state` / `run_steps`: pure and traceable; `run_steps` scans any slice of positions,
+    so a whole run and a run in chunks execute the same step program.
+  * `sample`: the pure one-call API over a `denoise_fn(x_t, t, ctx) -> eps` closure (use it
+    inside your own `jit`).
+  * `Sampler`: the jitted API over `apply_fn(params, x_t, t, ctx) -> eps`; params are an
+    argument of the compiled program (never constant-folded), and calling it again with new
+    params/contexts/keys/guidance scale/eta of the same shapes reuses the compiled program.
+    `Sampler.iterate` / `Sampler.sample_chunked` run it k steps per call for progress bars.
+
+Seeds are reproducible across batch sizes: every random draw is made per sample from that
+sample's key (initial noise from `fold_in(key, 0)`, step noise of position p from
+`fold_in(fold_in(key, 1), p)`), never as one `normal(key, (B, ...))`, so sample i of a batch
+equals the same key sampled alone (up to the denoiser's own batch-size numerics).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from vd_jax.diffusion import ddim, ddpm, dpm_solver
+from vd_jax.diffusion.guidance import cfg_denoise, is_static_one
+from vd_jax.diffusion.schedule import Schedule, q_sample
+
+SAMPLERS = ('ddim', 'ddpm', 'dpm++')
+SPACINGS = ('uniform', 'linspace', 'full')
+# DDIM/DDPM default to the original VD grid (arange(0, T, T//S) + 1); DPM++ to diffusers'
+# default `timestep_spacing='linspace'`, so it equals `DPMSolverMultistepScheduler()` as is.
+DEFAULT_SPACING = {'ddim': 'uniform', 'ddpm': 'uniform', 'dpm++': 'linspace'}
+
+
+# ----------------------------------------------------------------------------------------
+# The static plan
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sampler's static step grid, in execution order (noisy -> clean)."""
+    sampler: str                      # 'ddim' | 'ddpm' | 'dpm++'
+    spacing: str                      # 'uniform' | 'linspace' | 'full'
+    timesteps: Tuple[int, ...]        # t fed to the model at position p (descending)
+    prev: Tuple[int, ...]             # alpha_bar index of position p's target; -1 = alpha_bar 1
+    num_timesteps: int                # T of the schedule
+    start: int = 0                    # first executed position (> 0 for a fidelity start)
+    x0_noise_t: Optional[int] = None  # q_sample level of a given x0 (fidelity start)
+    second_order: Tuple[bool, ...] = ()  # DPM++: positions that use the 2M update
+
+    @property
+    def num_steps(self) -> int:
+        """Length S of the grid (not of the executed part)."""
+        return len(self.timesteps)
+
+    def positions(self, first: Optional[int] = None, last: Optional[int] = None) -> np.ndarray:
+        """Executed positions [first, last), default the whole run [start, S)."""
+        first = self.start if first is None else first
+        last = self.num_steps if last is None else last
+        return np.arange(first, last, dtype=np.int32)
+
+
+def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timesteps: int = 1000,
+              spacing: Optional[str] = None, set_alpha_to_one: Optional[bool] = None,
+              start_step: Optional[int] = None, fidelity_off_by_one: bool = True,
+              lower_order_final: bool = True) -> Plan:
+    """Build the step grid of a sampler.
+
+    Args:
+      sampler: 'ddim' | 'ddpm' | 'dpm++'.
+      steps: number of grid steps (default 50; must be None or T for spacing 'full').
+      spacing: 'uniform' = the original DDIM grid `arange(0, T, T//steps) + 1` fed as is (the +1
+        quirk; = diffusers 'leading' with steps_offset=1); 'linspace' = diffusers' default
+        `linspace(0, T-1, steps+1).round()[1:]`; 'full' = every t in 0..T-1. Default: 'uniform'
+        for ddim/ddpm, 'linspace' for dpm++.
+      set_alpha_to_one: target of the last step. False = alpha_bar[0] (the original DDIM;
+        diffusers `set_alpha_to_one=False`); True = clean data, alpha_bar 1 (diffusers'
+        DDPMScheduler and DPM-Solver `final_sigmas_type='zero'`). Default: False for ddim on the
+        'uniform'/'linspace' grids, True otherwise ('full' requires True).
+      start_step: start from a clean x0 at ascending grid index k (image-variation fidelity,
+        `ddim.fidelity_start`); None starts from pure noise at the top of the grid.
+      fidelity_off_by_one: reproduce the original's start one step below the noise level.
+      lower_order_final: DPM++ only: first-order last step when S < 15 (diffusers default).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f'unknown sampler {sampler!r}; choose one of {SAMPLERS}')
+    spacing = spacing or DEFAULT_SPACING[sampler]
+    if spacing == 'full':
+        if steps not in (None, num_timesteps):
+            raise ValueError(f"spacing='full' runs all {num_timesteps} steps, got steps={steps}")
+        asc = ddpm.full_timesteps(num_timesteps)
+    else:
+        steps = 50 if steps is None else steps
+        if spacing == 'uniform':
+            asc = ddim.make_ddim_timesteps(steps, num_timesteps, 'uniform')
+        elif spacing == 'linspace':
+            asc = dpm_solver.linspace_timesteps(steps, num_timesteps)
+        else:
+            raise ValueError(f'unknown spacing {spacing!r}; choose one of {SPACINGS}')
+    if set_alpha_to_one is None:
+        set_alpha_to_one = sampler != 'ddim' or spacing == 'full'
+    if spacing == 'full' and not set_alpha_to_one:
+        raise ValueError("spacing='full' ends at t=0, whose target must be clean data "
+                         '(set_alpha_to_one=True)')
+    # Each step targets the next lower grid entry; the lowest one targets alpha_bar[0] (the
+    # original's `alphas_prev = [alpha_bar[0]] + ...`) or clean data (-1).
+    prev_asc = np.concatenate([[-1 if set_alpha_to_one else 0], asc[:-1]])
+    n = len(asc)
+    start, x0_noise_t = 0, None
+    if start_step is not None:
+        k, start = ddim.fidelity_start(n, start_step, fidelity_off_by_one)
+        x0_noise_t = int(asc[k])
+    second = ()
+    if sampler == 'dpm++':
+        # diffusers: last step first order when it lands on clean data or (lower_order_final
+        # and fewer than 15 steps); the first executed step has no history.
+        final_first = set_alpha_to_one or (lower_order_final and n < 15)
+        second = tuple(bool(p > start and not (p == n - 1 and final_first)) for p in range(n))
+    return Plan(sampler=sampler, spacing=spacing, timesteps=tuple(int(t) for t in asc[::-1]),
+                prev=tuple(int(t) for t in prev_asc[::-1]), num_timesteps=num_timesteps,
+                start=start, x0_noise_t=x0_noise_t, second_order=second)
+
+
+def step_tables(schedule: Schedule, plan: Plan, eta=0.0) -> dict:
+    """Per-position coefficient arrays (S,) in float32, gathered from the (traced) schedule."""
+    if schedule.num_timesteps != plan.num_timesteps:
+        raise ValueError(f'schedule has {schedule.num_timesteps} timesteps but the plan was '
+                         f'built for {plan.num_timesteps}')
+    ac = schedule.alphas_cumprod
+    t = jnp.asarray(plan.timesteps, jnp.int32)
+    prev = jnp.asarray(plan.prev, jnp.int32)
+    a_t = ac[t]
+    a_prev = jnp.where(prev < 0, 1., ac[jnp.maximum(prev, 0)])
+    tab = dict(t=t, a_t=a_t, a_prev=a_prev)
+    if plan.sampler == 'ddim':
+        tab['sigma'] = ddim.ddim_sigma(a_t, a_prev, jnp.asarray(eta, jnp.float32))
+    elif plan.sampler == 'ddpm':
+        if np.array_equal(np.asarray(plan.prev), np.asarray(plan.timesteps) - 1):
+            # the unstrided chain: LDM's own posterior buffers
+            tab['coef_x0'], tab['coef_xt'], tab['std'] = ddpm.schedule_posterior(schedule, t)
+        else:
+            tab['coef_x0'], tab['coef_xt'], tab['std'] = ddpm.posterior_coefficients(a_t, a_prev)
+    else:
+        lam = dpm_solver.log_snr(a_t)
+        tab['lambda_s1'] = jnp.concatenate([lam[:1], lam[:-1]])  # lambda of position p - 1
+        tab['second_order'] = jnp.asarray(plan.second_order, bool)
+    return tab
+
+
+# ----------------------------------------------------------------------------------------
+# Keys and per-sample noise
+# ----------------------------------------------------------------------------------------
+
+def as_keys(keys):
+    """Per-sample typed keys (B,) from typed keys (B,), raw uint32 keys (B, 2) or int seeds (B,).
+
+    Seeds map through `jax.random.key(seed)`, so seed s gives the same sample at any batch size.
+    """
+    keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        if keys.ndim != 1:
+            raise ValueError(f'keys must be one key per sample, shape (B,), got {keys.shape}')
+        return keys
+    if keys.dtype == jnp.uint32 and keys.ndim == 2:
+        return jax.random.wrap_key_data(keys)
+    if jnp.issubdtype(keys.dtype, jnp.integer) and keys.ndim == 1:
+        return jax.vmap(jax.random.key)(keys)
+    raise ValueError(f'keys must be typed keys (B,), raw uint32 keys (B, 2) or integer seeds (B,); '
+                     f'got dtype {keys.dtype} shape {keys.shape}')
+
+
+def per_sample_normal(keys, sample_shape) -> jnp.ndarray:
+    """N(0, I) of shape (B, *sample_shape), float32, sample i drawn from keys[i] alone."""
+    return jax.vmap(lambda k: jax.random.normal(k, sample_shape, jnp.float32))(keys)
+
+
+def fold_keys(keys, data):
+    """fold_in(keys[i], data) for every sample (data may be traced)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+def step_noise(step_keys, position, sample_shape) -> jnp.ndarray:
+    """The noise a stochastic step at grid `position` adds: per sample, independent of
+    batch size and of how the run is chunked."""
+    return per_sample_normal(fold_keys(step_keys, position), sample_shape)
+
+
+# ----------------------------------------------------------------------------------------
+# State, init and the scanned steps
+# ----------------------------------------------------------------------------------------
+
+@struct.dataclass
+class SamplerState:
+    """The loop carry; always float32 whatever the denoiser computes in."""
+    x: jnp.ndarray        # (B, ...) current latents x_t
+    pred_x0: jnp.ndarray  # (B, ...) last data prediction (DPM++ history; zeros before step 1)
+    keys: Any             # (B,) typed keys for step noise, or None for a deterministic run
+
+
+def init_state(schedule: Schedule, plan: Plan, *, x_T=None, keys=None, shape=None,
+               x0=None) -> SamplerState:
+    """The state before the first executed position.
+
+    Exactly one start: `x0` (clean latents, noised with q_sample to `plan.x0_noise_t` using the
+    per-sample initial noise; needs a plan with `start_step`), `x_T` (injected noisy latents,
+    e.g. from a torch golden run), or `shape` (B, ...) with `keys` (per-sample initial noise).
+    `keys` (B,) is also needed for stochastic steps (DDPM, DDIM with eta != 0).
+    """
+    if keys is not None:
+        keys = as_keys(keys)
+    given = [n for n, v in (('x0', x0), ('x_T', x_T)) if v is not None]
+    if len(given) > 1:
+        raise ValueError('pass at most one of x0 and x_T')
+    if x0 is not None:
+        if plan.x0_noise_t is None:
+            raise ValueError('x0 given but the plan has no start_step (the DDIM index to noise x0 to)')
+        if keys is None:
+            raise ValueError('starting from x0 needs keys (per-sample q_sample noise)')
+        x0 = jnp.asarray(x0, jnp.float32)
+        b = x0.shape[0]
+        noise = per_sample_normal(fold_keys(keys, 0), x0.shape[1:])
+        x = q_sample(schedule, x0, jnp.full((b,), plan.x0_noise_t, jnp.int32), noise)
+    elif x_T is not None:
+        x = jnp.asarray(x_T, jnp.float32)
+    else:
+        if shape is None or keys is None:
+            raise ValueError('pass x_T, or x0, or shape=(B, ...) together with keys/seeds')
+        x = per_sample_normal(fold_keys(keys, 0), tuple(shape[1:]))
+        if x.shape[0] != shape[0]:
+            raise ValueError(f'shape {tuple(shape)} has batch {shape[0]} but {x.shape[0]} keys were given')
+    if keys is not None and keys.shape[0] != x.shape[0]:
+        raise ValueError(f'{keys.shape[0]} keys for a batch of {x.shape[0]}')
+    return SamplerState(x=x, pred_x0=jnp.zeros_like(x),
+                        keys=None if keys is None else fold_keys(keys, 1))
+
+
+def is_stochastic(plan: Plan, eta) -> bool:
+    """Whether the steps draw noise: always for DDPM, for DDIM unless eta is a static 0."""
+    if plan.sampler == 'ddpm':
+        return True
+    if plan.sampler == 'ddim':
+        return not (isinstance(eta, (int, float)) and float(eta) == 0.0)
+    if not (isinstance(eta, (int, float)) and float(eta) == 0.0):
+        raise ValueError(f'eta={eta} is not used by the deterministic {plan.sampler} solver; leave it 0')
+    return False
+
+
+def run_steps(eps_fn: Callable, schedule: Schedule, plan: Plan, state: SamplerState, positions,
+              *, eta=0.0) -> SamplerState:
+    """Run the plan's steps at `positions` (int array, ascending, consecutive) with `lax.scan`.
+
+    Args:
+      eps_fn: (x_t float32 (B, ...), t int32 (B,)) -> eps (B, ...) float32, guidance included.
+      eta: DDIM noise scale; a Python 0 makes DDIM deterministic (no noise drawn), anything
+        else (Python or traced) draws per-sample noise.
+    """
+    stochastic = is_stochastic(plan, eta)
+    if stochastic and state.keys is None:
+        raise ValueError(f'{plan.sampler} with eta={eta} draws noise: pass keys (or seeds)')
+    tab = step_tables(schedule, plan, eta if stochastic else 0.0)
+    b, sample_shape = state.x.shape[0], state.x.shape[1:]
+
+    def body(st: SamplerState, pos):
+        t = jnp.full((b,), tab['t'][pos], jnp.int32)
+        eps = eps_fn(st.x, t).astype(jnp.float32)
+        if eps.shape != st.x.shape:
+            raise ValueError(f'denoise_fn returned eps {eps.shape} for x_t {st.x.shape}')
+        noise = step_noise(st.keys, pos, sample_shape) if stochastic else None
+        a_t, a_prev = tab['a_t'][pos], tab['a_prev'][pos]
+        if plan.sampler == 'ddim':
+            x, x0 = ddim.ddim_step(st.x, eps, a_t, a_prev, tab['sigma'][pos], noise)
+        elif plan.sampler == 'ddpm':
+            x, x0 = ddpm.ddpm_step(st.x, eps, a_t, tab['coef_x0'][pos], tab['coef_xt'][pos],
+                                   tab['std'][pos], noise)
+        else:
+            x, x0 = dpm_solver.dpmpp_2m_step(st.x, eps, st.pred_x0, a_t, a_prev,
+                                             tab['lambda_s1'][pos], tab['second_order'][pos])
+        return SamplerState(x=x, pred_x0=x0, keys=st.keys), None
+
+    state, _ = jax.lax.scan(body, state, jnp.asarray(positions, jnp.int32))
+    return state
+
+
+def _cast_floating(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+
+
+def make_eps_fn(denoise_fn: Callable, context, *, uncond_context=None, guidance_scale=7.5,
+                compute_dtype=None) -> Callable:
+    """Close a `denoise_fn(x_t, t, ctx)` over its contexts, guidance and compute dtype:
+    -> eps_fn(x_t, t) -> float32 eps. The denoiser sees x_t and the floating context leaves
+    in `compute_dtype` (e.g. bfloat16) while the sampler state stays float32."""
+    guided = cfg_denoise(denoise_fn, guidance_scale)
+    ctx = _cast_floating(context, compute_dtype)
+    uctx = _cast_floating(uncond_context, compute_dtype)
+
+    def eps_fn(x_t, t):
+        x_in = x_t if compute_dtype is None else x_t.astype(compute_dtype)
+        return guided(x_in, t, ctx, uctx)
+    return eps_fn
+
+
+def sample(denoise_fn: Callable, schedule: Schedule, context=None, *, uncond_context=None,
+           guidance_scale=7.5, sampler: str = 'ddim', steps: Optional[int] = None, eta=0.0,
+           x_T=None, keys=None, shape=None, x0=None, start_step: Optional[int] = None,
+           fidelity_off_by_one: bool = True, spacing: Optional[str] = None,
+           set_alpha_to_one: Optional[bool] = None, lower_order_final: bool = True,
+           compute_dtype=None, plan: Optional[Plan] = None) -> jnp.ndarray:
+    """Sample latents with classifier-free guidance; pure and traceable (wrap it in `jit`, or
+    use `Sampler` for a ready jitted version taking params).
+
+    Args:
+      denoise_fn: (x_t (B, ...), t int32 (B,), ctx pytree with batch-leading leaves) -> eps.
+      schedule: `make_schedule(cfg.model.schedule)`.
+      context / uncond_context: pytrees of equal structure, leaves (B, ...).
+      guidance_scale: s; a Python 1.0 runs only the conditional pass (uncond may be None).
+      sampler, steps, spacing, set_alpha_to_one, start_step, fidelity_off_by_one,
+        lower_order_final: the grid, see `make_plan` (or pass `plan`).
+      eta: DDIM noise scale (Python or traced); ignored by ddpm, must be 0 for dpm++.
+      x_T / shape+keys / x0: the start, see `init_state`. keys: typed keys (B,), raw (B, 2)
+        or int seeds (B,).
+      compute_dtype: dtype the denoiser is fed (None: float32 as given).
+    Returns:
+      x_0 latents (B, ...) float32.
+    """
+    plan = plan or make_plan(sampler, steps, num_timesteps=schedule.num_timesteps,
+                             spacing=spacing, set_alpha_to_one=set_alpha_to_one,
+                             start_step=start_step, fidelity_off_by_one=fidelity_off_by_one,
+                             lower_order_final=lower_order_final)
+    eps_fn = make_eps_fn(denoise_fn, context, uncond_context=uncond_context,
+                         guidance_scale=guidance_scale, compute_dtype=compute_dtype)
+    state = init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
+    return run_steps(eps_fn, schedule, plan, state, plan.positions(), eta=eta).x
+
+
+# ----------------------------------------------------------------------------------------
+# The jitted driver over apply_fn(params, ...)
+# ----------------------------------------------------------------------------------------
+
+# Static arguments are the Python-level choices that change the program: the model function,
+# the plan, whether CFG runs (a Python 1.0 skips it), whether steps draw noise (a Python eta 0
+# skips it), the compute dtype and the output shape. Everything else is traced.
+_STATIC = ('apply_fn', 'plan', 'guided', 'stochastic', 'compute_dtype')
+
+
+def _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype):
+    def denoise_fn(x_t, t, ctx):
+        return apply_fn(params, x_t, t, ctx)
+    return make_eps_fn(denoise_fn, context, uncond_context=uncond_context,
+                       guidance_scale=scale if guided else 1.0, compute_dtype=compute_dtype)
+
+
+def _sample_impl(params, schedule, context, uncond_context, scale, eta, x_T, keys, x0, *,
+                 apply_fn, plan, guided, stochastic, compute_dtype, shape):
+    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype)
+    state = init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
+    return run_steps(eps_fn, schedule, plan, state, plan.positions(),
+                     eta=eta if stochastic else 0.0).x
+
+
+def _init_impl(schedule, x_T, keys, x0, *, plan, shape):
+    return init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
+
+
+def _steps_impl(params, schedule, state, positions, context, uncond_context, scale, eta, *,
+                apply_fn, plan, guided, stochastic, compute_dtype):
+    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype)
+    return run_steps(eps_fn, schedule, plan, state, positions, eta=eta if stochastic else 0.0)
+
+
+_sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC + ('shape',))
+_init_jit = jax.jit(_init_impl, static_argnames=('plan', 'shape'))
+_steps_jit = jax.jit(_steps_impl, static_argnames=_STATIC)
+
+
+class Sampler:
+    """A jitted sampler for one flow: `apply_fn(params, x_t, t, ctx) -> eps`.
+
+    Build it once per (flow, sampler, steps) and call it many times: one compiled program per
+    (flow, shapes, steps, guided?, stochastic?), reused for new params, contexts, keys,
+    guidance scales and etas. `apply_fn` must be a stable function object (e.g. defined once
+    at module or pipeline level), since it is a static `jit` argument.
+
+    Example:
+      sampler = Sampler(lambda p, x, t, c: unet.apply(p, x, t, c), steps=50)
+      z = sampler(params, schedule, ctx, uncond_context=u, seeds=jnp.arange(4),
+                  shape=(4, 64, 64, 4), guidance_scale=7.5)
+    """
+
+    def __init__(self, apply_fn: Callable, *, sampler: str = 'ddim', steps: Optional[int] = None,
+                 num_timesteps: int = 1000, spacing: Optional[str] = None,
+                 set_alpha_to_one: Optional[bool] = None, start_step: Optional[int] = None,
+                 fidelity_off_by_one: bool = True, lower_order_final: bool = True,
+                 compute_dtype=None):
+        self.apply_fn = apply_fn
+        self.plan = make_plan(sampler, steps, num_timesteps=num_timesteps, spacing=spacing,
+                              set_alpha_to_one=set_alpha_to_one, start_step=start_step,
+                              fidelity_off_by_one=fidelity_off_by_one,
+                              lower_order_final=lower_order_final)
+        self.compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
+
+    def _static(self, guidance_scale, eta):
+        guided = not is_static_one(guidance_scale)
+        stochastic = is_stochastic(self.plan, eta)
+        return (dict(apply_fn=self.apply_fn, plan=self.plan, guided=guided,
+                     stochastic=stochastic, compute_dtype=self.compute_dtype),
+                jnp.asarray(guidance_scale if guided else 1.0, jnp.float32),
+                jnp.asarray(eta, jnp.float32))
+
+    @staticmethod
+    def _keys(keys, seeds):
+        if keys is not None and seeds is not None:
+            raise ValueError('pass keys or seeds, not both')
+        return seeds if keys is None else keys
+
+    def __call__(self, params, schedule: Schedule, context, *, uncond_context=None,
+                 guidance_scale=7.5, eta=0.0, x_T=None, keys=None, seeds=None, shape=None,
+                 x0=None) -> jnp.ndarray:
+        """Run all steps in one compiled call; arguments as in `sample` (seeds: int (B,)).
+        Returns x_0 latents (B, ...) float32."""
+        static, scale, eta = self._static(guidance_scale, eta)
+        return _sample_jit(params, schedule, context, uncond_context if static['guided'] else None,
+                           scale, eta, x_T, self._keys(keys, seeds), x0,
+                           shape=None if shape is None else tuple(shape), **static)
+
+    def iterate(self, params, schedule: Schedule, context, *, chunk: int = 10,
+                uncond_context=None, guidance_scale=7.5, eta=0.0, x_T=None, keys=None,
+                seeds=None, shape=None, x0=None) -> Iterator[Tuple[int, int, SamplerState]]:
+        """Run the steps `chunk` at a time (one compiled chunk program, plus one for a shorter
+        last chunk), yielding (steps_done, steps_total, state) after each chunk; the final
+        state's x equals `__call__`'s result."""
+        if chunk < 1:
+            raise ValueError(f'chunk must be >= 1, got {chunk}')
+        static, scale, eta = self._static(guidance_scale, eta)
+        uncond_context = uncond_context if static['guided'] else None
+        state = _init_jit(schedule, x_T, self._keys(keys, seeds), x0, plan=self.plan,
+                          shape=None if shape is None else tuple(shape))
+        first, total = self.plan.start, self.plan.num_steps
+        if first == total:  # fidelity start at k = 0 (original): nothing to denoise
+            yield 0, 0, state
+        for lo in range(first, total, chunk):
+            hi = min(lo + chunk, total)
+            state = _steps_jit(params, schedule, state, self.plan.positions(lo, hi), context,
+                               uncond_context, scale, eta, **static)
+            yield hi - first, total - first, state
+
+    def sample_chunked(self, params, schedule: Schedule, context, *, chunk: int = 10,
+                       callback: Optional[Callable[[int, int], Any]] = None, **kwargs) -> jnp.ndarray:
+        """`__call__` run `chunk` steps per compiled call; `callback(done, total)` after each
+        chunk (e.g. a tqdm update). Same result as `__call__`."""
+        for done, total, state in self.iterate(params, schedule, context, chunk=chunk, **kwargs):
+            if callback is not None:
+                callback(done, total)
+        return state.x
