@@ -31,9 +31,9 @@ from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
 from vd_jax.convert.sources import TensorSource
-from vd_jax.image_io import ImageReadError, clip_preprocess, load_image, resize_bicubic
-from vd_jax.models.clip import (CLIPImageContext, CLIPTextContext, CLIPTextConfig,
-                                CLIPVisionConfig, abstract_params, image_context, text_context)
+from vd_jax.image_io import (CLIP_MEAN, CLIP_STD, ImageReadError, clip_preprocess, load_image,
+                             resize_bicubic)
+from vd_jax.models.clip import abstract_params, image_context, text_context
 from vd_jax.tokenizers import clip_tokenizer
 
 TOL = 1e-4
@@ -282,7 +282,8 @@ class _Shapes(TensorSource):
 
 def test_full_size_counts_and_released_keys():
     model = load_config('vd_four_flow').model
-    text, image = abstract_params(text_context(model.ctx.text)), abstract_params(image_context(model.ctx.image))
+    text = abstract_params(text_context(model.ctx.text))
+    image = abstract_params(image_context(model.ctx.image))
     assert _count(text) == 123_650_304
     assert _count(image) == 303_966_208
     assert text['text_model']['encoder']['layers_11']['self_attn']['q_proj']['kernel'].shape == (768, 768)
@@ -334,7 +335,8 @@ def test_preprocess_matches_clip_image_processor(processor, photo_files):
     ref = np.concatenate([_hf(processor, Image.fromarray(arrays[0])),
                           _hf(processor, Image.fromarray(arrays[1]).convert('RGB'))])
     assert _max(ours, ref) == 0.0
-    assert _max(clip_preprocess(Image.open(photo_files['tall.png'])), clip_preprocess(photo_files['tall.png'])) == 0
+    with Image.open(photo_files['tall.png']) as im:
+        assert _max(clip_preprocess(im), clip_preprocess(photo_files['tall.png'])) == 0
 
 
 def test_resize_matches_pillow_both_pass_orders():
@@ -357,7 +359,7 @@ def test_float_input_is_quantised_like_vd(processor, photo_files):
     # hazard, measured): its pixels, un-normalised, are all below 1/255 -- a near-black image.
     # So never hand VD's float images to CLIPImageProcessor directly.
     hf_float = _hf(processor, x)
-    raw = hf_float * np.array([0.26862954, 0.26130258, 0.27577711]) + np.array([0.48145466, 0.4578275, 0.40821073])
+    raw = hf_float * np.array(CLIP_STD) + np.array(CLIP_MEAN)
     assert raw.max() < 1.01 / 255
 
 

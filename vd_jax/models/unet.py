@@ -673,10 +673,12 @@ class Diffuser(nn.Module):
             xtype: str = 'image', mixing: str = 'attention', layer_choices=None, rng=None):
         """Run with several contexts mixed at every context layer (`apply_model_multicontext`).
 
-        mixing='attention': h = sum_i r_i * layer_i(h, c_i), r = ratios / sum(ratios).
+        mixing='attention': h = sum_i r_i * layer_i(h, c_i), r = ratios / sum(ratios);
+          ratios (n,) for the batch or (B, n) per sample.
         mixing='layer': each context layer runs one context, chosen by `layer_choices`
-          (ints, one per context layer; static choices run only the chosen layer) or drawn
-          with probabilities r from `rng` (same draw for the whole batch, as the original).
+          (static Python/numpy ints, one per context layer: only the chosen layer runs; or a
+          traced array (n_ctx,) / (B, n_ctx)) or drawn with probabilities r from `rng` (same
+          draw for the whole batch, as the original).
         Works for every xtype, unlike the original (which crashes for text output).
         """
         if mixing not in ('attention', 'layer'):
@@ -685,32 +687,42 @@ class Diffuser(nn.Module):
         if not contexts or len(contexts) != len(ctypes):
             raise ValueError(f'need one ctype per context: {len(contexts)} contexts, {len(ctypes)} ctypes')
         self._check(x, xtype, contexts, ctypes)
-        n = len(contexts)
-        ratios = jnp.asarray(ratios, jnp.float32).reshape(-1)
-        if ratios.shape[0] != n:
-            raise ValueError(f'{ratios.shape[0]} ratios for {n} contexts')
-        r = ratios / ratios.sum()
+        n, b = len(contexts), x.shape[0]
+        ratios = jnp.asarray(ratios, jnp.float32)
+        if ratios.shape not in ((n,), (b, n)):
+            raise ValueError(f'ratios must have shape ({n},) or (B={b}, {n}), got {ratios.shape}')
+        r = ratios / ratios.sum(-1, keepdims=True)
         banks = [getattr(self, ct).context_blocks for ct in ctypes]
         n_ctx = len(plan_stream(self.config.stream(xtype)).context)
 
+        def weight(w):  # a scalar, or one weight per sample broadcast over (B, H, W, C)
+            return w.astype(self.dtype) if w.ndim == 0 else w.reshape(b, 1, 1, 1).astype(self.dtype)
+
         if mixing == 'attention':
             def op(j, h):
-                return sum(r[i].astype(self.dtype) * banks[i][j](h, contexts[i]) for i in range(n))
+                return sum(weight(r[..., i]) * banks[i][j](h, contexts[i]) for i in range(n))
             return self._run(x, t, xtype, op)
 
         if layer_choices is None:
             if rng is None:
                 raise ValueError("mixing='layer' needs layer_choices or an rng key")
+            if r.ndim != 1:
+                raise ValueError('per-sample ratios with an rng key: draw the choices yourself '
+                                 '(layer_choices of shape (B, n_context_layers))')
             layer_choices = jax.random.choice(rng, n, shape=(n_ctx,), p=r)
         if isinstance(layer_choices, (list, tuple, np.ndarray)):
             choices = [int(c) for c in np.asarray(layer_choices).reshape(-1)]
             if len(choices) != n_ctx or not all(0 <= c < n for c in choices):
                 raise ValueError(f'layer_choices must be {n_ctx} ints in [0, {n}), got {choices}')
             return self._run(x, t, xtype, lambda j, h: banks[choices[j]][j](h, contexts[choices[j]]))
-        onehot = jax.nn.one_hot(jnp.asarray(layer_choices).reshape(n_ctx), n, dtype=self.dtype)
+        layer_choices = jnp.asarray(layer_choices)
+        if layer_choices.shape not in ((n_ctx,), (b, n_ctx)):
+            raise ValueError(f'layer_choices must have shape ({n_ctx},) or (B={b}, {n_ctx}), '
+                             f'got {layer_choices.shape}')
+        onehot = jax.nn.one_hot(layer_choices, n, dtype=self.dtype)  # (..., n_ctx, n)
 
         def op(j, h):  # traced choices: run every context, keep the chosen one exactly
-            return sum(onehot[j, i] * banks[i][j](h, contexts[i]) for i in range(n))
+            return sum(weight(onehot[..., j, i]) * banks[i][j](h, contexts[i]) for i in range(n))
         return self._run(x, t, xtype, op)
 
     def init_all(self, batch: int = 1):

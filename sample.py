@@ -1,0 +1,13 @@
+"""Sample with Versatile Diffusion: every flow and application, batched and jitted.
+
+  python sample.py                                    # untrained tiny smoke run (proves the install)
+  python sample.py --ckpt converted/vd4 --task t2i --prompt "a red bicycle" --n 4
+  python sample.py --ckpt converted/vd4 --task i2t --image cat.jpg
+See `python sample.py --help` and the README for every task.
+"""
+import sys
+
+from vd_jax.sample_cli import main
+
+if __name__ == '__main__':
+    sys.exit(main())
