@@ -71,7 +71,14 @@ def clip_vision(tiny=False):
 
 
 def optimus(tiny=False):
-    """`optimus_v1` (configs/model/optimus.yaml): BERT-base-cased encoder, GPT-2 decoder."""
+    """`optimus_v1` (configs/model/optimus.yaml): BERT-base-cased encoder, GPT-2 decoder.
+
+    Read by `vd_jax.models.optimus.OptimusConfig.from_dict`: `encoder` takes BertConfig
+    names, `decoder` GPT-2 names (the original's dropouts etc. are accepted and ignored),
+    `max_length` is the decoding limit counting <BOS> and <EOS> (optimus.py decode: 30).
+    The tiny variant keeps the real vocabularies (so the real tokenizers work with it),
+    width 32 and latent 16 (= the tiny text diffuser stream's input_channels).
+    """
     if tiny:
         enc = dict(vocab_size=28996, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=64, max_position_embeddings=512, type_vocab_size=2,

@@ -7,7 +7,7 @@
 * `edit_text_latent`: I2T2I's latent edit (remove the negative prompt's direction, add the
   positive prompt's latent; legacy `inference.py:320-387`).
 * `color_adjust`: the demo's "Simple" colour matching.
-* `remove_duplicate_words`: the demo's cleanup of repeated n-grams in decoded text.
+(The demo's cleanup of repeated n-grams in decoded text is `optimus.remove_repeated_ngrams`.)
 
 The originals use `torch.pca_lowrank` (a randomized SVD: q=20, niter=100 in v1.0; niter=10
 in the CLI). Here the top-q singular triplets come from an exact SVD; the randomized
@@ -137,46 +137,3 @@ def color_adjust(images, reference):
     mean, std = flat.mean(1, keepdims=True), flat.std(1, ddof=1, keepdims=True)
     out = (flat - mean) / std * r_std + r_mean
     return np.clip(out, 0, 1).reshape(images.shape)
-
-
-def _split_punctuation(text: str) -> List[str]:
-    """Words with leading '([{' and trailing '?!.,:;}])' split off, each joined to its word by
-    a '<puncnext>' marker so the cleanup can glue them back."""
-    out = []
-    for w in text.split(' '):
-        while w and w[0] in '([{':
-            out += [w[0], '<puncnext>']
-            w = w[1:]
-        tail = []
-        while w and w[-1] in '?!.,:;}])':
-            tail = ['<puncnext>', w[-1]] + tail
-            w = w[:-1]
-        if w:
-            out.append(w)
-        out += tail
-    return out
-
-
-def remove_duplicate_words(text: str) -> str:
-    """Remove immediately repeated n-grams (n = 1, 2, ...), as the v1.0 demo cleans Optimus
-    output ('a cat cat sitting on on a mat' -> 'a cat sitting on a mat')."""
-    if text == '':
-        return text
-    pieces = _split_punctuation(text)
-    words = list(pieces)
-    length = 1
-    while len(pieces) > 1:
-        # drop a piece equal to the one `length` positions before it, repeatedly
-        i = 0
-        while i < len(pieces) - length:
-            if pieces[i] == pieces[i + length]:
-                del pieces[i + 1:i + length + 1]
-                i = 0
-                continue
-            i += 1
-        if len(pieces) > 1:
-            # grow every piece by the next word of the original sentence
-            pieces = [pieces[i] + ' ' + pieces[i + 1].split(' ')[length - 1]
-                      for i in range(len(pieces) - 1)]
-            length += 1
-    return pieces[0].replace(' <puncnext> ', '')

@@ -303,14 +303,15 @@ class VersatileDiffusion:
         return optimus.encode_text(self._optimus(), self.params['vae_text'], list(sentences))
 
     def text_decode(self, z, *, method: str = 'sample', seed: int = 0, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, beams: int = 4,
+                    top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
                     remove_duplicates: bool = True) -> List[str]:
         """Optimus latents -> sentences. The original samples (temperature 1); greedy and
-        beam search are available. Each sample's randomness comes from `seed + i`."""
+        beam search are available. Each sample's randomness comes from `seed + i`; the demo's
+        repeated-n-gram cleanup runs when `remove_duplicates`."""
         from vd_jax.models import optimus
         return optimus.decode_latent(self._optimus(), self.params['vae_text'], z, method=method,
                                      seeds=seed + np.arange(z.shape[0]), temperature=temperature,
-                                     top_k=top_k, top_p=top_p, beams=beams,
+                                     top_k=top_k, top_p=top_p, beam_size=beam_size,
                                      remove_duplicates=remove_duplicates)
 
     # ------------------------------------------------------------------------------------

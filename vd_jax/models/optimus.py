@@ -1,0 +1,829 @@
+"""The text VAE of Versatile Diffusion: Optimus (SHI-Labs `lib/model_zoo/optimus.py`,
+`optimus_models/optimus_bert.py`, `optimus_gpt2.py`; spec §3.2).
+
+  * Encoder `BertForLatentConnector`: BERT-base-cased (post-LN, erf-GELU, LN eps 1e-12),
+    pooler tanh(Linear(h[:, 0])), then `linear` (no bias) -> (mu, logvar). VD encodes a
+    sentence to **mu** (no sampling); padding id 0 is masked out of attention.
+  * Decoder `GPT2ForLatentConnector`: GPT-2 small (pre-LN, tanh-GELU, LN eps 1e-5, LM head
+    tied to `wte`) that sees the latent z twice:
+      1. every input embedding gets `linear_emb(z)` added;
+      2. `linear(z)` is split into one 768-vector per layer, used directly (no c_attn) as
+         ONE extra past key AND value of that layer, split into heads like any key: a
+         memory slot every token attends to. Real tokens therefore sit at positions
+         1, 2, ... (the memory takes position 0 of the past).
+    A KV cache (`init_cache` / `step`) makes decoding one token per step cheap and
+    jittable; slot 0 of the cache is the memory, slot j >= 1 is token j-1 (position id j).
+Eval mode throughout: the original demo never calls `.eval()` and decodes with dropout 0.1
+active; vd_jax does not reproduce that noise.
+
+Parameter paths mirror the state-dict names of `vae.text.*` (v1.0 checkpoint) /
+`optimus-vae.pth`: `encoder.encoder.layer.3.attention.self.query.weight` lives at
+`encoder/encoder/layer_3/attention/self/query/kernel`, `decoder.transformer.h.0.attn.c_attn.weight`
+(a GPT-2 Conv1D, already (in, out)) at `decoder/transformer/h_0/attn/c_attn/kernel`, the
+word embeddings at `.../word_embeddings/embedding`. `decoder.lm_head.weight` has no leaf of
+its own: the logits are `h @ wte.T`.
+
+The string API (`encode_text`, `decode_latent`) follows `optimus_vae_next.encode/decode`:
+the input is lower-cased before a *cased* WordPiece vocabulary (a quirk of the original,
+kept: the weights were trained with it), and decoded ids are turned into text the way the
+original tokenizer did (see `ids_to_text`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from vd_jax import decoding
+from vd_jax import sharding_names as ax
+from vd_jax.models.layers import Dense, LayerNorm, attention
+
+Dtype = Any
+
+# GPT-2 ids of the tokens Optimus adds to the 50,257 BPE tokens (optimus.py:30-34).
+PAD_ID, BOS_ID, EOS_ID = 50257, 50258, 50259
+# BERT-base-cased: [PAD] = 0 (also the attention-mask criterion `ids > 0`), [CLS], [SEP].
+BERT_PAD_ID, BERT_CLS_ID, BERT_SEP_ID = 0, 101, 102
+# optimus_vae_next.encode: at most 77 word pieces, then [CLS] ... [SEP].
+MAX_WORDPIECES = 77
+# optimus_vae_next.decode: at most 30 tokens including <BOS> and <EOS>.
+MAX_LENGTH = 30
+# Additive attention mask value of both original models (-10000 on masked logits; with
+# float32 softmax it zeroes the weight exactly like -inf would, without inf arithmetic).
+MASK_VALUE = -1e4
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+# Keys of the original / HF config dicts that do not change the inference graph.
+_IGNORED_KEYS = {
+    'attention_probs_dropout_prob', 'hidden_dropout_prob', 'attn_pdrop', 'embd_pdrop',
+    'resid_pdrop', 'summary_first_dropout', 'initializer_range', 'architectures',
+    'finetuning_task', 'num_labels', 'output_attentions', 'output_hidden_states', 'torchscript',
+    'pretrained_config_archive_map', 'summary_activation', 'summary_proj_to_labels',
+    'summary_type', 'summary_use_proj', 'model_type', 'transformers_version', 'pruned_heads'}
+
+
+def _from_dict(cls, d, what: str, aliases: Optional[Mapping[str, str]] = None,
+               fixed: Optional[Mapping] = None):
+    """A config dataclass from an original/HF dict: `aliases` are other names of a field
+    (must agree), `fixed` keys must have the released model's value."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    for alias, field in (aliases or {}).items():       # e.g. GPT-2 `hidden_size` = `n_embd`
+        if alias in d:
+            val = d.pop(alias)
+            if field in d and d[field] != val:
+                raise ValueError(f'{what}: {alias}={val} contradicts {field}={d[field]}')
+            d.setdefault(field, val)
+    for k, v in (fixed or {}).items():
+        if k in d and d.pop(k) != v:
+            raise ValueError(f'{what}: only {k}={v!r} is supported (the released model)')
+    if d.get('pruned_heads'):
+        raise ValueError(f'{what}: pruned heads are not supported')
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields - _IGNORED_KEYS)
+    if unknown:
+        raise ValueError(f'{what}: unknown key(s) {unknown}; allowed: {sorted(fields)}')
+    return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The encoder (`optimus_bert_encoder` in configs/model/optimus.yaml)."""
+    vocab_size: int = 28996
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The decoder (`optimus_gpt2_decoder`); MLP width is 4 * n_embd as in GPT-2."""
+    vocab_size: int = 50260
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimusConfig:
+    """`optimus_v1`: latent width, the two towers, and the decoding length limit."""
+    latent_size: int = 768
+    encoder: BertConfig = BertConfig()
+    decoder: GPT2Config = GPT2Config()
+    max_length: int = MAX_LENGTH
+
+    @classmethod
+    def from_dict(cls, d) -> 'OptimusConfig':
+        """From `configs.common.optimus()` (`cfg.model.vae.text`): latent_size, encoder,
+        decoder (original/HF key names), max_length."""
+        d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+        unknown = sorted(set(d) - {'latent_size', 'encoder', 'decoder', 'max_length'})
+        if unknown:
+            raise ValueError(f'Optimus config: unknown key(s) {unknown}')
+        latent = int(d.get('latent_size', 768))
+        enc = _from_dict(BertConfig, d.get('encoder', {}), 'Optimus encoder config',
+                         fixed={'hidden_act': 'gelu', 'latent_size': latent})
+        dec = _from_dict(GPT2Config, d.get('decoder', {}), 'Optimus decoder config',
+                         aliases={'hidden_size': 'n_embd', 'num_attention_heads': 'n_head',
+                                  'num_hidden_layers': 'n_layer',
+                                  'max_position_embeddings': 'n_positions', 'n_ctx': 'n_positions'},
+                         fixed={'latent_size': latent})
+        cfg = cls(latent, enc, dec, int(d.get('max_length', MAX_LENGTH)))
+        if enc.hidden_size % enc.num_attention_heads:
+            raise ValueError(f'Optimus encoder: hidden_size {enc.hidden_size} is not divisible '
+                             f'by {enc.num_attention_heads} heads')
+        if dec.n_embd % dec.n_head:
+            raise ValueError(f'Optimus decoder: n_embd {dec.n_embd} is not divisible by '
+                             f'{dec.n_head} heads')
+        if not 2 <= cfg.max_length <= dec.n_positions:
+            raise ValueError(f'Optimus: max_length {cfg.max_length} must be in [2, '
+                             f'{dec.n_positions}] (n_positions)')
+        return cfg
+
+
+def as_optimus_config(config) -> OptimusConfig:
+    return config if isinstance(config, OptimusConfig) else OptimusConfig.from_dict(config)
+
+
+def _embed(num, features, dtype, param_dtype, axes):
+    # nn.Embed's leaf is `embedding` (num, features): the PyTorch nn.Embedding weight as is.
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, embedding_init=init)
+
+
+# ----------------------------------------------------------------------------------------
+# BERT encoder (optimus_bert.py: BertEmbeddings, BertLayer, BertPooler, BertForLatentConnector_XX)
+# ----------------------------------------------------------------------------------------
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word_embeddings = _embed(c.vocab_size, c.hidden_size, **kw, axes=(ax.VOCAB, ax.EMBED))
+        self.position_embeddings = _embed(c.max_position_embeddings, c.hidden_size, **kw,
+                                          axes=(None, ax.EMBED))
+        self.token_type_embeddings = _embed(c.type_vocab_size, c.hidden_size, **kw,
+                                            axes=(None, ax.EMBED))
+        self.LayerNorm = LayerNorm(c.layer_norm_eps, **kw)
+
+    def __call__(self, input_ids, token_type_ids):  # (B, L) int -> (B, L, D)
+        pos = jnp.arange(input_ids.shape[1])
+        h = (self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+             + self.token_type_embeddings(token_type_ids))
+        return self.LayerNorm(h)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        d, kw = self.config.hidden_size, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.query = Dense(d, **kw)
+        self.key = Dense(d, **kw)
+        self.value = Dense(d, **kw)
+
+    def __call__(self, x, bias):
+        return attention(self.query(x), self.key(x), self.value(x),
+                         self.config.num_attention_heads, bias=bias, dtype=self.dtype)
+
+
+class BertResidualOutput(nn.Module):
+    """`BertSelfOutput` / `BertOutput`: LayerNorm(dense(x) + residual) (post-LN)."""
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.dense = Dense(self.config.hidden_size, **kw)
+        self.LayerNorm = LayerNorm(self.config.layer_norm_eps, **kw)
+
+    def __call__(self, x, residual):
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.self = BertSelfAttention(self.config, **kw)   # state-dict name `attention.self`
+        self.output = BertResidualOutput(self.config, **kw)
+
+    def __call__(self, x, bias):
+        return self.output(self.self(x, bias), x)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.dense = Dense(self.config.intermediate_size, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.dense(x), approximate=False)   # BERT's exact erf GELU
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.attention = BertAttention(self.config, **kw)
+        self.intermediate = BertIntermediate(self.config, **kw)
+        self.output = BertResidualOutput(self.config, **kw)
+
+    def __call__(self, x, bias):
+        a = self.attention(x, bias)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.layer = [BertLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+                      for _ in range(self.config.num_hidden_layers)]
+
+    def __call__(self, x, bias):
+        for layer in self.layer:
+            x = layer(x, bias)
+        return x
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.dense = Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, h):  # (B, L, D) -> (B, D): the [CLS] position
+        return jnp.tanh(self.dense(h[:, 0]))
+
+
+class BertForLatentConnector(nn.Module):
+    """BERT + pooler + `linear` (D -> 2 * latent, no bias) (`BertForLatentConnector_XX`)."""
+    config: BertConfig
+    latent_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embeddings = BertEmbeddings(self.config, **kw)
+        self.encoder = BertEncoder(self.config, **kw)
+        self.pooler = BertPooler(self.config, **kw)
+        self.linear = Dense(2 * self.latent_size, use_bias=False, **kw)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        """input_ids (B, L) int -> (sequence_output (B, L, D), pooled (B, D)).
+
+        attention_mask (B, L) in {0, 1} (default all ones, as the original's forward);
+        masked keys get -10000 added to their logits.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f'input_ids must be (B, L), got shape {input_ids.shape}')
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f'input_ids: {input_ids.shape[1]} tokens exceed the '
+                             f'{self.config.max_position_embeddings} BERT positions')
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        bias = (1.0 - attention_mask.astype(jnp.float32))[:, None, None, :] * MASK_VALUE
+        h = self.encoder(self.embeddings(input_ids, token_type_ids), bias)
+        return h, self.pooler(h)
+
+    def moments(self, pooled):
+        """pooled (B, D) -> (mu, logvar), each (B, latent), float32 (`linear(..).chunk(2)`)."""
+        mu, logvar = jnp.split(self.linear(pooled).astype(jnp.float32), 2, axis=-1)
+        return mu, logvar
+
+
+# ----------------------------------------------------------------------------------------
+# GPT-2 decoder (optimus_gpt2.py: Attention, MLP, Block, GPT2Model_XX, GPT2ForLatentConnector_XX)
+# ----------------------------------------------------------------------------------------
+
+class GPT2Attention(nn.Module):
+    """Causal self-attention over a KV cache; c_attn/c_proj are GPT-2 Conv1D = Dense."""
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        d, kw = self.config.n_embd, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_attn = Dense(3 * d, **kw)
+        self.c_proj = Dense(d, **kw)
+
+    def __call__(self, x, layer_cache, index, bias):
+        """x (B, T, D); layer_cache {'k', 'v'}: (B, S, D); the T new keys/values go to slots
+        index .. index+T-1; bias (1, 1, T, S) masks slots after each query's own."""
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        ck = jax.lax.dynamic_update_slice(layer_cache['k'], k.astype(layer_cache['k'].dtype),
+                                          (0, index, 0))
+        cv = jax.lax.dynamic_update_slice(layer_cache['v'], v.astype(layer_cache['v'].dtype),
+                                          (0, index, 0))
+        # scale 1/sqrt(head_dim) (Block(..., scale=True)); the attention() default
+        out = attention(q, ck, cv, self.config.n_head, bias=bias, dtype=self.dtype)
+        return self.c_proj(out), {'k': ck, 'v': cv}
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        d, kw = self.config.n_embd, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.c_fc = Dense(4 * d, **kw)
+        self.c_proj = Dense(d, **kw)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's tanh GELU
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.ln_1 = LayerNorm(c.layer_norm_epsilon, **kw)
+        self.attn = GPT2Attention(c, **kw)
+        self.ln_2 = LayerNorm(c.layer_norm_epsilon, **kw)
+        self.mlp = GPT2MLP(c, **kw)
+
+    def __call__(self, x, layer_cache, index, bias):
+        a, layer_cache = self.attn(self.ln_1(x), layer_cache, index, bias)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), layer_cache
+
+
+class GPT2Transformer(nn.Module):
+    """`GPT2Model_XX` with latent injection (`latent_as_gpt_emb`, `latent_as_gpt_memory`)."""
+    config: GPT2Config
+    latent_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.wte = _embed(c.vocab_size, c.n_embd, **kw, axes=(ax.VOCAB, ax.EMBED))
+        self.wpe = _embed(c.n_positions, c.n_embd, **kw, axes=(None, ax.EMBED))
+        self.h = [GPT2Block(c, **kw) for _ in range(c.n_layer)]
+        self.ln_f = LayerNorm(c.layer_norm_epsilon, **kw)
+        # z -> one memory vector per layer / an embedding offset (both bias-free)
+        self.linear = Dense(c.n_embd * c.n_layer, use_bias=False, **kw)
+        self.linear_emb = Dense(c.n_embd, use_bias=False, **kw)
+
+    def init_cache(self, z, batch: int, num_slots: int):
+        """A cache of `num_slots` key/value slots per layer.
+
+        With a latent z (B, latent): slot 0 holds the layer's memory `linear(z)` chunk as key
+        and value, `index` (the next free slot, = the next position id) starts at 1 and
+        `latent_emb = linear_emb(z)` is added to every input embedding. With z None: plain
+        GPT-2 (no memory, positions from 0, no embedding offset).
+        """
+        c = self.config
+        zeros = jnp.zeros((batch, num_slots, c.n_embd), self.dtype)
+        if z is None:
+            layers = tuple({'k': zeros, 'v': zeros} for _ in range(c.n_layer))
+            return {'index': jnp.int32(0), 'latent_emb': jnp.zeros((batch, c.n_embd), self.dtype),
+                    'layers': layers}
+        mem = self.linear(z).reshape(batch, c.n_layer, c.n_embd).astype(self.dtype)
+        layers = []
+        for i in range(c.n_layer):
+            m = zeros.at[:, 0].set(mem[:, i])   # the same vector is key and value
+            layers.append({'k': m, 'v': m})
+        return {'index': jnp.int32(1), 'latent_emb': self.linear_emb(z).astype(self.dtype),
+                'layers': tuple(layers)}
+
+    def __call__(self, input_ids, cache):
+        """input_ids (B, T) at positions index .. index+T-1 -> (hidden (B, T, D), cache)."""
+        t = input_ids.shape[1]
+        s = cache['layers'][0]['k'].shape[1]
+        index = cache['index']
+        pos = index + jnp.arange(t)
+        h = self.wte(input_ids) + self.wpe(pos)[None] + cache['latent_emb'][:, None]
+        # slot j is visible to the query at slot index + t iff j <= index + t: causal over the
+        # tokens, the memory slot 0 always visible, unwritten slots hidden
+        visible = jnp.arange(s)[None, :] <= pos[:, None]
+        bias = jnp.where(visible, 0.0, MASK_VALUE)[None, None].astype(jnp.float32)
+        layers = []
+        for block, layer_cache in zip(self.h, cache['layers']):
+            h, layer_cache = block(h, layer_cache, index, bias)
+            layers.append(layer_cache)
+        new_cache = {'index': index + t, 'latent_emb': cache['latent_emb'], 'layers': tuple(layers)}
+        return self.ln_f(h), new_cache
+
+    def logits(self, h):
+        """Tied LM head: h (..., D) @ wte.T -> (..., V) float32."""
+        return self.wte.attend(h).astype(jnp.float32)
+
+
+class GPT2ForLatentConnector(nn.Module):
+    """`GPT2ForLatentConnector_XX`: the transformer + the tied LM head."""
+    config: GPT2Config
+    latent_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.transformer = GPT2Transformer(self.config, self.latent_size, dtype=self.dtype,
+                                           param_dtype=self.param_dtype)
+
+    def _check_z(self, z, batch=None):
+        if z is None:
+            return
+        if z.ndim != 2 or z.shape[1] != self.latent_size or (batch is not None
+                                                            and z.shape[0] != batch):
+            want = f'({batch if batch is not None else "B"}, {self.latent_size})'
+            raise ValueError(f'latent z must be {want}, got shape {tuple(z.shape)}')
+
+    def init_cache(self, z, batch: int, num_slots: int):
+        """See `GPT2Transformer.init_cache`; z (B, latent) or None."""
+        self._check_z(z, batch)
+        if num_slots > self.config.n_positions:
+            raise ValueError(f'{num_slots} cache slots exceed the {self.config.n_positions} '
+                             'GPT-2 positions')
+        return self.transformer.init_cache(z, batch, num_slots)
+
+    def step(self, input_ids, cache):
+        """input_ids (B, T) -> (logits (B, T, V) float32, cache). The caller keeps
+        index + T <= number of slots (dynamic_update_slice would clamp silently)."""
+        h, cache = self.transformer(input_ids, cache)
+        return self.transformer.logits(h), cache
+
+    def __call__(self, input_ids, z=None):
+        """Teacher-forced logits (B, T, V) of a whole sequence; with z (B, latent) the latent
+        is injected as in Optimus (positions 1..T, memory slot), without it this is plain
+        GPT2LMHeadModel."""
+        if input_ids.ndim != 2:
+            raise ValueError(f'input_ids must be (B, T), got shape {input_ids.shape}')
+        b, t = input_ids.shape
+        cache = self.init_cache(z, b, t + (z is not None))
+        return self.step(input_ids, cache)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The VAE
+# ----------------------------------------------------------------------------------------
+
+class Optimus(nn.Module):
+    """Optimus text VAE (`optimus_vae_next`): `encoder` (BERT) and `decoder` (GPT-2).
+
+    Attributes:
+      config: an `OptimusConfig` or the config section (`cfg.model.vae.text`).
+      dtype: compute dtype (norm statistics, softmax, logits and moments stay float32).
+
+    Methods (via `model.apply({'params': p}, ..., method=...)`):
+      encode(input_ids): (B, L) BERT ids, pad 0 -> (mu, logvar) (B, latent).
+      decode_logits(input_ids, z): teacher-forced decoder logits (B, T, V).
+      init_cache(z, num_slots) / decode_step(input_ids, cache): the KV-cache decoder.
+    Latents are used unscaled (VD has no text latent scale factor).
+    """
+    config: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, 'config', as_optimus_config(self.config))
+        super().__post_init__()
+
+    @classmethod
+    def from_model_config(cls, model_cfg, **kw) -> 'Optimus':
+        """From a model config section that has `vae.text`."""
+        return cls(model_cfg['vae']['text'], **kw)
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = BertForLatentConnector(c.encoder, c.latent_size, **kw)
+        self.decoder = GPT2ForLatentConnector(c.decoder, c.latent_size, **kw)
+
+    def encode(self, input_ids):
+        """BERT ids (B, L) ([CLS] ... [SEP], pad 0) -> (mu, logvar), each (B, latent)."""
+        _, pooled = self.encoder(input_ids, attention_mask=(input_ids > 0))
+        return self.encoder.moments(pooled)
+
+    def decode_logits(self, input_ids, z):
+        """GPT-2 ids (B, T) and z (B, latent) or None -> logits (B, T, V), teacher-forced."""
+        return self.decoder(input_ids, z)
+
+    def init_cache(self, z, num_slots: int):
+        """z (B, latent) -> KV cache with the memory in slot 0 and `num_slots - 1` free slots."""
+        return self.decoder.init_cache(z, z.shape[0] if z is not None else 1, num_slots)
+
+    def decode_step(self, input_ids, cache):
+        """input_ids (B, T) at the cache's next positions -> (logits (B, T, V), cache)."""
+        return self.decoder.step(input_ids, cache)
+
+    def init_all(self, batch: int = 1):
+        """Touch every parameter (for `init` / `abstract_params`) on a minimal input."""
+        ids = jnp.full((batch, 2), BERT_CLS_ID, jnp.int32)
+        mu, _ = self.encode(ids)
+        return self.decode_logits(jnp.full((batch, 1), BOS_ID, jnp.int32), mu)
+
+
+OptimusVAE = Optimus  # alias (the name `vd_jax.pipeline` uses)
+
+
+def abstract_params(model: Optimus):
+    """Parameter shapes without allocating (jax.eval_shape of init), unboxed."""
+    v = jax.eval_shape(lambda k: model.init(k, method=Optimus.init_all), jax.random.PRNGKey(0))
+    return nn.unbox(v['params'])
+
+
+def param_count(model: Optimus) -> Dict[str, int]:
+    """{'encoder': n, 'decoder': n} (the tied LM head counted once, it has no own leaf)."""
+    p = abstract_params(model)
+    return {k: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(p[k])))
+            for k in ('encoder', 'decoder')}
+
+
+# ----------------------------------------------------------------------------------------
+# Functional numeric API (jitted)
+# ----------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _encode_jit(model, params, input_ids):
+    return model.apply({'params': params}, input_ids, method=Optimus.encode)[0]
+
+
+def encode_ids(model: Optimus, params, input_ids):
+    """VD's text `vae_encode` on token ids: BERT ids (B, L) int (pad 0) -> mu (B, latent)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f'input_ids must be (B, L) ints, got shape {input_ids.shape}')
+    return _encode_jit(model, params, input_ids)
+
+
+METHODS = ('greedy', 'sample', 'beam')
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'method', 'max_length', 'top_k', 'top_p', 'beam_size', 'length_penalty',
+    'early_stopping'))
+def _decode_jit(model, params, z, key, temperature, *, method, max_length, top_k, top_p,
+                beam_size, length_penalty, early_stopping):
+    variables = {'params': params}
+    # slot 0 = memory, then one slot per fed token (the last token is never fed)
+    cache = model.apply(variables, z, max_length, method=Optimus.init_cache)
+
+    def step_fn(last, cache):
+        logits, cache = model.apply(variables, last[:, None], cache, method=Optimus.decode_step)
+        return logits[:, -1], cache
+
+    start = jnp.full((z.shape[0],), BOS_ID, jnp.int32)
+    kw = dict(eos_id=EOS_ID, pad_id=PAD_ID, max_length=max_length)
+    if method == 'greedy':
+        return decoding.greedy_search(step_fn, cache, start, **kw)
+    if method == 'sample':
+        return decoding.sample(step_fn, cache, start, key, temperature=temperature, top_k=top_k,
+                               top_p=top_p, **kw)
+    return decoding.beam_search(step_fn, cache, start, beam_size=beam_size,
+                                length_penalty=length_penalty, early_stopping=early_stopping, **kw)
+
+
+def decode_ids(model: Optimus, params, z, method: str = 'greedy', *, key=None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+               beam_size: int = 4, length_penalty: float = 1.0, early_stopping: bool = True,
+               max_length: Optional[int] = None) -> decoding.DecodeOutput:
+    """VD's text `vae_decode` on latents: z (B, latent) -> generated GPT-2 ids.
+
+    Every row starts with <BOS>; decoding stops at <EOS> or at `max_length` tokens (default
+    the config's 30, counted as the original: <BOS> and <EOS> included, the 30th token
+    forced to <EOS>). One jitted program per (shape, method, static options).
+
+    Args:
+      method: 'greedy' | 'sample' (the original's choice: multinomial, temperature 1, no
+        filtering -- pass top_p=1.0 to reproduce its nucleus step exactly) | 'beam'.
+      key: PRNG key, or one key per row (a row then depends only on its own key), required
+        for 'sample'.
+      temperature, top_k, top_p: sampling options (see `vd_jax.decoding.sample`).
+      beam_size, length_penalty, early_stopping: beam options (see `decoding.beam_search`).
+    Returns:
+      `decoding.DecodeOutput(tokens (B, max_length), lengths (B,), scores (B,))`,
+      tokens padded with <PAD> = 50257 after <EOS>.
+    """
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    z = jnp.asarray(z)
+    latent = model.config.latent_size
+    if z.ndim != 2 or z.shape[1] != latent:
+        raise ValueError(f'latent z must be (B, {latent}), got shape {tuple(z.shape)}')
+    if method == 'sample' and key is None:
+        raise ValueError("method='sample' needs a PRNG key (key=jax.random.key(seed))")
+    if method == 'sample' and isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+    max_length = model.config.max_length if max_length is None else int(max_length)
+    if not 2 <= max_length <= model.config.decoder.n_positions:
+        raise ValueError(f'max_length must be in [2, {model.config.decoder.n_positions}], '
+                         f'got {max_length}')
+    if key is None:
+        key = jax.random.PRNGKey(0)  # unused by greedy / beam
+    return _decode_jit(model, params, z.astype(jnp.float32), key,
+                       jnp.asarray(temperature, jnp.float32), method=method,
+                       max_length=max_length, top_k=int(top_k), top_p=float(top_p),
+                       beam_size=int(beam_size), length_penalty=float(length_penalty),
+                       early_stopping=bool(early_stopping))
+
+
+# ----------------------------------------------------------------------------------------
+# String API
+# ----------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _default_tokenizers():
+    from vd_jax.tokenizers import bert_tokenizer, gpt2_tokenizer
+    return bert_tokenizer(), gpt2_tokenizer()
+
+
+def tokenize_for_encoder(sentences: Sequence[str], tokenizer=None,
+                         max_wordpieces: int = MAX_WORDPIECES) -> np.ndarray:
+    """Sentences -> BERT ids (B, max_wordpieces + 2) int32, as `optimus_vae_next.encode`:
+    `tokenize(sentence.lower())` (lower-cased input into the *cased* vocabulary, a quirk
+    of the original that its weights were trained with), truncated to 77 word pieces,
+    `[CLS] ... [SEP]`, padded with 0.
+
+    The original pads to the longest sentence of the batch; we pad to the fixed maximum so
+    one compiled encoder serves every batch. Padded keys are masked, so mu is the same up
+    to float summation order.
+    """
+    if isinstance(sentences, str):
+        raise ValueError('sentences must be a list of strings, got a single str '
+                         '(wrap it: [sentence])')
+    tok = tokenizer if tokenizer is not None else _default_tokenizers()[0]
+    ids = np.full((len(sentences), max_wordpieces + 2), BERT_PAD_ID, np.int32)
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise ValueError(f'sentences[{i}] is {type(s).__name__}, not str')
+        pieces = tok.convert_tokens_to_ids(tok.tokenize(s.lower())[:max_wordpieces])
+        row = [BERT_CLS_ID] + list(pieces) + [BERT_SEP_ID]
+        ids[i, :len(row)] = row
+    return ids
+
+
+def encode_text(model: Optimus, params, sentences: Sequence[str], tokenizer=None):
+    """VD's `vae_encode(text, which='text')`: list of B sentences -> mu (B, latent) float32."""
+    return encode_ids(model, params, tokenize_for_encoder(sentences, tokenizer))
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """The original tokenizer's `clean_up_tokenization` (pytorch-transformers 1.x): glue
+    punctuation and English contractions. Note the " do not" -> " don't" rule, which
+    current transformers dropped."""
+    for a, b in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"),
+                 (" n't", "n't"), (" 'm", "'m"), (' do not', " don't"), (" 's", "'s"),
+                 (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_decoder():
+    from vd_jax.tokenizers import bytes_to_unicode
+    return {u: b for b, u in bytes_to_unicode().items()}
+
+
+def ids_to_text(ids: Sequence[int], tokenizer=None) -> str:
+    """One decoded row (<BOS> ... <EOS>) -> text, exactly as `optimus_vae_next.decode`:
+    the original tokenizer's `decode(..., clean_up_tokenization_spaces=True)` (added
+    tokens <PAD>/<BOS>/<EOS> each become ' ' + token, byte-level BPE runs are decoded in
+    between, errors='replace'), then whitespace split, dropping the first and last word.
+
+    Current transformers glues added tokens differently ('...horse.<EOS>'), which would
+    make the last-word drop eat a real word, hence this re-implementation.
+    """
+    tok = tokenizer if tokenizer is not None else _default_tokenizers()[1]
+    dec = _byte_decoder()
+    pieces, run = [], []
+
+    def flush():
+        if run:
+            data = bytes(dec[ch] for t in run for ch in t)
+            pieces.append(data.decode('utf-8', errors='replace'))
+            run.clear()
+    for i in ids:
+        i = int(i)
+        token = tok.convert_ids_to_tokens(i)
+        if i >= PAD_ID:              # Optimus' added tokens
+            flush()
+            pieces.append(' ' + token)
+        else:
+            run.append(token)
+    flush()
+    words = _clean_up_tokenization(''.join(pieces)).split()
+    return ' '.join(words[1:-1])
+
+
+# Punctuation that `remove_duplicate_word` (app.py) splits off words before matching.
+_OPENERS = '([{'
+_CLOSERS = '?!.,:;}])'
+_GLUE = '<puncnext>'
+
+
+def _split_punctuation(text: str) -> List[str]:
+    """Words, with leading '([{' and trailing '?!.,:;}])' characters split off, each joined
+    to its word by a `<puncnext>` marker ('(a,' -> '(', M, 'a', M, ',')."""
+    out = []
+    for word in text.split(' '):
+        if not word:
+            continue  # the original would crash on an empty word (double space)
+        lead = 0
+        while lead < len(word) and word[lead] in _OPENERS:
+            lead += 1
+        for ch in word[:lead]:
+            out += [ch, _GLUE]
+        core = word[lead:]
+        trail = len(core)
+        while trail > 0 and core[trail - 1] in _CLOSERS:
+            trail -= 1
+        if core[:trail]:
+            out.append(core[:trail])
+        for ch in core[trail:]:
+            out += [_GLUE, ch]
+    return out
+
+
+def remove_repeated_ngrams(text: str) -> str:
+    """The v1.0 demo's `remove_duplicate_word` (app.py:129-201), same procedure.
+
+    With n = 1, 2, 3, ...: the text is viewed as its overlapping n-grams; while some n-gram
+    is immediately repeated (n-gram i equals n-gram i+n), the n n-grams after i are
+    dropped (scan restarts); then every n-gram is extended by the last word of its right
+    neighbour. Ends when one n-gram (the de-duplicated text) remains. So 'a dog a dog on
+    the grass grass' -> 'a dog on the grass'.
+    """
+    if text == '':
+        return text
+    grams = [(w,) for w in _split_punctuation(text)]
+    n = 1
+    while len(grams) > 1:
+        found = True
+        while found:
+            found = False
+            for i in range(len(grams) - n):
+                if grams[i] == grams[i + n]:
+                    del grams[i + 1:i + n + 1]
+                    found = True
+                    break
+        if len(grams) > 1:
+            grams = [grams[i] + (grams[i + 1][-1],) for i in range(len(grams) - 1)]
+            n += 1
+    out = ' '.join(grams[0]) if grams else ''
+    return out.replace(f' {_GLUE} ', '')
+
+
+def decode_latent(model: Optimus, params, z, method: str = 'greedy', *, key=None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                  beam_size: int = 4, length_penalty: float = 1.0, early_stopping: bool = True,
+                  max_length: Optional[int] = None, remove_duplicates: bool = False,
+                  seeds: Optional[Sequence[int]] = None, tokenizer=None) -> List[str]:
+    """VD's `vae_decode(z, which='text')`: latents (B, latent) -> B sentences.
+
+    Options as `decode_ids` (the original samples: method='sample', temperature 1,
+    top_p=1.0); `seeds` (B ints) is a shortcut for one key per row, `PRNGKey(seeds[i])`.
+    `remove_duplicates` applies the v1.0 demo's repeated-n-gram removal
+    (`remove_repeated_ngrams`), which the demo runs on every decoded sentence.
+    """
+    if seeds is not None:
+        if key is not None:
+            raise ValueError('give either key or seeds, not both')
+        key = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
+    out = decode_ids(model, params, z, method, key=key, temperature=temperature, top_k=top_k,
+                     top_p=top_p, beam_size=beam_size, length_penalty=length_penalty,
+                     early_stopping=early_stopping, max_length=max_length)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = [ids_to_text(tokens[i, :lengths[i]], tokenizer) for i in range(tokens.shape[0])]
+    return [remove_repeated_ngrams(t) for t in texts] if remove_duplicates else texts
