@@ -381,3 +381,38 @@ def test_preprocess_bad_input(tmp_path):
         clip_preprocess([np.zeros((8, 8, 3), np.float32), np.full((8, 8, 3), 2.0)])
     with pytest.raises(ValueError, match=r'image 0: expected \(H, W, 3\)'):
         clip_preprocess(np.zeros((8, 8, 4), np.uint8))
+
+
+def test_masked_image_context_matches_hooked_reference(cfg, refs, photo_files):
+    """The multi-context demo's masked encoding (`clip.py:_encode_wmask`) rebuilt on
+    transformers' own vision model: embeddings times the token mask (a forward hook on the
+    embedding layer, as the original swaps its forward), then VD's normalisation, then the
+    context times the mask again."""
+    import torch.nn.functional as F
+    from vd_jax.image_io import clip_token_mask
+    vm, size, p = refs['vm'], cfg.ctx.image.image_size, cfg.ctx.image.patch_size
+    image = resize_bicubic(load_image(photo_files['landscape.png']), (size, size))  # square, as the demo's 512x512 inputs
+    mask = np.zeros((size, size), np.float32)
+    mask[:, : size // 2 + 3] = 1.0  # keep the left part; one patch column half covered
+    tm = clip_token_mask(mask, size, p)
+    # the original's token mask: bilinear resize, patch means (a stride-p conv of ones), CLS = mean
+    mt = F.interpolate(torch.tensor(mask)[None, None], [size, size], mode='bilinear')
+    ref_tm = torch.cat([mt.mean().reshape(1), F.avg_pool2d(mt, p, p).flatten()]).numpy()
+    np.testing.assert_allclose(tm, ref_tm, atol=1e-6)
+    pix = clip_preprocess([image], size=size)
+    hook = vm.vision_model.embeddings.register_forward_hook(
+        lambda mod, args, out: out * torch.tensor(tm)[None, :, None])
+    try:
+        with torch.no_grad():
+            out = vm(pixel_values=torch.tensor(pix).permute(0, 3, 1, 2))
+            z = vm.visual_projection(vm.vision_model.post_layernorm(out.last_hidden_state))
+    finally:
+        hook.remove()
+    ref = (z / z[:, :1].norm(dim=-1, keepdim=True) * torch.tensor(tm)[None, :, None]).numpy()
+    model = image_context(cfg.ctx.image)
+    ours, _ = model.apply({'params': refs['params']['ctx_image']}, jnp.asarray(pix),
+                          jnp.asarray(tm)[None])
+    assert _max(ours, ref) < TOL
+    plain, _ = model.apply({'params': refs['params']['ctx_image']}, jnp.asarray(pix))
+    assert _max(plain, ours) > 1e-2  # the mask matters
+    assert clip_token_mask(np.ones((50, 70)), size, p) is None  # all-ones: the demo encodes plainly

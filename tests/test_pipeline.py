@@ -101,6 +101,14 @@ def test_disentangle_identity_is_plain_variation(vd):
 def test_multi_context_and_i2t2i(vd):
     m = vd.multi_context([IMG, IMG[::-1]], [1.0, 0.5], 'a cat', n=2, steps=STEPS)
     assert m.shape == (2, 32, 32, 3)
+    keep_left = np.zeros(IMG.shape[:2], np.float32)
+    keep_left[:, :20] = 1
+    masked = vd.multi_context([IMG, IMG[::-1]], [1.0, 0.5], 'a cat', n=2, steps=STEPS,
+                              masks=[keep_left, None], focus=[0.2, 0.5])
+    assert masked.shape == m.shape and np.abs(masked - m).max() > 1e-3
+    same = vd.multi_context([IMG, IMG[::-1]], [1.0, 0.5], 'a cat', n=2, steps=STEPS,
+                            masks=[np.ones(IMG.shape[:2]), None])
+    np.testing.assert_array_equal(same, m)  # an all-ones mask is no mask
     texts, ims = vd.i2t2i(IMG, positive='a dog', negative='a cat', n=2, steps=STEPS)
     assert len(texts) == 2 and ims.shape == (2, 32, 32, 3)
 

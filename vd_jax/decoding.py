@@ -67,7 +67,7 @@ def top_k_top_p_filtering(logits, top_k: int = 0, top_p: float = 0.0,
     top_p > 0: with tokens sorted by decreasing logit, a token is removed when the
       cumulative probability of the tokens *before* it already exceeds top_p, i.e. the
       smallest prefix whose mass exceeds top_p is kept (always at least the top token).
-      Note top_p = 1.0 is not a strict no-op, exactly as in the original: the float32
+      Note top_p = 1.0 is not a strict no-op, as in the original: the float32
       cumulative sum can exceed 1 in the far tail, which then is dropped (mass ~1e-7).
     Both are Python numbers (they change the program); 0 disables a filter.
     """

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -191,3 +191,44 @@ def clip_preprocess(images, size: int = 224, mean: Sequence[float] = CLIP_MEAN,
         x = (a.astype(np.float64) * (1 / 255)).astype(np.float32)
         out[i] = (x - mean32) / std32
     return out
+
+
+def _bilinear_torch(m: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+    """`F.interpolate(mode='bilinear', align_corners=False)` (no antialias) of a 2-D array."""
+    def coords(n_in, n_out):
+        x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        x = np.clip(x, 0, None)
+        i0 = np.minimum(np.floor(x).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, (x - i0).astype(np.float32)
+    y0, y1, wy = coords(m.shape[0], hw[0])
+    x0, x1, wx = coords(m.shape[1], hw[1])
+    rows = m[y0] * (1 - wy)[:, None] + m[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None] + rows[:, x1] * wx[None]
+
+
+def clip_token_mask(mask, size: int = 224, patch_size: int = 14) -> Optional[np.ndarray]:
+    """A keep-mask (H, W) in [0, 1] (1 = keep) -> CLIP token weights (1 + (size/p)^2,) float32.
+
+    As the multi-context demo (`clip.py:_encode_wmask`): the mask is resized bilinearly to
+    the CLIP input (the same shortest-side resize and centre crop as `clip_preprocess`, which
+    for the demo's square inputs is a plain resize to size x size), each patch token gets its
+    patch's mean, the CLS token the mean of the whole mask. Returns None for an all-ones mask
+    (the demo then encodes without a mask).
+    """
+    m = np.clip(np.asarray(mask, np.float32), 0, 1)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f'a mask must be (H, W) (or (H, W, C)), got shape {np.shape(mask)}')
+    h, w = m.shape
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    m = _bilinear_torch(m, (new_long, size) if w <= h else (size, new_long))
+    top, left = (m.shape[0] - size) // 2, (m.shape[1] - size) // 2
+    m = m[top:top + size, left:left + size]
+    if m.sum() == m.size:
+        return None
+    g = size // patch_size
+    patches = m[:g * patch_size, :g * patch_size].reshape(g, patch_size, g, patch_size).mean((1, 3))
+    return np.concatenate([[m.mean()], patches.reshape(-1)]).astype(np.float32)

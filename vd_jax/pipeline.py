@@ -80,6 +80,21 @@ def _resize01(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
     return a.astype(np.float32) / 255.0
 
 
+def _resize_mask(mask, hw) -> np.ndarray:
+    """A mask (file, or (H, W) / (H, W, C) array in [0, 1] or uint8) -> (h, w) float [0, 1],
+    resized bilinearly (the demo resizes masks with PIL's BILINEAR)."""
+    from PIL import Image
+    m = _load(mask) if isinstance(mask, str) else np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise TaskError(f'a mask must be (H, W) or an image file, got shape {m.shape}')
+    m = m.astype(np.float32) / (255.0 if m.dtype == np.uint8 or m.max() > 1 else 1.0)
+    if m.shape != tuple(hw):
+        m = np.asarray(Image.fromarray(m, mode='F').resize((hw[1], hw[0]), Image.BILINEAR))
+    return np.clip(m, 0, 1)
+
+
 def _load(image: ImageLike) -> np.ndarray:
     from vd_jax.image_io import load_image
     if isinstance(image, str):
@@ -246,14 +261,31 @@ class VersatileDiffusion:
         fn = self._jit('ctx_text', lambda p, ids: model.apply({'params': p}, ids)[0])
         return fn(self.params['ctx_text'], jnp.asarray(ids))
 
-    def encode_images_context(self, images01: Sequence[np.ndarray]) -> jnp.ndarray:
-        """CLIP image contexts (B, 257, D) of images given as float [0, 1] / uint8 arrays."""
-        from vd_jax.image_io import clip_preprocess
+    def encode_images_context(self, images01: Sequence[np.ndarray],
+                              masks: Optional[Sequence] = None) -> jnp.ndarray:
+        """CLIP image contexts (B, 257, D) of images given as float [0, 1] / uint8 arrays.
+
+        masks: optional keep-masks (H, W) in [0, 1] per image (None entries: no mask), the
+        multi-context demo's masked encoding (`vd_jax.image_io.clip_token_mask`)."""
+        from vd_jax.image_io import clip_preprocess, clip_token_mask
         model = self._clip('image')
-        size = int(self.config['ctx']['image']['image_size'])
-        pix = clip_preprocess(list(images01), size=size)
-        fn = self._jit('ctx_image', lambda p, x: model.apply({'params': p}, x)[0])
-        return fn(self.params['ctx_image'], jnp.asarray(pix))
+        cfg = self.config['ctx']['image']
+        size = int(cfg['image_size'])
+        pix = jnp.asarray(clip_preprocess(list(images01), size=size))
+        tm = None
+        if masks is not None:
+            if len(masks) != len(images01):
+                raise TaskError(f'{len(masks)} masks for {len(images01)} images')
+            tms = [None if m is None else clip_token_mask(m, size, int(cfg['patch_size']))
+                   for m in masks]
+            if any(t is not None for t in tms):
+                n = (size // int(cfg['patch_size'])) ** 2 + 1
+                tm = jnp.asarray(np.stack([np.ones(n, np.float32) if t is None else t for t in tms]))
+        if tm is None:
+            fn = self._jit('ctx_image', lambda p, x: model.apply({'params': p}, x)[0])
+            return fn(self.params['ctx_image'], pix)
+        fn = self._jit('ctx_image_masked', lambda p, x, m: model.apply({'params': p}, x, m)[0])
+        return fn(self.params['ctx_image'], pix, tm)
 
     def _gray_or_black(self, value: float, hw) -> jnp.ndarray:
         return self.encode_images_context([np.full(tuple(hw) + (3,), value, np.float32)])
@@ -336,11 +368,17 @@ class VersatileDiffusion:
                                method='mix')
         elif kind[0] == 'layer':
             _, xt, cts = kind
+            n_ctx = len(plan_stream(self.dconfig.stream(xt)).context)
 
             def fn(p, x, t, c):
-                return d.apply({'params': p}, x, t, list(c['c']), cts,
-                               jnp.ones((len(cts),)), xt, 'layer', layer_choices=c['choice'],
-                               method='mix')
+                # layer-level mixing draws one context per context layer at every model call
+                # (as `apply_model_multicontext` does per step), from the sample's key and
+                # the step's t; the uncond and cond halves of a sample share the draw
+                def draw(k, tt, r):
+                    return jax.random.choice(jax.random.fold_in(k, tt), len(cts), (n_ctx,), p=r)
+                choice = jax.vmap(draw)(c['key'], t, c['r'])
+                return d.apply({'params': p}, x, t, list(c['c']), cts, c['r'], xt, 'layer',
+                               layer_choices=choice, method='mix')
         elif kind[0] == 'model':
             _, xt, cts = kind
 
@@ -417,12 +455,19 @@ class VersatileDiffusion:
             raise TaskError('no input image given')
         return np.stack([_resize01(_load(im), hw) for im in items])
 
-    def _image_context(self, images01: np.ndarray, focus: Optional[float] = None,
-                       legacy_level: Optional[int] = None) -> jnp.ndarray:
-        c = self.encode_images_context(list(images01))
-        if focus is not None and float(focus) != 0.5:
-            # v1.0: disentangle the 256 patch tokens, keep the global (CLS) token
-            c = jnp.concatenate([c[:, :1], apps.adjust_rank(c[:, 1:], focus)], axis=1)
+    def _image_context(self, images01: np.ndarray, focus=None,
+                       legacy_level: Optional[int] = None, masks=None) -> jnp.ndarray:
+        """CLIP contexts of images; `focus` (one value, or one per image) applies the v1.0
+        disentanglement to the 256 patch tokens (the global CLS token is kept)."""
+        c = self.encode_images_context(list(images01), masks)
+        focus = list(focus) if isinstance(focus, (list, tuple, np.ndarray)) else [focus] * len(c)
+        if len(focus) != len(c):
+            raise TaskError(f'{len(focus)} focus values for {len(c)} images')
+        if any(f is not None and float(f) != 0.5 for f in focus):
+            rows = [c[i:i + 1] if f is None or float(f) == 0.5 else jnp.concatenate(
+                [c[i:i + 1, :1], apps.adjust_rank(c[i:i + 1, 1:], f)], axis=1)
+                for i, f in enumerate(focus)]
+            c = jnp.concatenate(rows, axis=0)
         if legacy_level:
             c = apps.legacy_disentangle(c, legacy_level)
         return c
@@ -529,13 +574,12 @@ class VersatileDiffusion:
             ctx = {'c': cs, 'r': jnp.tile(jnp.asarray(r), (b, 1))}
             uctx = {'c': us, 'r': ctx['r']}
         elif level == 'layer':
-            n_ctx = len(plan_stream(self.dconfig.stream(xtype)).context)
-            # one draw per context layer and sample, from the sample's seed (the original draws
-            # once per layer for the whole batch from numpy's global RNG)
-            choice = jax.vmap(lambda s: jax.random.choice(
-                jax.random.fold_in(jax.random.PRNGKey(s), 3), len(cs), (n_ctx,), p=jnp.asarray(r))
-            )(jnp.asarray(seeds))
-            ctx, uctx = {'c': cs, 'choice': choice}, {'c': us, 'choice': choice}
+            # per-sample keys (the original draws from numpy's global RNG, once per layer and
+            # step for the whole batch; per-sample keys keep samples independent of the batch)
+            keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 3))(
+                jnp.asarray(seeds))  # raw uint32 (B, 2): batch-leading, so CFG can concatenate
+            rb = jnp.tile(jnp.asarray(r), (b, 1))
+            ctx, uctx = {'c': cs, 'key': keys, 'r': rb}, {'c': us, 'key': keys, 'r': rb}
         else:
             if len(cs) != 2:
                 raise TaskError('model-level mixing takes exactly two contexts')
@@ -582,18 +626,25 @@ class VersatileDiffusion:
 
     def multi_context(self, images: Sequence, strengths: Optional[Sequence[float]] = None,
                       prompt: Optional[str] = None, n: int = 1, *, text_strength: float = 0.5,
-                      steps: int = 50, scale: float = 7.5, sampler: str = 'ddim', eta: float = 0.0,
-                      seed: int = 0, height=None, width=None, focus: float = 0.5,
-                      progress=False) -> np.ndarray:
+                      masks: Optional[Sequence] = None, steps: int = 50, scale: float = 7.5,
+                      sampler: str = 'ddim', eta: float = 0.0, seed: int = 0, height=None,
+                      width=None, focus=0.5, progress=False) -> np.ndarray:
         """Several images (each scaled by its strength, tokens concatenated into one image
-        context) plus an optional prompt, mixed at attention level (the demo's MCG)."""
+        context) plus an optional prompt, mixed at attention level (the demo's MCG).
+
+        masks: optional keep-mask per image ((H, W) in [0, 1], 1 = use this region; None =
+          whole image); resized with the image, then applied to CLIP's tokens as the demo.
+        focus: one style/semantic focus for all images or one per image.
+        """
         self.check_task('multi_context')
         hw = self._hw(height, width)
         imgs = self._images(images, hw)
         strengths = [1.0] * len(imgs) if strengths is None else [float(s) for s in strengths]
         if len(strengths) != len(imgs):
             raise TaskError(f'{len(strengths)} strengths for {len(imgs)} images')
-        c_each = self._image_context(imgs, focus)
+        if masks is not None:
+            masks = [None if m is None else _resize_mask(m, hw) for m in _as_list(masks)]
+        c_each = self._image_context(imgs, focus, masks=masks)
         ci = jnp.concatenate([c_each[i:i + 1] * s for i, s in enumerate(strengths)], axis=1)
         ci = jnp.repeat(ci, n, axis=0)
         ui = self.uncond_image(ci, 'image', hw)

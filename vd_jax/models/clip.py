@@ -363,9 +363,15 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = _encoder(c, **kw)
         self.post_layernorm = LayerNorm(c.layer_norm_eps, **kw)
 
-    def __call__(self, pixel_values):
-        """pixel_values (B, S, S, C) -> last_hidden_state (B, 1 + (S/p)^2, D), before post_layernorm."""
-        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+    def __call__(self, pixel_values, token_mask=None):
+        """pixel_values (B, S, S, C) -> last_hidden_state (B, 1 + (S/p)^2, D), before post_layernorm.
+
+        token_mask (B, 1 + (S/p)^2): optional weights multiplying the embeddings (VD's
+        masked image context, `clip.py:_encode_wmask`)."""
+        h = self.embeddings(pixel_values)
+        if token_mask is not None:
+            h = h * token_mask[..., None].astype(h.dtype)
+        return self.encoder(self.pre_layrnorm(h))
 
 
 class CLIPImageContext(nn.Module):
@@ -383,8 +389,12 @@ class CLIPImageContext(nn.Module):
         self.visual_projection = Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
                                        param_dtype=self.param_dtype)
 
-    def __call__(self, pixel_values) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+    def __call__(self, pixel_values, token_mask=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
         """pixel_values (B, 224, 224, 3) float, CLIP-normalised (`vd_jax.image_io.clip_preprocess`).
+
+        token_mask: optional (B, 257) weights (`vd_jax.image_io.clip_token_mask`): the
+          multi-context demo's masked encoding (`clip.py:_encode_wmask`): the embeddings
+          are multiplied by it before the encoder, and the normalised context after.
 
         Returns:
           context (B, 257, P) = visual_projection(post_layernorm(last_hidden_state)) divided
@@ -398,11 +408,13 @@ class CLIPImageContext(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
             raise ValueError(f'CLIP vision: pixel_values must be (B, {want[0]}, {want[1]}, '
                              f'{want[2]}) channels-last, got {tuple(pixel_values.shape)}')
-        h = self.vision_model(pixel_values)
+        h = self.vision_model(pixel_values, token_mask)
         projected = self.visual_projection(self.vision_model.post_layernorm(h))
         image_embeds = projected[:, 0]
         norm = jnp.linalg.norm(image_embeds.astype(jnp.float32), axis=-1)
         context = projected.astype(jnp.float32) / norm[:, None, None]
+        if token_mask is not None:
+            context = context * token_mask[..., None].astype(jnp.float32)
         pooled = self.vision_model.post_layernorm(h[:, 0])
         return context, dict(last_hidden_state=h, pooled=pooled, image_embeds=image_embeds,
                              projected=projected)

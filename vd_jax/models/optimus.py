@@ -627,7 +627,8 @@ def decode_ids(model: Optimus, params, z, method: str = 'greedy', *, key=None,
 
     Args:
       method: 'greedy' | 'sample' (the original's choice: multinomial, temperature 1, no
-        filtering -- pass top_p=1.0 to reproduce its nucleus step exactly) | 'beam'.
+        filtering -- pass top_p=1.0 for its nucleus step, which drops the same ~1e-7 tail up
+        to float32 summation order) | 'beam'.
       key: PRNG key, or one key per row (a row then depends only on its own key), required
         for 'sample'.
       temperature, top_k, top_p: sampling options (see `vd_jax.decoding.sample`).
