@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--color-adjust', action='store_true', help='i2i: match input colours')
     p.add_argument('--strength', type=float, action='append', default=[],
                    help='multi: strength of each --image (repeatable, in order)')
+    p.add_argument('--mask', action='append', default=[],
+                   help="multi: a keep-mask image per --image, in order (white = use), or 'none'")
     p.add_argument('--decode', default='sample', choices=['sample', 'greedy', 'beam'],
                    help='text outputs: Optimus decoding (the original samples)')
     p.add_argument('--temperature', type=float, default=1.0)
@@ -164,9 +166,15 @@ def main(argv=None) -> int:
                                             focus=0.5 if args.focus is None else args.focus,
                                             **common, **img_kw)
             elif args.task == 'multi':
+                masks = None
+                if args.mask:
+                    if len(args.mask) != len(images):
+                        raise TaskError(f'{len(args.mask)} --mask for {len(images)} --image')
+                    masks = [None if m.lower() == 'none' else load_image(m) for m in args.mask]
                 out_images = vd.multi_context(images, args.strength or None,
                                               prompts[0] if prompts else None, args.n,
-                                              text_strength=args.mix, progress=progress,
+                                              text_strength=args.mix, masks=masks,
+                                              progress=progress,
                                               focus=0.5 if args.focus is None else args.focus,
                                               **common, **img_kw)
             elif args.task == 'disentangle':
