@@ -337,10 +337,13 @@ class FCBlock(nn.Module):
 
     def __call__(self, x, emb):  # x (B, S, 1, Cin), emb (B, E)
         b = x.shape[0]
-        x = x.reshape(b, int(np.prod(x.shape[1:])))  # (B, S*Cin), s-major
-        h = self.in_layers_2(nn.silu(self.in_layers_0(x)))
+        # pin the flat (B, S*C) values to batch sharding: without it, a pure-FSDP mesh makes
+        # XLA rematerialise these in the backward pass ("involuntary full rematerialization")
+        flat = lambda v: nn.with_logical_constraint(v, (ax.BATCH, ax.ACT_EMBED))
+        x = flat(x.reshape(b, int(np.prod(x.shape[1:]))))  # (B, S*Cin), s-major
+        h = flat(self.in_layers_2(nn.silu(self.in_layers_0(x))))
         h = h + self.emb_layers_1(nn.silu(emb))
-        h = self.out_layers_3(nn.silu(self.out_layers_0(h)))
+        h = flat(self.out_layers_3(nn.silu(self.out_layers_0(h))))
         skip = self.skip_connection(x) if self.channels != self.out_channels else x
         return (skip + h).reshape(b, self.second_dim, 1, self.out_channels)
 

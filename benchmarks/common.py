@@ -1,0 +1,490 @@
+"""Shared pieces of the benchmark scripts: environment record, timing, memory, GEMM peak,
+FLOP counting, tables and JSON records.
+
+Nothing here imports jax or torch at module level: scripts set `XLA_FLAGS` / thread counts
+first (`setup`), and JAX reads its flags once, when its backend starts.
+
+Timing method (every script): build, warm up (the first JAX call compiles), then time
+`reps` calls; PyTorch and JAX are timed **interleaved in one process** (ABBA order per
+repetition, so slow drifts of this shared VM hit both sides alike), and the ratio of the
+medians is reported with min/max of each side. Peak memory is read from the kernel
+(`VmHWM`, resettable per phase via `/proc/self/clear_refs`) and split into anonymous and
+file-backed pages, because memory-mapped checkpoint pages count in RSS but are page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, 'benchmarks', 'results')
+
+
+# ----------------------------------------------------------------------------------------
+# Set-up and the environment record
+# ----------------------------------------------------------------------------------------
+
+def setup(threads: int = 2, xla_flags: Optional[str] = None) -> None:
+    """Offline, CPU-only, `threads` intra-op threads for torch; extra XLA flags (before jax
+    starts). Call before importing jax/torch-using modules."""
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    if xla_flags:
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+    if 'jax' in sys.modules and xla_flags:
+        raise RuntimeError('setup(xla_flags=...) must run before jax is imported')
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--smoke', action='store_true',
+                   help='tiny config, 1 repetition: proves the script runs (CI)')
+    p.add_argument('--out', default=RESULTS, help='folder for the JSON record')
+    p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (XLA uses all cores)')
+    p.add_argument('--warmup', type=int, default=None, help='warm-up calls per side')
+    p.add_argument('--reps', type=int, default=None, help='timed calls per side')
+    return p
+
+
+def _cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def _cpu_flags() -> List[str]:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    fl = set(line.split(':', 1)[1].split())
+                    return sorted(x for x in fl if x in {'avx', 'avx2', 'fma', 'avx512f',
+                                                         'avx512_bf16', 'amx_bf16', 'avx_vnni'})
+    except OSError:
+        pass
+    return []
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(mod)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain'],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ('+dirty' if dirty else '') if out.returncode == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def machine_info() -> dict:
+    """CPU, memory, library versions, threads and flags: the header of every record."""
+    info = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        cpu=_cpu_model(), cpu_flags=_cpu_flags(), cores=os.cpu_count(),
+        mem_total_gib=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
+        python=platform.python_version(),
+        versions={m: _version(m) for m in ('jax', 'jaxlib', 'flax', 'numpy', 'torch',
+                                            'diffusers', 'transformers', 'optax')},
+        env={k: os.environ.get(k) for k in ('XLA_FLAGS', 'JAX_PLATFORMS', 'OMP_NUM_THREADS',
+                                            'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+             if os.environ.get(k)},
+        loadavg_at_start=os.getloadavg(),
+        git=_git_commit(),
+    )
+    if 'torch' in sys.modules:
+        import torch
+        info['torch_threads'] = torch.get_num_threads()
+        info['torch_interop_threads'] = torch.get_num_interop_threads()
+    if 'jax' in sys.modules:
+        import jax
+        info['jax_devices'] = [str(d) for d in jax.devices()]
+        info['jax_default_matmul_precision'] = jax.config.jax_default_matmul_precision
+    return info
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------
+
+def stats(ts: Sequence[float]) -> dict:
+    """Median, min, max and all values (seconds)."""
+    ts = list(ts)
+    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), n=len(ts),
+                all=[round(t, 6) for t in ts])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call; fn must block until its result is ready."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1,
+                log: Callable[[str], None] = print) -> Dict[str, dict]:
+    """Time several callables side by side: `warmup` untimed calls each, then `reps` rounds
+    in which every callable runs once, alternating the order (ABBA...) so that drifts of a
+    shared machine affect every side alike. Returns {name: stats}."""
+    names = list(fns)
+    for name in names:
+        for i in range(warmup):
+            t = timed(fns[name])
+            log(f'  warm-up {name} #{i + 1}: {t:.3f} s')
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    loads = []
+    for r in range(reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            times[name].append(timed(fns[name]))
+        loads.append(os.getloadavg()[0])
+        log('  rep %d: ' % (r + 1) + ', '.join(f'{n} {times[n][-1]:.3f} s' for n in names) +
+            f' (load {loads[-1]:.2f})')
+    out = {n: stats(t) for n, t in times.items()}
+    for st in out.values():
+        st['load1_during'] = loads  # 1-min load average after each round (noise indicator)
+    return out
+
+
+def wait_for_quiet(max_load: float, timeout: float = 3600, poll: float = 30,
+                   log: Callable[[str], None] = print) -> float:
+    """Block until the 1-minute load average is below `max_load` (or `timeout` s passed);
+    return the load seen. Benchmarks on a shared machine mean nothing under load."""
+    t0 = time.time()
+    while True:
+        load = os.getloadavg()[0]
+        if load < max_load or time.time() - t0 > timeout:
+            if load >= max_load:
+                log(f'  load {load:.2f} still >= {max_load} after {timeout:.0f}s: running anyway')
+            return load
+        log(f'  waiting for a quiet machine: load {load:.2f} >= {max_load}')
+        time.sleep(poll)
+
+
+def block(x):
+    """Block on every JAX array in a pytree (timing needs the result, not the dispatch)."""
+    import jax
+    return jax.block_until_ready(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------
+
+def _status() -> Dict[str, int]:
+    out = {}
+    with open('/proc/self/status') as f:
+        for line in f:
+            k, _, v = line.partition(':')
+            if k in ('VmRSS', 'VmHWM', 'RssAnon', 'RssFile', 'RssShmem'):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def rss() -> Dict[str, int]:
+    """Current resident memory in bytes: rss, anon, file, and the peak `hwm` since the last
+    `reset_peak` (or process start)."""
+    s = _status()
+    return dict(rss=s.get('VmRSS', 0), anon=s.get('RssAnon', 0), file=s.get('RssFile', 0),
+                hwm=s.get('VmHWM', 0))
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if not allowed."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process (kernel VmHWM, bytes) since start or the last `reset_peak`.
+
+    Not `getrusage().ru_maxrss`: a child started by fork+exec inherits its parent's maximum
+    in that counter, so a small child of a big parent would report the parent's peak."""
+    return rss()['hwm']
+
+
+class MemSampler:
+    """Polls /proc/self/status in a thread: the peaks of anonymous and file-backed RSS (the
+    kernel's VmHWM has only their sum)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = dict(rss=0, anon=0, file=0)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = rss()
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], r[k])
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        r = rss()
+        for k in self.peak:
+            self.peak[k] = max(self.peak[k], r[k])
+
+
+def gib(nbytes: float) -> float:
+    return round(nbytes / 2**30, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs and the matmul peak
+# ----------------------------------------------------------------------------------------
+
+def register_cpu_sdpa_flops() -> None:
+    """torch's FlopCounterMode has no formula for the CPU SDPA kernel
+    (`aten._scaled_dot_product_flash_attention_for_cpu`, what `AttnProcessor2_0` runs on CPU),
+    so the attention core would count 0. Register torch's own SDPA formula
+    (QK^T + AV = 4 B H Sq Sk D) for it."""
+    import torch
+    from torch.utils import flop_counter as fc
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in fc.flop_registry and op.default not in fc.flop_registry:
+        # sdpa_flop is already wrapped to take shapes (get_raw=True avoids wrapping twice)
+        fc.register_flop_formula(op, get_raw=True)(fc.sdpa_flop)
+
+
+def torch_flops(fn: Callable[[], object]) -> dict:
+    """FLOPs of one call counted by torch (matmuls and convolutions as 2 x MACs, attention
+    core included; norms/activations/adds are not counted). Returns total and per op."""
+    from torch.utils.flop_counter import FlopCounterMode
+    register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_op = {str(k): int(v) for k, v in counter.get_flop_counts().get('Global', {}).items()}
+    return dict(total=int(counter.get_total_flops()), per_op=per_op)
+
+
+def xla_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled executable: flops (all ops, incl. elementwise),
+    transcendentals, bytes accessed."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    return {k: float(ca[k]) for k in ('flops', 'transcendentals', 'bytes accessed') if k in ca}
+
+
+def hlo_dot_conv_flops(compiled) -> int:
+    """2 x MACs of every dot and convolution in the optimised HLO (the same quantity torch's
+    counter reports), by parsing the HLO text. Cross-checks `xla_cost`, which also counts
+    elementwise ops."""
+    import re
+    text = compiled.as_text()
+    shapes = {}
+    total = 0
+    inst = re.compile(r'^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\][^ ]*\s+(\w+)\((.*)$')
+    for line in text.splitlines():
+        m = inst.match(line)
+        if not m:
+            continue
+        name, _, dims, op, rest = m.groups()
+        shape = tuple(int(d) for d in dims.split(',') if d)
+        shapes[name.lstrip('%')] = shape
+        if op not in ('dot', 'convolution'):
+            continue
+        args = re.findall(r'%?([\w.\-]+)', rest.split(')', 1)[0])
+        if len(args) < 2 or args[0] not in shapes or args[1] not in shapes:
+            continue
+        a, b = shapes[args[0]], shapes[args[1]]
+        out = 1
+        for d in shape:
+            out *= d
+        if op == 'dot':
+            cd = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', line)
+            k = 1
+            for i in (int(x) for x in cd.group(1).split(',') if x) if cd else ():
+                k *= a[i]
+            total += 2 * out * k
+        else:
+            dl = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', line)
+            if not dl:
+                continue
+            kl = dl.group(2)
+            k = 1
+            for ch, size in zip(kl, b):
+                if ch != 'o':  # kernel spatial dims and input features
+                    k *= size
+            fg = re.search(r'feature_group_count=(\d+)', line)
+            total += 2 * out * k // (int(fg.group(1)) if fg else 1)
+    return total
+
+
+def gemm_peak(sizes: Sequence[int] = (2048, 4096), libs: Sequence[str] = ('numpy', 'torch', 'jax'),
+              reps: int = 5, warmup: int = 2, log: Callable[[str], None] = print) -> dict:
+    """Square f32 GEMM throughput (GFLOP/s = 2 n^3 / t) per library and size, measured now.
+    Returns {lib: {n: stats + gflops_median/min/max}} and the best median per size."""
+    import numpy as np
+    out: Dict[str, dict] = {}
+    for n in sizes:
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+        fns = {}
+        if 'numpy' in libs:
+            fns['numpy'] = lambda: a @ b
+        if 'torch' in libs:
+            import torch
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            fns['torch'] = lambda: torch.mm(ta, tb)
+        if 'jax' in libs:
+            import jax
+            import jax.numpy as jnp
+            ja, jb = jnp.asarray(a), jnp.asarray(b)
+            mm = jax.jit(jnp.matmul)
+            fns['jax'] = lambda: mm(ja, jb).block_until_ready()
+        for lib, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            ts = [timed(fn) for _ in range(reps)]
+            st = stats(ts)
+            fl = 2.0 * n ** 3
+            st.update(gflops_median=fl / st['median'] / 1e9, gflops_min=fl / st['max'] / 1e9,
+                      gflops_max=fl / st['min'] / 1e9)
+            out.setdefault(lib, {})[str(n)] = st
+            log(f'  GEMM {lib:5s} f32 {n}^2: {st["gflops_median"]:6.1f} GFLOP/s '
+                f'({st["gflops_min"]:.1f}-{st["gflops_max"]:.1f})')
+    return out
+
+
+def read_bandwidth(nbytes: int = 2**30, reps: int = 5, log: Callable[[str], None] = print) -> dict:
+    """Memory read bandwidth (GB/s): sum of an f32 array of `nbytes`, torch and jax, median."""
+    import numpy as np
+    a = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    out = {}
+    fns = {}
+    try:
+        import torch
+        ta = torch.from_numpy(a)
+        fns['torch'] = lambda: float(ta.sum())
+    except ImportError:
+        pass
+    import jax
+    import jax.numpy as jnp
+    ja = jnp.asarray(a)
+    s = jax.jit(jnp.sum)
+    fns['jax'] = lambda: s(ja).block_until_ready()
+    for lib, fn in fns.items():
+        fn()
+        st = stats([timed(fn) for _ in range(reps)])
+        out[lib] = dict(gbps_median=nbytes / st['median'] / 1e9, gbps_max=nbytes / st['min'] / 1e9,
+                        **st)
+        log(f'  read bandwidth {lib}: {out[lib]["gbps_median"]:.1f} GB/s')
+    return out
+
+
+def peak_of(gemm: dict, lib: str, n: int = 4096) -> Optional[float]:
+    """Median GFLOP/s of `lib` at size n (falls back to the largest size measured)."""
+    d = gemm.get(lib) or {}
+    if not d:
+        return None
+    key = str(n) if str(n) in d else max(d, key=int)
+    return d[key]['gflops_median']
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (what BENCHMARKS.md shows)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f'{v:.4g}' if abs(v) < 1e4 else f'{v:.3e}'
+        return str(v)
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def fmt_s(st: dict) -> str:
+    """'median (min-max, n)' in seconds."""
+    return f"{st['median']:.3f} ({st['min']:.3f}-{st['max']:.3f}, n={st['n']})"
+
+
+def write_record(name: str, record: dict, out_dir: str, smoke: bool = False) -> str:
+    """Write `<out_dir>/<name>[-smoke].json` (machine info added) and return its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}{'-smoke' if smoke else ''}.json")
+    record = dict(record)
+    record.setdefault('machine', machine_info())
+    record['machine']['loadavg_at_end'] = os.getloadavg()
+    record['smoke'] = smoke
+    with open(path, 'w') as f:
+        json.dump(record, f, indent=1, default=_jsonable)
+    print(f'wrote {path}')
+    return path
+
+
+def _jsonable(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)
+
+
+def run_child(argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
+              timeout: Optional[float] = None) -> dict:
+    """Run `python argv...` in a fresh process whose last stdout line is a JSON object;
+    return it (plus the child's wall time). Used where a measurement needs its own process
+    (peak RSS, XLA flags)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=e,
+                       timeout=timeout, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f'child {argv} failed ({p.returncode}):\n{p.stdout[-3000:]}\n'
+                           f'{p.stderr[-3000:]}')
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{')]
+    if not lines:
+        raise RuntimeError(f'child {argv} printed no JSON result:\n{p.stdout[-2000:]}')
+    out = json.loads(lines[-1])
+    out['child_wall_s'] = wall
+    return out

@@ -1,0 +1,113 @@
+"""Every benchmark script runs end to end on the tiny configs (`--smoke`) and writes its record.
+
+The scripts are launched together, each in its own process (they are mostly single-threaded
+start-up and XLA compilation, so two cores overlap them), then their JSON records are
+checked: the parity numbers the smoke runs measure must hold at the tiny configs (1e-4, the
+tolerance of tests/test_convert_diffuser.py, for the same fp32 comparison), and every section
+the full run reports must be present. Timings are not checked: they mean nothing here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {
+    'bench_unet': [],
+    'bench_text_unet': [],
+    'bench_convert': [],
+    'bench_levers': ['--profile'],
+    'bench_train': [],
+}
+TOL = 1e-4
+
+
+@pytest.fixture(scope='module')
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+    procs = {}
+    for name, extra in SCRIPTS.items():
+        cmd = [sys.executable, os.path.join(REPO, 'benchmarks', f'{name}.py'), '--smoke',
+               '--out', str(out)] + extra
+        if name == 'bench_convert':
+            cmd += ['--workdir', str(out / 'convert_work')]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+    recs, failures = {}, []
+    for name, p in procs.items():
+        log, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            failures.append(f'{name} exited {p.returncode}:\n{log[-3000:]}')
+            continue
+        with open(out / f'{name}-smoke.json') as f:
+            recs[name] = json.load(f)
+    assert not failures, '\n\n'.join(failures)
+    return recs
+
+
+def test_records_carry_the_machine(records):
+    for name, r in records.items():
+        m = r['machine']
+        assert r['smoke'] is True, name
+        assert m['cores'] >= 1 and m['versions']['jax'] and m['cpu'], name
+
+
+def test_image_stream_smoke(records):
+    r = records['bench_unet']
+    assert r['model']['torch_params'] == r['model']['jax_params'] > 0
+    assert r['parity']['max_abs_ref'] > 0.1
+    assert r['parity']['max_abs_diff'] < TOL
+    for s in r['step'].values():
+        assert s['step_max_abs_diff'] < TOL
+        assert s['torch']['median'] > 0 and s['jax']['median'] > 0
+        # torch's counter (with the CPU-SDPA formula) and the HLO dot/conv count agree
+        assert s['flops_hlo_dot_conv'] == pytest.approx(s['flops_torch_counter'], rel=0.02)
+    lp = r['loop']
+    assert lp['final_max_abs_diff'] < 1e-3 * max(1.0, lp['final_max_abs'])
+    assert set(r['compile_vs_steps']) >= {str(lp['steps'])}
+    assert set(r['probes']) == {'torch', 'jax'}
+    assert all(p['peak_rss_gib'] >= p['rss_built_gib'] > 0 for p in r['probes'].values())
+    assert r['gemm']['jax']['256']['gflops_median'] > 0
+
+
+def test_text_stream_smoke(records):
+    r = records['bench_text_unet']
+    assert r['model']['torch_params'] == r['model']['jax_params'] > 0
+    assert r['parity']['max_abs_ref'] > 0.1
+    assert r['parity']['max_abs_diff'] < TOL
+    assert r['step']['step_max_abs_diff'] < TOL
+    assert r['step']['param_bytes'] == 4 * r['model']['jax_params']
+    assert {'torch', 'jax'} <= set(r['bandwidth'])
+
+
+def test_convert_smoke(records):
+    from vd_jax.config import load_config
+    from vd_jax.models.unet import Diffuser, abstract_params
+    import jax
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
+        abstract_params(Diffuser(load_config('vd_four_flow:tiny').model.diffuser))))
+    r = records['bench_convert']
+    assert r['generate']['diffuser_params'] == r['convert']['params'] == n
+    assert r['convert']['layout'] == 'vd-v1.0' and r['convert']['ignored_keys'] == 1  # betas
+    assert r['convert']['peak_rss_gib'] > 0 and r['convert']['out_gib'] > r['convert']['file_gib']
+
+
+def test_levers_smoke(records):
+    r = records['bench_levers']
+    assert r['variants']['baseline']['forward']['median'] > 0
+    assert r['variants']['baseline']['max_abs_diff_vs_baseline'] == 0.0
+    assert r['torch']['forward']['median'] > 0
+    for side in (r['torch'], r['variants']['baseline']):
+        prof = side['profile']['by_class_ms']
+        assert any('conv' in c for c in prof) and any('dot' in c for c in prof), prof
+
+
+def test_train_smoke(records):
+    r = records['bench_train']
+    assert r['runs'] and all(np.isfinite(x['loss_last']) for x in r['runs'])
+    multi = [x for x in r['runs'] if x['devices'] > 1]
+    assert multi and multi[0]['mesh']['fsdp'] > 1

@@ -1,0 +1,85 @@
+"""Train Versatile Diffusion (any subset of its four flows) on a device mesh.
+
+  python train.py --config configs/train_tiny.py --workdir /tmp/vd_tiny [key=value ...]
+
+Overrides are `key=value` or `--config.key=value` (a mistyped key is an error), e.g.
+`optimizer.lr=5e-5 mesh.fsdp=8 "flows=['t2i','i2i']"`. Re-running the same command resumes
+from the latest checkpoint in the workdir. SIGTERM saves a checkpoint and stops.
+Several hosts: run the same command on every host with --distributed (TPU/GPU clusters
+find their peers themselves; elsewhere add --coordinator HOST:PORT --num_processes N
+--process_id I). `--export` only writes the EMA weights of the latest checkpoint.
+"""
+import argparse
+import logging
+import os
+import sys
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    p.add_argument('--config', required=True,
+                   help="config file or name with optional ':arg' (configs/train_tiny.py:test)")
+    p.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl, export/')
+    p.add_argument('--export', action='store_true',
+                   help='export the EMA of the latest checkpoint and exit (no training)')
+    p.add_argument('--distributed', action='store_true', help='call jax.distributed.initialize')
+    p.add_argument('--coordinator', default=None, help='HOST:PORT of process 0 (--distributed)')
+    p.add_argument('--num_processes', type=int, default=None)
+    p.add_argument('--process_id', type=int, default=None)
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith('--') and not r.startswith('--config.')]
+    if bad:
+        p.error(f'unrecognized arguments: {bad}')
+    return args, rest
+
+
+def main(argv=None):
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
+                        datefmt='%H:%M:%S')
+    for noisy in ('absl', 'jax._src.xla_bridge', 'orbax', 'jax._src.distributed'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+    import jax
+    if args.distributed:
+        if jax.config.jax_cpu_collectives_implementation in (None, '', 'none'):
+            # CPU devices of different processes need a collectives backend (harmless on
+            # TPU/GPU hosts, where it only concerns the CPU client).
+            jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+
+    from vd_jax.config import load_config
+    from vd_jax.train.config import ConfigError, apply_overrides
+    from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train_and_evaluate
+
+    try:
+        cfg = load_config(args.config)
+        apply_overrides(cfg, overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f'train.py: {e}', file=sys.stderr)
+        return 2
+    logging.info('process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    if args.export:
+        print(export_from_workdir(cfg, args.workdir))
+        return 0
+    try:
+        out = train_and_evaluate(cfg, args.workdir)
+    except TrainingDiverged as e:
+        logging.error('%s', e)
+        return 3
+    except ConfigError as e:
+        print(f'train.py: {e}', file=sys.stderr)
+        return 2
+    logging.info('%s at step %d%s', out['status'], out['step'],
+                 f"; EMA weights in {out['export']}" if out['export'] else '')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

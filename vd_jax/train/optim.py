@@ -1,0 +1,147 @@
+"""Optimizer, learning-rate schedule, parameter groups with update multipliers, EMA.
+
+Parameter groups follow VD's layer groups (spec §2): `<g>/time_embed_*` (the global layers of
+the stream `global_layer_ptr` points at) = 'global'; `<s>/data_blocks_*` = '<s>_data';
+`<s>/context_blocks_*` = '<s>_context' (e.g. 'image_data', 'text_context').
+
+The multiplier of a group scales that group's *update* (after Adam, weight decay and the
+learning rate), i.e. it is a per-group learning-rate scale. That is the only multiplier
+mechanism the original code has (`set_lr(..., pg_lrscale={group: scale})`,
+`common/get_scheduler.py:54-68`), and it is the one that survives Adam: a scale on the raw
+gradient would be divided out again by Adam's second-moment normalisation. For plain SGD
+(no momentum state subtleties) both views coincide: the update is linear in the gradient.
+A multiplier of 0 freezes the group exactly (weight decay included).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vd_jax.train.config import ConfigError, OptimConfig
+
+_GROUP_RX = re.compile(r'^(?P<stream>[A-Za-z_][A-Za-z0-9_]*)/(?P<kind>time_embed|data_blocks|'
+                       r'context_blocks)_\d+(/|$)')
+
+
+def group_of(path: str) -> str:
+    """Parameter group of a '/'-joined diffuser parameter path."""
+    m = _GROUP_RX.match(path)
+    if not m:
+        raise ConfigError(f"parameter '{path}' belongs to no group (expected <stream>/time_embed_*, "
+                          '<stream>/data_blocks_* or <stream>/context_blocks_*)')
+    kind = m.group('kind')
+    if kind == 'time_embed':
+        return 'global'
+    return f"{m.group('stream')}_{'data' if kind == 'data_blocks' else 'context'}"
+
+
+def _path(keypath) -> str:
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keypath)
+
+
+def group_tree(params: Any) -> Any:
+    """A tree like `params` whose leaves are the group names."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(_path(p)), params)
+
+
+def groups_of(params: Any) -> Dict[str, int]:
+    """{group: parameter count}."""
+    counts: Dict[str, int] = {}
+    for p, leaf in jax.tree_util.tree_leaves_with_path(params):
+        g = group_of(_path(p))
+        counts[g] = counts.get(g, 0) + int(np.prod(np.shape(leaf)))
+    return counts
+
+
+def multiplier_tree(params: Any, multipliers: Mapping[str, float]) -> Any:
+    """Per-leaf Python floats from {group: multiplier}; groups not named get 1.0.
+
+    Naming a group the model does not have is an error (a typo would silently train
+    everything at full rate otherwise).
+    """
+    groups = group_tree(params)
+    present = set(jax.tree_util.tree_leaves(groups))
+    unknown = sorted(set(multipliers) - present)
+    if unknown:
+        raise ConfigError(f'grad_multipliers: unknown group(s) {unknown}; this model has groups '
+                          f'{sorted(present)}')
+    return jax.tree_util.tree_map(lambda g: float(multipliers.get(g, 1.0)), groups)
+
+
+def scale_by_group(mults: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by its (static) float; leaves with 1.0 are left untouched."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
+                                        updates, mults)
+        return scaled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lr_schedule(oc: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant / linear / cosine decay
+    to `lr * end_lr_factor` over `decay_steps`."""
+    peak, end = oc.lr, oc.lr * oc.end_lr_factor
+    if oc.schedule == 'constant':
+        after = optax.constant_schedule(peak)
+    elif oc.schedule == 'linear':
+        after = optax.linear_schedule(peak, end, max(oc.decay_steps, 1))
+    else:
+        after = optax.cosine_decay_schedule(peak, max(oc.decay_steps, 1),
+                                            alpha=oc.end_lr_factor)
+    if oc.warmup_steps <= 0:
+        return after
+    warm = optax.linear_schedule(0.0, peak, oc.warmup_steps)
+    return optax.join_schedules([warm, after], [oc.warmup_steps])
+
+
+def _decay_mask(params):
+    # No weight decay on biases and norm scales (1-D leaves): the usual AdamW practice.
+    return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+
+
+def make_optimizer(oc: OptimConfig, params: Any) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW / SGD with the lr schedule -> per-group multipliers.
+
+    `params` (arrays or ShapeDtypeStructs) only fixes the group structure.
+    """
+    lr = lr_schedule(oc)
+    chain = []
+    if oc.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(oc.grad_clip_norm))
+    if oc.name == 'adamw':
+        chain.append(optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                                 weight_decay=oc.weight_decay, mask=_decay_mask))
+    else:
+        chain.append(optax.sgd(lr, momentum=oc.momentum or None))
+        if oc.weight_decay:
+            raise ConfigError('optimizer.weight_decay is only supported with adamw')
+    chain.append(scale_by_group(multiplier_tree(params, dict(oc.multipliers))))
+    return optax.chain(*chain)
+
+
+def ema_decay_at(decay: float, use_num_updates: bool, num_updates):
+    """EMA decay after `num_updates` updates: `min(decay, (1 + n) / (10 + n))` with
+    `use_num_updates` (LitEma, `ema.py:4-11`), so early averages are not dominated by the
+    random init; else the constant `decay`."""
+    if not use_num_updates:
+        return jnp.asarray(decay, jnp.float32)
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, decay) -> Any:
+    """ema <- ema - (1 - decay) * (ema - params), leafwise in the parameters' dtype."""
+    return jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay).astype(e.dtype) * (e - p),
+                                  ema, params)
