@@ -7,7 +7,10 @@ See `python sample.py --help` and the README for every task.
 """
 import sys
 
-from vd_jax.sample_cli import main
+from vd_jax.platform import configure_xla
+
+configure_xla()  # before JAX starts: XLA's own CPU kernels (BENCHMARKS.md)
+from vd_jax.sample_cli import main  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -42,6 +42,8 @@ def main(argv=None):
     for noisy in ('absl', 'jax._src.xla_bridge', 'orbax', 'jax._src.distributed'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    from vd_jax.platform import configure_xla
+    configure_xla()  # before JAX starts: XLA's own CPU kernels (BENCHMARKS.md)
 
     import jax
     if args.distributed:

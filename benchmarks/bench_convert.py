@@ -130,7 +130,8 @@ def main(argv=None):
         print('== generate the synthetic fp16 checkpoint (child process)')
         gen = common.run_child([me, '--generate', src, '--tsv', args.tsv] + flag)
         print(f"  {gen['keys']} keys, {gen['diffuser_params']:,} diffuser params, "
-              f"{gen['file_bytes'] / 2**30:.2f} GiB; generate {gen['generate_s']:.1f}s, save {gen['save_s']:.1f}s")
+              f"{gen['file_bytes'] / 2**30:.2f} GiB; generate {gen['generate_s']:.1f}s, "
+              f"save {gen['save_s']:.1f}s")
         print('== convert it (fresh child process)')
         cv = common.run_child([me, '--convert', src, out] + flag)
         fb = gen['file_bytes']
@@ -148,16 +149,21 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    common.write_record('bench_convert', rec, args.out, args.smoke)
+    print_tables(rec)
+    return rec
+
+
+def print_tables(rec):
     r = rec['convert']
-    print('\nConverting the four-flow diffuser (fp16 v1.0 .pth -> float32 vd_jax safetensors)\n' +
-          common.table(['source GiB', 'output GiB', 'time s', 'peak RSS GiB (x file)',
+    print('\nConverting the four-flow diffuser (fp16 v1.0 .pth -> float32 vd_jax safetensors; '
+          'memory of the converting process)\n' +
+          common.table(['source GiB', 'output GiB', 'time s', 'read MB/s', 'peak RSS GiB (x file)',
                         'peak anon GiB (x file)', 'peak file-backed GiB', 'RSS before GiB'],
-                       [(r['file_gib'], r['out_gib'], f"{r['convert_s']:.1f}",
+                       [(r['file_gib'], r['out_gib'], f"{r['convert_s']:.1f}", f"{r['read_mb_s']:.0f}",
                          f"{r['peak_rss_gib']:.2f} ({r['peak_rss_over_file']:.2f}x)",
                          f"{r['peak_anon_gib']:.2f} ({r['peak_anon_over_file']:.2f}x)",
                          f"{r['peak_file_gib']:.2f}", f"{r['rss_before_gib']:.2f}")]))
-    common.write_record('bench_convert', rec, args.out, args.smoke)
-    return rec
 
 
 def argparse_hidden():

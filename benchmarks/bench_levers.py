@@ -2,7 +2,7 @@
 
 Each variant runs in its own process (XLA reads its flags once, at backend start-up): our
 full-width image stream (random weights) builds, compiles and times one forward at batch 2
-(CFG batch), latent `--size`, context 77; the same process times the UNet's 3x3 conv shapes
+(CFG batch), latents `--sizes`, context 77; the same process times the UNet's 3x3 conv shapes
 and a GEMM, and the output is compared with the baseline variant's (max abs diff). A PyTorch
 process does the same for diffusers' UNet2DConditionModel. `--profile` adds a per-op-class
 time breakdown of one forward on both sides (XLA's profiler: events per HLO instruction,
@@ -15,11 +15,13 @@ here by patching the module at import, never by editing model files):
   ynn_graph    --xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce (bigger YNN graphs)
   fast_math    --xla_cpu_enable_fast_math=true
   dpa          attention through jax.nn.dot_product_attention (patched into vd_jax.models.unet)
+  chunked      exact attention one block of 256 queries at a time (lax.map; patched likewise)
+  flash        exact attention with an online softmax over 512-key blocks (patched likewise)
   bf16         Diffuser(dtype=bfloat16): bf16 compute, f32 params (this CPU has AVX512-BF16)
   mm_bf16      JAX_DEFAULT_MATMUL_PRECISION=bfloat16: f32 model, dots/convs at bf16 precision
   baseline2    baseline again, last: the drift of the machine during the run
 
-  python benchmarks/bench_levers.py --profile          # full width, ~15 min
+  python benchmarks/bench_levers.py --profile          # full width, 32x32 and 64x64, ~20 min
   python benchmarks/bench_levers.py --smoke
   python benchmarks/bench_levers.py --variants baseline bf16 --custom 'mine=--xla_cpu_...'
 """
@@ -42,13 +44,20 @@ VARIANTS = {
     'ynn_graph': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce'),
     'fast_math': dict(xla_flags='--xla_cpu_enable_fast_math=true'),
     'dpa': dict(attention='dpa'),
+    'chunked': dict(attention='chunked'),
+    'flash': dict(attention='flash'),
     'bf16': dict(dtype='bfloat16'),
     'mm_bf16': dict(env={'JAX_DEFAULT_MATMUL_PRECISION': 'bfloat16'}),
     'baseline2': dict(),
+    # combinations of the levers that help (run with --variants)
+    'eigen_chunked': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='chunked'),
+    'eigen_flash': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='flash'),
+    'eigen_bf16': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', dtype='bfloat16'),
 }
 # mm_bf16 is not in the default set: 'bfloat16' lowers to precision=DEFAULT, which XLA:CPU
 # computes in full f32 (checked in the lowered StableHLO), so it cannot change anything here.
-DEFAULT_ORDER = ('baseline', 'eigen', 'ynn_graph', 'fast_math', 'dpa', 'bf16', 'baseline2')
+DEFAULT_ORDER = ('baseline', 'eigen', 'ynn_graph', 'fast_math', 'dpa', 'chunked', 'flash', 'bf16',
+                 'baseline2')
 CONV_SHAPES = ((32, 320), (16, 640), (8, 1280), (64, 320))  # (spatial, channels), 3x3, batch 2
 CTX_LEN = 77
 
@@ -70,10 +79,82 @@ def dpa_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None):
     return out.reshape(b, lq, inner).astype(dtype or q.dtype)
 
 
+def _heads(q, k, v, num_heads):
+    b, lq, inner = q.shape
+    d = inner // num_heads
+    return (q.reshape(b, lq, num_heads, d), k.reshape(b, k.shape[1], num_heads, d),
+            v.reshape(b, v.shape[1], num_heads, d), d)
+
+
+def chunked_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_block=256):
+    """Exact attention computed one block of `q_block` queries at a time (`lax.map`): the
+    (B, H, q_block, Lk) logits of a block stay in cache instead of materialising the whole
+    (B, H, Lq, Lk) f32 matrix (1 GiB for 64x64 self-attention at batch 2). Softmax in f32."""
+    import jax
+    import jax.numpy as jnp
+    from vd_jax.models.layers import attention
+    b, lq, inner = q.shape
+    if bias is not None or lq <= q_block or lq % q_block:
+        return attention(q, k, v, num_heads, bias=bias, scale=scale, dtype=dtype or jnp.float32)
+    q4, k4, v4, d = _heads(q, k, v, num_heads)
+    scale = d ** -0.5 if scale is None else scale
+    qb = jnp.moveaxis(q4.reshape(b, lq // q_block, q_block, num_heads, d), 1, 0)
+
+    def block(qi):
+        logits = jnp.einsum('bqhd,bkhd->bhqk', qi, k4).astype(jnp.float32) * scale
+        w = jax.nn.softmax(logits, axis=-1).astype(v4.dtype)
+        return jnp.einsum('bhqk,bkhd->bqhd', w, v4)
+    out = jax.lax.map(block, qb)  # (n, B, q_block, H, D)
+    return jnp.moveaxis(out, 0, 1).reshape(b, lq, inner).astype(dtype or q.dtype)
+
+
+def flash_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_block=256,
+                    k_block=512):
+    """Exact attention with an online softmax over key blocks (FlashAttention's recurrence,
+    as PyTorch's CPU SDPA kernel does), query blocks mapped with `lax.map`: no block of
+    logits larger than (B, H, q_block, k_block) ever exists."""
+    import jax
+    import jax.numpy as jnp
+    from vd_jax.models.layers import attention
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    if bias is not None or lk <= k_block or lk % k_block or lq % min(q_block, lq):
+        return chunked_attention(q, k, v, num_heads, bias, scale, dtype, q_block)
+    q_block = min(q_block, lq)
+    q4, k4, v4, d = _heads(q, k, v, num_heads)
+    scale = d ** -0.5 if scale is None else scale
+    qb = jnp.moveaxis(q4.reshape(b, lq // q_block, q_block, num_heads, d), 1, 0)
+    kb = jnp.moveaxis(k4.reshape(b, lk // k_block, k_block, num_heads, d), 1, 0)
+    vb = jnp.moveaxis(v4.reshape(b, lk // k_block, k_block, num_heads, d), 1, 0)
+
+    def qblock(qi):
+        def kstep(carry, kv):
+            m, l, acc = carry
+            s = jnp.einsum('bqhd,bkhd->bhqk', qi, kv[0]).astype(jnp.float32) * scale
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum('bhqk,bkhd->bhqd', p.astype(kv[1].dtype), kv[1])
+            return (m_new, l, acc), None
+        init = (jnp.full((b, num_heads, q_block), -jnp.inf, jnp.float32),
+                jnp.zeros((b, num_heads, q_block), jnp.float32),
+                jnp.zeros((b, num_heads, q_block, d), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(kstep, init, (kb, vb))
+        return jnp.moveaxis(acc / l[..., None], 1, 2)  # (B, q_block, H, D)
+    out = jax.lax.map(qblock, qb)
+    return jnp.moveaxis(out, 0, 1).reshape(b, lq, inner).astype(dtype or q.dtype)
+
+
+ATTENTION = {'dpa': dpa_attention, 'chunked': chunked_attention, 'flash': flash_attention}
+
+
 def apply_patches(attention: str | None):
-    if attention == 'dpa':
+    """Swap the attention function the diffuser's CrossAttention calls (vd_jax.models.unet
+    imports `attention` by name; patching the module global changes only this process)."""
+    if attention:
         import vd_jax.models.unet as unet_mod
-        unet_mod.attention = dpa_attention
+        unet_mod.attention = ATTENTION[attention]
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,13 +187,9 @@ def classify_hlo(text: str) -> dict:
         if '__ynn_fusion' in line:
             custom.add(name)
 
-    def ops_of(comp, seen=()):
-        ops = set(comps.get(comp, ()))
-        return ops
-
     out = {}
     for name, op in opcode.items():
-        ops = ops_of(calls[name]) if op == 'fusion' and name in calls else {op}
+        ops = set(comps.get(calls[name], ())) if op == 'fusion' and name in calls else {op}
         if 'convolution' in ops and 'dot' in ops:
             cls = 'conv+dot graph'
         elif 'convolution' in ops:
@@ -131,7 +208,12 @@ def classify_hlo(text: str) -> dict:
 
 
 def xla_profile(fn, compiled_text: str, n: int = 2) -> dict:
-    """Run fn n times under jax.profiler; sum event durations per HLO class (ms per call)."""
+    """Run fn n times under jax.profiler; sum event durations per HLO class (ms per call).
+
+    YNNPACK fusions and XLA's own loop fusions run inside their thunk's event, so their time
+    is attributed. XLA's Eigen convolutions and dots are launched asynchronously onto the
+    Eigen pool: their events cover only the launch, so with YNNPACK off most conv/dot time
+    shows up as 'not attributed' (wall - attributed)."""
     import glob
     import jax
     from jax.profiler import ProfileData
@@ -223,29 +305,36 @@ def conv_micro(side: str, shapes, reps: int) -> dict:
 
 def child(args) -> dict:
     import numpy as np
-    smoke, size = args.smoke, args.size
+    smoke = args.smoke
     var = VARIANTS.get(args.variant, {}) if args.variant != 'torch' else {}
-    rng = np.random.default_rng(0)
     cd = 32 if smoke else 768
-    x = rng.standard_normal((2, size, size, 4), dtype=np.float32)
-    ctx = rng.standard_normal((2, CTX_LEN, cd), dtype=np.float32)
     t = np.array([981, 981])
     res = dict(variant=args.variant, xla_flags=os.environ.get('XLA_FLAGS', ''),
-               matmul_precision=os.environ.get('JAX_DEFAULT_MATMUL_PRECISION'))
+               matmul_precision=os.environ.get('JAX_DEFAULT_MATMUL_PRECISION'),
+               forward={}, profile={}, compile_s={})
     shapes = ((8, 32),) if smoke else CONV_SHAPES
+
+    def inputs(size):
+        rng = np.random.default_rng(size)
+        return (rng.standard_normal((2, size, size, 4), dtype=np.float32),
+                rng.standard_normal((2, CTX_LEN, cd), dtype=np.float32))
+
     if args.variant == 'torch':
         import torch
         from bench_unet import build_torch
         unet = build_torch(smoke)
-        tx, tt, tc = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ctx)
+        for size in args.sizes:
+            x, ctx = inputs(size)
+            tx, tt, tc = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                          torch.from_numpy(ctx))
 
-        def fwd():
-            with torch.inference_mode():
-                return unet(tx, tt, encoder_hidden_states=tc).sample
-        fwd()
-        res['forward'] = common.stats([common.timed(fwd) for _ in range(args.reps)])
-        if args.profile:
-            res['profile'] = torch_profile(fwd)
+            def fwd():
+                with torch.inference_mode():
+                    return unet(tx, tt, encoder_hidden_states=tc).sample
+            fwd()
+            res['forward'][str(size)] = common.stats([common.timed(fwd) for _ in range(args.reps)])
+            if args.profile:
+                res['profile'][str(size)] = torch_profile(fwd)
         res['micro_gflops'] = conv_micro('torch', shapes, 3)
         return res
 
@@ -260,19 +349,22 @@ def child(args) -> dict:
     model = Diffuser(cfg.diffuser, dtype=dtype)
     params = random_params(abstract_params(Diffuser(cfg.diffuser)))
     fwd_j = jax.jit(lambda p, a, b, c: model.apply({'params': p}, a, b, c, 'image', 'image'))
-    jx, jt, jc = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
-    t0 = time.perf_counter()
-    compiled = fwd_j.lower(params, jx, jt, jc).compile()
-    res['compile_s'] = time.perf_counter() - t0
+    outs = {}
+    for size in args.sizes:
+        x, ctx = inputs(size)
+        jx, jt, jc = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
+        t0 = time.perf_counter()
+        compiled = fwd_j.lower(params, jx, jt, jc).compile()
+        res['compile_s'][str(size)] = time.perf_counter() - t0
 
-    def fwd():
-        return compiled(params, jx, jt, jc).block_until_ready()
-    out = np.asarray(fwd())
-    res['forward'] = common.stats([common.timed(fwd) for _ in range(args.reps)])
+        def fwd():
+            return compiled(params, jx, jt, jc).block_until_ready()
+        outs[str(size)] = np.asarray(fwd())
+        res['forward'][str(size)] = common.stats([common.timed(fwd) for _ in range(args.reps)])
+        if args.profile:
+            res['profile'][str(size)] = xla_profile(fwd, compiled.as_text())
     if args.save:
-        np.save(args.save, out)
-    if args.profile:
-        res['profile'] = xla_profile(fwd, compiled.as_text())
+        np.savez(args.save, **outs)
     res['micro_gflops'] = conv_micro('jax', shapes, 3)
     return res
 
@@ -283,16 +375,18 @@ def child(args) -> dict:
 
 def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
-    ap.add_argument('--size', type=int, default=None, help='latent size (default 32)')
+    ap.add_argument('--sizes', type=int, nargs='+', default=None, help='latent sizes (default 32 64)')
     ap.add_argument('--variants', nargs='+', default=None, help=f'from {list(VARIANTS)}')
     ap.add_argument('--custom', nargs='*', default=[], metavar='NAME=XLA_FLAGS',
                     help='extra variants with your own XLA flags')
-    ap.add_argument('--profile', action='store_true', help='per-op-class breakdown (baseline, torch)')
+    ap.add_argument('--profile', action='store_true', help='per-op-class breakdown (torch and the '
+                    '--profile-variants)')
+    ap.add_argument('--profile-variants', nargs='+', default=['baseline'], help='variants to profile')
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference process')
     ap.add_argument('--variant', help=argparse_hidden())
     ap.add_argument('--save', help=argparse_hidden())
     args = ap.parse_args(argv)
-    args.size = args.size or (8 if args.smoke else 32)
+    args.sizes = args.sizes or ([8] if args.smoke else [32, 64])
     args.reps = args.reps or (1 if args.smoke else 3)
     if args.variant:
         common.setup(args.threads)
@@ -309,21 +403,21 @@ def main(argv=None):
         raise SystemExit(f'unknown variant(s) {unknown}; known: {list(VARIANTS)}')
     rec = dict(benchmark='levers', args=vars(args), machine=common.machine_info(), variants={})
     me = os.path.abspath(__file__)
-    base = ['--size', str(args.size), '--reps', str(args.reps), '--threads', str(args.threads)] + \
+    base = ['--sizes', *map(str, args.sizes), '--reps', str(args.reps), '--threads', str(args.threads)] + \
         (['--smoke'] if args.smoke else [])
     tmp = tempfile.mkdtemp(prefix='vd_levers_')
     if not args.no_torch:
         print('== torch (diffusers UNet2DConditionModel)')
         r = common.run_child([me, '--variant', 'torch'] + base + (['--profile'] if args.profile else []))
         rec['torch'] = r
-        print(f"  forward {common.fmt_s(r['forward'])}")
+        print('  forward ' + ', '.join(f'{s}: {common.fmt_s(v)}' for s, v in r['forward'].items()))
     for n in names:
         v = VARIANTS[n]
         env = {'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') + ' ' + v.get('xla_flags', '')).strip()}
         env.update(v.get('env', {}))
         print(f"== {n}: {v}")
-        argv = [me, '--variant', n, '--save', os.path.join(tmp, f'{n}.npy')] + base
-        if args.profile and n == 'baseline':
+        argv = [me, '--variant', n, '--save', os.path.join(tmp, f'{n}.npz')] + base
+        if args.profile and n in args.profile_variants:
             argv.append('--profile')
         try:
             r = common.run_child(argv, env=env)
@@ -332,17 +426,19 @@ def main(argv=None):
             rec['variants'][n] = dict(error=str(e)[-2000:])
             continue
         rec['variants'][n] = r
-        print(f"  compile {r['compile_s']:.1f}s, forward {common.fmt_s(r['forward'])}")
+        print('  ' + ', '.join(f"{s}: compile {r['compile_s'][s]:.1f}s, forward {common.fmt_s(f)}"
+                               for s, f in r['forward'].items()))
     import numpy as np
-    ref_path = os.path.join(tmp, 'baseline.npy')
-    ref = np.load(ref_path) if os.path.exists(ref_path) else None
+    ref_path = os.path.join(tmp, 'baseline.npz')
+    ref = dict(np.load(ref_path)) if os.path.exists(ref_path) else None
     for n, r in rec['variants'].items():
-        p = os.path.join(tmp, f'{n}.npy')
+        p = os.path.join(tmp, f'{n}.npz')
         if ref is not None and os.path.exists(p):
-            r['max_abs_diff_vs_baseline'] = float(np.abs(np.load(p) - ref).max())
-    rec['max_abs_output'] = float(np.abs(ref).max()) if ref is not None else None
-    print_tables(rec)
+            o = np.load(p)
+            r['max_abs_diff_vs_baseline'] = {s: float(np.abs(o[s] - ref[s]).max()) for s in ref}
+    rec['max_abs_output'] = {s: float(np.abs(a).max()) for s, a in ref.items()} if ref else None
     common.write_record('bench_levers', rec, args.out, args.smoke)
+    print_tables(rec)
     return rec
 
 
@@ -352,36 +448,47 @@ def argparse_hidden():
 
 
 def print_tables(rec):
-    base = rec['variants'].get('baseline', {}).get('forward', {}).get('median')
-    tmed = rec.get('torch', {}).get('forward', {}).get('median')
+    sizes = [str(x) for x in rec['args']['sizes']]
+    base = rec['variants'].get('baseline', {}).get('forward', {})
+    tf = rec.get('torch', {}).get('forward', {})
     rows = []
-    if tmed:
-        rows.append(('torch (diffusers)', '', common.fmt_s(rec['torch']['forward']), '',
-                     '1.00x', '', ', '.join(f'{k} {v:.0f}' for k, v in rec['torch']['micro_gflops'].items())))
+    if tf:
+        rows.append(('torch (diffusers)', 'oneDNN conv, MKL GEMM, flash SDPA',
+                     *[common.fmt_s(tf[s]) for s in sizes], *['1.00x'] * len(sizes), '',
+                     ', '.join(f'{k} {v:.0f}' for k, v in rec['torch']['micro_gflops'].items())))
     for n, r in rec['variants'].items():
         if 'error' in r:
-            rows.append((n, VARIANTS.get(n, {}), 'failed', '', '', '', ''))
+            rows.append((n, str(VARIANTS.get(n, {})), *['failed'] * (2 * len(sizes)), '', ''))
             continue
-        med = r['forward']['median']
-        rows.append((n, r['xla_flags'] or VARIANTS.get(n, {}), common.fmt_s(r['forward']),
-                     f'{base / med:.2f}x' if base else '', f'{tmed / med:.2f}x' if tmed else '',
-                     f"{r.get('max_abs_diff_vs_baseline', float('nan')):.2g}",
+        f = r['forward']
+        v = VARIANTS.get(n, {})
+        change = ' + '.join([r['xla_flags']] * bool(r['xla_flags']) +
+                            [f'{k}={x}' for k, x in v.items() if k != 'xla_flags']) or 'defaults'
+        d = r.get('max_abs_diff_vs_baseline', {})
+        rows.append((n, change, *[common.fmt_s(f[s]) for s in sizes],
+                     *[f"{tf[s]['median'] / f[s]['median']:.2f}x" if s in tf else '' for s in sizes],
+                     ', '.join(f'{d[s]:.1g}' for s in sizes if s in d),
                      ', '.join(f'{k} {v:.0f}' for k, v in r['micro_gflops'].items())))
-    print(f"\nForward, batch 2, latent {rec['args']['size']}, one process per variant "
+    print(f"\nUNet forward, batch 2, context 77, float32 weights; one process per variant "
           f"(max |output| {rec.get('max_abs_output')})\n" +
-          common.table(['variant', 'flags / change', 'forward s', 'vs baseline', 'vs torch',
-                        'max |diff| vs baseline', 'micro GFLOP/s'], rows))
-    prof = [('torch', rec.get('torch', {}).get('profile')),
-            ('jax baseline', rec['variants'].get('baseline', {}).get('profile'))]
-    prof = [(k, p) for k, p in prof if p]
-    if prof:
+          common.table(['variant', 'change', *[f'{s}x{s} s' for s in sizes],
+                        *[f'torch/jax {s}x{s}' for s in sizes], 'max |diff| vs baseline',
+                        'micro GFLOP/s (conv3x3 HxWxC, GEMM)'], rows))
+    for s in sizes:
+        prof = [('torch', rec.get('torch', {}).get('profile', {}).get(s))] + \
+            [(f'jax {n}', r.get('profile', {}).get(s)) for n, r in rec['variants'].items()]
+        prof = [(k, p) for k, p in prof if p]
+        if not prof:
+            continue
         classes = sorted({c for _, p in prof for c in p['by_class_ms']})
         rows = [(c, *[f"{p['by_class_ms'].get(c, 0):.0f}" for _, p in prof]) for c in classes]
+        rows.append(('not attributed: wall - sum (async Eigen conv/dot)',
+                     *[f"{max(0.0, p['wall_ms'] - sum(p['by_class_ms'].values())):.0f}" for _, p in prof]))
         rows.append(('(wall, one forward)', *[f"{p['wall_ms']:.0f}" for _, p in prof]))
-        print('\nTime per op class in one forward (ms; summed over threads)\n' +
+        print(f'\nTime per op class in one forward at {s}x{s} (ms; summed over threads)\n' +
               common.table(['class'] + [k for k, _ in prof], rows))
         for k, p in prof:
-            print(f'\nTop ops, {k}:')
+            print(f'\nTop ops at {s}x{s}, {k}:')
             for name, cls, ms in p['top_ops_ms'][:10]:
                 print(f'  {ms:8.1f} ms  {cls:22s} {name}')
 

@@ -102,6 +102,7 @@ def child(args) -> dict:
     st = common.stats(times)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
     return dict(config=args.config, devices=n_dev, mesh=dict(run.mesh.shape), batch=b,
+                latent_size=ls, context_len=dict(cfg.data.context_len),
                 flows=[f[0] for f in run.sc.flows], params=n_params, setup_s=t_setup,
                 first_step_s=t_first, step=st, examples_per_s=b / st['median'],
                 loss_first=loss0, loss_last=float(m['loss']), peak_rss_gib=common.gib(common.peak_rss()))
@@ -136,19 +137,24 @@ def main(argv=None):
                                   '--threads', str(args.threads)], env=env)
             rec['runs'].append(r)
             print(f"  mesh {r['mesh']}: step {common.fmt_s(r['step'])}, {r['examples_per_s']:.2f} ex/s, "
-                  f"first step (compile) {r['first_step_s']:.1f}s, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+                  f"first step (compile) {r['first_step_s']:.1f}s, "
+                  f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    common.write_record('bench_train', rec, args.out, args.smoke)
+    print_tables(rec)
+    return rec
+
+
+def print_tables(rec):
     rows = []
     for r in rec['runs']:
         one = next((x for x in rec['runs'] if x['config'] == r['config'] and x['devices'] == 1), None)
-        rel = r['step']['median'] / one['step']['median'] if one else float('nan')
+        rel = f"{r['step']['median'] / one['step']['median']:.2f}x" if one else '-'
         rows.append((r['config'], f"{r['params']:,}", r['devices'], r['mesh'], r['batch'],
-                     common.fmt_s(r['step']), f"{r['examples_per_s']:.2f}", f'{rel:.2f}x',
+                     common.fmt_s(r['step']), f"{r['examples_per_s']:.2f}", rel,
                      f"{r['first_step_s']:.1f}", r['peak_rss_gib']))
     print('\nTraining step (4 flows, AdamW + EMA, float32)\n' +
           common.table(['config', 'params', 'devices', 'mesh', 'global batch', 'step s',
                         'examples/s', 'cost/example vs 1 device', 'first step s', 'peak RSS GiB'], rows))
-    common.write_record('bench_train', rec, args.out, args.smoke)
-    return rec
 
 
 def argparse_hidden():

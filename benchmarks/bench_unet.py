@@ -160,10 +160,16 @@ def main(argv=None):
                     help='step counts whose loop compile time is measured')
     ap.add_argument('--no-probes', action='store_true', help='skip the per-side RSS probes')
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
+    ap.add_argument('--attention', choices=('dpa', 'chunked', 'flash'), default=None,
+                    help='PROTOTYPE: swap our attention for a bench_levers.py variant (patched '
+                         'in this process only; not the model code)')
     ap.add_argument('--probe', choices=('torch', 'jax'), help=argparse_hidden())
     ap.add_argument('--probe-size', type=int, default=None, help=argparse_hidden())
     args = ap.parse_args(argv)
     common.setup(args.threads)
+    if args.attention:
+        from bench_levers import apply_patches
+        apply_patches(args.attention)
     if args.probe:
         return probe(args)
     smoke = args.smoke
@@ -263,7 +269,8 @@ def main(argv=None):
         rec['step'][str(s)] = r
         log(f"  torch {common.fmt_s(times['torch'])} | jax {common.fmt_s(times['jax'])} | "
             f"speed-up {r['speedup']:.2f}x | compile {t_compile:.1f}s | step |diff| {d:.2g}")
-        log(f"  FLOPs torch {fl / 1e9:.1f} G, HLO dot+conv {hlo / 1e9:.1f} G, XLA cost {xla.get('flops', 0) / 1e9:.1f} G")
+        log(f"  FLOPs torch {fl / 1e9:.1f} G, HLO dot+conv {hlo / 1e9:.1f} G, "
+            f"XLA cost {xla.get('flops', 0) / 1e9:.1f} G")
 
     # -- whole loop and compile time vs steps --------------------------------------------
     if loop_steps:
@@ -322,14 +329,15 @@ def main(argv=None):
         rec['probes'] = {}
         for side in ('torch', 'jax'):
             argv = [os.path.abspath(__file__), '--probe', side, '--probe-size', str(ps),
-                    '--threads', str(args.threads)] + (['--smoke'] if smoke else [])
+                    '--threads', str(args.threads)] + (['--smoke'] if smoke else []) + \
+                (['--attention', args.attention] if args.attention and side == 'jax' else [])
             rec['probes'][side] = common.run_child(argv)
             p = rec['probes'][side]
             log(f"  {side}: peak RSS {p['peak_rss_gib']:.2f} GiB (after build {p['rss_built_gib']:.2f}, "
                 f"baseline after imports {p['rss_imports_gib']:.2f})")
 
-    print_tables(rec)
     common.write_record('bench_unet', rec, args.out, smoke)
+    print_tables(rec)
     return rec
 
 
@@ -393,17 +401,16 @@ def print_tables(rec):
           f"max |ref| {p['max_abs_ref']:.3g}, rel L2 {p['rel_l2']:.2g}")
     rows = []
     for s, r in rec['step'].items():
-        pk_t = common.peak_of(gm, 'torch') if gm else None
-        pk_j = common.peak_of(gm, 'jax') if gm else None
         rows.append((f'{s}x{s}', common.fmt_s(r['torch']), common.fmt_s(r['jax']),
                      f"{r['speedup']:.2f}x", f"{r['compile_s']:.1f}",
                      f"{r['flops_torch_counter'] / 1e9:.1f}",
-                     f"{r['gflops_torch']:.1f}" + (f" ({100 * r['gflops_torch'] / pk_t:.0f}%)" if pk_t else ''),
-                     f"{r['gflops_jax']:.1f}" + (f" ({100 * r['gflops_jax'] / pk_j:.0f}%)" if pk_j else ''),
+                     common.pct(r['gflops_torch'], gm, 'torch'), common.pct(r['gflops_jax'], gm, 'jax'),
                      f"{r['step_max_abs_diff']:.2g}"))
-    print('\nCFG DDIM step, batch 2, float32 (seconds; GFLOP/s as % of the same library\'s GEMM peak)\n' +
+    print('\nCFG DDIM step, batch 2, float32 (seconds, median (min-max, n); speed-up = diffusers / '
+          'vd_jax; GFLOP/s = torch-counted FLOPs / median, in % of that library\'s f32 GEMM peak / '
+          'of the best GEMM peak measured)\n' +
           common.table(['latent', 'diffusers s', 'vd_jax s', 'speed-up', 'compile s', 'GFLOP',
-                        'torch GF/s', 'jax GF/s', 'step |diff|'], rows))
+                        'diffusers GFLOP/s', 'vd_jax GFLOP/s', 'step |diff|'], rows))
     if 'compile_vs_steps' in rec:
         rows = [(n, f"{c['trace_lower_s']:.2f}", f"{c['compile_s']:.2f}", c['hlo_chars'])
                 for n, c in rec['compile_vs_steps'].items()]
@@ -411,7 +418,8 @@ def print_tables(rec):
               common.table(['steps', 'trace+lower s', 'compile s', 'HLO chars'], rows))
     if 'loop' in rec:
         lp = rec['loop']
-        print(f"\nWhole {lp['steps']}-step loop at {lp['size']}x{lp['size']}: diffusers {lp['torch_s']:.1f}s, "
+        print(f"\nWhole {lp['steps']}-step loop at {lp['size']}x{lp['size']}: "
+              f"diffusers {lp['torch_s']:.1f}s, "
               f"vd_jax {lp['jax_s']:.1f}s (+ compile {lp['jax_compile_s']:.1f}s once): "
               f"{lp['speedup']:.2f}x; final latents max |diff| {lp['final_max_abs_diff']:.3g}")
     if 'probes' in rec:

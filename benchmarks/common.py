@@ -59,6 +59,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (XLA uses all cores)')
     p.add_argument('--warmup', type=int, default=None, help='warm-up calls per side')
     p.add_argument('--reps', type=int, default=None, help='timed calls per side')
+    p.add_argument('--tag', default='', help='suffix of the record name (e.g. the flags tried)')
     return p
 
 
@@ -413,6 +414,21 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5, log: Callable[[str], None
     return out
 
 
+def best_peak(gemm: dict, n: int = 4096) -> Optional[float]:
+    """The machine's f32 matmul peak: the best library median at size n (else the largest)."""
+    vals = [peak_of(gemm, lib, n) for lib in gemm]
+    vals = [v for v in vals if v]
+    return max(vals) if vals else None
+
+
+def pct(gflops: float, gemm: Optional[dict], lib: str) -> str:
+    """'x GF/s (a% of lib's GEMM, b% of the best GEMM)'."""
+    if not gemm:
+        return f'{gflops:.1f}'
+    own, best = peak_of(gemm, lib), best_peak(gemm)
+    return f'{gflops:.1f} ({100 * gflops / own:.0f}% / {100 * gflops / best:.0f}%)'
+
+
 def peak_of(gemm: dict, lib: str, n: int = 4096) -> Optional[float]:
     """Median GFLOP/s of `lib` at size n (falls back to the largest size measured)."""
     d = gemm.get(lib) or {}
@@ -443,9 +459,11 @@ def fmt_s(st: dict) -> str:
 
 
 def write_record(name: str, record: dict, out_dir: str, smoke: bool = False) -> str:
-    """Write `<out_dir>/<name>[-smoke].json` (machine info added) and return its path."""
+    """Write `<out_dir>/<name>[-<tag>][-smoke].json` (machine info added; the tag comes from
+    `record['args']['tag']`) and return its path."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}{'-smoke' if smoke else ''}.json")
+    tag = (record.get('args') or {}).get('tag')
+    path = os.path.join(out_dir, f"{name}{'-' + tag if tag else ''}{'-smoke' if smoke else ''}.json")
     record = dict(record)
     record.setdefault('machine', machine_info())
     record['machine']['loadavg_at_end'] = os.getloadavg()

@@ -19,7 +19,9 @@ SCRIPTS = {
     'bench_unet': [],
     'bench_text_unet': [],
     'bench_convert': [],
-    'bench_levers': ['--profile'],
+    # the attention prototypes act above one block (256 queries, 512 keys): at 64x64 the
+    # tiny model's level-2 self-attention has 1024 tokens
+    'bench_levers': ['--profile', '--sizes', '64', '--variants', 'baseline', 'chunked', 'flash'],
     'bench_train': [],
 }
 TOL = 1e-4
@@ -98,12 +100,16 @@ def test_convert_smoke(records):
 
 def test_levers_smoke(records):
     r = records['bench_levers']
-    assert r['variants']['baseline']['forward']['median'] > 0
-    assert r['variants']['baseline']['max_abs_diff_vs_baseline'] == 0.0
-    assert r['torch']['forward']['median'] > 0
+    (size,) = r['variants']['baseline']['forward']
+    assert r['variants']['baseline']['forward'][size]['median'] > 0
+    assert r['variants']['baseline']['max_abs_diff_vs_baseline'][size] == 0.0
+    assert r['torch']['forward'][size]['median'] > 0
     for side in (r['torch'], r['variants']['baseline']):
-        prof = side['profile']['by_class_ms']
+        prof = side['profile'][size]['by_class_ms']
         assert any('conv' in c for c in prof) and any('dot' in c for c in prof), prof
+    # the attention prototypes are exact rewrites: same output as the baseline
+    for name in ('chunked', 'flash'):
+        assert r['variants'][name]['max_abs_diff_vs_baseline'][size] < 1e-5, name
 
 
 def test_train_smoke(records):
