@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument('--generate', metavar='PATH', help=argparse_hidden())
     ap.add_argument('--convert', nargs=2, metavar=('SRC', 'OUT'), help=argparse_hidden())
     args = ap.parse_args(argv)
-    common.setup(args.threads)
+    common.setup(args.threads, jaxlib_defaults=args.xla_default)
     config = 'vd_four_flow:tiny' if args.smoke else 'vd_four_flow'
     if args.generate:
         print(json.dumps(generate(args.generate, args.smoke, args.tsv)))

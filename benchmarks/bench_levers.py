@@ -8,18 +8,23 @@ process does the same for diffusers' UNet2DConditionModel. `--profile` adds a pe
 time breakdown of one forward on both sides (XLA's profiler: events per HLO instruction,
 classified from the optimised HLO; torch.profiler: self time per aten op).
 
-Variants (levers that exist without touching model code; model-level ones are prototyped
-here by patching the module at import, never by editing model files):
-  baseline     default flags (this jaxlib runs convs and dots as per-op YNNPACK fusions)
+Every variant starts from jaxlib's own XLA defaults (vd_jax's CPU flags are not applied
+here: they are one of the levers) and the dense attention the model had before the levers
+study; `shipped` is what sample.py / train.py run today. Model-level levers that are not
+model code are prototyped by patching the module at import, never by editing model files:
+  baseline     default flags (this jaxlib runs convs and dots as per-op YNNPACK fusions),
+               attention='dense'
   eigen        --xla_cpu_experimental_ynn_fusion_type=  (YNNPACK off: XLA's Eigen conv/dot)
   ynn_graph    --xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce (bigger YNN graphs)
   fast_math    --xla_cpu_enable_fast_math=true
   dpa          attention through jax.nn.dot_product_attention (patched into vd_jax.models.unet)
   chunked      exact attention one block of 256 queries at a time (lax.map; patched likewise)
-  flash        exact attention with an online softmax over 512-key blocks (patched likewise)
+  flash        Diffuser(attention='blockwise'): online softmax over 512-key blocks (model code
+               since this study; 'auto' uses it above 1024 keys)
   bf16         Diffuser(dtype=bfloat16): bf16 compute, f32 params (this CPU has AVX512-BF16)
   mm_bf16      JAX_DEFAULT_MATMUL_PRECISION=bfloat16: f32 model, dots/convs at bf16 precision
   baseline2    baseline again, last: the drift of the machine during the run
+  shipped      vd_jax as sample.py/train.py run it: eigen + attention='auto' (run with --variants)
 
   python benchmarks/bench_levers.py --profile          # full width, 32x32 and 64x64, ~20 min
   python benchmarks/bench_levers.py --smoke
@@ -39,20 +44,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 VARIANTS = {
-    'baseline': dict(),
-    'eigen': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type='),
-    'ynn_graph': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce'),
-    'fast_math': dict(xla_flags='--xla_cpu_enable_fast_math=true'),
+    'baseline': dict(attention='dense'),
+    'eigen': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='dense'),
+    'ynn_graph': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce',
+                      attention='dense'),
+    'fast_math': dict(xla_flags='--xla_cpu_enable_fast_math=true', attention='dense'),
     'dpa': dict(attention='dpa'),
     'chunked': dict(attention='chunked'),
-    'flash': dict(attention='flash'),
-    'bf16': dict(dtype='bfloat16'),
-    'mm_bf16': dict(env={'JAX_DEFAULT_MATMUL_PRECISION': 'bfloat16'}),
-    'baseline2': dict(),
+    'flash': dict(attention='blockwise'),
+    'bf16': dict(dtype='bfloat16', attention='dense'),
+    'mm_bf16': dict(env={'JAX_DEFAULT_MATMUL_PRECISION': 'bfloat16'}, attention='dense'),
+    'baseline2': dict(attention='dense'),
+    'shipped': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='auto'),
     # combinations of the levers that help (run with --variants)
     'eigen_chunked': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='chunked'),
-    'eigen_flash': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='flash'),
-    'eigen_bf16': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', dtype='bfloat16'),
+    'eigen_flash': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', attention='blockwise'),
+    'eigen_bf16': dict(xla_flags='--xla_cpu_experimental_ynn_fusion_type=', dtype='bfloat16',
+                       attention='dense'),
 }
 # mm_bf16 is not in the default set: 'bfloat16' lowers to precision=DEFAULT, which XLA:CPU
 # computes in full f32 (checked in the lowered StableHLO), so it cannot change anything here.
@@ -66,7 +74,7 @@ CTX_LEN = 77
 # Model-level levers, prototyped by patching (proposals for vd_jax/models/*.py)
 # ----------------------------------------------------------------------------------------
 
-def dpa_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None):
+def dpa_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, **_):
     """`layers.attention` through `jax.nn.dot_product_attention` (same packed-head contract)."""
     import jax
     import jax.numpy as jnp
@@ -86,7 +94,7 @@ def _heads(q, k, v, num_heads):
             v.reshape(b, v.shape[1], num_heads, d), d)
 
 
-def chunked_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_block=256):
+def chunked_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_block=256, **_):
     """Exact attention computed one block of `q_block` queries at a time (`lax.map`): the
     (B, H, q_block, Lk) logits of a block stay in cache instead of materialising the whole
     (B, H, Lq, Lk) f32 matrix (1 GiB for 64x64 self-attention at batch 2). Softmax in f32."""
@@ -95,7 +103,8 @@ def chunked_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_b
     from vd_jax.models.layers import attention
     b, lq, inner = q.shape
     if bias is not None or lq <= q_block or lq % q_block:
-        return attention(q, k, v, num_heads, bias=bias, scale=scale, dtype=dtype or jnp.float32)
+        return attention(q, k, v, num_heads, bias=bias, scale=scale, dtype=dtype or jnp.float32,
+                         implementation='dense')
     q4, k4, v4, d = _heads(q, k, v, num_heads)
     scale = d ** -0.5 if scale is None else scale
     qb = jnp.moveaxis(q4.reshape(b, lq // q_block, q_block, num_heads, d), 1, 0)
@@ -108,51 +117,15 @@ def chunked_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_b
     return jnp.moveaxis(out, 0, 1).reshape(b, lq, inner).astype(dtype or q.dtype)
 
 
-def flash_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, q_block=256,
-                    k_block=512):
-    """Exact attention with an online softmax over key blocks (FlashAttention's recurrence,
-    as PyTorch's CPU SDPA kernel does), query blocks mapped with `lax.map`: no block of
-    logits larger than (B, H, q_block, k_block) ever exists."""
-    import jax
-    import jax.numpy as jnp
-    from vd_jax.models.layers import attention
-    b, lq, inner = q.shape
-    lk = k.shape[1]
-    if bias is not None or lk <= k_block or lk % k_block or lq % min(q_block, lq):
-        return chunked_attention(q, k, v, num_heads, bias, scale, dtype, q_block)
-    q_block = min(q_block, lq)
-    q4, k4, v4, d = _heads(q, k, v, num_heads)
-    scale = d ** -0.5 if scale is None else scale
-    qb = jnp.moveaxis(q4.reshape(b, lq // q_block, q_block, num_heads, d), 1, 0)
-    kb = jnp.moveaxis(k4.reshape(b, lk // k_block, k_block, num_heads, d), 1, 0)
-    vb = jnp.moveaxis(v4.reshape(b, lk // k_block, k_block, num_heads, d), 1, 0)
-
-    def qblock(qi):
-        def kstep(carry, kv):
-            m, l, acc = carry
-            s = jnp.einsum('bqhd,bkhd->bhqk', qi, kv[0]).astype(jnp.float32) * scale
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum('bhqk,bkhd->bhqd', p.astype(kv[1].dtype), kv[1])
-            return (m_new, l, acc), None
-        init = (jnp.full((b, num_heads, q_block), -jnp.inf, jnp.float32),
-                jnp.zeros((b, num_heads, q_block), jnp.float32),
-                jnp.zeros((b, num_heads, q_block, d), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(kstep, init, (kb, vb))
-        return jnp.moveaxis(acc / l[..., None], 1, 2)  # (B, q_block, H, D)
-    out = jax.lax.map(qblock, qb)
-    return jnp.moveaxis(out, 0, 1).reshape(b, lq, inner).astype(dtype or q.dtype)
-
-
-ATTENTION = {'dpa': dpa_attention, 'chunked': chunked_attention, 'flash': flash_attention}
+ATTENTION = {'dpa': dpa_attention, 'chunked': chunked_attention}  # patched in; others are
+# values of Diffuser(attention=...)
 
 
 def apply_patches(attention: str | None):
     """Swap the attention function the diffuser's CrossAttention calls (vd_jax.models.unet
-    imports `attention` by name; patching the module global changes only this process)."""
-    if attention:
+    imports `attention` by name; patching the module global changes only this process).
+    Values that are model options ('dense', 'blockwise', 'auto') need no patch."""
+    if attention in ATTENTION:
         import vd_jax.models.unet as unet_mod
         unet_mod.attention = ATTENTION[attention]
 
@@ -346,7 +319,9 @@ def child(args) -> dict:
     apply_patches(var.get('attention'))
     cfg = model_config(smoke)
     dtype = jnp.dtype(var.get('dtype', 'float32'))
-    model = Diffuser(cfg.diffuser, dtype=dtype)
+    model_attention = var.get('attention', 'dense')
+    model = Diffuser(cfg.diffuser, dtype=dtype,
+                     attention='dense' if model_attention in ATTENTION else model_attention)
     params = random_params(abstract_params(Diffuser(cfg.diffuser)))
     fwd_j = jax.jit(lambda p, a, b, c: model.apply({'params': p}, a, b, c, 'image', 'image'))
     outs = {}
@@ -388,11 +363,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.sizes = args.sizes or ([8] if args.smoke else [32, 64])
     args.reps = args.reps or (1 if args.smoke else 3)
+    # every variant starts from jaxlib's defaults: vd_jax's own CPU flags are a lever here
     if args.variant:
-        common.setup(args.threads)
+        common.setup(args.threads, jaxlib_defaults=True)
         print(json.dumps(child(args), default=str))
         return
-    common.setup(args.threads)
+    common.setup(args.threads, jaxlib_defaults=True)
     for c in args.custom:
         name, _, flags = c.partition('=')
         VARIANTS[name] = dict(xla_flags=flags)

@@ -100,7 +100,7 @@ def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak / bandwidth measurement')
     args = ap.parse_args(argv)
-    common.setup(args.threads)
+    common.setup(args.threads, jaxlib_defaults=args.xla_default)
     smoke = args.smoke
     warmup = args.warmup if args.warmup is not None else 1
     reps = args.reps if args.reps is not None else (1 if smoke else 7)

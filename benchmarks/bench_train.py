@@ -120,7 +120,7 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 1)
     args.batch = args.batch or 8
     if args.config:
-        common.setup(args.threads)
+        common.setup(args.threads, jaxlib_defaults=args.xla_default)
         print(json.dumps(child(args), default=str))
         return
     configs = args.configs or (['test'] if args.smoke else ['tiny', 'mid'])

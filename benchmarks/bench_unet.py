@@ -21,6 +21,7 @@ converted stream here runs its own (image) context layers at length 77, which is
 computation (same widths and heads).
 
   python benchmarks/bench_unet.py                      # full width, ~25 min on 2 cores
+  python benchmarks/bench_unet.py --xla-default --attention dense   # jaxlib defaults, dense attn
   python benchmarks/bench_unet.py --smoke              # tiny config, seconds (CI)
 """
 from __future__ import annotations
@@ -160,16 +161,12 @@ def main(argv=None):
                     help='step counts whose loop compile time is measured')
     ap.add_argument('--no-probes', action='store_true', help='skip the per-side RSS probes')
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
-    ap.add_argument('--attention', choices=('dpa', 'chunked', 'flash'), default=None,
-                    help='PROTOTYPE: swap our attention for a bench_levers.py variant (patched '
-                         'in this process only; not the model code)')
+    ap.add_argument('--attention', choices=('auto', 'dense', 'blockwise'), default='auto',
+                    help="our Diffuser's attention implementation (auto: blockwise above 1024 keys)")
     ap.add_argument('--probe', choices=('torch', 'jax'), help=argparse_hidden())
     ap.add_argument('--probe-size', type=int, default=None, help=argparse_hidden())
     args = ap.parse_args(argv)
-    common.setup(args.threads)
-    if args.attention:
-        from bench_levers import apply_patches
-        apply_patches(args.attention)
+    common.setup(args.threads, jaxlib_defaults=args.xla_default)
     if args.probe:
         return probe(args)
     smoke = args.smoke
@@ -207,7 +204,7 @@ def main(argv=None):
                         convert_s=t_conv, rss_after_torch_gib=common.gib(mem_torch['rss']),
                         rss_after_convert_gib=common.gib(mem_both['rss']))
     log(f'  params torch {n_params:,} / ours {n_jax:,}; build {t_build:.1f}s, convert {t_conv:.1f}s')
-    model = Diffuser(cfg.diffuser)
+    model = Diffuser(cfg.diffuser, attention=args.attention)
     js = JaxSide(model, params, loop_steps or 50, cfg.schedule)
     sched = ddim_scheduler(loop_steps or 50)
     tstep = torch_step_fn(unet, sched)
@@ -330,7 +327,7 @@ def main(argv=None):
         for side in ('torch', 'jax'):
             argv = [os.path.abspath(__file__), '--probe', side, '--probe-size', str(ps),
                     '--threads', str(args.threads)] + (['--smoke'] if smoke else []) + \
-                (['--attention', args.attention] if args.attention and side == 'jax' else [])
+                ['--attention', args.attention]
             rec['probes'][side] = common.run_child(argv)
             p = rec['probes'][side]
             log(f"  {side}: peak RSS {p['peak_rss_gib']:.2f} GiB (after build {p['rss_built_gib']:.2f}, "
@@ -371,7 +368,7 @@ def probe(args):
         from vd_jax.models.init import random_params
         from vd_jax.models.unet import Diffuser, abstract_params
         cfg = model_config(smoke)
-        model = Diffuser(cfg.diffuser)
+        model = Diffuser(cfg.diffuser, attention=args.attention)
         r0 = common.rss()
         params = random_params(abstract_params(model))
         jax.block_until_ready(params)

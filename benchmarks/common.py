@@ -33,16 +33,24 @@ RESULTS = os.path.join(REPO, 'benchmarks', 'results')
 # Set-up and the environment record
 # ----------------------------------------------------------------------------------------
 
-def setup(threads: int = 2, xla_flags: Optional[str] = None) -> None:
-    """Offline, CPU-only, `threads` intra-op threads for torch; extra XLA flags (before jax
-    starts). Call before importing jax/torch-using modules."""
+def setup(threads: int = 2, xla_flags: Optional[str] = None, jaxlib_defaults: bool = False) -> None:
+    """Offline, CPU-only, `threads` intra-op threads for torch; XLA flags (before jax starts).
+
+    By default JAX runs as vd_jax ships it: `vd_jax.platform.configure_xla()` adds the CPU
+    flags sample.py and train.py apply. `jaxlib_defaults=True` (`--xla-default`) measures
+    jaxlib's own defaults instead; child processes inherit the choice through the environment.
+    Call before importing jax/torch-using modules."""
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    if jaxlib_defaults:
+        os.environ['VD_JAX_KEEP_XLA_FLAGS'] = '1'
     if xla_flags:
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
-    if 'jax' in sys.modules and xla_flags:
-        raise RuntimeError('setup(xla_flags=...) must run before jax is imported')
+    if 'jax' in sys.modules and (xla_flags or not os.environ.get('VD_JAX_KEEP_XLA_FLAGS')):
+        raise RuntimeError('common.setup() must run before jax is imported (XLA reads its flags once)')
+    from vd_jax.platform import configure_xla
+    configure_xla()
     try:
         import torch
         torch.set_num_threads(threads)
@@ -57,6 +65,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help='tiny config, 1 repetition: proves the script runs (CI)')
     p.add_argument('--out', default=RESULTS, help='folder for the JSON record')
     p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (XLA uses all cores)')
+    p.add_argument('--xla-default', action='store_true',
+                   help="jaxlib's default XLA flags instead of the CPU flags vd_jax applies "
+                        '(vd_jax.platform.configure_xla)')
     p.add_argument('--warmup', type=int, default=None, help='warm-up calls per side')
     p.add_argument('--reps', type=int, default=None, help='timed calls per side')
     p.add_argument('--tag', default='', help='suffix of the record name (e.g. the flags tried)')
@@ -115,8 +126,9 @@ def machine_info() -> dict:
         python=platform.python_version(),
         versions={m: _version(m) for m in ('jax', 'jaxlib', 'flax', 'numpy', 'torch',
                                             'diffusers', 'transformers', 'optax')},
-        env={k: os.environ.get(k) for k in ('XLA_FLAGS', 'JAX_PLATFORMS', 'OMP_NUM_THREADS',
-                                            'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+        env={k: os.environ.get(k) for k in ('XLA_FLAGS', 'VD_JAX_KEEP_XLA_FLAGS', 'JAX_PLATFORMS',
+                                            'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
+                                            'OPENBLAS_NUM_THREADS')
              if os.environ.get(k)},
         loadavg_at_start=os.getloadavg(),
         git=_git_commit(),

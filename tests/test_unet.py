@@ -197,3 +197,20 @@ def test_bf16_compute_and_remat(tiny):
     g1 = jax.grad(loss)(params, Diffuser(cfg, remat=True))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_implementations_agree(tiny):
+    """The diffuser's `attention` switch changes how, not what: dense and blockwise give the
+    same flow outputs (fp32, atol 1e-5), and a bad value names itself."""
+    model, params = tiny
+    i = _inputs()
+    outs = {}
+    for impl in ('dense', 'blockwise', 'auto'):
+        m = Diffuser(model.config, attention=impl)
+        outs[impl] = np.asarray(m.apply({'params': params}, i['x_img'], i['t'], i['c_txt'],
+                                        'image', 'text'))
+    np.testing.assert_allclose(outs['blockwise'], outs['dense'], atol=1e-5)
+    np.testing.assert_array_equal(outs['auto'], outs['dense'])  # 64 tokens: below the switch
+    with pytest.raises(ValueError, match="'flash'"):
+        Diffuser(model.config, attention='flash').apply({'params': params}, i['x_img'], i['t'],
+                                                        i['c_txt'], 'image', 'text')

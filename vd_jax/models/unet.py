@@ -438,6 +438,7 @@ class CrossAttention(nn.Module):
     dim_head: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = 'auto'
 
     def setup(self):
         inner = self.heads * self.dim_head
@@ -450,7 +451,7 @@ class CrossAttention(nn.Module):
     def __call__(self, x, context=None):
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                        dtype=self.dtype)
+                        dtype=self.dtype, implementation=self.attention)
         return self.to_out_0(out)
 
 
@@ -488,12 +489,15 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = 'auto'
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attn1 = CrossAttention(self.dim, self.heads, self.dim_head, **kw)
+        self.attn1 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,
+                                    attention=self.attention)
         self.ff = FeedForward(self.dim, **kw)
-        self.attn2 = CrossAttention(self.dim, self.heads, self.dim_head, **kw)
+        self.attn2 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,
+                                    attention=self.attention)
         self.norm1 = LayerNorm(1e-5, **kw)
         self.norm2 = LayerNorm(1e-5, **kw)
         self.norm3 = LayerNorm(1e-5, **kw)
@@ -511,13 +515,15 @@ class SpatialTransformer(nn.Module):
     dim_head: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = 'auto'
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inner = self.heads * self.dim_head
         self.norm = GroupNorm(32, 1e-6, **kw)  # `Normalize`: eps 1e-6, unlike the ResBlocks
         self.proj_in = Dense(inner, **kw)       # 1x1 conv
-        self.transformer_blocks = [BasicTransformerBlock(inner, self.heads, self.dim_head, **kw)]
+        self.transformer_blocks = [BasicTransformerBlock(inner, self.heads, self.dim_head, **kw,
+                                                         attention=self.attention)]
         self.proj_out = Dense(self.channels, zero_init=True, **kw)
 
     def __call__(self, x, context):  # x (B, H, W, C) or (B, S, 1, C); context (B, L, D)
@@ -563,6 +569,7 @@ class DiffuserStream(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = 'auto'
 
     def setup(self):
         s = self.config
@@ -575,7 +582,8 @@ class DiffuserStream(nn.Module):
             self.data_blocks = [_data_block(s, b, kw, self.remat) for b in plan.data]
         if 'context' in s.parts:
             st = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
-            self.context_blocks = [st(b.cin, b.heads, b.d_head, **kw) for b in plan.context]
+            self.context_blocks = [st(b.cin, b.heads, b.d_head, **kw, attention=self.attention)
+                                   for b in plan.context]
 
     def embed_time(self, t):
         """Global layers: t (B,) -> (B, 4*model_channels)."""
@@ -596,11 +604,15 @@ class Diffuser(nn.Module):
       config: a `DiffuserConfig` (or the config section it is built from).
       dtype: compute dtype; parameters stay `param_dtype`; outputs are float32.
       remat: rematerialise ResBlocks/FCBlocks/transformers in the backward pass.
+      attention: 'auto' (blockwise online softmax above `layers.BLOCKWISE_MIN_KEYS` keys,
+        i.e. the 4096-token self-attention of a 64x64 latent; dense below), 'dense' or
+        'blockwise'. Same values either way; blockwise bounds memory and is faster on CPU.
     """
     config: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = 'auto'
 
     def __post_init__(self):
         if not isinstance(self.config, DiffuserConfig):
@@ -609,7 +621,8 @@ class Diffuser(nn.Module):
 
     def setup(self):
         for s in self.config.streams:
-            setattr(self, s.name, DiffuserStream(s, self.dtype, self.param_dtype, self.remat))
+            setattr(self, s.name, DiffuserStream(s, self.dtype, self.param_dtype, self.remat,
+                                                 self.attention))
 
     # -- helpers ---------------------------------------------------------------------------
     def _check(self, x, xtype: str, contexts, ctypes):
