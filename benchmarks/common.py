@@ -480,8 +480,17 @@ def write_record(name: str, record: dict, out_dir: str, smoke: bool = False) -> 
     record.setdefault('machine', machine_info())
     record['machine']['loadavg_at_end'] = os.getloadavg()
     record['smoke'] = smoke
-    with open(path, 'w') as f:
+    if os.path.exists(path):  # an earlier run's record is kept, not overwritten
+        prev_dir = os.path.join(out_dir, 'previous')
+        os.makedirs(prev_dir, exist_ok=True)
+        stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime('%Y%m%d-%H%M%S')
+        kept = os.path.join(prev_dir, f'{os.path.basename(path)[:-5]}-{stamp}.json')
+        os.replace(path, kept)
+        print(f'kept the previous record as {kept}')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
         json.dump(record, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
     print(f'wrote {path}')
     return path
 

@@ -16,7 +16,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-ORDER = (('bench_unet', []), ('bench_text_unet', []), ('bench_convert', []),
+ORDER = (('bench_unet', ['--tag', 'shipped']),
+         ('bench_unet', ['--xla-default', '--attention', 'dense', '--tag', 'jaxlib-defaults']),
+         ('bench_text_unet', ['--tag', 'shipped']), ('bench_convert', []),
          ('bench_levers', ['--profile']), ('bench_train', []))
 
 

@@ -495,3 +495,30 @@ def test_train_py_rejects_a_mistyped_key(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no key 'optimizer.learning_rate'" in r.stderr
     assert not os.path.exists(os.path.join(str(tmp_path), 'checkpoints'))
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    """metrics.jsonl gets one line per step; with tensorboardX installed (the test extra) the
+    same scalars land in a TensorBoard event file, read back here record by record."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from vd_jax.train.loop import MetricWriter
+    w = MetricWriter(str(tmp_path), enabled=True, tensorboard=True)
+    w.write(1, {'loss/t2i': 0.5, 'lr': 1e-4})
+    w.write(2, {'loss/t2i': 0.25, 'lr': 2e-4})
+    w.close()
+    lines = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')]
+    assert lines == [{'step': 1, 'loss/t2i': 0.5, 'lr': 1e-4}, {'step': 2, 'loss/t2i': 0.25, 'lr': 2e-4}]
+    (event_file,) = (tmp_path / 'tensorboard').iterdir()
+    data, got = event_file.read_bytes(), []
+    while data:  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+        (n,) = struct.unpack('<Q', data[:8])
+        ev = event_pb2.Event.FromString(data[12:12 + n])
+        data = data[16 + n:]
+        got += [(ev.step, v.tag, round(v.simple_value, 8)) for v in ev.summary.value]
+    assert sorted(got) == [(1, 'loss/t2i', 0.5), (1, 'lr', 1e-4), (2, 'loss/t2i', 0.25), (2, 'lr', 2e-4)]
+    # disabled (a non-main process): nothing is written
+    MetricWriter(str(tmp_path / 'other'), enabled=False, tensorboard=True).write(1, {'a': 1.0})
+    assert not (tmp_path / 'other').exists()
