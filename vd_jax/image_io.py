@@ -152,7 +152,9 @@ def _to_uint8_rgb(image, index: int) -> np.ndarray:
     raise ValueError(f'image {index}: dtype {a.dtype} is not supported (uint8, or float in [0, 1])')
 
 
-def _as_list(images) -> List:
+def as_list(images) -> List:
+    """One item, a list/tuple, or a (B, H, W, C) array -> a list of items (one per image or
+    prompt); a single (H, W, C) image stays one item."""
     if isinstance(images, (list, tuple)):
         return list(images)
     if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -172,7 +174,7 @@ def clip_preprocess(images, size: int = 224, mean: Sequence[float] = CLIP_MEAN,
     Pillow bicubic; centre crop (offsets (H - size) // 2, (W - size) // 2); x / 255;
     (x - mean) / std in float32.
     """
-    items = _as_list(images)
+    items = as_list(images)
     if not items:
         raise ValueError('clip_preprocess: no images given')
     mean32 = np.asarray(mean, np.float32)

@@ -29,6 +29,7 @@ from vd_jax import applications as apps
 from vd_jax.checkpoint import CheckpointError, available_parts, load_part, read_config
 from vd_jax.diffusion.sampling import Sampler
 from vd_jax.diffusion.schedule import make_schedule
+from vd_jax.image_io import as_list
 from vd_jax.models.unet import Diffuser, DiffuserConfig, plan_stream
 
 UNCOND_CONVENTIONS = ('v1.0', 'legacy', 'diffusers')
@@ -61,14 +62,6 @@ ImageLike = Union[str, np.ndarray, Any]
 
 class TaskError(ValueError):
     """A task cannot run with this model/checkpoint or these arguments."""
-
-
-def _as_list(x) -> list:
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    if isinstance(x, np.ndarray) and x.ndim == 4:
-        return list(x)
-    return [x]
 
 
 def _resize01(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
@@ -450,7 +443,7 @@ class VersatileDiffusion:
     # ------------------------------------------------------------------------------------
     def _images(self, images, hw) -> np.ndarray:
         """Load and resize (bicubic, as the demo) to the output size: (B, h, w, 3) in [0, 1]."""
-        items = _as_list(images)
+        items = as_list(images)
         if not items:
             raise TaskError('no input image given')
         return np.stack([_resize01(_load(im), hw) for im in items])
@@ -480,7 +473,7 @@ class VersatileDiffusion:
                       width=None, negative_prompt: str = '', progress=False) -> np.ndarray:
         """Prompts -> images (len(prompts) * n, H, W, 3) in [0, 1] (prompt-major order)."""
         self.check_task('text_to_image')
-        prompts = [str(p) for p in _as_list(prompts) for _ in range(n)]
+        prompts = [str(p) for p in as_list(prompts) for _ in range(n)]
         hw = self._hw(height, width)
         b = len(prompts)
         c = self.encode_prompts(prompts)
@@ -549,7 +542,7 @@ class VersatileDiffusion:
                        **decode_kw) -> List[str]:
         """Prompts -> sentences (len(prompts) * n)."""
         self.check_task('text_variation')
-        prompts = [str(p) for p in _as_list(prompts) for _ in range(n)]
+        prompts = [str(p) for p in as_list(prompts) for _ in range(n)]
         b = len(prompts)
         c = self.encode_prompts(prompts)
         z = self._run(('flow', 'text', 'text'), c, self.uncond_text(b),
@@ -643,7 +636,7 @@ class VersatileDiffusion:
         if len(strengths) != len(imgs):
             raise TaskError(f'{len(strengths)} strengths for {len(imgs)} images')
         if masks is not None:
-            masks = [None if m is None else _resize_mask(m, hw) for m in _as_list(masks)]
+            masks = [None if m is None else _resize_mask(m, hw) for m in as_list(masks)]
         c_each = self._image_context(imgs, focus, masks=masks)
         ci = jnp.concatenate([c_each[i:i + 1] * s for i, s in enumerate(strengths)], axis=1)
         ci = jnp.repeat(ci, n, axis=0)

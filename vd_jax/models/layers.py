@@ -90,6 +90,23 @@ class Conv(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (`F.interpolate(mode='nearest')`) then a 3x3 conv (key `conv`):
+    the same layer in the diffuser's image stream and in AutoKL's decoder.
+    (B, H, W, C) -> (B, 2H, 2W, channels); `emb` is accepted (and unused) so the diffuser can
+    call every data block alike."""
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.conv = Conv(self.channels, 3, 1, 1, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, x, emb=None):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+
 def group_norm_stats(x, num_groups: int):
     """Group statistics of x (B, ..., C): groups of C/num_groups channels, all middle axes.
 

@@ -26,7 +26,7 @@ import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
-from vd_jax.models.layers import (Conv, Dense, GroupNorm, LayerNorm, attention,
+from vd_jax.models.layers import (Conv, Dense, GroupNorm, LayerNorm, Upsample, attention,
                                   group_norm_stats, timestep_embedding)
 
 Dtype = Any
@@ -359,20 +359,6 @@ class Downsample(nn.Module):
 
     def __call__(self, x, emb):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv (key `conv`)."""
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self):
-        self.conv = Conv(self.channels, 3, 1, 1, dtype=self.dtype, param_dtype=self.param_dtype)
-
-    def __call__(self, x, emb):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
 
 
 class ConvIn(nn.Module):

@@ -29,7 +29,7 @@ import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
-from vd_jax.models.layers import Conv, Dense, GroupNorm, attention
+from vd_jax.models.layers import Conv, Dense, GroupNorm, Upsample, attention
 
 Dtype = Any
 
@@ -185,20 +185,6 @@ class Downsample(nn.Module):
 
     def __call__(self, x):  # (B, H, W, C) -> (B, H//2, W//2, C)
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 (`F.interpolate(mode='nearest')`) then a 3x3 conv."""
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self):
-        self.conv = Conv(self.channels, 3, 1, 1, dtype=self.dtype, param_dtype=self.param_dtype)
-
-    def __call__(self, x):  # (B, H, W, C) -> (B, 2H, 2W, C)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)
 
 
