@@ -1,0 +1,51 @@
+"""vd_jax.platform.configure_xla: the CPU flags sample.py/train.py apply before JAX starts."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vd_jax import platform
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.delenv('VD_JAX_KEEP_XLA_FLAGS', raising=False)
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+    return monkeypatch
+
+
+def test_adds_the_flag_once_and_keeps_the_users_flags(env):
+    env.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+    first = platform.configure_xla()
+    assert first == '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type='
+    assert platform.configure_xla() == first == os.environ['XLA_FLAGS']
+
+
+def test_a_users_own_value_and_the_opt_out_win(env):
+    env.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=+dot')
+    assert platform.configure_xla() == '--xla_cpu_experimental_ynn_fusion_type=+dot'
+    env.setenv('XLA_FLAGS', '')
+    env.setenv('VD_JAX_KEEP_XLA_FLAGS', '1')
+    assert platform.configure_xla() == '' and os.environ['XLA_FLAGS'] == ''
+
+
+def test_an_unmeasured_jaxlib_gets_no_flag(env):
+    # XLA aborts on flags it does not know: never add an experimental one to another version
+    env.setattr(platform, '_jaxlib_version', lambda: '0.11.0')
+    assert platform.configure_xla() == '' and 'XLA_FLAGS' not in os.environ
+
+
+def test_this_jaxlib_starts_with_the_flag():
+    code = ('from vd_jax.platform import configure_xla; f = configure_xla(); import jax, jax.numpy as jnp; '
+            'x = jax.lax.conv_general_dilated(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), (1, 1), '
+            "'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')); print(f, float(x.sum()))")
+    env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'VD_JAX_KEEP_XLA_FLAGS')}
+    out = subprocess.run([sys.executable, '-c', code], env=dict(env, JAX_PLATFORMS='cpu'),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    flags, total = out.stdout.split()
+    # all-ones 3x3 conv, 4 -> 4 channels, SAME: 36 interior pixels see 9 taps x 4 channels,
+    # 24 edge pixels 6 taps, 4 corners 4 taps; times 4 output channels
+    assert flags == '--xla_cpu_experimental_ynn_fusion_type='
+    assert float(total) == 4 * (36 * 36 + 24 * 24 + 4 * 16)
