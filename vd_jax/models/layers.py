@@ -179,12 +179,29 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
+# Attention runs head-major: q/k/v are transposed once to (B, H, L, D), so every logits and
+# output product is a plain batched matmul over (B, H). Contracting the packed (B, L, H, D)
+# layout directly made XLA:CPU's batched dots 2.3x slower at 1024 tokens (BENCHMARKS.md §6).
+#
 # Above this many keys, `attention` switches to the blockwise (online-softmax) form: it never
-# materialises the (B, H, Lq, Lk) logits. On this CPU it made the 64x64-latent UNet step 1.4x
-# faster and cut its peak memory from 7.5 to 4.6 GiB (BENCHMARKS.md); on TPU/GPU XLA's own
-# fusions or a Pallas kernel are the better route, so the threshold is a module constant.
-BLOCKWISE_MIN_KEYS = 1024
+# materialises the (B, H, Lq, Lk) logits. On this CPU it is faster from 1024 keys on (32x32
+# and 64x64 latents) and cut the 64x64 sampler's peak memory from 7.5 to 4.6 GiB; on TPU/GPU
+# XLA's own fusions or a Pallas kernel are the better route, so the threshold is a module
+# constant.
+BLOCKWISE_MIN_KEYS = 512
 Q_BLOCK, K_BLOCK = 256, 512
+
+
+def _split_heads(x, num_heads: int):
+    """(B, L, H*D) -> (B, H, L, D)."""
+    b, n, inner = x.shape
+    return x.reshape(b, n, num_heads, inner // num_heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x):
+    """(B, H, L, D) -> (B, L, H*D)."""
+    b, h, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
 def attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
@@ -199,23 +216,19 @@ def attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
     if implementation not in ('auto', 'dense', 'blockwise'):
         raise ValueError(f"attention implementation must be 'auto', 'dense' or 'blockwise', "
                          f'got {implementation!r}')
-    b, lq, inner = q.shape
-    d = inner // num_heads
+    d = q.shape[-1] // num_heads
     scale = d ** -0.5 if scale is None else scale
     if implementation == 'blockwise' or (implementation == 'auto' and bias is None
                                          and k.shape[1] > BLOCKWISE_MIN_KEYS):
         if bias is not None:
             raise ValueError('blockwise attention does not take a bias')
         return blockwise_attention(q, k, v, num_heads, scale, dtype)
-    q = q.reshape(b, lq, num_heads, d)
-    k = k.reshape(b, k.shape[1], num_heads, d)
-    v = v.reshape(b, v.shape[1], num_heads, d)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+    qh, kh, vh = (_split_heads(x, num_heads) for x in (q, k, v))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', qh, kh).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, Lq, H, D)
-    return out.reshape(b, lq, inner)
+    return _merge_heads(jnp.einsum('bhqk,bhkd->bhqd', weights, vh))
 
 
 def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jnp.float32,
@@ -234,31 +247,35 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
     q_block, k_block = min(q_block, lq), min(k_block, lk)
     nq, nk = -(-lq // q_block), -(-lk // k_block)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0)))
-    qs = jnp.moveaxis(pad(q, nq * q_block).reshape(b, nq, q_block, num_heads, d), 1, 0)
-    ks = jnp.moveaxis(pad(k, nk * k_block).reshape(b, nk, k_block, num_heads, d), 1, 0)
-    vs = jnp.moveaxis(pad(v, nk * k_block).reshape(b, nk, k_block, num_heads, d), 1, 0)
+    # (nq, B, H, q_block, D); keys pre-transposed (nk, B, H, D, k_block); values (nk, B, H, k_block, D)
+    qs = jnp.moveaxis(_split_heads(pad(q, nq * q_block), num_heads)
+                      .reshape(b, num_heads, nq, q_block, d), 2, 0)
+    ks = jnp.moveaxis(_split_heads(pad(k, nk * k_block), num_heads).swapaxes(2, 3)
+                      .reshape(b, num_heads, d, nk, k_block), 3, 0)
+    vs = jnp.moveaxis(_split_heads(pad(v, nk * k_block), num_heads)
+                      .reshape(b, num_heads, nk, k_block, d), 2, 0)
     valid = (jnp.arange(nk * k_block) < lk).reshape(nk, k_block)
 
     @jax.checkpoint
     def key_step(carry, block):
         m, l, acc, qi = carry
         kj, vj, ok = block
-        s = jnp.einsum('bqhd,bkhd->bhqk', qi, kj).astype(jnp.float32) * scale
+        s = jnp.matmul(qi, kj).astype(jnp.float32) * scale  # (B, H, q_block, k_block)
         s = jnp.where(ok, s, -jnp.inf)  # the first key block always has a real key
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
+        m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+        p = jnp.exp(s - m_new)
         corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum('bhqk,bkhd->bhqd', p.astype(dtype), vj)
+        l = l * corr + p.sum(-1, keepdims=True)
+        acc = acc * corr + jnp.matmul(p.astype(dtype), vj).astype(jnp.float32)
         return (m_new, l, acc, qi), None
 
     def query_block(qi):
-        init = (jnp.full((b, num_heads, q_block), -jnp.inf, jnp.float32),
-                jnp.zeros((b, num_heads, q_block), jnp.float32),
+        init = (jnp.full((b, num_heads, q_block, 1), -jnp.inf, jnp.float32),
+                jnp.zeros((b, num_heads, q_block, 1), jnp.float32),
                 jnp.zeros((b, num_heads, q_block, d), jnp.float32), qi)
         (m, l, acc, _), _ = jax.lax.scan(key_step, init, (ks, vs, valid))
-        return jnp.moveaxis(acc / l[..., None], 1, 2)  # (B, q_block, H, D)
+        return acc / l  # (B, H, q_block, D)
 
-    out = jax.lax.map(query_block, qs)  # (nq, B, q_block, H, D)
-    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * q_block, inner)[:, :lq]
-    return out.astype(dtype)
+    out = jax.lax.map(query_block, qs)  # (nq, B, H, q_block, D)
+    out = jnp.moveaxis(out, 0, 2).reshape(b, num_heads, nq * q_block, d)[:, :, :lq]
+    return _merge_heads(out).astype(dtype)
