@@ -16,7 +16,7 @@ import common  # noqa: E402
 
 MODULES = {'unet_image_stream': 'bench_unet', 'unet_text_stream': 'bench_text_unet',
            'convert_checkpoint': 'bench_convert', 'levers': 'bench_levers',
-           'train_step': 'bench_train'}
+           'train_step': 'bench_train', 'attention': 'bench_attention'}
 
 
 def main(argv=None):

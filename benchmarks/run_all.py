@@ -18,7 +18,7 @@ import common  # noqa: E402
 
 ORDER = (('bench_unet', ['--tag', 'shipped']),
          ('bench_unet', ['--xla-default', '--attention', 'dense', '--tag', 'jaxlib-defaults']),
-         ('bench_text_unet', ['--tag', 'shipped']), ('bench_convert', []),
+         ('bench_text_unet', ['--tag', 'shipped']), ('bench_attention', []), ('bench_convert', []),
          ('bench_levers', ['--profile']), ('bench_train', []))
 
 

@@ -23,6 +23,7 @@ SCRIPTS = {
     # tiny model's level-2 self-attention has 1024 tokens
     'bench_levers': ['--profile', '--sizes', '64', '--variants', 'baseline', 'chunked', 'flash'],
     'bench_train': [],
+    'bench_attention': [],
 }
 TOL = 1e-4
 
@@ -110,6 +111,15 @@ def test_levers_smoke(records):
     # the attention prototypes are exact rewrites: same output as the baseline
     for name in ('chunked', 'flash'):
         assert r['variants'][name]['max_abs_diff_vs_baseline'][size] < 1e-5, name
+
+
+def test_attention_smoke(records):
+    r = records['bench_attention']
+    assert len(r['runs']) == 3
+    for run in r['runs']:
+        assert set(run['times']) == {'torch_sdpa', 'packed_dense', 'dense', 'blockwise', 'auto'}
+        # every form is exact: torch's SDPA up to f32 rounding
+        assert max(run['max_abs_diff_vs_torch'].values()) < 1e-5, run
 
 
 def test_train_smoke(records):

@@ -223,12 +223,15 @@ def attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
         if bias is not None:
             raise ValueError('blockwise attention does not take a bias')
         return blockwise_attention(q, k, v, num_heads, scale, dtype)
-    qh, kh, vh = (_split_heads(x, num_heads) for x in (q, k, v))
-    logits = jnp.einsum('bhqd,bhkd->bhqk', qh, kh).astype(jnp.float32) * scale
+    # scale q, not the logits, and normalise after the value product: both save a pass over
+    # the (B, H, Lq, Lk) logits, which XLA:CPU does not fuse into the dots (1.6x at 1024 keys)
+    qh, kh, vh = (_split_heads(x, num_heads) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', qh, kh).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    return _merge_heads(jnp.einsum('bhqk,bhkd->bhqd', weights, vh))
+    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum('bhqk,bhkd->bhqd', p.astype(dtype), vh) / p.sum(-1, keepdims=True)
+    return _merge_heads(out.astype(dtype))
 
 
 def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jnp.float32,
@@ -248,7 +251,7 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
     nq, nk = -(-lq // q_block), -(-lk // k_block)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0)))
     # (nq, B, H, q_block, D); keys pre-transposed (nk, B, H, D, k_block); values (nk, B, H, k_block, D)
-    qs = jnp.moveaxis(_split_heads(pad(q, nq * q_block), num_heads)
+    qs = jnp.moveaxis(_split_heads(pad(q * jnp.asarray(scale, q.dtype), nq * q_block), num_heads)
                       .reshape(b, num_heads, nq, q_block, d), 2, 0)
     ks = jnp.moveaxis(_split_heads(pad(k, nk * k_block), num_heads).swapaxes(2, 3)
                       .reshape(b, num_heads, d, nk, k_block), 3, 0)
@@ -260,7 +263,7 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
     def key_step(carry, block):
         m, l, acc, qi = carry
         kj, vj, ok = block
-        s = jnp.matmul(qi, kj).astype(jnp.float32) * scale  # (B, H, q_block, k_block)
+        s = jnp.matmul(qi, kj).astype(jnp.float32)  # (B, H, q_block, k_block); q pre-scaled
         s = jnp.where(ok, s, -jnp.inf)  # the first key block always has a real key
         m_new = jnp.maximum(m, s.max(-1, keepdims=True))
         p = jnp.exp(s - m_new)
