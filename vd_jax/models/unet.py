@@ -591,7 +591,7 @@ class Diffuser(nn.Module):
       dtype: compute dtype; parameters stay `param_dtype`; outputs are float32.
       remat: rematerialise ResBlocks/FCBlocks/transformers in the backward pass.
       attention: 'auto' (blockwise online softmax above `layers.BLOCKWISE_MIN_KEYS` keys,
-        i.e. the 4096-token self-attention of a 64x64 latent; dense below), 'dense' or
+        i.e. the self-attention of 32x32 and 64x64 latents; dense below), 'dense' or
         'blockwise'. Same values either way; blockwise bounds memory and is faster on CPU.
     """
     config: Any
