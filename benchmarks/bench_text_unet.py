@@ -115,10 +115,7 @@ def main(argv=None):
     rec = dict(benchmark='unet_text_stream', args=vars(args), machine=common.machine_info())
     log = print
     if not args.no_gemm:
-        log('== f32 GEMM peak and read bandwidth')
-        rec['gemm'] = common.gemm_peak((256,) if smoke else (2048, 4096), reps=1 if smoke else 5,
-                                       warmup=1 if smoke else 2)
-        rec['bandwidth'] = common.read_bandwidth(2**24 if smoke else 2**30, reps=2 if smoke else 5)
+        common.machine_peaks(rec, smoke, bandwidth=True, log=log)
 
     log('== build diffusers UNetFlatConditionModel and convert it')
     cfg = model_config(smoke)

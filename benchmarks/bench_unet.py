@@ -162,7 +162,7 @@ def main(argv=None):
     ap.add_argument('--no-probes', action='store_true', help='skip the per-side RSS probes')
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
     ap.add_argument('--attention', choices=('auto', 'dense', 'blockwise'), default='auto',
-                    help="our Diffuser's attention implementation (auto: blockwise above 1024 keys)")
+                    help="our Diffuser's attention implementation (auto: blockwise above 512 keys)")
     ap.add_argument('--probe', choices=('torch', 'jax'), help=argparse_hidden())
     ap.add_argument('--probe-size', type=int, default=None, help=argparse_hidden())
     args = ap.parse_args(argv)
@@ -186,9 +186,7 @@ def main(argv=None):
     rec = dict(benchmark='unet_image_stream', args=vars(args), machine=common.machine_info())
     log = print
     if not args.no_gemm:
-        log('== f32 GEMM peak')
-        rec['gemm'] = common.gemm_peak((256,) if smoke else (2048, 4096), reps=1 if smoke else 5,
-                                       warmup=1 if smoke else 2)
+        common.machine_peaks(rec, smoke, log=log)
 
     log('== build diffusers UNet2DConditionModel and convert it')
     cfg = model_config(smoke)

@@ -426,6 +426,17 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5, log: Callable[[str], None
     return out
 
 
+def machine_peaks(rec: dict, smoke: bool, bandwidth: bool = False,
+                  log: Callable[[str], None] = print) -> None:
+    """Measure the f32 GEMM peak (and optionally the read bandwidth) at the start of a run
+    and store them in `rec` ('gemm', 'bandwidth'): the limits the run's rates are set against."""
+    log('== f32 GEMM peak' + (' and read bandwidth' if bandwidth else ''))
+    rec['gemm'] = gemm_peak((256,) if smoke else (2048, 4096), reps=1 if smoke else 5,
+                            warmup=1 if smoke else 2)
+    if bandwidth:
+        rec['bandwidth'] = read_bandwidth(2**24 if smoke else 2**30, reps=2 if smoke else 5)
+
+
 def best_peak(gemm: dict, n: int = 4096) -> Optional[float]:
     """The machine's f32 matmul peak: the best library median at size n (else the largest)."""
     vals = [peak_of(gemm, lib, n) for lib in gemm]
