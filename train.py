@@ -4,7 +4,8 @@
 
 Overrides are `key=value` or `--config.key=value` (a mistyped key is an error), e.g.
 `optimizer.lr=5e-5 mesh.fsdp=8 "flows=['t2i','i2i']"`. Re-running the same command resumes
-from the latest checkpoint in the workdir. SIGTERM saves a checkpoint and stops.
+from the latest checkpoint in the workdir. SIGTERM or Ctrl-C saves a checkpoint and stops
+(exit code 75, so schedulers can tell a preempted run from a finished one, 0).
 Several hosts: run the same command on every host with --distributed (TPU/GPU clusters
 find their peers themselves; elsewhere add --coordinator HOST:PORT --num_processes N
 --process_id I). `--export` only writes the EMA weights of the latest checkpoint.
@@ -13,6 +14,8 @@ import argparse
 import logging
 import os
 import sys
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the command again
 
 
 def parse_args(argv):
@@ -55,8 +58,8 @@ def main(argv=None):
                                    num_processes=args.num_processes, process_id=args.process_id)
 
     from vd_jax.config import load_config
-    from vd_jax.train.config import ConfigError, apply_overrides
-    from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train_and_evaluate
+    from vd_jax.train.settings import ConfigError, apply_overrides
+    from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train
 
     try:
         cfg = load_config(args.config)
@@ -71,16 +74,16 @@ def main(argv=None):
         print(export_from_workdir(cfg, args.workdir))
         return 0
     try:
-        out = train_and_evaluate(cfg, args.workdir)
+        out = train(cfg, args.workdir)
     except TrainingDiverged as e:
         logging.error('%s', e)
         return 3
-    except ConfigError as e:
-        print(f'train.py: {e}', file=sys.stderr)
+    except (ConfigError, ValueError) as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
         return 2
     logging.info('%s at step %d%s', out['status'], out['step'],
                  f"; EMA weights in {out['export']}" if out['export'] else '')
-    return 0
+    return EXIT_PREEMPTED if out['status'] == 'preempted' else 0
 
 
 if __name__ == '__main__':

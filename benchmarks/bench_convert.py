@@ -2,7 +2,7 @@
 
 1. A child process writes a synthetic fp16 checkpoint of the whole four-flow diffuser
    (2,566,318,852 parameters, plus the 12 schedule buffers) in the original v1.0 layout,
-   every key and shape taken from `shared/design/vd_keys_fourflow.tsv`, random values
+   every key and shape taken from `tests/data/vd_keys_fourflow.tsv`, random values
    (`--smoke`: the tiny four-flow diffuser, exported with `export_diffuser`).
 2. A fresh child process converts it with `vd_jax.convert.convert_checkpoint` to a float32
    vd_jax checkpoint (the default CLI path), sampling its memory every 50 ms.
@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-TSV = os.path.normpath(os.path.join(common.REPO, '..', 'shared', 'design', 'vd_keys_fourflow.tsv'))
+TSV = os.path.join(common.REPO, 'tests', 'data', 'vd_keys_fourflow.tsv')
 DIFFUSER_GROUPS = ('global(', 'data(', 'context(')
 
 
@@ -55,7 +55,8 @@ def generate(path: str, smoke: bool, tsv: str) -> dict:
         from vd_jax.config import load_config
         from vd_jax.convert.diffuser_rules import export_diffuser
         from vd_jax.models.init import random_params
-        from vd_jax.models.unet import Diffuser, abstract_params
+        from vd_jax.models.init import abstract_params
+        from vd_jax.models.unet import Diffuser
         cfg = load_config('vd_four_flow:tiny').model
         params = random_params(abstract_params(Diffuser(cfg.diffuser)))
         sd = {k: torch.from_numpy(np.ascontiguousarray(v)).half()

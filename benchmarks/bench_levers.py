@@ -314,7 +314,8 @@ def child(args) -> dict:
     import jax
     import jax.numpy as jnp
     from vd_jax.models.init import random_params
-    from vd_jax.models.unet import Diffuser, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.unet import Diffuser
     from bench_unet import model_config
     apply_patches(var.get('attention'))
     cfg = model_config(smoke)

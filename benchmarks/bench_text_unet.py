@@ -83,19 +83,6 @@ def convert(unet, cfg):
     return to_device(flatten(params)), t_conv
 
 
-def torch_step_fn(unet, sched):
-    import torch
-
-    def step(x, t, ctx2):  # x (1, C)
-        with torch.inference_mode():
-            xx = torch.cat([x, x])[:, :, None, None]
-            eps = unet(xx, t, encoder_hidden_states=ctx2).sample[:, :, 0, 0]
-            e_u, e_c = eps.chunk(2)
-            eps = e_u + GUIDANCE * (e_c - e_u)
-            return sched.step(eps, t, x, eta=0.0).prev_sample
-    return step
-
-
 def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak / bandwidth measurement')
@@ -131,7 +118,7 @@ def main(argv=None):
     model = Diffuser(cfg.diffuser)
     js = JaxSide(model, params, 50, cfg.schedule, xtype='text', ctype='text')
     sched = ddim_scheduler(50)
-    tstep = torch_step_fn(unet, sched)
+    tstep = common.torch_cfg_step(unet, sched, GUIDANCE, flat=True)
     tc = text_unet_config(smoke)
     cd, width = tc['cross_attention_dim'], tc['in_channels'][0]
 

@@ -2,7 +2,7 @@
 
 Each (config, device count) runs in its own process, because the number of host devices is
 an XLA flag read at start-up (`--xla_force_host_platform_device_count=8`). A process builds
-the run with the trainer's own API (`vd_jax.trainer.setup` -> mesh, shardings, jitted step;
+the run with the trainer's own API (`vd_jax.train.setup` -> mesh, shardings, jitted step;
 `initial_state` with numpy-random init), places one constant synthetic global batch, compiles
 (timed), then times `--reps` optimizer steps (all four flows, AdamW, EMA) blocking on the
 loss each step. The global batch is the same for every device count, so the cost per example
@@ -59,8 +59,8 @@ def child(args) -> dict:
     import numpy as np
     import jax
     from vd_jax import sharding as shd
-    from vd_jax import trainer
-    from vd_jax.train.config import needed_fields
+    from vd_jax import train as trainer
+    from vd_jax.train.settings import needed_fields
     n_dev = len(jax.devices())
     cfg = train_config(args.config)
     cfg.batch_size = args.batch

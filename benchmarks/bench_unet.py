@@ -141,18 +141,6 @@ class JaxSide:
         return loop
 
 
-def torch_step_fn(unet, sched):
-    import torch
-
-    def step(x, t, ctx2):
-        with torch.inference_mode():
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx2).sample
-            e_u, e_c = eps.chunk(2)
-            eps = e_u + GUIDANCE * (e_c - e_u)
-            return sched.step(eps, t, x, eta=0.0).prev_sample
-    return step
-
-
 def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
     ap.add_argument('--sizes', type=int, nargs='+', default=None, help='latent sizes (default 32 64)')
@@ -205,7 +193,7 @@ def main(argv=None):
     model = Diffuser(cfg.diffuser, attention=args.attention)
     js = JaxSide(model, params, loop_steps or 50, cfg.schedule)
     sched = ddim_scheduler(loop_steps or 50)
-    tstep = torch_step_fn(unet, sched)
+    tstep = common.torch_cfg_step(unet, sched, GUIDANCE)
     cd = unet_config(smoke)['cross_attention_dim']
 
     g = torch.Generator().manual_seed(1)
@@ -352,7 +340,7 @@ def probe(args):
         unet = build_torch(smoke)
         r1 = common.rss()
         sched = ddim_scheduler(steps)
-        step = torch_step_fn(unet, sched)
+        step = common.torch_cfg_step(unet, sched, GUIDANCE)
         cd = unet_config(smoke)['cross_attention_dim']
         ctx2 = torch.randn(2, CTX_LEN, cd)
         x = torch.randn(1, 4, size, size)
@@ -364,7 +352,8 @@ def probe(args):
         from vd_jax.diffusion.sampling import Sampler
         from vd_jax.diffusion.schedule import make_schedule
         from vd_jax.models.init import random_params
-        from vd_jax.models.unet import Diffuser, abstract_params
+        from vd_jax.models.init import abstract_params
+        from vd_jax.models.unet import Diffuser
         cfg = model_config(smoke)
         model = Diffuser(cfg.diffuser, attention=args.attention)
         r0 = common.rss()

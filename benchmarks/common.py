@@ -538,3 +538,20 @@ def run_child(argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
     out = json.loads(lines[-1])
     out['child_wall_s'] = wall
     return out
+
+
+def torch_cfg_step(unet, sched, guidance: float, flat: bool = False):
+    """One classifier-free-guided scheduler step of a diffusers UNet, the PyTorch side of
+    every sampler benchmark: step(x, t, ctx2) with ctx2 = cat[uncond, cond] runs one batched
+    forward over cat[x, x]. flat: the text stream's (B, C) latents enter diffusers'
+    UNetFlatConditionModel as (B, C, 1, 1)."""
+    import torch
+
+    def step(x, t, ctx2):
+        with torch.inference_mode():
+            xx = torch.cat([x, x])
+            eps = unet(xx[:, :, None, None] if flat else xx, t, encoder_hidden_states=ctx2).sample
+            e_u, e_c = (eps[:, :, 0, 0] if flat else eps).chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+            return sched.step(eps, t, x, eta=0.0).prev_sample
+    return step

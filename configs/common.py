@@ -99,26 +99,30 @@ def schedule():
     return dict(beta_linear_start=0.00085, beta_linear_end=0.012, timesteps=1000)
 
 
-def model_config(streams, global_layer_ptr='image', name='vd', tiny=False):
-    """The `model` section: diffuser streams plus the VAE and context encoder of each modality
-    the streams use (vd.yaml `vae_cfg_list`, `ctx_cfg_list`)."""
+# Default sizes of each model family's config section (family names: `vd_jax.models`).
+SECTIONS = {'autokl': autokl, 'optimus': optimus, 'clip_vision': clip_vision,
+            'clip_text': clip_text}
+
+
+def model_config(streams, global_layer_ptr='image', name='vd', tiny=False, image_size=None):
+    """The `model` section: diffuser streams plus, for every modality a stream uses, its VAE
+    (data layers: to encode and decode that modality) and its context encoder (context
+    layers), as `vd_jax.modalities` assigns them (vd.yaml `vae_cfg_list`, `ctx_cfg_list`).
+
+    image_size: default generation side in pixels (512 for the released models, whose
+    demo generates at 512; the tiny model 32)."""
+    from vd_jax import modalities
     cfg = ml_collections.ConfigDict()
     cfg.name = name
+    cfg.image_size = int(image_size or (32 if tiny else 512))
     cfg.diffuser = dict(global_layer_ptr=global_layer_ptr, streams=streams)
-    data = [k for k, v in streams.items() if 'data' in v['parts']]
-    ctx = [k for k, v in streams.items() if 'context' in v['parts']]
-    # image data needs AutoKL; text data needs Optimus; contexts need their CLIP tower (and the
-    # image-variation flows of any model need the image VAE to encode/decode).
-    cfg.vae = {}
-    if 'image' in data:
-        cfg.vae.image = autokl(tiny)
-    if 'text' in data:
-        cfg.vae.text = optimus(tiny)
-    cfg.ctx = {}
-    if 'image' in ctx:
-        cfg.ctx.image = clip_vision(tiny)
-    if 'text' in ctx:
-        cfg.ctx.text = clip_text(tiny)
+    cfg.vae, cfg.ctx = {}, {}
+    for m, s in streams.items():
+        mod = modalities.get(m)
+        if 'data' in s['parts']:
+            cfg.vae[m] = SECTIONS[mod.vae_family](tiny)
+        if 'context' in s['parts']:
+            cfg.ctx[m] = SECTIONS[mod.ctx_family](tiny)
     cfg.schedule = schedule()
     # vd.yaml: latent_scale_factor {image: 0.18215}; text latents are used unscaled.
     cfg.latent_scale_factor = {'image': 0.18215, 'text': 1.0}

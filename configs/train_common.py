@@ -8,21 +8,8 @@ Override any key on the command line: `python train.py --config ... optimizer.lr
 """
 import ml_collections
 
-from vd_jax import sharding_names as ax
+from vd_jax.sharding import DEFAULT_RULES
 
-DEFAULT_RULES = [
-    (ax.BATCH, ('data', 'fsdp')),  # the batch is split over every data-parallel device
-    (ax.EMBED, 'fsdp'),            # FSDP: kernels' input features over the fsdp axis
-    (ax.CONV_IN, 'fsdp'),
-    (ax.MLP, 'model'),             # tensor parallelism (model axis, size 1 by default)
-    (ax.CONV_OUT, 'model'),
-    (ax.VOCAB, 'model'),
-    (ax.NORM, None),
-    (ax.LENGTH, None),
-    (ax.HEIGHT, None),
-    (ax.WIDTH, None),
-    (ax.ACT_EMBED, None),
-]
 
 # Where an SD-style UNet's layers go (source stream 'image' after conversion -> target).
 SD_MAP = 'image/time_embed->image/time_embed, image/data_blocks->image/data_blocks'

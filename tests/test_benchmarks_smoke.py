@@ -89,7 +89,8 @@ def test_text_stream_smoke(records):
 
 def test_convert_smoke(records):
     from vd_jax.config import load_config
-    from vd_jax.models.unet import Diffuser, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.unet import Diffuser
     import jax
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
         abstract_params(Diffuser(load_config('vd_four_flow:tiny').model.diffuser))))

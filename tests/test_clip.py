@@ -17,11 +17,10 @@ torchvision is installed) on generated photo-like images saved as PNG and JPEG, 
 portrait, a non-square crop, an image more than twice as tall as wide and an upscaled small
 one. Tolerance: exact (0): our resampler reproduces Pillow's integer arithmetic.
 """
-import csv
-import os
 
 import jax
 import jax.numpy as jnp
+import listing
 import numpy as np
 import pytest
 import torch
@@ -33,11 +32,19 @@ from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
 from vd_jax.convert.sources import TensorSource
 from vd_jax.image_io import (CLIP_MEAN, CLIP_STD, ImageReadError, clip_preprocess, load_image,
                              resize_bicubic)
-from vd_jax.models.clip import abstract_params, image_context, text_context
+from vd_jax.models import family
+from vd_jax.models.init import abstract_params
+
+
+def text_context(section):
+    return family('clip_text').build(section)
+
+
+def image_context(section):
+    return family('clip_vision').build(section)
 from vd_jax.tokenizers import clip_tokenizer
 
 TOL = 1e-4
-DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,9 +296,7 @@ def test_full_size_counts_and_released_keys():
     assert text['text_model']['encoder']['layers_11']['self_attn']['q_proj']['kernel'].shape == (768, 768)
     assert image['vision_model']['embeddings']['patch_embedding']['kernel'].shape == (14, 14, 3, 1024)
 
-    with open(os.path.join(DESIGN, 'vd_keys_fourflow.tsv')) as f:
-        rows = [r for r in csv.reader(f, delimiter='\t') if r and not r[0].startswith('#')][1:]  # header
-    shapes = {r[0]: tuple(int(s) for s in r[1].split(',')) if r[1] else () for r in rows}
+    shapes = listing.shapes()
     layout, plans, targets, _ = plan_conversion(_Shapes(shapes), 'vd_four_flow',
                                                 parts=['ctx_text', 'ctx_image'])
     assert layout.name == 'vd-v1.0'

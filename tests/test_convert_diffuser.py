@@ -18,6 +18,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import listing
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,6 @@ from vd_jax.convert.sources import ShapeSource
 from vd_jax.models.unet import Diffuser, DiffuserConfig
 
 TOL = 1e-4
-DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
 
 
 def _tiny_references():
@@ -287,25 +287,11 @@ def test_diffusers_export_round_trip(refs):
         np.testing.assert_array_equal(out[k], v.numpy(), err_msg=k)
 
 
-def _tsv(name):
-    rows = []
-    with open(os.path.join(DESIGN, name)) as f:
-        for line in f:
-            if line.startswith('#') or not line.strip():
-                continue
-            rows.append(line.rstrip('\n').split('\t'))
-    return rows[1:]  # header
-
-
-def _shape(s):
-    return tuple(int(v) for v in s.split(',')) if s else ()
-
-
 def test_full_size_v10_keys_all_map_with_matching_shapes():
-    rows = _tsv('vd_keys_fourflow.tsv')
-    shapes = {r[0]: _shape(r[1]) for r in rows if r[0].startswith('diffuser.')}
+    rows = listing.rows('vd_keys_fourflow.tsv')
+    shapes = {r[0]: listing.shape(r[1]) for r in rows if r[0].startswith('diffuser.')}
     assert len(shapes) == 4 + 266 + 416 + 266 + 416
-    schedule = {r[0]: _shape(r[1]) for r in rows if r[4] == 'schedule-buffer'}
+    schedule = {r[0]: listing.shape(r[1]) for r in rows if r[4] == 'schedule-buffer'}
     assert len(schedule) == 12
     layout, plans, targets, record = plan_conversion(ShapeSource({**shapes, **schedule}),
                                                      'vd_four_flow', parts=['diffuser'])
@@ -317,9 +303,9 @@ def test_full_size_v10_keys_all_map_with_matching_shapes():
 
 
 def test_full_size_legacy_keys_map_like_the_reference_listing():
-    rows = _tsv('vd_keys_fourflow_legacy_map.tsv')
+    rows = listing.rows('vd_keys_fourflow_legacy_map.tsv')
     assert len(rows) == 1368
-    shapes = {r[0]: _shape(r[2]) for r in rows}
+    shapes = {r[0]: listing.shape(r[2]) for r in rows}
     v10_of = {r[0]: r[1] for r in rows}
     layout, plans, targets, _ = plan_conversion(ShapeSource(shapes), 'vd_four_flow')
     assert layout.name == 'vd-legacy'

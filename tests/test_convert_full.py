@@ -1,24 +1,16 @@
 """The whole released four-flow checkpoint (every part) maps strictly, at full size, without
 allocating: the key listing's shapes against `jax.eval_shape` of every vd_jax module."""
-import os
 
+import listing
 import numpy as np
 
 from vd_jax.convert import plan_conversion
 from vd_jax.convert.sources import ShapeSource
 
-LISTING = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design',
-                       'vd_keys_fourflow.tsv')
 
 
 def test_every_key_of_the_released_checkpoint_is_accounted_for():
-    shapes = {}
-    with open(LISTING) as f:
-        for line in f:
-            if line.startswith(('#', 'key\t')) or not line.strip():
-                continue
-            key, shape = line.split('\t')[:2]
-            shapes[key] = tuple(int(v) for v in shape.split(',')) if shape else ()
+    shapes = listing.shapes()
     assert len(shapes) == 3175
     layout, plans, targets, record = plan_conversion(ShapeSource(shapes), 'vd_four_flow')
     assert layout.name == 'vd-v1.0'

@@ -20,8 +20,8 @@ import numpy as np
 from vd_jax.checkpoint import flatten, load_part
 from vd_jax.config import load_config
 from vd_jax.sharding import create_mesh
-from vd_jax.train.config import StepConfig, apply_overrides
-from vd_jax.train.loop import Checkpointer, load_metrics, make_model, train_and_evaluate
+from vd_jax.train.settings import StepConfig, apply_overrides
+from vd_jax.train.loop import Checkpointer, load_metrics, make_model, train
 from vd_jax.train.step import state_shardings
 
 import train_helper
@@ -58,7 +58,7 @@ def test_two_processes_train_like_one(tmp_path):
         # the 1-device reference while the two processes compile
         cfg = load_config(train_helper.CONFIG)
         apply_overrides(cfg, train_helper.SHARED + RUN)
-        ref = train_and_evaluate(cfg, str(tmp_path / 'ref'))
+        ref = train(cfg, str(tmp_path / 'ref'))
         logs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for p in procs:

@@ -18,10 +18,10 @@ Tolerance 1e-4 (max abs) on hidden states, pooled output, mu and logits of magni
 both sides are fp32 and differ only by summation order (measured 1e-6 .. 1e-5); any
 mis-mapped tensor gives errors of order 1e-1 or more.
 """
-import os
 
 import jax
 import jax.numpy as jnp
+import listing
 import numpy as np
 import pytest
 import torch
@@ -32,13 +32,12 @@ from vd_jax.config import load_config
 from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
 from vd_jax.convert.parts import detect_layout
 from vd_jax.convert.sources import ShapeSource
-from vd_jax.models import optimus as opt
-from vd_jax.models.optimus import (BOS_ID, EOS_ID, PAD_ID, Optimus, decode_ids, decode_latent,
-                                   encode_ids, encode_text, ids_to_text, param_count,
-                                   remove_repeated_ngrams, tokenize_for_encoder)
+from vd_jax import text_io
+from vd_jax.models.optimus import BOS_ID, EOS_ID, PAD_ID, Optimus, param_count
+from vd_jax.text_io import (decode_ids, decode_latent, encode_ids, encode_text, ids_to_text,
+                            remove_repeated_ngrams, tokenize_for_encoder)
 
 TOL = 1e-4
-DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
 D, LATENT, LAYERS, HEADS = 32, 16, 2, 2
 
 
@@ -75,7 +74,7 @@ def ref():
             torch.ones(1024, 1024))[None, None]
     params = convert_checkpoint(sd, cfg)['vae_text']
     return dict(bert=bert, gpt=gpt, lin_b=lin_b, lin=lin, lin_e=lin_e, sd=sd, cfg=cfg,
-                params=params, model=Optimus.from_model_config(cfg))
+                params=params, model=Optimus(cfg.vae.text))
 
 
 def _max(a, b):
@@ -200,9 +199,9 @@ def test_greedy_and_beam_match_reference(ref):
     b1 = decode_ids(model, params, z, 'beam', beam_size=1, max_length=L)
     np.testing.assert_array_equal(np.asarray(b1.tokens), np.asarray(g.tokens))
     # one compiled program serves any batch of the same shape
-    n = opt._decode_jit._cache_size()
+    n = text_io._decode_jit._cache_size()
     decode_ids(model, params, z + 0.5, 'greedy', max_length=L)
-    assert opt._decode_jit._cache_size() == n
+    assert text_io._decode_jit._cache_size() == n
     b3 = decode_ids(model, params, z, 'beam', beam_size=3, max_length=L)
     assert b3.tokens.shape == (3, L) and np.all(np.asarray(b3.tokens)[:, 0] == BOS_ID)
     assert np.all(np.asarray(b3.tokens)[np.arange(3), np.asarray(b3.lengths) - 1] == EOS_ID)
@@ -228,21 +227,10 @@ def test_sampling_keys(ref):
 # Full size and the real key list
 # ----------------------------------------------------------------------------------------
 
-def _tsv_shapes():
-    shapes = {}
-    with open(os.path.join(DESIGN, 'vd_keys_fourflow.tsv')) as f:
-        for line in f:
-            if line.startswith('#') or line.startswith('key\t'):
-                continue
-            key, shape = line.rstrip('\n').split('\t')[:2]
-            shapes[key] = tuple(int(s) for s in shape.split(',')) if shape else ()
-    return shapes
-
-
 def test_full_size_counts_and_fourflow_keys():
     counts = param_count(Optimus(optimus_cfg()))
     assert counts == {'encoder': 109_489_920, 'decoder': 132_109_824}, counts
-    shapes = _tsv_shapes()
+    shapes = listing.shapes()
     text = {k for k in shapes if k.startswith('vae.text.')}
     assert len(text) == 363
     layout, plans, targets, _ = plan_conversion(ShapeSource(shapes, 'vd_keys_fourflow.tsv'),
@@ -284,7 +272,7 @@ def test_standalone_optimus_layout(ref):
           'encoder.mid.block_1.conv1.weight']
     assert detect_layout(kl).name == 'ldm-autokl'
     # layout of the real file: the key names of the TSV without the prefix
-    keys = [k[len('vae.text.'):] for k in _tsv_shapes() if k.startswith('vae.text.')]
+    keys = [k[len('vae.text.'):] for k in listing.shapes() if k.startswith('vae.text.')]
     assert detect_layout(keys).name == 'optimus'
 
 

@@ -43,7 +43,7 @@ def test_guidance_scale_one_is_the_conditional_run(vd):
     from vd_jax.diffusion.sampling import sample
     a = vd.text_to_image(['a cat'], n=2, steps=STEPS, scale=1.0, seed=3)
     c = vd.encode_prompts(['a cat'] * 2)
-    d = vd.models.diffuser
+    d = vd.components.module('diffuser')
     z = jax.jit(lambda p, c: sample(lambda x, t, ctx: d.apply({'params': p}, x, t, ctx, 'image', 'text'),
                                     vd.schedule, c, guidance_scale=1.0, steps=STEPS,
                                     keys=jnp.asarray([3, 4], jnp.uint32), shape=(2, 16, 16, 4)))(
@@ -150,6 +150,8 @@ def test_sample_py_writes_what_it_promises(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and 'test_pipeline.py' in r.stderr  # not an image: clear error
     r = subprocess.run(cmd[:-2] + ['--task', 't2t'], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and 'needs a prompt' in r.stderr  # no silent default input
+    r = subprocess.run(cmd + ['--task', 't2t'], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(out / 'run-002')) == ['settings.json', 'texts.json', 'texts.txt']
     assert (run / 'grid.png').exists()  # the earlier run is untouched

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from vd_jax import sharding as shd
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
-from vd_jax.train.config import apply_overrides
-from vd_jax.train.loop import train_and_evaluate
+from vd_jax.train.settings import apply_overrides
+from vd_jax.train.loop import train
 
 import train_helper
 
@@ -85,7 +85,7 @@ def test_one_device_and_eight_devices_take_the_same_step(eight_devices, tmp_path
     # the reference, while the subprocess compiles (XLA compiles single-threaded)
     cfg = load_config(train_helper.CONFIG)
     apply_overrides(cfg, train_helper.SHARED + RUN)
-    ref = train_and_evaluate(cfg, str(tmp_path))
+    ref = train(cfg, str(tmp_path))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log[-4000:]
     with open(os.path.join(out, 'result.json')) as f:

@@ -27,12 +27,12 @@ from vd_jax.config import load_config
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.models.init import random_params
 from vd_jax.models.layers import timestep_embedding
-from vd_jax.train.config import (ConfigError, OptimConfig, StepConfig, apply_overrides,
+from vd_jax.train.settings import (ConfigError, OptimConfig, StepConfig, apply_overrides,
                                  parse_flows)
 from vd_jax.train.init_from import apply_init_sources
 from vd_jax.train.inputs import SyntheticLatentSource, record_spec
 from vd_jax.train.loop import (Checkpointer, TrainingDiverged, export_from_workdir, load_metrics,
-                               make_model, setup, train_and_evaluate)
+                               make_model, setup, train)
 from vd_jax.train.optim import group_of, lr_schedule, make_optimizer, multiplier_tree
 from vd_jax.sharding import create_mesh
 from vd_jax.train.step import (_new_state, abstract_boxed_params, draw_noise, loss_and_grads,
@@ -262,7 +262,7 @@ def test_tiny_four_flow_model_overfits_a_tiny_set(tmp_path):
     # deterministic function of the weights and "falls by half" cannot be luck of the draw.
     # Observed: every flow at <15% of its first loss after 20 steps.
     cfg = _real_cfg('total_steps=20', 'data.num_records=8', 'checkpoint.every=1000')
-    out = train_and_evaluate(cfg, str(tmp_path))
+    out = train(cfg, str(tmp_path))
     hist = out['history']
     first, last = hist[1], hist[20]
     for name, _, _ in FLOWS:
@@ -283,15 +283,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # 24 records, batch 8, shuffled every epoch: the batches after the restart depend on the
     # restored grain iterator state, the draws on (step, record).
     cfg = _real_cfg('total_steps=8', 'data.num_records=24', 'checkpoint.every=4')
-    whole = train_and_evaluate(cfg, str(tmp_path / 'whole'))
+    whole = train(cfg, str(tmp_path / 'whole'))
 
     def sigterm_at_4(step, metrics):
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
-    first = train_and_evaluate(cfg, str(tmp_path / 'split'), hooks=[sigterm_at_4])
+    first = train(cfg, str(tmp_path / 'split'), hooks=[sigterm_at_4])
     assert first['status'] == 'preempted' and first['step'] == 4 and first['export'] is None
     assert Checkpointer(str(tmp_path / 'split'), 2).all_steps() == [4]
-    second = train_and_evaluate(cfg, str(tmp_path / 'split'))
+    second = train(cfg, str(tmp_path / 'split'))
     assert second['status'] == 'finished' and sorted(second['history']) == [5, 6, 7, 8]
     a, b = load_metrics(str(tmp_path / 'whole')), load_metrics(str(tmp_path / 'split'))
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -318,7 +318,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # record 41 is in the 6th batch (records 40-47, no shuffling): its latents are NaN
     source = SyntheticLatentSource(48, spec, seed=0, nan_records=[41])
     with pytest.raises(TrainingDiverged) as e:
-        train_and_evaluate(cfg, str(tmp_path / 'run'), data_source=source)
+        train(cfg, str(tmp_path / 'run'), data_source=source)
     msg = str(e.value)
     assert 'diverged at step 6' in msg and 'NOT saved' in msg and 'step 4' in msg, msg
     ckpt = Checkpointer(str(tmp_path / 'run'), 2)
@@ -356,7 +356,7 @@ def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     assert not np.array_equal(enc['latent_image'], again['latent_image'])
     for k in ('context_text', 'context_image', 'latent_text'):
         np.testing.assert_array_equal(enc[k], again[k])
-    out = train_and_evaluate(cfg, str(tmp_path / 'b'), data_source=source)
+    out = train(cfg, str(tmp_path / 'b'), data_source=source)
     assert sorted(out['history']) == [1, 2]
     assert all(np.isfinite(v) for v in out['history'][2].values())
     # the same encoders, once, into a pre-encoded dataset (centre crops) -> data.kind=encoded
@@ -368,7 +368,7 @@ def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     assert {k: tuple(record[k].shape) for k in spec} == spec
     enc_cfg = _real_cfg('total_steps=2', 'data.kind=encoded', 'export.at_end=False',
                         f'data.path={tmp_path / "enc"}')
-    out = train_and_evaluate(enc_cfg, str(tmp_path / 'c'))
+    out = train(enc_cfg, str(tmp_path / 'c'))
     assert sorted(out['history']) == [1, 2]
     assert all(np.isfinite(v) for v in out['history'][2].values())
 
@@ -378,7 +378,8 @@ def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 def _abstract(model_cfg):
-    from vd_jax.models.unet import Diffuser, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.unet import Diffuser
     return abstract_params(Diffuser(model_cfg.diffuser))
 
 

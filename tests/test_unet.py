@@ -1,9 +1,9 @@
 """The grouped diffuser: structure at full size (no allocation), configs, flows and mixing."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
+import listing
 import numpy as np
 import pytest
 
@@ -11,9 +11,9 @@ from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.models.init import init_params as init_module, random_params
 from vd_jax.models.unet import (Diffuser, DiffuserConfig, FCBlock, ResBlock, SpatialTransformer,
-                                abstract_params, plan_stream)
+                                plan_stream)
+from vd_jax.models.init import abstract_params
 
-DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
 
 
 def _count(tree):
@@ -22,8 +22,7 @@ def _count(tree):
 
 @pytest.fixture(scope='module')
 def counts():
-    with open(os.path.join(DESIGN, 'vd_param_counts.json')) as f:
-        return json.load(f)
+    return listing.param_counts()
 
 
 def test_four_flow_full_size_parameter_counts(counts):

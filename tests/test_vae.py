@@ -10,11 +10,11 @@ fp32; the only differences are summation orders in convolutions, GroupNorm stati
 the softmax through ~20 layers, measured at ~2e-6. Any mis-mapped tensor (a transposed
 kernel, a swapped block, the wrong Downsample padding) gives errors of order 1e-1.
 """
-import os
 import re
 
 import jax
 import jax.numpy as jnp
+import listing
 import numpy as np
 import pytest
 import torch
@@ -26,11 +26,11 @@ from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
 from vd_jax.convert.parts import KNOWN_UNSUPPORTED, LAYOUTS, detect_layout
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.convert.vae_rules import autokl_rows, export_autokl
-from vd_jax.models.vae import (LATENT_SCALE, AutoencoderKL, AutoKLConfig, param_count,
+from vd_jax.models.init import param_count
+from vd_jax.models.vae import (LATENT_SCALE, AutoencoderKL, AutoKLConfig,
                                vae_decode, vae_encode)
 
 TOL = 1e-4
-DESIGN = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'design')
 
 
 def _nhwc(t):
@@ -76,7 +76,7 @@ def ref():
     sd = {f'vae.{k}': v for k, v in m.state_dict().items()}
     cfg = load_config('tiny').model
     params = convert_checkpoint(sd, cfg)['vae_image']
-    model = AutoencoderKL.from_model_config(cfg)
+    model = AutoencoderKL(cfg.vae.image, latent_scale=cfg.latent_scale_factor.image)
     # eager on purpose: primitives compile once per shape and are shared by every test below,
     # which on this tiny model is cheaper than one jit compile per entry point
     encode = lambda p, x: model.apply({'params': p}, x, method=AutoencoderKL.encode)  # noqa: E731
@@ -273,19 +273,8 @@ def test_full_size_param_count():
     assert AutoKLConfig.from_dict(autokl()).downsample_factor == 8
 
 
-def _tsv_shapes():
-    shapes = {}
-    with open(os.path.join(DESIGN, 'vd_keys_fourflow.tsv')) as f:
-        for line in f:
-            if line.startswith('#') or line.startswith('key\t'):
-                continue
-            key, shape = line.rstrip('\n').split('\t')[:2]
-            shapes[key] = tuple(int(s) for s in shape.split(',')) if shape else ()
-    return shapes
-
-
 def test_fourflow_keys_map_onto_the_model():
-    shapes = _tsv_shapes()
+    shapes = listing.shapes()
     vae = {k for k in shapes if k.startswith('vae.image.')}
     assert len(vae) == 248
     src = ShapeSource(shapes, 'vd_keys_fourflow.tsv')

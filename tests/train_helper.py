@@ -32,13 +32,13 @@ def main(out_dir, overrides):
     from vd_jax import sharding as shd
     from vd_jax.checkpoint import flatten
     from vd_jax.config import load_config
-    from vd_jax.train.config import StepConfig, apply_overrides
-    from vd_jax.train.loop import gather, make_model, train_and_evaluate
+    from vd_jax.train.settings import StepConfig, apply_overrides
+    from vd_jax.train.loop import gather, make_model, train
     from vd_jax.train.step import abstract_boxed_params
 
     cfg = load_config(CONFIG)
     apply_overrides(cfg, SHARED + list(overrides))
-    out = train_and_evaluate(cfg, os.path.join(out_dir, 'workdir'))
+    out = train(cfg, os.path.join(out_dir, 'workdir'))
     state = out['state']
     info = {'devices': jax.device_count(), 'processes': jax.process_count(),
             'mesh': {k: int(v) for k, v in dict(out['state'].step.sharding.mesh.shape).items()},

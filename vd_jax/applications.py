@@ -7,7 +7,7 @@
 * `edit_text_latent`: I2T2I's latent edit (remove the negative prompt's direction, add the
   positive prompt's latent; legacy `inference.py:320-387`).
 * `color_adjust`: the demo's "Simple" colour matching.
-(The demo's cleanup of repeated n-grams in decoded text is `optimus.remove_repeated_ngrams`.)
+(The demo's cleanup of repeated n-grams in decoded text is `vd_jax.text_io.remove_repeated_ngrams`.)
 
 The originals use `torch.pca_lowrank` (a randomized SVD: q=20, niter=100 in v1.0; niter=10
 in the CLI). Here the top-q singular triplets come from an exact SVD; the randomized

@@ -10,7 +10,7 @@ so converting the 10 GB diffuser never holds more than one tensor beside the sou
 is read by memory-mapping, so loading is lazy and each host of a pod can read only the
 slices its devices own (`load_params(..., shardings=...)`); and it is a plain, pickle-free
 format that PyTorch users can open too. Training state (optimizer, EMA, data iterator)
-uses Orbax instead (`vd_jax.trainer`).
+uses Orbax instead (`vd_jax.train`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,7 +30,6 @@ try:  # bfloat16 for numpy (a jax dependency)
 except ImportError:  # pragma: no cover
     _BF16 = None
 
-PARTS = ('diffuser', 'vae_image', 'vae_text', 'ctx_image', 'ctx_text')
 
 _ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
               np.dtype(np.float64): 'F64', np.dtype(np.int64): 'I64',
@@ -165,6 +164,11 @@ def flatten(tree: Mapping, sep: str = '/') -> Dict[str, Any]:
     return out
 
 
+def path_str(keypath, sep: str = '/') -> str:
+    """A jax tree key path (DictKey/GetAttrKey/...) as the '/'-joined name `flatten` uses."""
+    return sep.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keypath)
+
+
 def unflatten(flat: Mapping[str, Any], sep: str = '/') -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for path, v in flat.items():
@@ -281,8 +285,8 @@ def write_checkpoint(out: str, model_config, parts: Mapping[str, Mapping], manif
             f.write(config_to_json(model_config))
         counts = {}
         for name, params in parts.items():
-            if name not in PARTS:
-                raise CheckpointError(f"unknown part '{name}' (known: {PARTS})")
+            if name not in _parts():
+                raise CheckpointError(f"unknown part '{name}' (known: {_parts()})")
             save_params(os.path.join(tmp, f'{name}.safetensors'), params, dtype)
             counts[name] = int(sum(np.prod(np.shape(v)) for v in flatten(params).values()))
         m = dict(manifest or {})
@@ -293,24 +297,42 @@ def write_checkpoint(out: str, model_config, parts: Mapping[str, Mapping], manif
     return out
 
 
+def _parts() -> Tuple[str, ...]:
+    from vd_jax import modalities  # the registry names the parts (diffuser, vae_*, ctx_*)
+    return modalities.PARTS
+
+
 def read_config(ckpt: str):
-    """The model config (ConfigDict) a checkpoint folder was made for."""
+    """The model config (ConfigDict) a checkpoint folder was made for.
+
+    Configs written before vd_jax 0.2 have no `image_size` (default generation side); it
+    is filled with the rule vd_jax 0.1 applied: 512 for the released AutoKL (trained at 256,
+    generating at 512 as the demo), the VAE's resolution otherwise."""
     import ml_collections
     path = os.path.join(ckpt, 'config.json')
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"checkpoint folder '{ckpt}' does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(f"'{ckpt}' is not a vd_jax checkpoint folder (no config.json)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"'{path}' is not valid JSON: {e}") from None
+    if 'image_size' not in cfg and 'image' in cfg.get('vae', {}):
+        res = int(cfg.vae.image.get('resolution', 256))
+        cfg.image_size = 512 if res == 256 else res
+    return cfg
 
 
 def available_parts(ckpt: str) -> Tuple[str, ...]:
-    return tuple(p for p in PARTS if os.path.isfile(os.path.join(ckpt, f'{p}.safetensors')))
+    return tuple(p for p in _parts() if os.path.isfile(os.path.join(ckpt, f'{p}.safetensors')))
 
 
 def load_part(ckpt: str, part: str, dtype=None, shardings=None, expected=None):
     """Params of one part of a checkpoint folder; a clear error if it is absent."""
-    if part not in PARTS:
-        raise CheckpointError(f"unknown part '{part}' (known: {PARTS})")
+    if part not in _parts():
+        raise CheckpointError(f"unknown part '{part}' (known: {_parts()})")
     path = os.path.join(ckpt, f'{part}.safetensors')
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{ckpt}' has no '{part}' weights ({part}.safetensors); "

@@ -28,6 +28,7 @@ import flax.linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vd_jax.checkpoint import path_str
 from vd_jax import sharding_names as ax
 
 logger = logging.getLogger(__name__)
@@ -179,13 +180,9 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     values = nn.unbox(abstract_boxed)
     flat_v, treedef = jax.tree_util.tree_flatten_with_path(values)
     flat_s = treedef.flatten_up_to(shardings)
-    fitted = [NamedSharding(mesh, fit_spec(s.spec, v.shape, mesh, _path(p)))
+    fitted = [NamedSharding(mesh, fit_spec(s.spec, v.shape, mesh, path_str(p)))
               for (p, v), s in zip(flat_v, flat_s)]
     return jax.tree_util.tree_unflatten(treedef, fitted)
-
-
-def _path(keypath) -> str:
-    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keypath)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

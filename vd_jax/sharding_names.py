@@ -13,7 +13,6 @@ CONV_IN = 'conv_in'      # input channels of a conv kernel
 CONV_OUT = 'conv_out'    # output channels of a conv kernel (and its bias)
 NORM = 'norm'            # norm scale / bias (small; never worth sharding)
 VOCAB = 'vocab'          # embedding tables
-KERNEL_SPATIAL = None    # kh, kw of conv kernels: never sharded
 
 # Activation axes.
 BATCH = 'batch'

@@ -124,9 +124,10 @@ def _model_cfg_section(model_cfg, section):
 def _target(part):
     def target(model_cfg):
         from vd_jax.checkpoint import flatten
-        from vd_jax.models.clip import abstract_params, image_context, text_context
+        from vd_jax.models import family
+        from vd_jax.models.init import abstract_params
         sec = _model_cfg_section(model_cfg, _PARTS[part]['section'])
-        module = text_context(sec) if part == 'ctx_text' else image_context(sec)
+        module = family('clip_text' if part == 'ctx_text' else 'clip_vision').build(sec)
         return {k: tuple(v.shape) for k, v in flatten(abstract_params(module)).items()}
     return target
 

@@ -97,7 +97,8 @@ def _section(model_cfg):
 
 def _target(model_cfg):
     from vd_jax.checkpoint import flatten
-    from vd_jax.models.optimus import Optimus, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.optimus import Optimus
     tree = abstract_params(Optimus(_section(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

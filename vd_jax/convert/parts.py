@@ -99,7 +99,8 @@ def _diffuser_cfg(model_cfg):
 
 def _diffuser_target(model_cfg):
     from vd_jax.checkpoint import flatten
-    from vd_jax.models.unet import Diffuser, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.unet import Diffuser
     tree = abstract_params(Diffuser(_diffuser_cfg(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

@@ -162,7 +162,8 @@ def _has_part(model_cfg) -> bool:
 
 def _target(model_cfg):
     from vd_jax.checkpoint import flatten
-    from vd_jax.models.vae import AutoencoderKL, abstract_params
+    from vd_jax.models.init import abstract_params
+    from vd_jax.models.vae import AutoencoderKL
     tree = abstract_params(AutoencoderKL(_vae_section(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

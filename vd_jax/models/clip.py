@@ -1,7 +1,7 @@
 """CLIP ViT-L/14 context encoders of Versatile Diffusion (SHI-Labs `lib/model_zoo/clip.py`).
 
 The two towers of HF `openai/clip-vit-large-patch14` with their projections, and VD's way
-of turning them into *all-token* contexts for cross-attention (spec §4, anchors §1.6):
+of turning them into *all-token* contexts for cross-attention:
 
   * text:  context = text_projection(last_hidden_state)            (B, 77, 768)
                      / ||text_projection(pooled)||, pooled = hidden state at the EOT token;
@@ -24,25 +24,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
+from vd_jax.models.common import config_from_dict, embed
 from vd_jax.models.layers import Dense, LayerNorm, attention
 
 Dtype = Any
-
-# HF config keys that do not change the inference graph (dropouts, inits, token ids other
-# than EOS, bookkeeping); accepted and ignored so an HF config.json can be passed as is.
-_IGNORED_HF_KEYS = {'attention_dropout', 'dropout', 'initializer_range', 'initializer_factor',
-                    'bos_token_id', 'pad_token_id', 'model_type', 'architectures',
-                    'torch_dtype', 'dtype', 'transformers_version', '_name_or_path'}
-
-
-def _from_dict(cls, d: Mapping[str, Any], what: str):
-    d = dict(d)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields - _IGNORED_HF_KEYS)
-    if unknown:
-        raise ValueError(f'{what}: unknown key(s) {unknown}; allowed: {sorted(fields)}')
-    return cls(**{k: v for k, v in d.items() if k in fields})
-
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
@@ -61,7 +46,7 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'CLIPTextConfig':
         """From `cfg.model.ctx.text` (or an HF text config dict)."""
-        return _from_dict(cls, d, 'CLIP text config')
+        return config_from_dict(cls, d, 'CLIP text config')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +66,7 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'CLIPVisionConfig':
         """From `cfg.model.ctx.image` (or an HF vision config dict)."""
-        return _from_dict(cls, d, 'CLIP vision config')
+        return config_from_dict(cls, d, 'CLIP vision config')
 
     @property
     def num_positions(self) -> int:
@@ -197,12 +182,6 @@ def _encoder(cfg, dtype, param_dtype) -> CLIPEncoder:
                        dtype=dtype, param_dtype=param_dtype)
 
 
-def _embed(num, features, dtype, param_dtype, axes):
-    # nn.Embed's leaf is `embedding`, (num, features): HF `*.weight` of nn.Embedding as is.
-    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, embedding_init=init)
-
-
 # ----------------------------------------------------------------------------------------
 # Text tower
 # ----------------------------------------------------------------------------------------
@@ -215,9 +194,9 @@ class CLIPTextEmbeddings(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.token_embedding = _embed(self.vocab_size, self.hidden_size, self.dtype,
+        self.token_embedding = embed(self.vocab_size, self.hidden_size, self.dtype,
                                       self.param_dtype, (ax.VOCAB, ax.EMBED))
-        self.position_embedding = _embed(self.max_position_embeddings, self.hidden_size,
+        self.position_embedding = embed(self.max_position_embeddings, self.hidden_size,
                                          self.dtype, self.param_dtype, (None, ax.EMBED))
 
     def __call__(self, input_ids):  # (B, L) int -> (B, L, D)
@@ -260,6 +239,17 @@ class CLIPTextTransformer(nn.Module):
         return h, pooled
 
 
+def all_token_context(projected, embeds, token_mask=None):
+    """VD's context of a CLIP tower: every projected token (B, L, P) divided by the norm of
+    the pooled embedding (B, P), one scalar per sample, in float32 (so the relative token
+    norms stay); optional token weights (B, L) multiply the result (masked image contexts)."""
+    norm = jnp.linalg.norm(embeds.astype(jnp.float32), axis=-1)
+    context = projected.astype(jnp.float32) / norm[:, None, None]
+    if token_mask is not None:
+        context = context * token_mask[..., None].astype(jnp.float32)
+    return context
+
+
 class CLIPTextContext(nn.Module):
     """VD's text context encoder: `CLIPTextModelWithProjection` + all-token normalisation.
 
@@ -292,12 +282,13 @@ class CLIPTextContext(nn.Module):
         h, pooled = self.text_model(input_ids)
         projected = self.text_projection(h)
         text_embeds = self.text_projection(pooled)
-        norm = jnp.linalg.norm(text_embeds.astype(jnp.float32), axis=-1)
-        context = projected.astype(jnp.float32) / norm[:, None, None]
+        context = all_token_context(projected, text_embeds)
         return context, dict(last_hidden_state=h, pooled=pooled, text_embeds=text_embeds,
                              projected=projected)
 
-    encode_text = __call__
+    def init_all(self, batch: int = 1):
+        """Touch every parameter (for `init` / `abstract_params`)."""
+        return self(*text_example_inputs(_as_config(self.config, CLIPTextConfig), batch))
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,7 +328,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.patch_embedding = PatchEmbedding(self.hidden_size, self.patch_size,
                                               dtype=self.dtype, param_dtype=self.param_dtype)
         n = (self.image_size // self.patch_size) ** 2 + 1
-        self.position_embedding = _embed(n, self.hidden_size, self.dtype, self.param_dtype,
+        self.position_embedding = embed(n, self.hidden_size, self.dtype, self.param_dtype,
                                          (None, ax.EMBED))
 
     def __call__(self, pixel_values):  # (B, H, W, C) -> (B, 1 + patches, D)
@@ -411,44 +402,26 @@ class CLIPImageContext(nn.Module):
         h = self.vision_model(pixel_values, token_mask)
         projected = self.visual_projection(self.vision_model.post_layernorm(h))
         image_embeds = projected[:, 0]
-        norm = jnp.linalg.norm(image_embeds.astype(jnp.float32), axis=-1)
-        context = projected.astype(jnp.float32) / norm[:, None, None]
-        if token_mask is not None:
-            context = context * token_mask[..., None].astype(jnp.float32)
+        context = all_token_context(projected, image_embeds, token_mask)
         pooled = self.vision_model.post_layernorm(h[:, 0])
         return context, dict(last_hidden_state=h, pooled=pooled, image_embeds=image_embeds,
                              projected=projected)
 
-    encode_image = __call__
+    def init_all(self, batch: int = 1):
+        """Touch every parameter (for `init` / `abstract_params`)."""
+        return self(*vision_example_inputs(_as_config(self.config, CLIPVisionConfig), batch))
 
 
 # ----------------------------------------------------------------------------------------
-# Helpers
+# Example inputs (the model-family interface, `vd_jax.models.FAMILIES`)
 # ----------------------------------------------------------------------------------------
 
-def text_context(ctx_cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPTextContext:
-    """`CLIPTextContext` from `cfg.model.ctx.text`."""
-    return CLIPTextContext(CLIPTextConfig.from_dict(ctx_cfg), dtype=dtype, param_dtype=param_dtype)
+def text_example_inputs(config: CLIPTextConfig, batch: int = 1):
+    """(input_ids (B, max_position_embeddings) int32,) for `CLIPTextContext.__call__`."""
+    return (jnp.zeros((batch, config.max_position_embeddings), jnp.int32),)
 
 
-def image_context(ctx_cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPImageContext:
-    """`CLIPImageContext` from `cfg.model.ctx.image`."""
-    return CLIPImageContext(CLIPVisionConfig.from_dict(ctx_cfg), dtype=dtype,
-                            param_dtype=param_dtype)
-
-
-def dummy_input(module: nn.Module):
-    """A batch-1 input of the right shape for `module.init`."""
-    if isinstance(module, CLIPTextContext):
-        c = _as_config(module.config, CLIPTextConfig)
-        return jnp.zeros((1, c.max_position_embeddings), jnp.int32)
-    if isinstance(module, CLIPImageContext):
-        c = _as_config(module.config, CLIPVisionConfig)
-        return jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
-    raise TypeError(f'not a CLIP context module: {type(module).__name__}')
-
-
-def abstract_params(module: nn.Module):
-    """Parameter shapes of a CLIP context module without allocating (eval_shape), unboxed."""
-    v = jax.eval_shape(lambda k: module.init(k, dummy_input(module)), jax.random.PRNGKey(0))
-    return nn.unbox(v['params'])
+def vision_example_inputs(config: CLIPVisionConfig, batch: int = 1):
+    """(pixel_values (B, S, S, C) float32,) for `CLIPImageContext.__call__`."""
+    return (jnp.zeros((batch, config.image_size, config.image_size, config.num_channels),
+                      jnp.float32),)

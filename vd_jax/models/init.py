@@ -1,15 +1,15 @@
 """Parameter trees without a training run: shapes, exact initialisation, quick random weights.
 
-`abstract_params` traces a module's init under `jax.eval_shape` (no allocation) and is how
-full-size models are checked. `init_params` runs the modules' own initialisers under `jit`
-(what training from scratch uses; on CPU its XLA compile is slow, ~tens of seconds for
-the tiny model, mostly the per-parameter threefry RNG). `random_params` fills the abstract
+Works on any model family (`vd_jax.models.FAMILIES`): every module has `init_all(batch)`,
+which touches all of its parameters. `abstract_params` traces it under `jax.eval_shape` (no
+allocation) and is how full-size models are checked. `init_params` runs the modules' own
+initialisers under `jit` (what training from scratch uses). `random_params` fills an abstract
 tree from numpy in milliseconds with PyTorch-like fan-in scaling and *no* zero-init layers,
 so outputs are non-trivial: what tests and untrained smoke runs use.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +17,29 @@ import numpy as np
 import flax.linen as nn
 
 
-def abstract_params(module: nn.Module, *args, method: Optional[Callable] = None, **kwargs):
-    """ShapeDtypeStructs of `module.init(key, *args, method=method)['params']`, unboxed."""
-    v = jax.eval_shape(lambda k: module.init(k, *args, method=method, **kwargs),
-                       jax.random.PRNGKey(0))
-    return nn.unbox(v['params'])
+def abstract_params(module: nn.Module, batch: int = 1, boxed: bool = False):
+    """ShapeDtypeStructs of `module.init(key, batch, method='init_all')['params']`.
+
+    boxed: keep flax's logical-axis boxes (what the sharding resolver reads)."""
+    v = jax.eval_shape(lambda k: module.init(k, batch, method='init_all'), jax.random.PRNGKey(0))
+    return v['params'] if boxed else nn.unbox(v['params'])
 
 
-def init_params(module: nn.Module, key, *args, method: Optional[Callable] = None, **kwargs):
-    """The modules' own initialisers (zero-init output layers included), jitted."""
+def init_params(module: nn.Module, key, *args, method=None, **kwargs):
+    """The modules' own initialisers (zero-init output layers included), jitted.
+
+    Without arguments the whole model (`init_all(1)`); otherwise `module.init(key, *args,
+    method=method, **kwargs)` (a single block, say)."""
+    if not args and method is None and not kwargs:
+        args, method = (1,), 'init_all'
     init = jax.jit(lambda k: module.init(k, *args, method=method, **kwargs))
     return nn.unbox(init(key)['params'])
+
+
+def param_count(tree_or_module) -> int:
+    """Number of parameters of a param tree, or of a module (via `abstract_params`)."""
+    tree = abstract_params(tree_or_module) if isinstance(tree_or_module, nn.Module) else tree_or_module
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def random_params(abstract: Any, seed: int = 0, dtype=np.float32):

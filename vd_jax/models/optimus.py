@@ -1,5 +1,5 @@
 """The text VAE of Versatile Diffusion: Optimus (SHI-Labs `lib/model_zoo/optimus.py`,
-`optimus_models/optimus_bert.py`, `optimus_gpt2.py`; spec §3.2).
+`optimus_models/optimus_bert.py`, `optimus_gpt2.py`).
 
   * Encoder `BertForLatentConnector`: BERT-base-cased (post-LN, erf-GELU, LN eps 1e-12),
     pooler tanh(Linear(h[:, 0])), then `linear` (no bias) -> (mu, logvar). VD encodes a
@@ -23,24 +23,21 @@ Parameter paths mirror the state-dict names of `vae.text.*` (v1.0 checkpoint) /
 word embeddings at `.../word_embeddings/embedding`. `decoder.lm_head.weight` has no leaf of
 its own: the logits are `h @ wte.T`.
 
-The string API (`encode_text`, `decode_latent`) follows `optimus_vae_next.encode/decode`:
-the input is lower-cased before a *cased* WordPiece vocabulary (a quirk of the original,
-kept: the weights were trained with it), and decoded ids are turned into text the way the
-original tokenizer did (see `ids_to_text`).
+Networks only: encoding sentences and decoding latents to text (tokenisation, the KV-cache
+decoding loop, the original's string clean-up) live in `vd_jax.text_io`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from vd_jax import decoding
 from vd_jax import sharding_names as ax
+from vd_jax.models.common import config_from_dict, embed
 from vd_jax.models.layers import Dense, LayerNorm, attention
 
 Dtype = Any
@@ -61,38 +58,6 @@ MASK_VALUE = -1e4
 # ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
-
-# Keys of the original / HF config dicts that do not change the inference graph.
-_IGNORED_KEYS = {
-    'attention_probs_dropout_prob', 'hidden_dropout_prob', 'attn_pdrop', 'embd_pdrop',
-    'resid_pdrop', 'summary_first_dropout', 'initializer_range', 'architectures',
-    'finetuning_task', 'num_labels', 'output_attentions', 'output_hidden_states', 'torchscript',
-    'pretrained_config_archive_map', 'summary_activation', 'summary_proj_to_labels',
-    'summary_type', 'summary_use_proj', 'model_type', 'transformers_version', 'pruned_heads'}
-
-
-def _from_dict(cls, d, what: str, aliases: Optional[Mapping[str, str]] = None,
-               fixed: Optional[Mapping] = None):
-    """A config dataclass from an original/HF dict: `aliases` are other names of a field
-    (must agree), `fixed` keys must have the released model's value."""
-    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    for alias, field in (aliases or {}).items():       # e.g. GPT-2 `hidden_size` = `n_embd`
-        if alias in d:
-            val = d.pop(alias)
-            if field in d and d[field] != val:
-                raise ValueError(f'{what}: {alias}={val} contradicts {field}={d[field]}')
-            d.setdefault(field, val)
-    for k, v in (fixed or {}).items():
-        if k in d and d.pop(k) != v:
-            raise ValueError(f'{what}: only {k}={v!r} is supported (the released model)')
-    if d.get('pruned_heads'):
-        raise ValueError(f'{what}: pruned heads are not supported')
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields - _IGNORED_KEYS)
-    if unknown:
-        raise ValueError(f'{what}: unknown key(s) {unknown}; allowed: {sorted(fields)}')
-    return cls(**{k: v for k, v in d.items() if k in fields})
-
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -120,29 +85,47 @@ class GPT2Config:
 
 @dataclasses.dataclass(frozen=True)
 class OptimusConfig:
-    """`optimus_v1`: latent width, the two towers, and the decoding length limit."""
+    """`optimus_v1`: latent width, the two towers, decoding limits and special token ids.
+
+    The token ids belong to the vocabularies the model was trained with (defaults: BERT-base-
+    cased and GPT-2 + Optimus' three added tokens); a model trained with other vocabularies
+    sets them here, never in code.
+    """
     latent_size: int = 768
     encoder: BertConfig = BertConfig()
     decoder: GPT2Config = GPT2Config()
-    max_length: int = MAX_LENGTH
+    max_length: int = MAX_LENGTH           # decoded tokens incl. <BOS> and <EOS>
+    max_wordpieces: int = MAX_WORDPIECES   # encoder input, before [CLS] ... [SEP]
+    pad_id: int = PAD_ID                   # GPT-2 side
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    bert_pad_id: int = BERT_PAD_ID
+    bert_cls_id: int = BERT_CLS_ID
+    bert_sep_id: int = BERT_SEP_ID
+
+    _TOKEN_KEYS = ('max_length', 'max_wordpieces', 'pad_id', 'bos_id', 'eos_id', 'bert_pad_id',
+                   'bert_cls_id', 'bert_sep_id')
 
     @classmethod
     def from_dict(cls, d) -> 'OptimusConfig':
         """From `configs.common.optimus()` (`cfg.model.vae.text`): latent_size, encoder,
-        decoder (original/HF key names), max_length."""
+        decoder (original/HF key names), and optionally max_length, max_wordpieces and the
+        special token ids."""
         d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-        unknown = sorted(set(d) - {'latent_size', 'encoder', 'decoder', 'max_length'})
+        unknown = sorted(set(d) - {'latent_size', 'encoder', 'decoder', *cls._TOKEN_KEYS})
         if unknown:
             raise ValueError(f'Optimus config: unknown key(s) {unknown}')
         latent = int(d.get('latent_size', 768))
-        enc = _from_dict(BertConfig, d.get('encoder', {}), 'Optimus encoder config',
-                         fixed={'hidden_act': 'gelu', 'latent_size': latent})
-        dec = _from_dict(GPT2Config, d.get('decoder', {}), 'Optimus decoder config',
-                         aliases={'hidden_size': 'n_embd', 'num_attention_heads': 'n_head',
-                                  'num_hidden_layers': 'n_layer',
-                                  'max_position_embeddings': 'n_positions', 'n_ctx': 'n_positions'},
-                         fixed={'latent_size': latent})
-        cfg = cls(latent, enc, dec, int(d.get('max_length', MAX_LENGTH)))
+        enc = config_from_dict(BertConfig, d.get('encoder', {}), 'Optimus encoder config',
+                               fixed={'hidden_act': 'gelu', 'latent_size': latent})
+        dec = config_from_dict(GPT2Config, d.get('decoder', {}), 'Optimus decoder config',
+                               aliases={'hidden_size': 'n_embd', 'num_attention_heads': 'n_head',
+                                        'num_hidden_layers': 'n_layer',
+                                        'max_position_embeddings': 'n_positions',
+                                        'n_ctx': 'n_positions'},
+                               fixed={'latent_size': latent})
+        tokens = {k: int(d[k]) for k in cls._TOKEN_KEYS if k in d}
+        cfg = cls(latent, enc, dec, **tokens)
         if enc.hidden_size % enc.num_attention_heads:
             raise ValueError(f'Optimus encoder: hidden_size {enc.hidden_size} is not divisible '
                              f'by {enc.num_attention_heads} heads')
@@ -152,17 +135,22 @@ class OptimusConfig:
         if not 2 <= cfg.max_length <= dec.n_positions:
             raise ValueError(f'Optimus: max_length {cfg.max_length} must be in [2, '
                              f'{dec.n_positions}] (n_positions)')
+        if cfg.max_wordpieces + 2 > enc.max_position_embeddings:
+            raise ValueError(f'Optimus: max_wordpieces {cfg.max_wordpieces} + 2 exceeds the '
+                             f'encoder\'s {enc.max_position_embeddings} positions')
+        for k in ('pad_id', 'bos_id', 'eos_id'):
+            if not 0 <= getattr(cfg, k) < dec.vocab_size:
+                raise ValueError(f'Optimus: {k}={getattr(cfg, k)} is outside the decoder '
+                                 f'vocabulary ({dec.vocab_size})')
+        for k in ('bert_pad_id', 'bert_cls_id', 'bert_sep_id'):
+            if not 0 <= getattr(cfg, k) < enc.vocab_size:
+                raise ValueError(f'Optimus: {k}={getattr(cfg, k)} is outside the encoder '
+                                 f'vocabulary ({enc.vocab_size})')
         return cfg
 
 
 def as_optimus_config(config) -> OptimusConfig:
     return config if isinstance(config, OptimusConfig) else OptimusConfig.from_dict(config)
-
-
-def _embed(num, features, dtype, param_dtype, axes):
-    # nn.Embed's leaf is `embedding` (num, features): the PyTorch nn.Embedding weight as is.
-    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, embedding_init=init)
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,10 +164,10 @@ class BertEmbeddings(nn.Module):
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.word_embeddings = _embed(c.vocab_size, c.hidden_size, **kw, axes=(ax.VOCAB, ax.EMBED))
-        self.position_embeddings = _embed(c.max_position_embeddings, c.hidden_size, **kw,
+        self.word_embeddings = embed(c.vocab_size, c.hidden_size, **kw, axes=(ax.VOCAB, ax.EMBED))
+        self.position_embeddings = embed(c.max_position_embeddings, c.hidden_size, **kw,
                                           axes=(None, ax.EMBED))
-        self.token_type_embeddings = _embed(c.type_vocab_size, c.hidden_size, **kw,
+        self.token_type_embeddings = embed(c.type_vocab_size, c.hidden_size, **kw,
                                             axes=(None, ax.EMBED))
         self.LayerNorm = LayerNorm(c.layer_norm_eps, **kw)
 
@@ -399,8 +387,8 @@ class GPT2Transformer(nn.Module):
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.wte = _embed(c.vocab_size, c.n_embd, **kw, axes=(ax.VOCAB, ax.EMBED))
-        self.wpe = _embed(c.n_positions, c.n_embd, **kw, axes=(None, ax.EMBED))
+        self.wte = embed(c.vocab_size, c.n_embd, **kw, axes=(ax.VOCAB, ax.EMBED))
+        self.wpe = embed(c.n_positions, c.n_embd, **kw, axes=(None, ax.EMBED))
         self.h = [GPT2Block(c, **kw) for _ in range(c.n_layer)]
         self.ln_f = LayerNorm(c.layer_norm_epsilon, **kw)
         # z -> one memory vector per layer / an embedding offset (both bias-free)
@@ -521,11 +509,6 @@ class Optimus(nn.Module):
         object.__setattr__(self, 'config', as_optimus_config(self.config))
         super().__post_init__()
 
-    @classmethod
-    def from_model_config(cls, model_cfg, **kw) -> 'Optimus':
-        """From a model config section that has `vae.text`."""
-        return cls(model_cfg['vae']['text'], **kw)
-
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = BertForLatentConnector(c.encoder, c.latent_size, **kw)
@@ -533,7 +516,7 @@ class Optimus(nn.Module):
 
     def encode(self, input_ids):
         """BERT ids (B, L) ([CLS] ... [SEP], pad 0) -> (mu, logvar), each (B, latent)."""
-        _, pooled = self.encoder(input_ids, attention_mask=(input_ids > 0))
+        _, pooled = self.encoder(input_ids, attention_mask=(input_ids != self.config.bert_pad_id))
         return self.encoder.moments(pooled)
 
     def decode_logits(self, input_ids, z):
@@ -548,283 +531,32 @@ class Optimus(nn.Module):
         """input_ids (B, T) at the cache's next positions -> (logits (B, T, V), cache)."""
         return self.decoder.step(input_ids, cache)
 
+    def __call__(self, encoder_ids, decoder_ids, key=None):
+        """The VAE end to end, teacher-forced (what training optimises).
+
+        encoder_ids (B, L) BERT ids; decoder_ids (B, T) GPT-2 ids (<BOS> ...); key: PRNG key
+        of the posterior sample z = mu + exp(logvar / 2) * eps, or None for z = mu.
+        Returns (mu, logvar, logits (B, T, V)), float32.
+        """
+        mu, logvar = self.encode(encoder_ids)
+        z = mu if key is None else (
+            mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, jnp.float32))
+        return mu, logvar, self.decode_logits(decoder_ids, z)
+
     def init_all(self, batch: int = 1):
         """Touch every parameter (for `init` / `abstract_params`) on a minimal input."""
-        ids = jnp.full((batch, 2), BERT_CLS_ID, jnp.int32)
-        mu, _ = self.encode(ids)
-        return self.decode_logits(jnp.full((batch, 1), BOS_ID, jnp.int32), mu)
+        return self(*example_inputs(self.config, batch))
 
 
-OptimusVAE = Optimus  # alias (the name `vd_jax.pipeline` uses)
-
-
-def abstract_params(model: Optimus):
-    """Parameter shapes without allocating (jax.eval_shape of init), unboxed."""
-    v = jax.eval_shape(lambda k: model.init(k, method=Optimus.init_all), jax.random.PRNGKey(0))
-    return nn.unbox(v['params'])
+def example_inputs(config: OptimusConfig, batch: int = 1):
+    """(encoder_ids (B, 2), decoder_ids (B, 1)) for `Optimus.__call__`: [CLS] [CLS] / <BOS>."""
+    return (jnp.full((batch, 2), config.bert_cls_id, jnp.int32),
+            jnp.full((batch, 1), config.bos_id, jnp.int32))
 
 
 def param_count(model: Optimus) -> Dict[str, int]:
     """{'encoder': n, 'decoder': n} (the tied LM head counted once, it has no own leaf)."""
+    from vd_jax.models.init import abstract_params
     p = abstract_params(model)
     return {k: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(p[k])))
             for k in ('encoder', 'decoder')}
-
-
-# ----------------------------------------------------------------------------------------
-# Functional numeric API (jitted)
-# ----------------------------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=('model',))
-def _encode_jit(model, params, input_ids):
-    return model.apply({'params': params}, input_ids, method=Optimus.encode)[0]
-
-
-def encode_ids(model: Optimus, params, input_ids):
-    """VD's text `vae_encode` on token ids: BERT ids (B, L) int (pad 0) -> mu (B, latent)."""
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f'input_ids must be (B, L) ints, got shape {input_ids.shape}')
-    return _encode_jit(model, params, input_ids)
-
-
-METHODS = ('greedy', 'sample', 'beam')
-
-
-@functools.partial(jax.jit, static_argnames=(
-    'model', 'method', 'max_length', 'top_k', 'top_p', 'beam_size', 'length_penalty',
-    'early_stopping'))
-def _decode_jit(model, params, z, key, temperature, *, method, max_length, top_k, top_p,
-                beam_size, length_penalty, early_stopping):
-    variables = {'params': params}
-    # slot 0 = memory, then one slot per fed token (the last token is never fed)
-    cache = model.apply(variables, z, max_length, method=Optimus.init_cache)
-
-    def step_fn(last, cache):
-        logits, cache = model.apply(variables, last[:, None], cache, method=Optimus.decode_step)
-        return logits[:, -1], cache
-
-    start = jnp.full((z.shape[0],), BOS_ID, jnp.int32)
-    kw = dict(eos_id=EOS_ID, pad_id=PAD_ID, max_length=max_length)
-    if method == 'greedy':
-        return decoding.greedy_search(step_fn, cache, start, **kw)
-    if method == 'sample':
-        return decoding.sample(step_fn, cache, start, key, temperature=temperature, top_k=top_k,
-                               top_p=top_p, **kw)
-    return decoding.beam_search(step_fn, cache, start, beam_size=beam_size,
-                                length_penalty=length_penalty, early_stopping=early_stopping, **kw)
-
-
-def decode_ids(model: Optimus, params, z, method: str = 'greedy', *, key=None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-               beam_size: int = 4, length_penalty: float = 1.0, early_stopping: bool = True,
-               max_length: Optional[int] = None) -> decoding.DecodeOutput:
-    """VD's text `vae_decode` on latents: z (B, latent) -> generated GPT-2 ids.
-
-    Every row starts with <BOS>; decoding stops at <EOS> or at `max_length` tokens (default
-    the config's 30, counted as the original: <BOS> and <EOS> included, the 30th token
-    forced to <EOS>). One jitted program per (shape, method, static options).
-
-    Args:
-      method: 'greedy' | 'sample' (the original's choice: multinomial, temperature 1, no
-        filtering -- pass top_p=1.0 for its nucleus step, which drops the same ~1e-7 tail up
-        to float32 summation order) | 'beam'.
-      key: PRNG key, or one key per row (a row then depends only on its own key), required
-        for 'sample'.
-      temperature, top_k, top_p: sampling options (see `vd_jax.decoding.sample`).
-      beam_size, length_penalty, early_stopping: beam options (see `decoding.beam_search`).
-    Returns:
-      `decoding.DecodeOutput(tokens (B, max_length), lengths (B,), scores (B,))`,
-      tokens padded with <PAD> = 50257 after <EOS>.
-    """
-    if method not in METHODS:
-        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-    z = jnp.asarray(z)
-    latent = model.config.latent_size
-    if z.ndim != 2 or z.shape[1] != latent:
-        raise ValueError(f'latent z must be (B, {latent}), got shape {tuple(z.shape)}')
-    if method == 'sample' and key is None:
-        raise ValueError("method='sample' needs a PRNG key (key=jax.random.key(seed))")
-    if method == 'sample' and isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
-    max_length = model.config.max_length if max_length is None else int(max_length)
-    if not 2 <= max_length <= model.config.decoder.n_positions:
-        raise ValueError(f'max_length must be in [2, {model.config.decoder.n_positions}], '
-                         f'got {max_length}')
-    if key is None:
-        key = jax.random.PRNGKey(0)  # unused by greedy / beam
-    return _decode_jit(model, params, z.astype(jnp.float32), key,
-                       jnp.asarray(temperature, jnp.float32), method=method,
-                       max_length=max_length, top_k=int(top_k), top_p=float(top_p),
-                       beam_size=int(beam_size), length_penalty=float(length_penalty),
-                       early_stopping=bool(early_stopping))
-
-
-# ----------------------------------------------------------------------------------------
-# String API
-# ----------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _default_tokenizers():
-    from vd_jax.tokenizers import bert_tokenizer, gpt2_tokenizer
-    return bert_tokenizer(), gpt2_tokenizer()
-
-
-def tokenize_for_encoder(sentences: Sequence[str], tokenizer=None,
-                         max_wordpieces: int = MAX_WORDPIECES) -> np.ndarray:
-    """Sentences -> BERT ids (B, max_wordpieces + 2) int32, as `optimus_vae_next.encode`:
-    `tokenize(sentence.lower())` (lower-cased input into the *cased* vocabulary, a quirk
-    of the original that its weights were trained with), truncated to 77 word pieces,
-    `[CLS] ... [SEP]`, padded with 0.
-
-    The original pads to the longest sentence of the batch; we pad to the fixed maximum so
-    one compiled encoder serves every batch. Padded keys are masked, so mu is the same up
-    to float summation order.
-    """
-    if isinstance(sentences, str):
-        raise ValueError('sentences must be a list of strings, got a single str '
-                         '(wrap it: [sentence])')
-    tok = tokenizer if tokenizer is not None else _default_tokenizers()[0]
-    ids = np.full((len(sentences), max_wordpieces + 2), BERT_PAD_ID, np.int32)
-    for i, s in enumerate(sentences):
-        if not isinstance(s, str):
-            raise ValueError(f'sentences[{i}] is {type(s).__name__}, not str')
-        pieces = tok.convert_tokens_to_ids(tok.tokenize(s.lower())[:max_wordpieces])
-        row = [BERT_CLS_ID] + list(pieces) + [BERT_SEP_ID]
-        ids[i, :len(row)] = row
-    return ids
-
-
-def encode_text(model: Optimus, params, sentences: Sequence[str], tokenizer=None):
-    """VD's `vae_encode(text, which='text')`: list of B sentences -> mu (B, latent) float32."""
-    return encode_ids(model, params, tokenize_for_encoder(sentences, tokenizer))
-
-
-def _clean_up_tokenization(text: str) -> str:
-    """The original tokenizer's `clean_up_tokenization` (pytorch-transformers 1.x): glue
-    punctuation and English contractions. Note the " do not" -> " don't" rule, which
-    current transformers dropped."""
-    for a, b in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"),
-                 (" n't", "n't"), (" 'm", "'m"), (' do not', " don't"), (" 's", "'s"),
-                 (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(a, b)
-    return text
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_decoder():
-    from vd_jax.tokenizers import bytes_to_unicode
-    return {u: b for b, u in bytes_to_unicode().items()}
-
-
-def ids_to_text(ids: Sequence[int], tokenizer=None) -> str:
-    """One decoded row (<BOS> ... <EOS>) -> text, exactly as `optimus_vae_next.decode`:
-    the original tokenizer's `decode(..., clean_up_tokenization_spaces=True)` (added
-    tokens <PAD>/<BOS>/<EOS> each become ' ' + token, byte-level BPE runs are decoded in
-    between, errors='replace'), then whitespace split, dropping the first and last word.
-
-    Current transformers glues added tokens differently ('...horse.<EOS>'), which would
-    make the last-word drop eat a real word, hence this re-implementation.
-    """
-    tok = tokenizer if tokenizer is not None else _default_tokenizers()[1]
-    dec = _byte_decoder()
-    pieces, run = [], []
-
-    def flush():
-        if run:
-            data = bytes(dec[ch] for t in run for ch in t)
-            pieces.append(data.decode('utf-8', errors='replace'))
-            run.clear()
-    for i in ids:
-        i = int(i)
-        token = tok.convert_ids_to_tokens(i)
-        if i >= PAD_ID:              # Optimus' added tokens
-            flush()
-            pieces.append(' ' + token)
-        else:
-            run.append(token)
-    flush()
-    words = _clean_up_tokenization(''.join(pieces)).split()
-    return ' '.join(words[1:-1])
-
-
-# Punctuation that `remove_duplicate_word` (app.py) splits off words before matching.
-_OPENERS = '([{'
-_CLOSERS = '?!.,:;}])'
-_GLUE = '<puncnext>'
-
-
-def _split_punctuation(text: str) -> List[str]:
-    """Words, with leading '([{' and trailing '?!.,:;}])' characters split off, each joined
-    to its word by a `<puncnext>` marker ('(a,' -> '(', M, 'a', M, ',')."""
-    out = []
-    for word in text.split(' '):
-        if not word:
-            continue  # the original would crash on an empty word (double space)
-        lead = 0
-        while lead < len(word) and word[lead] in _OPENERS:
-            lead += 1
-        for ch in word[:lead]:
-            out += [ch, _GLUE]
-        core = word[lead:]
-        trail = len(core)
-        while trail > 0 and core[trail - 1] in _CLOSERS:
-            trail -= 1
-        if core[:trail]:
-            out.append(core[:trail])
-        for ch in core[trail:]:
-            out += [_GLUE, ch]
-    return out
-
-
-def remove_repeated_ngrams(text: str) -> str:
-    """The v1.0 demo's `remove_duplicate_word` (app.py:129-201), same procedure.
-
-    With n = 1, 2, 3, ...: the text is viewed as its overlapping n-grams; while some n-gram
-    is immediately repeated (n-gram i equals n-gram i+n), the n n-grams after i are
-    dropped (scan restarts); then every n-gram is extended by the last word of its right
-    neighbour. Ends when one n-gram (the de-duplicated text) remains. So 'a dog a dog on
-    the grass grass' -> 'a dog on the grass'.
-    """
-    if text == '':
-        return text
-    grams = [(w,) for w in _split_punctuation(text)]
-    n = 1
-    while len(grams) > 1:
-        found = True
-        while found:
-            found = False
-            for i in range(len(grams) - n):
-                if grams[i] == grams[i + n]:
-                    del grams[i + 1:i + n + 1]
-                    found = True
-                    break
-        if len(grams) > 1:
-            grams = [grams[i] + (grams[i + 1][-1],) for i in range(len(grams) - 1)]
-            n += 1
-    out = ' '.join(grams[0]) if grams else ''
-    return out.replace(f' {_GLUE} ', '')
-
-
-def decode_latent(model: Optimus, params, z, method: str = 'greedy', *, key=None,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  beam_size: int = 4, length_penalty: float = 1.0, early_stopping: bool = True,
-                  max_length: Optional[int] = None, remove_duplicates: bool = False,
-                  seeds: Optional[Sequence[int]] = None, tokenizer=None) -> List[str]:
-    """VD's `vae_decode(z, which='text')`: latents (B, latent) -> B sentences.
-
-    Options as `decode_ids` (the original samples: method='sample', temperature 1,
-    top_p=1.0); `seeds` (B ints) is a shortcut for one key per row, `PRNGKey(seeds[i])`.
-    `remove_duplicates` applies the v1.0 demo's repeated-n-gram removal
-    (`remove_repeated_ngrams`), which the demo runs on every decoded sentence.
-    """
-    if seeds is not None:
-        if key is not None:
-            raise ValueError('give either key or seeds, not both')
-        key = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
-    out = decode_ids(model, params, z, method, key=key, temperature=temperature, top_k=top_k,
-                     top_p=top_p, beam_size=beam_size, length_penalty=length_penalty,
-                     early_stopping=early_stopping, max_length=max_length)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts = [ids_to_text(tokens[i, :lengths[i]], tokenizer) for i in range(tokens.shape[0])]
-    return [remove_repeated_ngrams(t) for t in texts] if remove_duplicates else texts

@@ -751,13 +751,9 @@ def example_latent(s: StreamConfig, batch: int = 1, size: Optional[int] = None):
     return jnp.zeros((batch, s.in_channels))
 
 
-def init_params(model: Diffuser, key, batch: int = 1):
-    """Initialise every parameter of a diffuser with its own initialisers (jitted)."""
-    from vd_jax.models.init import init_params as _init
-    return _init(model, key, batch, method=Diffuser.init_all)
-
-
-def abstract_params(model: Diffuser):
-    """Parameter shapes without allocating (jax.eval_shape of init), unboxed."""
-    from vd_jax.models.init import abstract_params as _abstract
-    return _abstract(model, 1, method=Diffuser.init_all)
+def example_inputs(config: DiffuserConfig, batch: int = 1):
+    """(x, t, context, xtype, ctype) for `Diffuser.__call__`: the first data stream's flow
+    with the first context stream, smallest legal latent, a one-token context."""
+    data, ctx = config.with_part('data'), config.with_part('context')
+    return (example_latent(config.stream(data[0]), batch), jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((batch, 1, config.stream(ctx[0]).context_dim)), data[0], ctx[0])

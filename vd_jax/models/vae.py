@@ -25,7 +25,6 @@ from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
@@ -336,15 +335,6 @@ class AutoencoderKL(nn.Module):
         object.__setattr__(self, 'config', as_autokl_config(self.config))
         super().__post_init__()
 
-    @classmethod
-    def from_model_config(cls, model_cfg, **kw) -> 'AutoencoderKL':
-        """From a model config section: `vae.image` plus `latent_scale_factor.image`."""
-        scale = LATENT_SCALE
-        lsf = model_cfg.get('latent_scale_factor') if hasattr(model_cfg, 'get') else None
-        if lsf is not None and lsf.get('image') is not None:
-            scale = float(lsf['image'])
-        return cls(model_cfg['vae']['image'], latent_scale=scale, **kw)
-
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(cfg, **kw)
@@ -390,8 +380,13 @@ class AutoencoderKL(nn.Module):
 
     def init_all(self, batch: int = 1):
         """Touch every parameter (for `init` / `abstract_params`) on a minimal input."""
-        f = self.config.downsample_factor
-        return self(jnp.zeros((batch, f, f, self.config.in_channels), self.dtype))
+        return self(*example_inputs(self.config, batch))
+
+
+def example_inputs(config: AutoKLConfig, batch: int = 1):
+    """(x (B, f, f, C) in [-1, 1],) for `AutoencoderKL.__call__`: the smallest legal image."""
+    f = config.downsample_factor
+    return (jnp.zeros((batch, f, f, config.in_channels), jnp.float32),)
 
 
 def vae_encode(model: AutoencoderKL, params, images01, key=None, sample: bool = True):
@@ -419,13 +414,3 @@ def vae_encode(model: AutoencoderKL, params, images01, key=None, sample: bool = 
 def vae_decode(model: AutoencoderKL, params, latents):
     """VD's `vae_decode('image')`: latents scaled by 0.18215 -> images (B, 8h, 8w, 3) in [0, 1]."""
     return model.apply({'params': params}, latents, method=AutoencoderKL.decode_latents)
-
-
-def abstract_params(model: AutoencoderKL):
-    """Parameter shapes without allocating (jax.eval_shape of init), unboxed."""
-    v = jax.eval_shape(lambda k: model.init(k, method=AutoencoderKL.init_all), jax.random.PRNGKey(0))
-    return nn.unbox(v['params'])
-
-
-def param_count(model: AutoencoderKL) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(model))))

@@ -10,7 +10,8 @@ Three ways to get them (`cfg.data.kind`):
                (`make_encode_fn` is the matching encoder);
   'images'     image-caption records (`vd_jax.data.build_image_text`, or a raw folder that is
                built on first use): the frozen encoders (AutoKL, CLIP, Optimus) run on device
-               inside the input step (`Encoders`); captions are tokenized on the host;
+               inside the input step (`FrozenEncoders`, over `vd_jax.components`); captions are
+               tokenized on the host (`HostPrep`);
   'synthetic'  `SyntheticLatentSource`, deterministic random latents/contexts (tests, smoke runs).
 Each process reads only its share (`make_loader(process_index, process_count)`), and
 `vd_jax.sharding.global_batch` assembles the shares into arrays sharded on the batch axis.
@@ -27,15 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from vd_jax import modalities as M
 from vd_jax import sharding as shd
-from vd_jax.train.config import ConfigError, needed_fields
+from vd_jax.train.settings import ConfigError, needed_fields
 
 logger = logging.getLogger(__name__)
-
-LATENT_FIELDS = ('latent_image', 'latent_text')
-CONTEXT_FIELDS = ('context_image', 'context_text')
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------
@@ -43,21 +40,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ----------------------------------------------------------------------------------------
 
 def record_spec(cfg, flows) -> Dict[str, Tuple[int, ...]]:
-    """Per-record shape of every field the flows read, for synthetic data (`cfg.data`)."""
+    """Per-record shape of every field the flows read, for synthetic data (`cfg.data`:
+    `latent_size` = side of spatial ('2d') latents, `context_len` per context modality)."""
+    from vd_jax.models.unet import StreamConfig  # noqa: PLC0415
     streams = dict(cfg.model.diffuser.streams)
     d = cfg.data
     spec = {}
-    for field in needed_fields(flows):
-        if field == 'index':
-            continue
-        kind, modality = field.split('_', 1)
-        s = streams[modality]
-        if field == 'latent_image':
-            spec[field] = (int(d.latent_size), int(d.latent_size), int(s['in_channels']))
-        elif field == 'latent_text':
-            spec[field] = (int(np.prod(s['input_channels'])),)
-        else:
-            spec[field] = (int(d.context_len[modality]), int(s.get('context_dim', 768)))
+    for f in flows:
+        x, c = M.get(f[1]), M.get(f[2])
+        channels = StreamConfig.from_dict(x.name, streams[x.name]).in_channels
+        spec[x.latent_field] = ((int(d.latent_size),) * 2 + (channels,) if x.kind == '2d'
+                                else (channels,))
+        spec[c.context_field] = (int(d.context_len[c.name]),
+                                 int(streams[c.name].get('context_dim', 768)))
     return spec
 
 
@@ -146,13 +141,14 @@ def make_source(cfg, workdir: str, flows):
     if jax.process_index() == 0:
         logger.info("building the image-caption dataset from '%s' into %s", d.path, data_dir)
         builder = build_image_text(d.path, data_dir, name=d.dataset_name, filters=filters)
-    _sync('dataset built')
+    sync_processes('dataset built')
     if jax.process_index() != 0:
         builder = build_image_text(d.path, data_dir, name=d.dataset_name, filters=filters)
     return builder.as_data_source()['train']
 
 
-def _sync(name: str):
+def sync_processes(name: str):
+    """A barrier over all processes (no-op in a single-process run)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
         multihost_utils.sync_global_devices(name)
@@ -215,7 +211,8 @@ def make_data_loader(cfg, source, mesh, process_index=None, process_count=None):
 # ----------------------------------------------------------------------------------------
 
 def _index(x) -> np.ndarray:
-    # uint32: room for 4.29e9 records (LAION-2B's 2.3e9 would overflow int32); only a seed
+    # uint32 on every path (one traced program): room for 4.29e9 records (LAION-2B's 2.3e9
+    # would overflow int32); only a seed
     return np.asarray(x, np.int64).astype(np.uint32)
 
 
@@ -223,25 +220,23 @@ class HostPrep:
     """Loader batch (numpy, strings) -> numeric arrays the device step needs.
 
     Encoded/synthetic batches keep exactly the needed latent/context fields (float32) and
-    'index' (uint32). Image batches keep 'image' and 'index' and gain 'tokens_clip' (CLIP ids
-    of the captions) when a flow is conditioned on text and 'tokens_bert' (Optimus encoder
-    ids) when a flow outputs text.
+    'index' (uint32). Image batches keep 'image' and 'index' and gain, per modality, what its
+    encoders need from the raw field (`Modality.train_host_fields`: e.g. 'tokens_clip' when a
+    flow is conditioned on text, 'tokens_bert' when a flow outputs text).
+
+    Args:
+      kind: cfg.data.kind; fields: the batch fields the flows read (`needed_fields`);
+      components: the `Components` whose tokenizers encode raw fields (kind 'images').
     """
 
-    def __init__(self, cfg, flows):
-        self.kind = str(cfg.data.kind)
-        self.fields = needed_fields(flows)
-        self._tok = self._bert = None
-        if self.kind == 'images':
-            self._init_tokenizers()
+    def __init__(self, kind: str, fields: Sequence[str], components=None):
+        self.kind, self.fields, self.components = str(kind), tuple(fields), components
+        if self.kind == 'images' and components is None:
+            raise ValueError("HostPrep for data.kind='images' needs the frozen encoders' components")
 
-    def _init_tokenizers(self):
-        if 'context_text' in self.fields:
-            from vd_jax.tokenizers import clip_tokenizer  # noqa: PLC0415
-            self._tok = clip_tokenizer()
-        if 'latent_text' in self.fields:
-            from vd_jax.models.optimus import tokenize_for_encoder  # noqa: PLC0415
-            self._bert = tokenize_for_encoder
+    @classmethod
+    def from_config(cls, cfg, flows, components=None) -> 'HostPrep':
+        return cls(cfg.data.kind, needed_fields(flows), components)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.kind != 'images':
@@ -251,20 +246,20 @@ class HostPrep:
                                   f'records have {sorted(batch)}')
             return {f: _index(batch[f]) if f == 'index' else np.asarray(batch[f], np.float32)
                     for f in self.fields}
-        if 'image' not in batch:
-            raise ConfigError(f"data.kind='images' but records have no 'image' (fields "
-                              f'{sorted(batch)}); use data.kind=encoded for pre-encoded data')
-        out = {'image': np.asarray(batch['image'], np.float32)}
+        out = {}
         if 'index' in batch:
-            out['index'] = np.asarray(batch['index'], np.int32)
-        captions = [str(c) for c in batch.get('caption', ())]
-        if (self._tok is not None or self._bert is not None) and len(captions) != len(out['image']):
-            raise ConfigError(f"flows conditioned on or producing text need a 'caption' per "
-                              f'record; records have {sorted(batch)}')
-        if self._tok is not None:
-            out['tokens_clip'] = np.asarray(self._tok(captions), np.int32)
-        if self._bert is not None:
-            out['tokens_bert'] = np.asarray(self._bert(captions), np.int32)
+            out['index'] = _index(batch['index'])
+        for m in M.MODALITIES.values():
+            ctx, lat = m.context_field in self.fields, m.latent_field in self.fields
+            if not (ctx or lat):
+                continue
+            if m.raw_field not in batch:
+                raise ConfigError(f"flows {'conditioned on' if ctx else 'producing'} {m.name} "
+                                  f"need a '{m.raw_field}' per record; records have "
+                                  f'{sorted(batch)}')
+            if m.raw_field == 'image':
+                out['image'] = np.asarray(batch['image'], np.float32)
+            out.update(m.train_host_fields(self.components, batch, context=ctx, latent=lat))
         return out
 
 
@@ -272,112 +267,95 @@ class HostPrep:
 # Frozen encoders (on device)
 # ----------------------------------------------------------------------------------------
 
-def _resize_for_clip(images01, size: int):
-    """(B, S, S, 3) in [0, 1] -> CLIP pixel values (B, size, size, 3).
-
-    On-device bicubic (antialiased when shrinking) + CLIP mean/std. The sampling pipeline's
-    `vd_jax.image_io.clip_preprocess` reproduces the PIL processor bit for bit on the host;
-    here a close on-device approximation is used so training does not ship pixels back.
-    """
-    b = images01.shape[0]
-    x = jax.image.resize(images01, (b, size, size, 3), 'bicubic', antialias=True)
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-    std = jnp.asarray(CLIP_STD, jnp.float32)
-    return (jnp.clip(x, 0.0, 1.0) - mean) / std
+def frozen_parts(flows) -> Tuple[str, ...]:
+    """The encoder parts (VAEs, context encoders) a set of flows needs: everything
+    `modalities.parts_of` lists except the diffuser."""
+    return tuple(p for p in M.parts_of([f[0] for f in flows]) if p != 'diffuser')
 
 
-class Encoders:
-    """The frozen encoders a set of flows needs, with parameters placed on the mesh.
+class FrozenEncoders:
+    """The frozen encoders a set of flows needs, as `vd_jax.components.Components` on the mesh.
 
-    `cfg.encoders.ckpt`: a vd_jax checkpoint folder with the parts `vae_image` (image
-    latents), `vae_text` (Optimus text latents), `ctx_image`, `ctx_text` (CLIP contexts),
-    as many as the flows need; or 'random' for random weights (smoke runs of the tiny
-    config only: the latents mean nothing).
-    Never trained: they get no gradient and no optimizer state.
+    `ckpt`: a vd_jax checkpoint folder with the parts the flows need (e.g. a converted
+    release), or 'random' for random weights (smoke runs: the latents mean nothing).
+    Never trained: they get no gradient and no optimizer state. `params` are what the
+    export writes next to the diffuser, so a trained model samples with exactly them.
     """
 
-    def __init__(self, cfg, flows, mesh):
-        from vd_jax.models import clip as clip_lib  # noqa: PLC0415
-        from vd_jax.models.vae import AutoencoderKL  # noqa: PLC0415
+    def __init__(self, model_cfg, flows, mesh, rules, ckpt: str, vae_sample: bool = True,
+                 seed: int = 1):
+        from vd_jax.components import Components  # noqa: PLC0415
         self.fields = needed_fields(flows)
-        self.mesh = mesh
-        self.rules = shd.normalize_rules(cfg.logical_axis_rules)
-        self.sample = bool(cfg.encoders.vae_sample)
-        model_cfg = cfg.model
-        self.modules: Dict[str, nn.Module] = {}
-        if 'latent_image' in self.fields:
-            self.modules['vae_image'] = AutoencoderKL.from_model_config(model_cfg)
-        if 'context_image' in self.fields:
-            self.modules['ctx_image'] = clip_lib.image_context(model_cfg.ctx.image)
-        if 'context_text' in self.fields:
-            self.modules['ctx_text'] = clip_lib.text_context(model_cfg.ctx.text)
-        if 'latent_text' in self.fields:
-            from vd_jax.models.optimus import Optimus  # noqa: PLC0415
-            self.modules['vae_text'] = Optimus.from_model_config(model_cfg)
-        self.ckpt = str(cfg.encoders.ckpt)
+        self.flows = tuple(flows)
+        self.parts = frozen_parts(flows)
+        self.sample = bool(vae_sample)
+        self.ckpt = str(ckpt)
         if not self.ckpt:
-            raise ConfigError("data.kind='images' needs the frozen encoders: set encoders.ckpt "
-                              "to a vd_jax checkpoint folder with parts "
-                              f"{sorted(self.modules)} (or 'random' for a smoke run)")
-        self.params = {name: self._load(name, m) for name, m in self.modules.items()}
+            raise ConfigError("the frozen encoders need weights: set encoders.ckpt to a vd_jax "
+                              f"checkpoint folder with parts {list(self.parts)} (or 'random' for "
+                              'a smoke run)')
+        self.components = Components(model_cfg, {}, mesh=mesh, rules=rules)
+        for part in self.parts:
+            self.components.params[part] = self._load(part)
 
-    def _abstract(self, name, module):
-        from vd_jax.models import clip as clip_lib  # noqa: PLC0415
-        with nn.logical_axis_rules(self.rules):
-            if name in ('vae_image', 'vae_text'):  # both have init_all()
-                v = jax.eval_shape(lambda k: module.init(k, method=type(module).init_all),
-                                   jax.random.PRNGKey(0))
-            else:
-                v = jax.eval_shape(lambda k: module.init(k, clip_lib.dummy_input(module)),
-                                   jax.random.PRNGKey(0))
-        return v['params']
-
-    def _load(self, name, module):
+    def _load(self, part):
         from vd_jax.checkpoint import load_part  # noqa: PLC0415
-        boxed = self._abstract(name, module)
-        shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
-        abstract = nn.unbox(boxed)
+        comps = self.components
+        shardings = comps.shardings(part)
+        abstract = comps.abstract_params([part])[part]
         if self.ckpt == 'random':
             from vd_jax.models.init import random_params  # noqa: PLC0415
-            logger.warning('encoders.ckpt=random: %s has RANDOM weights (smoke run only)', name)
+            logger.warning('encoders.ckpt=random: %s has RANDOM weights (smoke run only)', part)
             host = jax.tree_util.tree_map(np.asarray, random_params(abstract, seed=1))
             return jax.tree_util.tree_map(lambda v, s: shd.put_global(v, s), host, shardings)
         # load_part checks every key and shape against the model and reads each device's slice
-        return load_part(self.ckpt, name, dtype=np.float32, shardings=shardings,
+        return load_part(self.ckpt, part, dtype=np.float32, shardings=shardings,
                          expected=abstract)
 
+    @property
+    def params(self) -> Dict[str, Any]:
+        return self.components.params
+
+    def host_prep(self, kind: str = 'images') -> HostPrep:
+        return HostPrep(kind, self.fields, self.components)
+
     def __call__(self, batch: Dict[str, jax.Array], key) -> Dict[str, jax.Array]:
-        """Device batch {'image', 'index', 'tokens_clip', 'tokens_bert'} -> {'index',
-        latent_*, context_*} sharded like the batch. One compiled program per set of
-        encoders (equal settings in a process share it)."""
-        spec = (tuple(sorted(self.modules.items(), key=lambda kv: kv[0])), self.fields,
-                self.sample, self.rules)
-        with jax.set_mesh(self.mesh):
-            return _encode_batch(self.params, batch, key, spec)
+        """Device batch {'image', 'index', 'tokens_*'} -> {'index', latent_*, context_*}
+        sharded like the batch. One compiled program per set of encoders."""
+        comps = self.components
+        static = (tuple((p, comps.module(p)) for p in self.parts), self.fields, self.sample,
+                  comps.rules)
+        with jax.set_mesh(comps.mesh):
+            return _encode_batch(comps.params, batch, key, static)
+
+    def uncond_contexts(self, convention: str = 'v1.0') -> Dict[str, jax.Array]:
+        """{'<ctype>-><xtype>': (1, L, D)} the unconditional context of each flow, exactly as
+        the pipeline samples with (`Components.uncond_context`)."""
+        out = {}
+        for name, xtype, ctype, *_ in self.flows:
+            m = M.get(ctype)
+            like = jnp.zeros((1, m.context_length(self.components.config),
+                              int(self.components.config['diffuser']['streams'][ctype]
+                                  .get('context_dim', 768))), jnp.float32)
+            out[name] = self.components.uncond_context(ctype, xtype, convention, like)
+        return out
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _encode_batch(params, batch, key, spec):
-    modules, fields, sample, rules = spec
+def _encode_batch(params, batch, key, static):
+    modules, fields, sample, rules = static
     modules = dict(modules)
     out = {}
-    images01 = (batch['image'] + 1.0) * 0.5 if 'image' in batch else None
-    if 'latent_image' in fields:
-        from vd_jax.models.vae import vae_encode  # noqa: PLC0415
-        out['latent_image'] = vae_encode(modules['vae_image'], params['vae_image'], images01,
-                                         key, sample=sample)
-    if 'context_image' in fields:
-        m = modules['ctx_image']
-        pix = _resize_for_clip(images01, m.config.image_size)
-        out['context_image'] = m.apply({'params': params['ctx_image']}, pix)[0]
-    if 'context_text' in fields:
-        m = modules['ctx_text']
-        out['context_text'] = m.apply({'params': params['ctx_text']}, batch['tokens_clip'])[0]
-    if 'latent_text' in fields:
-        from vd_jax.models.optimus import Optimus  # noqa: PLC0415
-        # VD encodes a caption to the posterior mean (no sampling, no scale factor)
-        out['latent_text'] = modules['vae_text'].apply(
-            {'params': params['vae_text']}, batch['tokens_bert'], method=Optimus.encode)[0]
+    for m in M.MODALITIES.values():
+        if m.latent_field in fields:
+            vae = modules[m.vae_part]
+            out[m.latent_field] = m.encode(vae, params[m.vae_part],
+                                           m.train_latent_inputs(vae, batch),
+                                           key if sample else None)
+        if m.context_field in fields:
+            enc = modules[m.ctx_part]
+            out[m.context_field] = m.context(enc, params[m.ctx_part],
+                                             m.train_context_inputs(enc, batch))
     if 'index' in batch:
         out['index'] = batch['index']
     with nn.logical_axis_rules(rules):
@@ -385,19 +363,17 @@ def _encode_batch(params, batch, key, spec):
                 for k, v in out.items()}
 
 
-def make_encode_fn(encoders: Encoders, seed: int = 0):
+def make_encode_fn(encoders: FrozenEncoders, seed: int = 0):
     """A `vd_jax.data.preencode` encode_fn writing the trainer's field names.
 
     VAE latents are posterior samples when `encoders.vae_sample` (one fixed draw per record,
     seeded by `seed` and the batch position), else the posterior means.
     """
-    tok = HostPrep.__new__(HostPrep)
-    tok.kind, tok.fields, tok._tok, tok._bert = 'images', encoders.fields, None, None
-    tok._init_tokenizers()
+    prep = encoders.host_prep('images')
     counter = [0]
 
     def encode_fn(batch):
-        host = tok(batch)
+        host = prep(batch)
         dev = {k: jnp.asarray(v) for k, v in host.items()}
         key = jax.random.fold_in(jax.random.PRNGKey(seed), counter[0])
         counter[0] += 1

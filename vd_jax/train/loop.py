@@ -1,13 +1,16 @@
-"""`train_and_evaluate`: the training loop with Orbax checkpoints, resume, metrics and export.
+"""`train`: the training loop with Orbax checkpoints, resume, metrics and export.
 
   setup        mesh, model, step settings, shardings, data loader, (frozen encoders)
   state        restore the latest checkpoint (train state + EMA + data iterator), or
                initialise (exact / random) and copy parameters from `cfg.init.sources`
   loop         host batch -> global batch -> [encoders] -> jitted step; the next batch is read
-               while the device runs; metrics every step to metrics.jsonl; a progress line
-               every `log_every` steps; a checkpoint every `checkpoint_every` steps, at the end
-               and on SIGTERM; a non-finite loss stops the run before anything is saved
-  export       the EMA weights as a vd_jax checkpoint folder (`workdir/export/step_<N>`)
+               while the device runs. Metrics stay on device and are fetched at sync points
+               (every `log_every` steps, before each checkpoint, at the end): one line per step
+               to metrics.jsonl, a progress line, the NaN check (a non-finite loss stops the run
+               before anything after it is saved) and, with several processes, the preemption
+               vote. A checkpoint every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT
+  export       the EMA weights plus the frozen encoders the run used, as a vd_jax checkpoint
+               folder (`workdir/export/step_<N>`) that `sample.py --ckpt` loads
 
 Resuming is exact: the step's randomness is a function of (seed, step), the grain iterator
 state is saved with each checkpoint (captured *before* the next batch is prefetched), and the
@@ -30,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from vd_jax import modalities as M
 from vd_jax import sharding as shd
 from vd_jax.train import init_from, inputs
-from vd_jax.train.config import ConfigError, StepConfig, to_plain
+from vd_jax.train.settings import ConfigError, StepConfig, parse_flows, to_plain
 from vd_jax.train.step import (TrainState, abstract_boxed_params, batch_shardings,
                                create_train_state, init_params_sharded, jit_train_step,
                                place_params, state_shardings)
@@ -73,7 +77,7 @@ class Run:
     source: Any
     loader: Any
     host_prep: inputs.HostPrep
-    encoders: Optional[inputs.Encoders]
+    encoders: Optional[inputs.FrozenEncoders]
     batch_sh: Dict[str, Any]
 
     @property
@@ -91,16 +95,28 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     with jax.set_mesh(mesh):
         boxed = abstract_boxed_params(sc, 1)
         abstract, state_sh = state_shardings(sc, mesh, boxed)
-    fields = inputs.needed_fields(sc.flows)
-    ndims = {'index': 1, 'latent_image': 4, 'latent_text': 2, 'context_image': 3, 'context_text': 3}
-    batch_sh = batch_shardings({f: ndims[f] for f in fields}, mesh, sc.rules)
+    ndims = {'index': 1}
+    for _, xtype, ctype, _ in sc.flows:
+        ndims[M.get(xtype).latent_field] = M.get(xtype).latent_ndim
+        ndims[M.get(ctype).context_field] = 3
+    batch_sh = batch_shardings(ndims, mesh, sc.rules)
     step_fn = jit_train_step(sc, state_sh, batch_sh, mesh)
     source = data_source if data_source is not None else inputs.make_source(cfg, workdir, sc.flows)
     loader = inputs.make_data_loader(cfg, source, mesh)
-    encoders = inputs.Encoders(cfg, sc.flows, mesh) if cfg.data.kind == 'images' else None
+    encoders = frozen_encoders(cfg, sc.flows, mesh) if cfg.data.kind == 'images' else None
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, sc=sc, abstract=abstract,
                shardings=state_sh, boxed=boxed, step_fn=step_fn, source=source, loader=loader,
-               host_prep=inputs.HostPrep(cfg, sc.flows), encoders=encoders, batch_sh=batch_sh)
+               host_prep=inputs.HostPrep.from_config(
+                   cfg, sc.flows, encoders.components if encoders else None),
+               encoders=encoders, batch_sh=batch_sh)
+
+
+def frozen_encoders(cfg, flows, mesh, ckpt: Optional[str] = None) -> inputs.FrozenEncoders:
+    """The frozen encoders of `cfg.encoders` (or `ckpt`) for `flows`, on `mesh`."""
+    from vd_jax.sharding import normalize_rules  # noqa: PLC0415
+    return inputs.FrozenEncoders(cfg.model, flows, mesh, normalize_rules(cfg.logical_axis_rules),
+                                 str(cfg.encoders.ckpt if ckpt is None else ckpt),
+                                 bool(cfg.encoders.vae_sample))
 
 
 def initial_state(run: Run) -> TrainState:
@@ -274,36 +290,53 @@ def load_metrics(workdir: str) -> Dict[int, Dict[str, float]]:
 # Preemption
 # ----------------------------------------------------------------------------------------
 
-class _Preemption:
-    """SIGTERM -> save at the end of the current step and stop (all processes agree)."""
+class Preemption:
+    """SIGTERM / SIGINT (Ctrl-C) -> save at the end of the current step and stop.
+
+    The handlers are installed by `arm()` once the first step has run: before that there is
+    nothing to save, and a signal during the first compile (which holds the interpreter)
+    keeps its default action, so it stops the process at once. With several processes the
+    flags are combined at sync points (`requested(sync=True)`), so all stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
-        self._old = None
+        self.signum = None
+        self._old = {}
+
+    def arm(self):
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                pass
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread: no handler, no preemption saves
-            self._old = None
         return self
 
     def _handler(self, signum, frame):
         del frame
-        logger.warning('signal %d received: saving a checkpoint after this step, then stopping',
-                       signum)
-        self.flag = True
+        logger.warning('%s received: saving a checkpoint after this step, then stopping '
+                       '(send it again to stop without saving)', signal.Signals(signum).name)
+        if self.flag:  # a second signal: the user means it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.flag, self.signum = True, signum
 
-    def requested(self) -> bool:
+    def requested(self, sync: bool) -> bool:
         if jax.process_count() == 1:
             return self.flag
+        if not sync:
+            return False
         from jax.experimental import multihost_utils  # noqa: PLC0415
         flags = multihost_utils.process_allgather(np.asarray(self.flag))
         return bool(np.any(flags))
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -311,27 +344,27 @@ class _Preemption:
 # Export
 # ----------------------------------------------------------------------------------------
 
-def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True) -> str:
-    """Write the EMA diffuser weights (plus the frozen encoder parts of `encoders.ckpt`, if
-    that is a checkpoint folder) as a vd_jax checkpoint folder the samplers load."""
-    from vd_jax.checkpoint import (available_parts, load_safetensors, unflatten,  # noqa: PLC0415
-                                   write_checkpoint)
+def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
+               encoders: Optional[inputs.FrozenEncoders] = None) -> str:
+    """Write the EMA diffuser weights plus every frozen part the trained flows need (the
+    encoders the run trained with, whatever their origin: a converted checkpoint, or random
+    weights for smoke runs) as a vd_jax checkpoint folder `sample.py --ckpt` loads."""
+    from vd_jax.checkpoint import write_checkpoint  # noqa: PLC0415
+    flows = parse_flows(cfg)
+    if encoders is None and inputs.frozen_parts(flows):
+        ckpt = str(cfg.encoders.get('ckpt', '') or '') or 'random'
+        encoders = frozen_encoders(cfg, flows, shd.create_mesh(dict(cfg.mesh)), ckpt)
     host = gather(ema_params)
+    frozen = {p: gather(v) for p, v in encoders.params.items()} if encoders else {}
     if jax.process_index() == 0:
-        parts = {'diffuser': host}
-        enc = str(cfg.encoders.get('ckpt', '') or '')
-        copied = []
-        if enc and enc != 'random' and os.path.isdir(enc):
-            for part in available_parts(enc):
-                if part != 'diffuser':
-                    parts[part] = unflatten(load_safetensors(os.path.join(enc, f'{part}.safetensors')))
-                    copied.append(part)
         manifest = {'source': 'vd_jax training (EMA weights)', 'step': int(step),
-                    'ema_decay': float(cfg.ema.decay), 'flows': list(cfg.flows),
-                    'frozen_parts_from': enc if copied else None}
-        write_checkpoint(out, cfg.model, parts, manifest=manifest, overwrite=overwrite)
-        logger.info('exported EMA weights of step %d to %s (parts %s)', step, out, sorted(parts))
-    inputs._sync('export')
+                    'ema_decay': float(cfg.ema.decay), 'flows': [f[0] for f in flows],
+                    'frozen_parts_from': {p: encoders.ckpt for p in frozen} if frozen else None}
+        write_checkpoint(out, cfg.model, {'diffuser': host, **frozen}, manifest=manifest,
+                         overwrite=overwrite)
+        logger.info('exported EMA weights of step %d to %s (parts %s)', step, out,
+                    ['diffuser'] + sorted(frozen))
+    inputs.sync_processes('export')
     return out
 
 
@@ -358,25 +391,41 @@ def export_from_workdir(cfg, workdir: str, out: Optional[str] = None,
 # ----------------------------------------------------------------------------------------
 
 def _host_metrics(m) -> Dict[str, float]:
-    return {k: (bool(v) if k == 'ok' else float(v)) for k, v in jax.device_get(m).items()}
+    return {k: (bool(v) if k == 'ok' else float(v)) for k, v in m.items()}
 
 
-def train_and_evaluate(cfg, workdir: str, *, data_source=None,
-                       hooks: Sequence[Callable[[int, Dict[str, float]], None]] = (),
-                       mesh=None) -> Dict[str, Any]:
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (written after the checkpoint a run resumes
+    from), so a resumed run never logs a step twice."""
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def train(cfg, workdir: str, *, data_source=None,
+          hooks: Sequence[Callable[[int, Dict[str, float]], None]] = (),
+          mesh=None) -> Dict[str, Any]:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Args:
       cfg: a training ConfigDict (`configs/train_*.py`).
       workdir: checkpoints/, metrics.jsonl, config.json, init_report.json, export/.
       data_source: a random-access record source used instead of `cfg.data` (tests).
-      hooks: called as hook(step, metrics) after every completed step.
+      hooks: called as hook(step, metrics) for every completed step, in order, when its
+        metrics reach the host (at the sync points; before the step's checkpoint).
       mesh: a ready `Mesh` instead of `cfg.mesh`.
     Returns:
       {'step', 'state' (final TrainState), 'history' ({step: metrics} of this call),
        'status' ('finished' | 'preempted'), 'export' (folder or None), 'steps_per_s'}.
     Raises:
-      TrainingDiverged: a step produced a non-finite loss/gradient (not saved).
+      TrainingDiverged: a step produced a non-finite loss/gradient (nothing after the last
+        good checkpoint is saved).
     """
     t_setup = time.time()
     run = setup(cfg, workdir, data_source=data_source, mesh=mesh)
@@ -398,6 +447,7 @@ def train_and_evaluate(cfg, workdir: str, *, data_source=None,
         logger.info('resumed from step %d (%s)', start, ckpt.directory)
         if int(state.step) != start:
             raise RuntimeError(f'checkpoint {start} holds a state of step {int(state.step)}')
+        _truncate_metrics(workdir, start)
     else:
         start = 0
         state = initial_state(run)
@@ -406,6 +456,7 @@ def train_and_evaluate(cfg, workdir: str, *, data_source=None,
     writer = MetricWriter(workdir, is_main, bool(cfg.tensorboard))
     history: Dict[int, Dict[str, float]] = {}
     enc_key = jax.random.PRNGKey(int(cfg.seed) + 1)
+    log_every, ckpt_every = int(cfg.log_every), int(cfg.checkpoint.every)
 
     def next_batch(step_index: int):
         host = run.host_prep(next(iterator))
@@ -419,55 +470,68 @@ def train_and_evaluate(cfg, workdir: str, *, data_source=None,
                 'config': to_plain(cfg), 'time': time.time()}
 
     step, status, export_dir = start, 'finished', None
-    rate_t, rate_n, first_t = None, 0, time.time()
-    steps_per_s = float('nan')
+    pending: List = []            # (step, device metrics) not yet on the host
+    clock = {'t': None, 'n': 0, 'first': time.time(), 'rate': float('nan')}
+
+    def flush(now_step: int):
+        """Metrics of the pending steps to the host: NaN check, metrics.jsonl, hooks."""
+        fetched = jax.device_get([m for _, m in pending])
+        steps = [s for s, _ in pending]
+        pending.clear()
+        for s, m in zip(steps, fetched):
+            hm = _host_metrics(m)
+            if not hm.pop('ok'):
+                ckpt.wait()
+                last = ckpt.latest_step()
+                losses = ', '.join(f'{k[5:]}={v:.4g}' for k, v in hm.items()
+                                   if k.startswith('loss/'))
+                where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
+                         if last is not None else 'no checkpoint had been written yet')
+                raise TrainingDiverged(
+                    f"training diverged at step {s}: loss={hm['loss']} ({losses}), "
+                    f"grad_norm={hm['grad_norm']}. This step's state was NOT saved; {where}. "
+                    'Resume from it with a lower optimizer.lr or grad_clip_norm, or check '
+                    'the data of this step.')
+            history[s] = hm
+            writer.write(s, hm)
+            for hook in hooks:
+                hook(s, hm)
+        now = time.time()
+        if clock['t'] is None:  # the first fetch includes the compile
+            logger.info('first step (compile + run) took %.1fs', now - clock['first'])
+            clock['t'], clock['n'], clock['step'] = now, 0, now_step
+        elif now_step > clock['step']:
+            clock['rate'] = (now_step - clock['step']) / max(now - clock['t'], 1e-9)
+            clock['t'], clock['step'] = now, now_step
+        hm = history[now_step]
+        if now_step % log_every == 0 or now_step == total:
+            rate = clock['rate']
+            flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items() if k.startswith('loss/'))
+            logger.info('step %d/%d | loss %.4f [%s] | %.2f steps/s %.1f ex/s | lr %.2e '
+                        '| grad %.3f | ETA %s', now_step, total, hm['loss'], flows, rate,
+                        rate * int(cfg.batch_size), hm['lr'], hm['grad_norm'],
+                        _fmt_time((total - now_step) / rate) if rate == rate and rate > 0 else '?')
+            writer.flush()
+
     try:
-        with _Preemption() as preempt:
+        with Preemption() as preempt:
             batch = next_batch(step) if step < total else None
             while step < total:
                 state, m = run.step_fn(state, batch)
                 step += 1
+                if step == start + 1:
+                    preempt.arm()                  # now there is progress worth saving
                 data_state = iterator.get_state()  # exactly `step` batches consumed
                 if step < total:
                     batch = next_batch(step)       # host work overlaps the device step
-                hm = _host_metrics(m)
-                if not hm['ok']:
-                    ckpt.wait()
-                    last = ckpt.latest_step()
-                    losses = ', '.join(f'{k[5:]}={v:.4g}' for k, v in hm.items()
-                                       if k.startswith('loss/'))
-                    where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
-                             if last is not None else 'no checkpoint had been written yet')
-                    raise TrainingDiverged(
-                        f"training diverged at step {step}: loss={hm['loss']} ({losses}), "
-                        f"grad_norm={hm['grad_norm']}. This step's state was NOT saved; {where}. "
-                        'Resume from it with a lower optimizer.lr or grad_clip_norm, or check '
-                        'the data of this step.')
-                hm.pop('ok')
-                history[step] = hm
-                writer.write(step, hm)
-                for hook in hooks:
-                    hook(step, hm)
-                now = time.time()
-                if rate_t is None:  # the first step includes the compile
-                    logger.info('first step (compile + run) took %.1fs', now - first_t)
-                    rate_t, rate_n = now, 0
-                else:
-                    rate_n += 1
-                if step % int(cfg.log_every) == 0 or step == total:
-                    if rate_n:  # over the steps since the last progress line
-                        steps_per_s = rate_n / max(now - rate_t, 1e-9)
-                        rate_t, rate_n = now, 0
-                    flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items()
-                                     if k.startswith('loss/'))
-                    logger.info('step %d/%d | loss %.4f [%s] | %.2f steps/s %.1f ex/s | lr %.2e '
-                                '| grad %.3f | ETA %s', step, total, hm['loss'], flows,
-                                steps_per_s, steps_per_s * int(cfg.batch_size), hm['lr'],
-                                hm['grad_norm'], _fmt_time((total - step) / steps_per_s)
-                                if steps_per_s == steps_per_s and steps_per_s > 0 else '?')
-                    writer.flush()
-                stop = preempt.requested()
-                if stop or step % int(cfg.checkpoint.every) == 0 or step == total:
+                pending.append((step, m))
+                due = step % ckpt_every == 0 or step == total
+                sync = due or step % log_every == 0
+                stop = preempt.requested(sync)
+                if sync or stop:
+                    flush(step)
+                    stop = stop or preempt.requested(True)
+                if stop or due:
                     ckpt.save(step, state, data_state, meta(step))
                 if stop:
                     status = 'preempted'
@@ -477,10 +541,10 @@ def train_and_evaluate(cfg, workdir: str, *, data_source=None,
         ckpt.wait()
         if status == 'finished' and bool(cfg.export.at_end) and step == total and total > start:
             export_dir = os.path.join(workdir, 'export', f'step_{step}')
-            export_ema(cfg, state.ema_params, export_dir, step)
+            export_ema(cfg, state.ema_params, export_dir, step, encoders=run.encoders)
     finally:
         writer.close()
         ckpt.wait()
         ckpt.close()
     return {'step': step, 'state': state, 'history': history, 'status': status,
-            'export': export_dir, 'steps_per_s': steps_per_s}
+            'export': export_dir, 'steps_per_s': clock['rate']}

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vd_jax.train.config import ConfigError, OptimConfig
+from vd_jax.checkpoint import path_str
+from vd_jax.train.settings import ConfigError, OptimConfig
 
 _GROUP_RX = re.compile(r'^(?P<stream>[A-Za-z_][A-Za-z0-9_]*)/(?P<kind>time_embed|data_blocks|'
                        r'context_blocks)_\d+(/|$)')
@@ -40,20 +41,16 @@ def group_of(path: str) -> str:
     return f"{m.group('stream')}_{'data' if kind == 'data_blocks' else 'context'}"
 
 
-def _path(keypath) -> str:
-    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keypath)
-
-
 def group_tree(params: Any) -> Any:
     """A tree like `params` whose leaves are the group names."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(_path(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(path_str(p)), params)
 
 
 def groups_of(params: Any) -> Dict[str, int]:
     """{group: parameter count}."""
     counts: Dict[str, int] = {}
     for p, leaf in jax.tree_util.tree_leaves_with_path(params):
-        g = group_of(_path(p))
+        g = group_of(path_str(p))
         counts[g] = counts.get(g, 0) + int(np.prod(np.shape(leaf)))
     return counts
 

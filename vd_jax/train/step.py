@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from vd_jax import sharding as shd
 from vd_jax.diffusion.schedule import eps_loss, make_schedule
-from vd_jax.train.config import StepConfig
+from vd_jax.train.settings import StepConfig
 from vd_jax.train.optim import ema_decay_at, ema_update, lr_schedule, make_optimizer
 
 

@@ -11,17 +11,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Sequence, Tuple
 
 import ml_collections
 
-# flow name -> (xtype, ctype): output modality (data layers) and condition (context layers)
-FLOWS: Dict[str, Tuple[str, str]] = {
-    't2i': ('image', 'text'),   # text -> image
-    'i2i': ('image', 'image'),  # image variation
-    'i2t': ('text', 'image'),   # image -> text
-    't2t': ('text', 'text'),    # text variation
-}
+from vd_jax import modalities as M
+
 
 
 class ConfigError(ValueError):
@@ -129,19 +124,18 @@ def parse_flows(cfg) -> Tuple[Tuple[str, str, str, float], ...]:
         names = [n.strip() for n in names.split(',') if n.strip()]
     names = list(names)
     if not names:
-        raise ConfigError('config flows is empty: train at least one of ' + ', '.join(FLOWS))
+        raise ConfigError('config flows is empty: train at least one of ' + ', '.join(M.FLOWS))
     if len(set(names)) != len(names):
         raise ConfigError(f'config flows lists a flow twice: {names}')
     weights = dict(cfg.get('flow_weights', {}) or {})
-    unknown = [n for n in list(names) + list(weights) if n not in FLOWS]
+    unknown = [n for n in list(names) + list(weights) if n not in M.FLOWS]
     if unknown:
-        raise ConfigError(f'unknown flow(s) {unknown}; known flows: {list(FLOWS)} '
-                          '(t2i text->image, i2i image variation, i2t image->text, '
-                          't2t text variation)')
+        raise ConfigError(f'unknown flow(s) {unknown}; known flows: '
+                          + ', '.join(f'{f.name} ({f.ctype}->{f.xtype})' for f in M.FLOWS.values()))
     streams = dict(cfg.model.diffuser.streams)
     out = []
     for n in names:
-        xtype, ctype = FLOWS[n]
+        xtype, ctype = M.FLOWS[n].xtype, M.FLOWS[n].ctype
         for role, s, part in (('output', xtype, 'data'), ('context', ctype, 'context')):
             parts = list(streams.get(s, {}).get('parts', ())) if s in streams else []
             if part not in parts:
@@ -245,7 +239,7 @@ def needed_fields(flows) -> Tuple[str, ...]:
     record index, which seeds each example's t and eps)."""
     fields = ['index']
     for _, xtype, ctype, _ in flows:
-        for f in (f'latent_{xtype}', f'context_{ctype}'):
+        for f in (M.get(xtype).latent_field, M.get(ctype).context_field):
             if f not in fields:
                 fields.append(f)
     return tuple(fields)

@@ -1,0 +1,224 @@
+"""The component layer: the networks of one model config with their parameters.
+
+`Components` builds each network lazily (through `vd_jax.models.FAMILIES`, the part -> family
+map of `vd_jax.modalities`) and gives, per modality, jitted
+
+    encode_context(modality, raw)        prompts / token ids / images -> contexts (B, L, D)
+    encode_latent(modality, raw, keys)   images / sentences -> latents
+    decode_latent(modality, latents)     latents -> images in [0, 1] / sentences
+    uncond_context(ctype, output, like)  the unconditional context of a convention
+
+plus shapes (`abstract_params`, `latent_shape`) and the image sizes of the model. The sampling
+pipeline (`vd_jax.tasks`) and training (`vd_jax.train.inputs`) both use it. With a `mesh`,
+parameters are placed on it (replicated, or sharded by the logical-axis rules) and batches
+can be split over its data axes (`shard_batch`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from vd_jax import modalities as M
+from vd_jax.models import family
+
+
+class Components:
+    """Networks + parameters of one model config.
+
+    Args:
+      model_config: the `model` section of a config (or a whole config).
+      params: {part: params} for the parts available ('diffuser', 'vae_image', ...).
+      dtype: compute dtype of the networks ('float32' | 'bfloat16'); outputs stay float32.
+      mesh: optional `jax.sharding.Mesh`; parameters are then placed on it by `rules`.
+      rules: logical-axis rules (default `vd_jax.sharding.DEFAULT_RULES`); with a mesh whose
+        fsdp/model axes are 1, parameters are replicated.
+
+    Explicit caches, each holding one kind of thing: `jitted` (name -> jitted function),
+    `samplers` (settings -> `Sampler`, filled by `vd_jax.tasks`), `tokenizers` (name ->
+    tokenizer) and `uncond` (the unconditional contexts, computed once).
+    """
+
+    def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
+                 mesh=None, rules=None):
+        if 'model' in model_config:
+            model_config = model_config['model']
+        self.config = model_config
+        self.dtype = jnp.dtype(dtype)
+        if self.dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self.mesh = mesh
+        from vd_jax import sharding as shd
+        self.rules = shd.normalize_rules(shd.DEFAULT_RULES if rules is None else rules)
+        self.params: Dict[str, Any] = {}
+        self._modules: Dict[str, Any] = {}
+        self.jitted: Dict[str, Callable] = {}
+        self.samplers: Dict[Tuple, Any] = {}
+        self.tokenizers: Dict[str, Any] = {}
+        self.uncond: Dict[Tuple[str, str, str], jax.Array] = {}
+        for part, tree in params.items():
+            self.set_params(part, tree)
+
+    # -- networks and parameters ------------------------------------------------------------------
+    @property
+    def parts(self) -> Tuple[str, ...]:
+        """Parts the config defines."""
+        return M.config_parts(self.config)
+
+    def module(self, part: str):
+        """The network of a part (built on first use)."""
+        if part not in self._modules:
+            kw = {}
+            if part.startswith('vae_') and M.part_family(part) == 'autokl':
+                lsf = dict(self.config.get('latent_scale_factor', {}) or {})
+                if lsf.get(part[4:]) is not None:
+                    kw['latent_scale'] = float(lsf[part[4:]])
+            self._modules[part] = family(M.part_family(part)).build(
+                M.part_section(self.config, part), dtype=self.dtype, **kw)
+        return self._modules[part]
+
+    def abstract_params(self, parts: Optional[Sequence[str]] = None, boxed: bool = False
+                        ) -> Dict[str, Any]:
+        """{part: ShapeDtypeStructs} of the config's parts (no allocation)."""
+        from vd_jax.models.init import abstract_params
+        return {p: abstract_params(self.module(p), boxed=boxed) for p in (parts or self.parts)}
+
+    def shardings(self, part: str):
+        """NamedShardings of a part's parameters on the mesh (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        from vd_jax import sharding as shd
+        import flax.linen as nn
+        with nn.logical_axis_rules(self.rules):
+            boxed = self.abstract_params([part], boxed=True)[part]
+        return shd.logical_shardings(boxed, self.mesh, self.rules)
+
+    def set_params(self, part: str, tree) -> None:
+        """Use `tree` as the weights of `part` (placed on the mesh, if any)."""
+        if part not in M.PARTS:
+            raise ValueError(f"unknown part '{part}' (parts: {M.PARTS})")
+        if self.mesh is not None:
+            sh = self.shardings(part)
+            tree = jax.tree_util.tree_map(lambda v, s: jax.device_put(v, s), tree, sh)
+        self.params[part] = tree
+
+    def jit(self, name: str, fn: Callable) -> Callable:
+        """`jax.jit(fn)`, cached under `name` (fn must close over static things only)."""
+        if name not in self.jitted:
+            self.jitted[name] = jax.jit(fn)
+        return self.jitted[name]
+
+    def tokenizer(self, name: str):
+        """'clip' (prompts -> ids), 'bert' / 'gpt2' (Optimus), checked against the model."""
+        if name not in self.tokenizers:
+            from vd_jax import tokenizers as T
+            if name == 'clip':
+                tok = T.clip_tokenizer()
+                c = self.config['ctx']['text']
+                tok.max_length = int(c['max_position_embeddings'])
+                if len(tok) > int(c['vocab_size']):
+                    raise ValueError(f"the CLIP tokenizer has {len(tok)} tokens but the model's "
+                                     f"text encoder has a {c['vocab_size']}-token vocabulary")
+            elif name in ('bert', 'gpt2'):
+                from vd_jax.text_io import check_vocabularies
+                tok = T.bert_tokenizer() if name == 'bert' else T.gpt2_tokenizer()
+                cfg = self.module('vae_text').config
+                check_vocabularies(cfg, **{name: tok})
+            else:
+                raise KeyError(f"unknown tokenizer '{name}'")
+            self.tokenizers[name] = tok
+        return self.tokenizers[name]
+
+    # -- modalities -----------------------------------------------------------------------------------
+    def encode_context(self, modality: str, raw, **kw) -> jax.Array:
+        """Raw inputs (prompts or token ids; images in [0, 1] / uint8 / paths) -> contexts
+        (B, L, D) float32 (image kw: masks=[keep-mask or None per image])."""
+        m = M.get(modality)
+        inputs = m.context_inputs(self, raw, **kw)
+        module = self.module(m.ctx_part)
+        fn = self.jit(f'context/{modality}', lambda p, x: m.context(module, p, x))
+        return fn(self.params[m.ctx_part], {k: jnp.asarray(v) for k, v in inputs.items()})
+
+    def encode_latent(self, modality: str, raw, keys=None) -> jax.Array:
+        """Raw inputs -> latents; with `keys` (one per input) a posterior sample per input
+        (independent of the batch), else the posterior mean."""
+        m = M.get(modality)
+        inputs = {k: jnp.asarray(v) for k, v in m.latent_inputs(self, raw).items()}
+        module = self.module(m.vae_part)
+        if keys is None:
+            fn = self.jit(f'latent/{modality}', lambda p, x: m.encode(module, p, x))
+            return fn(self.params[m.vae_part], inputs)
+
+        def one_each(p, x, ks):
+            return jax.vmap(lambda xi, k: m.encode(
+                module, p, jax.tree_util.tree_map(lambda a: a[None], xi), k)[0])(x, ks)
+        return self.jit(f'latent_sample/{modality}', one_each)(self.params[m.vae_part], inputs,
+                                                               keys)
+
+    def decode_latent(self, modality: str, latents, **kw):
+        """Latents -> images (B, H, W, 3) float32 in [0, 1] / list of sentences."""
+        return M.get(modality).decode(self, latents, **kw)
+
+    def uncond_context(self, ctype: str, output: str, convention: str, like) -> jax.Array:
+        """The unconditional context for contexts `like` (B, L, D) of modality `ctype` when
+        generating `output`; multi-image contexts (L a multiple of one context) are tiled."""
+        if convention not in M.CONVENTIONS:
+            raise ValueError(f'uncond convention must be one of {M.CONVENTIONS}, got {convention!r}')
+        u = M.get(ctype).uncond(convention, output)
+        if u.zeros:
+            return jnp.zeros_like(like)
+        key = (ctype, output, convention)
+        if key not in self.uncond:
+            self.uncond[key] = self.encode_context(ctype, u.raw)
+        c = self.uncond[key]
+        if c.shape[1] != like.shape[1]:
+            c = jnp.tile(c, (1, like.shape[1] // c.shape[1], 1))
+        return jnp.repeat(c, like.shape[0], axis=0)
+
+    # -- shapes and sizes ----------------------------------------------------------------------------
+    def latent_shape(self, modality: str, batch: int, hw=None) -> Tuple[int, ...]:
+        return M.get(modality).latent_shape(self.config, batch, hw)
+
+    @property
+    def image_size(self) -> int:
+        """Default generation side in pixels (config `image_size`)."""
+        if 'image_size' not in self.config:
+            raise ValueError("the model config has no 'image_size' (the default generation "
+                             'size); add it to the config')
+        return int(self.config['image_size'])
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per image-latent cell (8 for kl-f8)."""
+        return self.module('vae_image').config.downsample_factor if 'vae_image' in self.parts \
+            else 2 ** (len(self.config['vae']['image']['ch_mult']) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor x 2^(diffuser levels - 1)."""
+        levels = len(self.config['diffuser']['streams']['image']['channel_mult'])
+        return self.vae_factor * 2 ** (levels - 1)
+
+    # -- batches on the mesh -------------------------------------------------------------------------
+    @property
+    def data_shards(self) -> int:
+        """How many ways a batch is split (the mesh's batch axes; 1 without a mesh)."""
+        if self.mesh is None:
+            return 1
+        from vd_jax import sharding as shd
+        return shd.batch_shards(self.mesh, self.rules)
+
+    def shard_batch(self, tree):
+        """Place batch-leading arrays split over the mesh's batch axes (identity without a
+        mesh). Batches must be padded to a multiple of `data_shards` first."""
+        if self.mesh is None:
+            return tree
+        from vd_jax import sharding as shd
+
+        def put(x):
+            x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+            if not x.ndim:
+                return jax.device_put(x, shd.replicated(self.mesh))
+            return jax.device_put(x, shd.batch_sharding(self.mesh, self.rules, x.ndim))
+        return jax.tree_util.tree_map(put, tree)

@@ -1,0 +1,45 @@
+"""Editable image -> text -> image (the legacy CLI's I2T2I): caption latents of the image are
+edited (the negative prompt's direction removed, the positive prompt's latent added), decoded
+to sentences, and an image is generated from those sentences plus the positive prompt mixed
+with the image's low-rank (style) context."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from vd_jax import applications as apps
+from vd_jax.tasks.common import (SamplingOptions, check_n, image_hw, load_images, mixed, repeat,
+                                 single)
+
+PARTS_FLOWS = ('i2t', 't2i', 'i2i')
+
+
+def run(comps, image, positive: str = '', negative: str = '', n: int = 1, *,
+        options: SamplingOptions, image_weight: float = 0.33, height=None, width=None,
+        progress=None, callback=None) -> Tuple[List[str], np.ndarray]:
+    """Returns (edited sentences (n), images (n, H, W, 3)). The image context weight is
+    `image_weight` at attention level; the text part is the decoded sentences' tokens
+    concatenated with the positive prompt's."""
+    n = check_n(n)
+    hw = image_hw(comps, height, width)
+    cim = repeat(comps.encode_context('image', list(load_images(image, image_hw(comps))[:1])), n)
+    uim = comps.uncond_context('image', 'text', options.uncond, cim)
+    zt = single(comps, 'text', 'image', cim, uim, options, shape=comps.latent_shape('text', n),
+                progress=progress, callback=callback)
+    z_neg, z_pos = comps.encode_latent('text', [negative, positive])
+    texts = comps.decode_latent('text', apps.edit_text_latent(zt, z_neg, z_pos),
+                                seed=options.seed)
+    ctx_text = jnp.concatenate([comps.encode_context('text', texts),
+                                repeat(comps.encode_context('text', [positive]), n)], axis=1)
+    u_text = jnp.concatenate([comps.uncond_context('text', 'image', options.uncond,
+                                                   ctx_text[:, :ctx_text.shape[1] // 2])] * 2,
+                             axis=1)
+    c_img = apps.find_low_rank(cim[:, 1:], q=10)
+    u_img = comps.uncond_context('image', 'image', options.uncond, cim)[:, 1:]
+    z = mixed(comps, 'attention', (c_img, ctx_text), (u_img, u_text), ('image', 'text'),
+              [image_weight, 1 - float(image_weight)], 'image', options,
+              shape=comps.latent_shape('image', n, hw), progress=progress, callback=callback,
+              seed_offset=1000)
+    return texts, comps.decode_latent('image', z)

@@ -1,0 +1,31 @@
+"""Image -> text (the i2t flow): CLIP image contexts condition the text data layers; the
+Optimus decoder turns the latents into captions."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+
+from vd_jax.tasks.common import (SamplingOptions, check_n, image_contexts, image_hw, load_images,
+                                 negative_image_context, repeat, single)
+
+PARTS_FLOWS = ('i2t',)
+
+
+def run(comps, images, n: int = 1, *, options: SamplingOptions, negative_image=None,
+        context=None, latents=None, progress=None, callback=None, **decode) -> List[str]:
+    """Images -> captions (len(images) * n strings). Like the demo, the image is resized to
+    the model's generation size (config `image_size`, 512 for the released model; the
+    aspect ratio is not kept) before CLIP's own preprocessing. `decode`: Optimus decoding
+    options (see `vd_jax.modalities.TextModality.decode`)."""
+    n = check_n(n)
+    hw = image_hw(comps)
+    if context is not None:
+        c = repeat(np.asarray(context, np.float32), n)
+    else:
+        c = repeat(image_contexts(comps, load_images(images, hw)), n)
+    b = c.shape[0]
+    u = negative_image_context(comps, negative_image, c, b // n, n, 'text', options.uncond, hw)
+    z = single(comps, 'text', 'image', c, u, options, shape=comps.latent_shape('text', b),
+               latents=latents, progress=progress, callback=callback)
+    return comps.decode_latent('text', z, seed=options.seed, **decode)
