@@ -16,11 +16,6 @@ from vd_jax.eval import shapes_reader as rd
 A = sw.Attributes
 
 
-def _pixels_of(img, bg):
-    """Bool mask of the pixels at least half-way from the background to the shape's colour."""
-    return np.abs(img.astype(int) - bg).max(-1) > 0
-
-
 # ------------------------------------------------------------------------------------------
 # the world
 # ------------------------------------------------------------------------------------------
@@ -243,6 +238,8 @@ def test_reader_inputs_and_blank_images():
     assert rd.read_image(img.astype(np.float32) / 255) == a
     blank = np.full((64, 64, 3), 128, np.uint8)
     assert rd.read_image(blank, return_confidence=True) == (A(background='gray'), 0.0)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert rd.read_image(noise, return_confidence=True)[1] < 0.5     # no shape in there
     with pytest.raises(ValueError, match=r'\(64, 64, 3\)'):
         rd.read_image(img[:32])
     with pytest.raises(ValueError, match=r'\[0, 1\]'):

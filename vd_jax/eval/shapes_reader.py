@@ -90,7 +90,8 @@ def read_image(image, return_confidence: bool = False
     if peak < MIN_CONTRAST:
         return (nothing, 0.0) if return_confidence else nothing
     fg = np.median(smooth[dist > peak / 2], axis=0)
-    fg = np.median(smooth[_alpha(smooth, bg, fg) > 0.75], axis=0)     # mostly-shape pixels
+    core = _alpha(smooth, bg, fg) > 0.75                                # mostly-shape pixels
+    fg = np.median(smooth[core], axis=0) if core.any() else fg
     labels, n = ndimage.label(_alpha(smooth, bg, fg) > 0.5, structure=np.ones((3, 3)))
     if n == 0:
         return (nothing, 0.0) if return_confidence else nothing
