@@ -34,7 +34,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, ImageOps
+from PIL import Image
+
+from vd_jax.image_io import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -480,9 +482,10 @@ def _make_example(uid, image_bytes, caption, meta, filters: Filters, counts):
 def normalize_image_bytes(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
     """Fully decode `data`; return bytes that decode to an upright RGB image, and its (W, H).
 
-    RGB JPEG/PNG without EXIF rotation are kept byte for byte. Anything else (grey, palette,
-    alpha, CMYK, webp, rotated) is converted (alpha composited on white, EXIF orientation
-    applied) and re-encoded as PNG, so the reader (PIL `np.asarray`) always gets (H, W, 3).
+    RGB JPEG/PNG without EXIF rotation are kept byte for byte. Anything else (grey, 16-bit,
+    palette, alpha, CMYK, webp, rotated) is converted exactly as inference reads files
+    (`vd_jax.image_io.pil_to_rgb`: EXIF orientation applied, 16-bit scaled, alpha composited
+    on white) and re-encoded as PNG, so the reader (PIL `np.asarray`) always gets (H, W, 3).
     Raises (OSError, ValueError, ...) on bytes PIL cannot decode, incl. truncated files.
     """
     with Image.open(io.BytesIO(data)) as im:
@@ -491,11 +494,7 @@ def normalize_image_bytes(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
         im.load()  # full decode: truncated data raises here, not at training time
         if fmt in ('JPEG', 'PNG') and im.mode == 'RGB' and orientation == 1:
             return data, im.size
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
-            rgba = im.convert('RGBA')
-            im = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert('RGB')
+        im = Image.fromarray(pil_to_rgb(im))
         buf = io.BytesIO()
         im.save(buf, format='PNG')
         return buf.getvalue(), im.size
