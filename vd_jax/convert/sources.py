@@ -75,10 +75,11 @@ class DictSource(TensorSource):
 _WRAPPER_KEYS = ('state_dict', 'model', 'module')
 
 
-# What `torch.save` files start with: a zip archive (torch >= 1.6), or the pickled magic number
-# 0x1950a86a20f9469cfc6c of the legacy format (protocol 2: PROTO 2, LONG1 of 10 bytes).
+# What `torch.save` files start with: a zip archive (torch >= 1.6), or a pickle (PROTO opcode
+# 0x80) whose first object is the legacy format's magic number 0x1950a86a20f9469cfc6c
+# (little-endian bytes below; right after the PROTO 2 / LONG1 opcodes with the default protocol).
 _ZIP_MAGIC = b'PK\x03\x04'
-_LEGACY_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'
+_LEGACY_MAGIC = b'l\xfc\x9cF\xf9 j\xa8P\x19'
 _HEAD = 512
 
 
@@ -94,18 +95,20 @@ def _sniff(path: str) -> Tuple[str, bytes]:
         return 'empty', head
     if head.startswith(_ZIP_MAGIC):
         return 'zip', head
-    if head.startswith(_LEGACY_MAGIC):
+    if head[:1] == b'\x80' and _LEGACY_MAGIC in head[:32]:
         return 'legacy', head
     if head[257:262] == b'ustar':  # the pre-1.0 torch.save tar format
         return 'tar', head
     if len(head) > 8 and head[8:9] == b'{' and 2 <= int.from_bytes(head[:8], 'little') < 10**9:
         return 'safetensors', head
-    try:
-        text = head.decode('utf-8')
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode('utf-8')
+        except UnicodeDecodeError:
+            continue
         if all(c.isprintable() or c in '\n\r\t' for c in text[:200]):
             return 'text', head
-    except UnicodeDecodeError:
-        pass
+        break
     return 'unknown', head
 
 
@@ -113,7 +116,7 @@ def _not_a_checkpoint(path: str, kind: str, head: bytes) -> SourceError:
     if kind == 'empty':
         return SourceError(f"'{path}' is empty (0 bytes), not a PyTorch checkpoint")
     if kind == 'text':
-        first = head.decode('utf-8').strip().splitlines()[0][:60] if head.strip() else ''
+        first = head.decode('utf-8', 'replace').strip().splitlines()[0][:60] if head.strip() else ''
         if first.startswith('version https://git-lfs'):
             return SourceError(f"'{path}' is a Git LFS pointer (a small text file), not the "
                                'checkpoint itself: download the real file (git lfs pull)')
@@ -127,12 +130,14 @@ def _torch_error(path: str, e: BaseException) -> SourceError:
     weights_only=False: that would run arbitrary code from the file."""
     msg = str(e)
     if 'Weights only load failed' in msg or 'WeightsUnpickler' in msg:
-        detail = next((ln.split('WeightsUnpickler error:', 1)[1].strip() for ln in msg.splitlines()
-                       if 'WeightsUnpickler error:' in ln), '')
+        after = msg.split('WeightsUnpickler error:', 1)[1] if 'WeightsUnpickler error:' in msg else ''
+        detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), '')
         detail = detail.split(' was not an allowed global')[0].split('. ')[0]
-        return SourceError(f"'{path}' holds Python objects besides tensors ({detail or 'refused'}"
-                           ') and vd_jax only reads plain tensors; re-save just the state dict '
-                           '(torch.save(model.state_dict(), path)) or convert it to .safetensors')
+        what = ('holds Python objects besides tensors' if detail.startswith('Unsupported global')
+                else "cannot be read by torch's safe (weights-only) loader")
+        return SourceError(f"'{path}' {what} ({detail or 'refused'}); vd_jax reads only plain "
+                           'tensors: re-save just the state dict (torch.save(model.state_dict(), '
+                           'path)) or convert it to .safetensors')
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
     return SourceError(f"'{path}' is a damaged or truncated PyTorch checkpoint, or not one "
                        f'({type(e).__name__}: {first[:200]})')
