@@ -272,6 +272,61 @@ def test_builder_workers_and_filter_options(built, tmp_path):
         vdd.build_image_text(str(base / 'nowhere'), str(tmp_path), name='bad')
 
 
+def test_unusable_folders_fail_before_anything_is_written(tmp_path):
+    data_dir = tmp_path / 'data'
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(vdd.DataSourceError, match=f"no images in '{empty}' \\(it is empty\\)"):
+        vdd.build_image_text(str(empty), str(data_dir))
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'notes.md').write_text('x')
+    with pytest.raises(vdd.DataSourceError, match=r'no images .*1 other file: notes\.md'):
+        vdd.build_image_text(str(other), str(data_dir))
+    nocap = tmp_path / 'nocap'
+    nocap.mkdir()
+    for i in range(3):
+        (nocap / f'photo{i}.jpg').write_bytes(_encode(_image(i, 32, 32), 'JPEG'))
+    with pytest.raises(vdd.DataSourceError) as e:
+        vdd.build_image_text(str(nocap), str(data_dir))
+    assert str(nocap) in str(e.value)
+    assert '3 images but no captions' in str(e.value)
+    assert 'photo0.txt beside photo0.jpg' in str(e.value) and 'metadata.jsonl' in str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert not data_dir.exists()
+    # a caption anywhere (a side file, or a jsonl line) passes the check
+    (nocap / 'photo1.txt').write_text('a photo')
+    assert vdd.check_sources(str(nocap)) == dict(images=3, captioned=1, tar_shards=0)
+    (nocap / 'photo1.txt').unlink()
+    (nocap / 'metadata.jsonl').write_text(json.dumps(dict(file_name='photo2.jpg', text='x')) + '\n')
+    assert vdd.check_sources(str(nocap))['captioned'] == 1
+
+
+def test_failed_build_leaves_no_folders_and_tfds_stays_quiet(tmp_path, capfd, caplog):
+    caplog.set_level('INFO')
+    small = tmp_path / 'small'     # captioned, but every image is below the LAION min area
+    small.mkdir()
+    for i in range(2):
+        (small / f'p{i}.png').write_bytes(_encode(_image(i, 16, 16), 'PNG'))
+        (small / f'p{i}.txt').write_text(f'caption {i}')
+    data_dir = tmp_path / 'data'
+    with pytest.raises(vdd.DataSourceError, match="no usable sample.*'filtered/min_area': 2"):
+        vdd.build_image_text(str(small), str(data_dir))
+    assert not data_dir.exists()   # tfds had started: its folders are removed again
+    (data_dir / 'keep').mkdir(parents=True)   # an existing data dir survives a failed build
+    with pytest.raises(vdd.DataSourceError):
+        vdd.build_image_text(str(small), str(data_dir))
+    assert sorted(os.listdir(data_dir)) == ['keep']
+    builder = vdd.build_image_text(str(small), str(data_dir), filters=vdd.Filters.none())
+    assert vdd.prepare_stats(builder) == {'kept': 2, 'seen': 2}
+    assert sorted(os.listdir(data_dir)) == ['keep', 'vd_image_text']   # no empty downloads/
+    out = capfd.readouterr()
+    # nothing is downloaded, and our config is not dumped as a warning
+    assert 'Downloading and preparing' not in out.out + out.err
+    assert 'Using custom data configuration' not in caplog.text
+    assert 'building vd_image_text/default' in caplog.text
+
+
 # ----------------------------------------------------------------------------------------
 # loader
 # ----------------------------------------------------------------------------------------

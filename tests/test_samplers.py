@@ -99,7 +99,7 @@ def test_ddim_grid_reproduces_original_quirks():
     # steps not dividing T: the original's grid is longer than `steps` (assert commented out)
     assert len(ddim.make_ddim_timesteps(30)) == 31
     with pytest.raises(ValueError, match='outside the 1000-step schedule'):
-        make_plan('ddim', 1000)
+        make_plan('ddim', 1000, spacing='uniform')  # 'auto' falls back (tests/test_step_grids.py)
 
 
 @pytest.mark.parametrize('eta', [0.0, 0.7])

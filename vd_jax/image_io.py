@@ -31,25 +31,76 @@ class ImageReadError(ValueError):
     """A file could not be read as an image; the message names the file."""
 
 
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read an image file (PNG, JPEG, ... anything Pillow decodes) -> uint8 (H, W, 3) RGB.
+# Transparent pixels are composited over white: what browsers (and so the demo's users) show,
+# and what the training-data builder stores (`vd_jax.data.normalize_image_bytes`).
+ALPHA_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')
+_INT_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
-    EXIF orientation is applied (as transformers' `load_image` does); grey, palette and
-    alpha images are converted with Pillow's `convert('RGB')` (alpha is dropped).
+
+def _u8(a: np.ndarray, top: float) -> np.ndarray:
+    """Values in [0, top] -> uint8, rounded to nearest (v * 255 / top); outside clipped."""
+    a = np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=top, neginf=0.0)
+    return np.rint(np.clip(a, 0.0, top) * (255.0 / top)).astype(np.uint8)
+
+
+def pil_to_rgb(im) -> np.ndarray:
+    """A PIL image of any mode -> upright uint8 (H, W, 3) RGB.
+
+    * EXIF orientation is applied (`ImageOps.exif_transpose`, as transformers' `load_image`).
+    * 16-bit and 32-bit integer grey ('I;16', 'I;16B', 'I', ...) are scaled from 0..65535, the
+      range PIL gives 16-bit PNG/TIFF files (mode 'I' included); values outside are clipped.
+      `convert('RGB')` would clip them at 255 instead (a 16-bit image comes out almost white).
+    * 'F' (float grey) is taken as [0, 1] when its maximum is <= 1, else as 0..255.
+    * Alpha ('RGBA', 'LA', 'PA', palette with transparency) is composited over
+      `ALPHA_BACKGROUND` (white).
+    * '1', 'L', 'P', 'CMYK', 'YCbCr', 'HSV', ... go through Pillow's `convert('RGB')`.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode in _INT_MODES or mode == 'F':
+        a = np.asarray(im)
+        top = 65535.0 if mode != 'F' else (1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0)
+        return np.repeat(_u8(a, top)[..., None], 3, axis=-1)
+    if mode in _ALPHA_MODES or (mode == 'P' and 'transparency' in im.info):
+        rgba = (im.convert('LA') if mode == 'La' else im).convert('RGBA')
+        im = Image.alpha_composite(Image.new('RGBA', rgba.size, ALPHA_BACKGROUND + (255,)), rgba)
+    try:
+        rgb = im.convert('RGB')
+    except ValueError as e:  # a mode Pillow cannot convert (e.g. multi-band float)
+        raise ValueError(f'image mode {mode!r} cannot be converted to RGB: {e}') from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file (PNG, JPEG, TIFF, ... anything Pillow decodes) -> uint8 (H, W, 3) RGB.
+
+    Every mode and bit depth is scaled to 8 bits as `pil_to_rgb` documents (EXIF orientation
+    applied, 16-bit grey scaled, alpha composited over white, CMYK converted).
+    Raises FileNotFoundError for a missing file, ImageReadError (naming the file) for anything
+    that is not a decodable image: a folder, an empty or truncated file, another format.
+    """
+    from PIL import Image, UnidentifiedImageError
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageReadError(f"'{path}' is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file '{path}' does not exist")
+    if os.path.getsize(path) == 0:
+        raise ImageReadError(f"image file '{path}' is empty (0 bytes)")
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert('RGB'), dtype=np.uint8).copy()
+            return pil_to_rgb(im)
     except UnidentifiedImageError:
         raise ImageReadError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") \
             from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
+    except PermissionError:
+        raise ImageReadError(f"cannot read image file '{path}': permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"image file '{path}' is too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data, odd modes
         raise ImageReadError(f"cannot decode image file '{path}': {e}") from None
 
 
@@ -126,10 +177,19 @@ def resize_bicubic(img: np.ndarray, size: Tuple[int, int], pillow13_order: bool 
 
 
 def _to_uint8_rgb(image, index: int) -> np.ndarray:
+    """One image (file path, PIL image, or array) -> uint8 (H, W, 3).
+
+    Arrays: channels last, (H, W, 3), (H, W, 1) or (H, W); uint8 as is, uint16 scaled from
+    0..65535 (round(v / 257)), float in [0, 1] quantised as VD does (uint8(x * 255), truncating).
+    Files and PIL images: `load_image` / `pil_to_rgb` (every mode and bit depth).
+    """
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if type(image).__module__.startswith('PIL.'):
-        return np.asarray(image.convert('RGB'), dtype=np.uint8)
+        try:
+            return pil_to_rgb(image)
+        except ValueError as e:
+            raise ValueError(f'image {index}: {e}') from None
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -142,6 +202,8 @@ def _to_uint8_rgb(image, index: int) -> np.ndarray:
         raise ValueError(f'image {index}: empty image of shape {a.shape}')
     if a.dtype == np.uint8:
         return a
+    if a.dtype == np.uint16:
+        return _u8(a, 65535.0)
     if np.issubdtype(a.dtype, np.floating):
         lo, hi = float(np.min(a)), float(np.max(a))
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
@@ -149,7 +211,8 @@ def _to_uint8_rgb(image, index: int) -> np.ndarray:
                              f'[{lo:.4g}, {hi:.4g}]')
         # torchvision ToPILImage, as in VD's CLIPImageContextEncoder: float32 x*255, truncated.
         return (a.astype(np.float32) * np.float32(255)).astype(np.uint8)
-    raise ValueError(f'image {index}: dtype {a.dtype} is not supported (uint8, or float in [0, 1])')
+    raise ValueError(f'image {index}: dtype {a.dtype} is not supported (uint8, uint16, or float '
+                     'in [0, 1])')
 
 
 def as_list(images) -> List:

@@ -4,7 +4,50 @@ Converts a released Versatile Diffusion checkpoint (original v1.0 or legacy `.pt
 diffusers folder, or a `.safetensors` file) into a vd_jax checkpoint folder.
 """
 import argparse
+import os
 import sys
+import warnings
+
+# What marks a folder as a vd_jax checkpoint (written by `convert_checkpoint`), the only kind
+# of existing folder --overwrite may replace.
+_CHECKPOINT_MARKERS = ('manifest.json', 'config.json')
+
+
+class UsageError(ValueError):
+    """The command line cannot work (checked before anything is read or converted)."""
+
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Reject an OUT that cannot become a new checkpoint folder, before any work.
+
+    Rejected: an existing file; an existing folder without --overwrite; with --overwrite, an
+    existing folder that is neither empty nor a vd_jax checkpoint (it would be deleted); a
+    location whose nearest existing parent is a file or is not writable. Missing parent
+    folders are fine (they are created when the checkpoint is written).
+    """
+    out_abs = os.path.abspath(out)
+    if os.path.lexists(out_abs):
+        if not os.path.isdir(out_abs):
+            raise UsageError(f"output '{out}' is an existing file, not a checkpoint folder; "
+                             'choose a folder path that does not exist yet')
+        if not overwrite:
+            raise UsageError(f"output '{out}' already exists; choose another path or pass "
+                             '--overwrite to replace it')
+        entries = os.listdir(out_abs)
+        if entries and not any(m in entries for m in _CHECKPOINT_MARKERS):
+            raise UsageError(f"output '{out}' is a folder that is not a vd_jax checkpoint (no "
+                             "manifest.json); --overwrite would delete it, so it is refused")
+    parent = os.path.dirname(out_abs)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot create output '{out}': '{parent}' is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create output '{out}': no permission to write in '{parent}'")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f'warning: {message}', file=sys.stderr if file is None else file)
 
 
 def main(argv=None):
@@ -20,15 +63,27 @@ def main(argv=None):
     p.add_argument('--skip', nargs='+', default=[], metavar='PART',
                    help='parts present in the source to leave out on purpose')
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace an existing OUT (only a previous vd_jax checkpoint folder)')
     p.add_argument('--dry-run', action='store_true',
                    help='check the whole mapping (keys, shapes) and print it; write nothing')
     args = p.parse_args(argv)
+
+    # Usage errors first, before importing jax/torch or reading the (possibly 10 GB) source.
+    try:
+        if not os.path.exists(args.src):
+            raise UsageError(f"source '{args.src}' does not exist")
+        if not args.dry_run:
+            check_output(args.out, args.overwrite)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
 
     import numpy as np
     from vd_jax.convert import ConversionError, SourceError, convert_checkpoint, open_source, \
         plan_conversion
     from vd_jax.checkpoint import CheckpointError
+    warnings.showwarning = _one_line_warning
     try:
         if args.dtype == 'bfloat16':
             import ml_dtypes
@@ -53,7 +108,7 @@ def main(argv=None):
                                  progress=True)
         print(f'wrote {out}')
         return 0
-    except (ConversionError, SourceError, CheckpointError, FileExistsError, ValueError) as e:
+    except (ConversionError, SourceError, CheckpointError, OSError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 

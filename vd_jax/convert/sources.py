@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import warnings
+import zipfile
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -74,30 +75,113 @@ class DictSource(TensorSource):
 _WRAPPER_KEYS = ('state_dict', 'model', 'module')
 
 
+# What `torch.save` files start with: a zip archive (torch >= 1.6), or a pickle (PROTO opcode
+# 0x80) whose first object is the legacy format's magic number 0x1950a86a20f9469cfc6c
+# (little-endian bytes below; right after the PROTO 2 / LONG1 opcodes with the default protocol).
+_ZIP_MAGIC = b'PK\x03\x04'
+_LEGACY_MAGIC = b'l\xfc\x9cF\xf9 j\xa8P\x19'
+_HEAD = 512
+
+
+def _sniff(path: str) -> Tuple[str, bytes]:
+    """What a file looks like from its first bytes: 'empty' | 'zip' | 'legacy' | 'tar' |
+    'safetensors' | 'text' | 'unknown', and those bytes. Raises SourceError if unreadable."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(_HEAD)
+    except OSError as e:
+        raise SourceError(f"cannot read '{path}': {e.strerror or e}") from None
+    if not head:
+        return 'empty', head
+    if head.startswith(_ZIP_MAGIC):
+        return 'zip', head
+    if head[:1] == b'\x80' and _LEGACY_MAGIC in head[:32]:
+        return 'legacy', head
+    if head[257:262] == b'ustar':  # the pre-1.0 torch.save tar format
+        return 'tar', head
+    if len(head) > 8 and head[8:9] == b'{' and 2 <= int.from_bytes(head[:8], 'little') < 10**9:
+        return 'safetensors', head
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode('utf-8')
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in '\n\r\t' for c in text[:200]):
+            return 'text', head
+        break
+    return 'unknown', head
+
+
+def _not_a_checkpoint(path: str, kind: str, head: bytes) -> SourceError:
+    if kind == 'empty':
+        return SourceError(f"'{path}' is empty (0 bytes), not a PyTorch checkpoint")
+    if kind == 'text':
+        first = head.decode('utf-8', 'replace').strip().splitlines()[0][:60] if head.strip() else ''
+        if first.startswith('version https://git-lfs'):
+            return SourceError(f"'{path}' is a Git LFS pointer (a small text file), not the "
+                               'checkpoint itself: download the real file (git lfs pull)')
+        return SourceError(f"'{path}' is a text file ({first!r}...), not a PyTorch checkpoint")
+    return SourceError(f"'{path}' is not a PyTorch checkpoint (a torch.save file starts with a "
+                       f'zip or pickle header; this one starts with {head[:8]!r})')
+
+
+def _torch_error(path: str, e: BaseException) -> SourceError:
+    """One line for a torch.load failure. Never passes on torch's advice to load with
+    weights_only=False: that would run arbitrary code from the file."""
+    msg = str(e)
+    if 'Weights only load failed' in msg or 'WeightsUnpickler' in msg:
+        after = msg.split('WeightsUnpickler error:', 1)[1] if 'WeightsUnpickler error:' in msg else ''
+        detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), '')
+        detail = detail.split(' was not an allowed global')[0].split('. ')[0]
+        what = ('holds Python objects besides tensors' if detail.startswith('Unsupported global')
+                else "cannot be read by torch's safe (weights-only) loader")
+        return SourceError(f"'{path}' {what} ({detail or 'refused'}); vd_jax reads only plain "
+                           'tensors: re-save just the state dict (torch.save(model.state_dict(), '
+                           'path)) or convert it to .safetensors')
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return SourceError(f"'{path}' is a damaged or truncated PyTorch checkpoint, or not one "
+                       f'({type(e).__name__}: {first[:200]})')
+
+
+def _check_torch_zip(path: str) -> None:
+    """A zip-format torch.save file has its central directory (at the end: a cut-short copy has
+    none) and a `<archive>/data.pkl` entry; reads only the directory, not the tensors."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        raise SourceError(f"'{path}' is a truncated or damaged PyTorch checkpoint: its zip "
+                          f'directory is missing ({size:,} bytes; was the download or copy cut '
+                          'short?)') from None
+    if not any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+        raise SourceError(f"'{path}' is a zip archive but not a PyTorch checkpoint (no data.pkl "
+                          f'among its {len(names)} entries, e.g. {names[:3]})')
+
+
 class TorchFileSource(DictSource):
-    """A `torch.save`d state dict, memory-mapped when the file is in zip format."""
+    """A `torch.save`d state dict, memory-mapped when the file is in zip format.
+
+    The file's first bytes are checked before torch is imported, so an empty, text or other
+    non-checkpoint file is reported as such (one line naming the file)."""
 
     def __init__(self, path: str):
+        kind, head = _sniff(path)
+        if kind not in ('zip', 'legacy', 'tar'):
+            raise _not_a_checkpoint(path, kind, head)
+        if kind == 'zip':
+            _check_torch_zip(path)
         try:
             import torch
         except ImportError:
             raise SourceError(f"reading '{path}' needs PyTorch: pip install -e '.[convert]' "
                               "(torch==2.13.0)") from None
+        if kind != 'zip':  # the pre-1.6 formats cannot be memory-mapped
+            warnings.warn(f"'{path}' is in the legacy torch format; loading it whole")
         try:
-            obj = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if 'mmap' in str(e) and 'zip' in str(e):  # pre-1.6 pickle format: no mmap
-                warnings.warn(f"'{path}' is in the legacy torch format; loading it whole")
-                try:
-                    obj = torch.load(path, map_location='cpu', weights_only=True)
-                except Exception as e2:  # noqa: BLE001
-                    raise SourceError(f"cannot read '{path}': {e2}") from None
-            else:
-                raise SourceError(f"cannot read '{path}' (truncated or not a torch checkpoint?): "
-                                  f"{str(e).splitlines()[0]}") from None
-        except Exception as e:  # noqa: BLE001  (pickle errors, EOFError, ...)
-            raise SourceError(f"cannot read '{path}' (truncated or not a torch checkpoint?): "
-                              f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
+            obj = torch.load(path, map_location='cpu', mmap=kind == 'zip', weights_only=True)
+        except Exception as e:  # noqa: BLE001  (RuntimeError, UnpicklingError, OSError, EOFError...)
+            raise _torch_error(path, e) from None
         obj = _unwrap_state_dict(obj, path)
         super().__init__(obj, path)
 
@@ -203,11 +287,33 @@ class _ConcatSource(MergedSource):
 
 
 def open_file(path: str) -> TensorSource:
+    """A `.safetensors` file (by name or content) or a torch.save file."""
     if not os.path.exists(path):
         raise SourceError(f"source '{path}' does not exist")
-    if path.endswith('.safetensors'):
+    if os.path.getsize(path) == 0:
+        raise SourceError(f"'{path}' is empty (0 bytes), not a checkpoint")
+    if path.endswith('.safetensors') or _sniff(path)[0] == 'safetensors':
         return SafetensorsSource(path)
     return TorchFileSource(path)
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read '{path}' as JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise SourceError(f"'{path}' is not a model config (a JSON object)")
+    return cfg
+
+
+def _listing(folder: str, n: int = 6) -> str:
+    names = sorted(os.listdir(folder))
+    if not names:
+        return 'it is empty'
+    shown = [x + ('/' if os.path.isdir(os.path.join(folder, x)) else '') for x in names[:n]]
+    return 'it has ' + ', '.join(shown) + (f' and {len(names) - n} more' if len(names) > n else '')
 
 
 def open_source(path: str) -> TensorSource:
@@ -229,15 +335,15 @@ def open_source(path: str) -> TensorSource:
         return MergedSource(parts, path)
     cfg = os.path.join(path, 'config.json')
     if os.path.isfile(cfg):
-        with open(cfg) as f:
-            cls = json.load(f).get('_class_name') or (json.load(open(cfg)).get('architectures')
-                                                      or [None])[0]
+        cfg_dict = _read_config(cfg)
+        cls = cfg_dict.get('_class_name') or (cfg_dict.get('architectures') or [None])[0]
         if cls not in DIFFUSERS_CLASSES:
             raise SourceError(f"'{path}': model class {cls!r} is not one vd_jax converts "
                               f"(known: {sorted(DIFFUSERS_CLASSES)})")
         return MergedSource({DIFFUSERS_CLASSES[cls] + '.': _model_folder_source(path)}, path)
-    raise SourceError(f"folder '{path}' is neither a diffusers pipeline (sub-folders "
-                      f"{DIFFUSERS_FOLDERS}) nor a diffusers/transformers model folder (config.json)")
+    raise SourceError(f"folder '{path}' is not a checkpoint vd_jax knows ({_listing(path)}): "
+                      f"expected a diffusers pipeline (sub-folders {', '.join(DIFFUSERS_FOLDERS)}) "
+                      'or a diffusers/transformers model folder (config.json)')
 
 
 class ShapeSource(TensorSource):

@@ -2,6 +2,8 @@
 
   build_image_text(sources, data_dir, ...)  folders / img2dataset tar shards -> LAION-filtered
                                             image-caption dataset (`VdImageText` builder)
+  check_sources(sources)                    fail fast (`DataSourceError`) on folders with no
+                                            images or no captions; build_image_text calls it
   make_loader(source, batch_size=..., image_size=..., ...)
                                             deterministic, process-sharded, resumable batches
   SyntheticSource(n, size)                  random records for tests, same loader
@@ -12,13 +14,15 @@
 Record formats are documented on `VdImageText` and `VdEncoded`; a batch is a dict of stacked
 numpy arrays (see `make_loader`).
 """
-from vd_jax.data.builder import (Filters, ImageTextConfig, VdImageText, build_image_text,
-                                 normalize_image_bytes, open_dataset, prepare_stats)
+from vd_jax.data.builder import (DataSourceError, Filters, ImageTextConfig, VdImageText,
+                                 build_image_text, check_sources, normalize_image_bytes,
+                                 open_dataset, prepare_stats)
 from vd_jax.data.loader import (Preprocess, SyntheticSource, as_source, make_loader,
                                 resize_and_crop)
 from vd_jax.data.preencode import EncodedConfig, VdEncoded, preencode
 
-__all__ = ['Filters', 'ImageTextConfig', 'VdImageText', 'build_image_text',
+__all__ = ['DataSourceError', 'Filters', 'ImageTextConfig', 'VdImageText', 'build_image_text',
+           'check_sources',
            'normalize_image_bytes', 'open_dataset', 'prepare_stats', 'Preprocess',
            'SyntheticSource', 'as_source', 'make_loader', 'resize_and_crop', 'EncodedConfig',
            'VdEncoded', 'preencode']

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import io
@@ -28,13 +29,16 @@ import math
 import multiprocessing
 import os
 import posixpath
+import shutil
 import tarfile
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, ImageOps
+from PIL import Image
+
+from vd_jax.image_io import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,30 @@ FLOAT_FIELDS = ('similarity', 'punsafe', 'pwatermark')
 # image is often resized by img2dataset, so its own size is only the fallback.
 _WIDTH_KEYS = ('original_width', 'WIDTH')
 _HEIGHT_KEYS = ('original_height', 'HEIGHT')
+
+
+class DataSourceError(ValueError):
+    """The given sources cannot make an image-caption dataset (no images, no captions, no
+    usable sample); the message names the sources and what was found."""
+
+
+class _DropTfdsNoise(logging.Filter):
+    """tfds' log lines that mislead for a local build: the dump of our (custom) config and the
+    'Variant folder ... has no dataset_info.json' of a dataset not built yet."""
+    _NOISE = ('Using custom data configuration', 'Variant folder')
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self._NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    noise, absl_logger = _DropTfdsNoise(), logging.getLogger('absl')
+    absl_logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +159,15 @@ class VdImageText(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    # tfds prints "Downloading and preparing dataset Unknown size ..." (and a "downloaded"
+    # line) to stdout; nothing is downloaded here, so say what happens through our logger.
+    def _log_download_bytes(self) -> None:
+        logger.info('building %s/%s from %s in %s', self.name, self.builder_config.name,
+                    list(self.builder_config.sources), self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logger.info('built %s in %s', self.name, self.data_dir)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is local
         return {'train': self._generate_examples()}
@@ -152,7 +189,7 @@ class VdImageText(tfds.core.GeneratorBasedBuilder):
         _log_stats(cfg.name, stats)
         if counts['kept'] == 0:
             # tfds cannot write an empty split; say why instead of its generic error.
-            raise ValueError(f'no usable sample in {list(cfg.sources)}: counts {stats}')
+            raise DataSourceError(f'no usable sample in {list(cfg.sources)}: counts {stats}')
 
 
 def build_image_text(sources, data_dir: str, *, name: str = 'default',
@@ -176,8 +213,10 @@ def build_image_text(sources, data_dir: str, *, name: str = 'default',
         sources = (sources,)
     config = ImageTextConfig(name=name, sources=tuple(os.fspath(s) for s in sources),
                              filters=filters, num_workers=num_workers, chunk_size=chunk_size)
-    builder = VdImageText(config=config, data_dir=data_dir, file_format='array_record')
-    if builder.is_prepared():
+    with _quiet_tfds():
+        builder = VdImageText(config=config, data_dir=data_dir, file_format='array_record')
+        prepared = builder.is_prepared()
+    if prepared:
         # tfds would silently reuse it; stale data built from other inputs is a bug, not a cache
         made = (builder.info.metadata.get('sources'), builder.info.metadata.get('filters'))
         if made != (list(config.sources), dataclasses.asdict(filters)):
@@ -185,8 +224,71 @@ def build_image_text(sources, data_dir: str, *, name: str = 'default',
                              f'{made[0]} with filters {made[1]}, not {list(config.sources)} / '
                              f'{dataclasses.asdict(filters)}: use another name or delete it')
         return builder
-    builder.download_and_prepare()
+    check_sources(config.sources)  # before tfds creates any folder
+    # Folders this build creates; removed again if it fails (a failed build leaves nothing).
+    downloads = os.path.join(data_dir, 'downloads')  # tfds' download manager makes it
+    created = [p for p in (data_dir, downloads, os.path.join(data_dir, builder.name),
+                           os.path.join(data_dir, builder.name, name)) if not os.path.lexists(p)]
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare()
+    except BaseException:
+        for p in created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+    if downloads in created and not any(fs for _, _, fs in os.walk(downloads)):
+        shutil.rmtree(downloads, ignore_errors=True)  # nothing is downloaded for local sources
     return builder
+
+
+def check_sources(sources) -> Dict[str, int]:
+    """Check that `sources` can make a dataset, listing files only (no image is decoded).
+
+    Raises:
+      FileNotFoundError: a source does not exist.
+      DataSourceError: the loose-image folders hold no images, or images but no captions (no
+        `<name>.txt` beside any image and no caption in a metadata.jsonl), and there are no tar
+        shards (whose captions are only known once read).
+    Returns:
+      {'images': loose images, 'captioned': those with a caption file or jsonl caption,
+       'tar_shards': tar files}.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = (sources,)
+    sources = [os.fspath(s) for s in sources]
+    units = _plan_units(sources, chunk_size=1 << 30, counts=collections.Counter())
+    items = [it for u in units if u[0] == 'folder' for it in u[1]]
+    found = dict(images=len(items),
+                 captioned=sum(1 for it in items if it.caption_path or
+                               _caption_from(it.meta or {}) is not None),
+                 tar_shards=sum(1 for u in units if u[0] == 'tar'))
+    where = sources[0] if len(sources) == 1 else sources
+    if found['tar_shards'] == 0 and found['images'] == 0:
+        raise DataSourceError(
+            f"no images in {where!r} ({_describe(sources)}): expected "
+            f"{'/'.join('.' + e for e in IMAGE_EXTS)} files with captions, or "
+            f"{'/'.join(TAR_SUFFIXES)} shards")
+    if found['tar_shards'] == 0 and found['captioned'] == 0:
+        example = os.path.basename(items[0].path)
+        stem = os.path.splitext(example)[0]
+        raise DataSourceError(
+            f"{found['images']} images but no captions in {where!r} (expected {stem}.txt beside "
+            f"{example}, or a {' / '.join(CAPTION_JSONL)} with file_name and text per line)")
+    return found
+
+
+def _describe(sources: Sequence[str]) -> str:
+    """'it is empty' / 'it has 3 files: a.txt, b.csv, ...' for the folder sources."""
+    files = []
+    for src in sources:
+        for m in (sorted(glob.glob(src)) if any(c in src for c in '*?[') else [src]):
+            if os.path.isdir(m):
+                files.extend(os.path.relpath(os.path.join(d, f), m)
+                             for d, _, fs in os.walk(m) for f in sorted(fs))
+    if not files:
+        return 'it is empty' if len(sources) == 1 else 'they are empty'
+    shown = ', '.join(files[:5]) + (', ...' if len(files) > 5 else '')
+    return f"{len(files)} other file{'s' if len(files) > 1 else ''}: {shown}"
 
 
 def prepare_stats(builder) -> Dict[str, int]:
@@ -276,8 +378,9 @@ def _scan_folder(folder: str, rel, counts) -> List[_FolderItem]:
         items.append(_FolderItem(p, rel(p), txt if os.path.isfile(txt) else None,
                                  metas.pop(os.path.normpath(p), None)))
     # jsonl lines naming files that are not there
-    counts['seen'] += len(metas)
-    counts['skipped/missing_image'] += len(metas)
+    if metas:
+        counts['seen'] += len(metas)
+        counts['skipped/missing_image'] += len(metas)
     return items
 
 
@@ -480,9 +583,10 @@ def _make_example(uid, image_bytes, caption, meta, filters: Filters, counts):
 def normalize_image_bytes(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
     """Fully decode `data`; return bytes that decode to an upright RGB image, and its (W, H).
 
-    RGB JPEG/PNG without EXIF rotation are kept byte for byte. Anything else (grey, palette,
-    alpha, CMYK, webp, rotated) is converted (alpha composited on white, EXIF orientation
-    applied) and re-encoded as PNG, so the reader (PIL `np.asarray`) always gets (H, W, 3).
+    RGB JPEG/PNG without EXIF rotation are kept byte for byte. Anything else (grey, 16-bit,
+    palette, alpha, CMYK, webp, rotated) is converted exactly as inference reads files
+    (`vd_jax.image_io.pil_to_rgb`: EXIF orientation applied, 16-bit scaled, alpha composited
+    on white) and re-encoded as PNG, so the reader (PIL `np.asarray`) always gets (H, W, 3).
     Raises (OSError, ValueError, ...) on bytes PIL cannot decode, incl. truncated files.
     """
     with Image.open(io.BytesIO(data)) as im:
@@ -491,11 +595,7 @@ def normalize_image_bytes(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
         im.load()  # full decode: truncated data raises here, not at training time
         if fmt in ('JPEG', 'PNG') and im.mode == 'RGB' and orientation == 1:
             return data, im.size
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
-            rgba = im.convert('RGBA')
-            im = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert('RGB')
+        im = Image.fromarray(pil_to_rgb(im))
         buf = io.BytesIO()
         im.save(buf, format='PNG')
         return buf.getvalue(), im.size
@@ -508,4 +608,5 @@ def _log_stats(name: str, stats: Mapping[str, int]) -> None:
     unchecked = {k: v for k, v in stats.items() if k.startswith('unchecked/')}
     if unchecked:
         msg += f'; no metadata for {unchecked}'
-    (logger.warning if any(k.startswith('skipped/') for k in stats) else logger.info)(msg)
+    (logger.warning if any(k.startswith('skipped/') and v for k, v in stats.items())
+     else logger.info)(msg)

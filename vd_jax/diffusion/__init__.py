@@ -2,4 +2,4 @@
 from vd_jax.diffusion.schedule import Schedule, make_schedule, q_sample, eps_loss  # noqa: F401
 from vd_jax.diffusion.guidance import cfg_denoise  # noqa: F401
 from vd_jax.diffusion.sampling import (Plan, Sampler, SamplerState, make_plan, sample,  # noqa: F401
-                                       init_state, run_steps)
+                                       init_state, run_steps, check_steps, StepGridNotice)

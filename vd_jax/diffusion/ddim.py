@@ -50,6 +50,30 @@ def make_ddim_timesteps(steps: int, num_timesteps: int = 1000,
     return ts.astype(np.int64)
 
 
+def original_grid_last(steps: int, num_timesteps: int = 1000) -> int:
+    """The largest timestep of the original 'uniform' grid, `max(arange(0, T, T // steps)) + 1`.
+
+    The original grid is defined (every t inside the schedule) iff this is < T, i.e. iff the
+    stride `T // steps` does not divide T - 1. For T = 1000 it is undefined for 599 of the step
+    counts 1..1000: 3, 9, 27, 36-37, 101-111, 251-333 and 501-1000.
+    """
+    stride = num_timesteps // steps
+    return (num_timesteps - 1) // stride * stride + 1
+
+
+def leading_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
+    """The 'leading' grid `arange(steps) * (T // steps) + 1`, ascending, exactly `steps` entries.
+
+    The first `steps` entries of the original grid (equal to it whenever that one has exactly
+    `steps` entries and is defined); diffusers' `timestep_spacing='leading'` with
+    `steps_offset=1`. Its largest entry (steps - 1)(T // steps) + 1 <= T - (T // steps) + 1 is
+    inside the schedule for every steps < T (at steps = T it would be T: use every timestep).
+    """
+    if not 1 <= steps < num_timesteps:
+        raise ValueError(f'the leading grid needs 1 <= steps < {num_timesteps}, got {steps}')
+    return (np.arange(steps, dtype=np.int64) * (num_timesteps // steps) + 1)
+
+
 def ddim_sigma(alpha_t, alpha_prev, eta):
     """sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)) (DDIM eq. 16)."""
     return eta * jnp.sqrt((1. - alpha_prev) / (1. - alpha_t) * (1. - alpha_t / alpha_prev))

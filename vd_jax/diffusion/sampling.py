@@ -22,6 +22,7 @@ equals the same key sampled alone (up to the denoiser's own batch-size numerics)
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import jax
@@ -34,10 +35,15 @@ from vd_jax.diffusion.guidance import cfg_denoise, is_static_one
 from vd_jax.diffusion.schedule import Schedule, q_sample
 
 SAMPLERS = ('ddim', 'ddpm', 'dpm++')
-SPACINGS = ('uniform', 'linspace', 'full')
-# DDIM/DDPM default to the original VD grid (arange(0, T, T//S) + 1); DPM++ to diffusers'
+SPACINGS = ('auto', 'uniform', 'leading', 'linspace', 'full')
+# What 'auto' prefers: DDIM/DDPM the original VD grid (arange(0, T, T//S) + 1); DPM++ diffusers'
 # default `timestep_spacing='linspace'`, so it equals `DPMSolverMultistepScheduler()` as is.
 DEFAULT_SPACING = {'ddim': 'uniform', 'ddpm': 'uniform', 'dpm++': 'linspace'}
+DEFAULT_STEPS = 50
+
+
+class StepGridNotice(UserWarning):
+    """'auto' spacing fell back from a sampler's usual grid (see `check_steps`)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -48,7 +54,7 @@ DEFAULT_SPACING = {'ddim': 'uniform', 'ddpm': 'uniform', 'dpm++': 'linspace'}
 class Plan:
     """A sampler's static step grid, in execution order (noisy -> clean)."""
     sampler: str                      # 'ddim' | 'ddpm' | 'dpm++'
-    spacing: str                      # 'uniform' | 'linspace' | 'full'
+    spacing: str                      # resolved: 'uniform' | 'leading' | 'linspace' | 'full'
     timesteps: Tuple[int, ...]        # t fed to the model at position p (descending)
     prev: Tuple[int, ...]             # alpha_bar index of position p's target; -1 = alpha_bar 1
     num_timesteps: int                # T of the schedule
@@ -68,48 +74,125 @@ class Plan:
         return np.arange(first, last, dtype=np.int32)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _grid(sampler: str, steps: Optional[int], spacing: Optional[str], num_timesteps: int):
+    """(resolved spacing, ascending grid, notice or None); errors name sampler, steps, spacing."""
+    T = num_timesteps
+    if sampler not in SAMPLERS:
+        raise ValueError(f'unknown sampler {sampler!r}; choose one of {SAMPLERS}')
+    spacing = 'auto' if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f'{sampler}: unknown spacing {spacing!r}; choose one of {SPACINGS}')
+    if steps is None:
+        steps = T if spacing == 'full' else DEFAULT_STEPS
+    if not _is_int(steps) or not 1 <= steps <= T:
+        raise ValueError(f'{sampler}: steps must be an integer from 1 to {T} (the schedule '
+                         f'length), got steps={steps!r}')
+    steps = int(steps)
+    where = f"{sampler}: steps={steps} with spacing={spacing!r}"
+    if spacing == 'full':
+        if steps != T:
+            raise ValueError(f'{where}: the full grid runs all {T} timesteps; pass steps={T} '
+                             "(or None), or another spacing ('auto', 'leading', 'linspace')")
+        return 'full', ddpm.full_timesteps(T), None
+    usual = DEFAULT_SPACING[sampler] if spacing == 'auto' else spacing
+    full_notice = (f"{sampler}: steps={T} runs every timestep (spacing='full', t = {T - 1}..0): "
+                   f"the {'original VD' if usual == 'uniform' else usual} grid is not defined "
+                   f'for {T} steps')
+    if usual == 'uniform':
+        last = ddim.original_grid_last(steps, T)
+        if last < T:
+            return 'uniform', ddim.make_ddim_timesteps(steps, T, 'uniform'), None
+        stride = T // steps
+        if spacing == 'uniform':
+            raise ValueError(
+                f'{where}: the original grid arange(0, {T}, {stride}) + 1 would feed t={last}, '
+                f'outside the {T}-step schedule (the original fails the same way); use '
+                f"spacing='auto' for a grid of exactly {steps} steps")
+        if steps == T:  # only 0..T-1 has T distinct timesteps
+            return 'full', ddpm.full_timesteps(T), full_notice
+        asc = ddim.leading_timesteps(steps, T)
+        return 'leading', asc, (
+            f'{sampler}: the original VD grid arange(0, {T}, {stride}) + 1 is not defined for '
+            f"steps={steps} (it would feed t={last}); using the 'leading' grid "
+            f'arange({steps}) * {stride} + 1 instead (t = {asc[-1]}..{asc[0]}, exactly {steps} steps)')
+    if steps < T:  # 'leading' and 'linspace' give exactly S distinct timesteps for every S < T
+        if usual == 'leading':
+            return 'leading', ddim.leading_timesteps(steps, T), None
+        return 'linspace', dpm_solver.linspace_timesteps(steps, T), None
+    if spacing == 'auto':
+        return 'full', ddpm.full_timesteps(T), full_notice
+    problem = (f'arange({T}) * 1 + 1 would feed t={T}, outside the {T}-step schedule'
+               if usual == 'leading' else
+               f'linspace(0, {T - 1}, {T + 1}).round() would repeat timesteps')
+    raise ValueError(f"{where}: {problem}; use spacing='full' (or 'auto') to run all {T} "
+                     'timesteps')
+
+
+def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str] = 'auto', *,
+                num_timesteps: int = 1000) -> Tuple[str, Optional[str]]:
+    """Validate a (sampler, steps, spacing) choice without any model: call it before loading one.
+
+    Spacings (the timesteps fed to the model, T = num_timesteps, S = steps):
+      'uniform'  the original VD grid `arange(0, T, T//S) + 1` (parity with the released code;
+                 S + 1 entries when T//S does not divide T evenly, e.g. 31 for S = 30). It is
+                 undefined when it would feed t = T (T//S divides T - 1: 599 of S = 1..1000).
+      'leading'  `arange(S) * (T//S) + 1`: exactly S steps, for every S < T (diffusers'
+                 'leading' with steps_offset=1); the original grid's first S entries.
+      'linspace' `linspace(0, T-1, S+1).round()[1:]`: exactly S steps for S < T (diffusers'
+                 default, DPM-Solver++'s usual grid).
+      'full'     every t in T-1..0 (S must be T or None).
+      'auto'     (default) ddim/ddpm: 'uniform' where defined, else 'leading' (with a notice);
+                 dpm++: 'linspace'; for S = T every sampler: 'full' (with a notice).
+    Args:
+      sampler: 'ddim' | 'ddpm' | 'dpm++'.
+      steps: S in [1, T]; None = 50 (T for 'full').
+      spacing: one of `SPACINGS`; None = 'auto'.
+    Returns:
+      (resolved spacing, notice): the spacing `make_plan` will use (pass it on to make the
+      choice explicit), and a one-line message to print when 'auto' fell back from the
+      sampler's usual grid (None otherwise). `make_plan(spacing='auto')` issues the same
+      message as a `StepGridNotice` warning.
+    Raises:
+      ValueError naming the sampler, the steps and the spacing.
+    """
+    resolved, _, notice = _grid(sampler, steps, spacing, num_timesteps)
+    return resolved, notice
+
+
 def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timesteps: int = 1000,
               spacing: Optional[str] = None, set_alpha_to_one: Optional[bool] = None,
               start_step: Optional[int] = None, fidelity_off_by_one: bool = True,
               lower_order_final: bool = True) -> Plan:
-    """Build the step grid of a sampler.
+    """Build the step grid of a sampler (pure numpy, no model).
 
     Args:
       sampler: 'ddim' | 'ddpm' | 'dpm++'.
       steps: number of grid steps (default 50; must be None or T for spacing 'full').
-      spacing: 'uniform' = the original DDIM grid `arange(0, T, T//steps) + 1` fed as is (the +1
-        quirk; = diffusers 'leading' with steps_offset=1); 'linspace' = diffusers' default
-        `linspace(0, T-1, steps+1).round()[1:]`; 'full' = every t in 0..T-1. Default: 'uniform'
-        for ddim/ddpm, 'linspace' for dpm++.
+      spacing: 'auto' (None) | 'uniform' | 'leading' | 'linspace' | 'full', see `check_steps`.
+        'auto' keeps the original VD grid (ddim/ddpm) or diffusers' linspace grid (dpm++)
+        wherever it is defined and otherwise warns (`StepGridNotice`) and uses a grid of
+        exactly `steps` steps; `plan.spacing` is the resolved one.
       set_alpha_to_one: target of the last step. False = alpha_bar[0] (the original DDIM;
         diffusers `set_alpha_to_one=False`); True = clean data, alpha_bar 1 (diffusers'
-        DDPMScheduler and DPM-Solver `final_sigmas_type='zero'`). Default: False for ddim on the
-        'uniform'/'linspace' grids, True otherwise ('full' requires True).
+        DDPMScheduler and DPM-Solver `final_sigmas_type='zero'`). Default: False for ddim
+        unless the grid is 'full', True otherwise ('full' requires True: it ends at t=0).
       start_step: start from a clean x0 at ascending grid index k (image-variation fidelity,
         `ddim.fidelity_start`); None starts from pure noise at the top of the grid.
       fidelity_off_by_one: reproduce the original's start one step below the noise level.
       lower_order_final: DPM++ only: first-order last step when S < 15 (diffusers default).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f'unknown sampler {sampler!r}; choose one of {SAMPLERS}')
-    spacing = spacing or DEFAULT_SPACING[sampler]
-    if spacing == 'full':
-        if steps not in (None, num_timesteps):
-            raise ValueError(f"spacing='full' runs all {num_timesteps} steps, got steps={steps}")
-        asc = ddpm.full_timesteps(num_timesteps)
-    else:
-        steps = 50 if steps is None else steps
-        if spacing == 'uniform':
-            asc = ddim.make_ddim_timesteps(steps, num_timesteps, 'uniform')
-        elif spacing == 'linspace':
-            asc = dpm_solver.linspace_timesteps(steps, num_timesteps)
-        else:
-            raise ValueError(f'unknown spacing {spacing!r}; choose one of {SPACINGS}')
+    spacing, asc, notice = _grid(sampler, steps, spacing, num_timesteps)
+    if notice is not None:
+        warnings.warn(notice, StepGridNotice, stacklevel=2)
     if set_alpha_to_one is None:
         set_alpha_to_one = sampler != 'ddim' or spacing == 'full'
     if spacing == 'full' and not set_alpha_to_one:
-        raise ValueError("spacing='full' ends at t=0, whose target must be clean data "
-                         '(set_alpha_to_one=True)')
+        raise ValueError(f"{sampler}: spacing='full' (steps={len(asc)}) ends at t=0, whose target "
+                         'must be clean data (set_alpha_to_one=True)')
     # Each step targets the next lower grid entry; the lowest one targets alpha_bar[0] (the
     # original's `alphas_prev = [alpha_bar[0]] + ...`) or clean data (-1).
     prev_asc = np.concatenate([[-1 if set_alpha_to_one else 0], asc[:-1]])
@@ -390,7 +473,9 @@ class Sampler:
     Build it once per (flow, sampler, steps) and call it many times: one compiled program per
     (flow, shapes, steps, guided?, stochastic?), reused for new params, contexts, keys,
     guidance scales and etas. `apply_fn` must be a stable function object (e.g. defined once
-    at module or pipeline level), since it is a static `jit` argument.
+    at module or pipeline level), since it is a static `jit` argument. The grid arguments are
+    those of `make_plan` (spacing 'auto' | 'uniform' | 'leading' | 'linspace' | 'full'); the
+    plan is `self.plan`, its length `self.plan.num_steps`.
 
     Example:
       sampler = Sampler(lambda p, x, t, c: unet.apply(p, x, t, c), steps=50)
