@@ -22,7 +22,7 @@ warning); images of any size, uint8 or float in [0, 1], go through
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp

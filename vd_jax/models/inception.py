@@ -24,7 +24,7 @@ form with its running statistics stored as parameters (this network is never tra
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
