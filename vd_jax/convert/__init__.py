@@ -24,7 +24,7 @@ from vd_jax.convert.parts import (KNOWN_UNSUPPORTED, LAYOUTS, REGISTRY, Layout, 
 from vd_jax.convert.sources import DictSource, SourceError, TensorSource, open_source  # noqa: F401
 
 # Converters of the other model families register themselves on import.
-for _mod in ('vae_rules', 'clip_rules', 'optimus_rules'):
+for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):
     try:
         __import__(f'vd_jax.convert.{_mod}')
     except ModuleNotFoundError as _e:
@@ -205,7 +205,8 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
                 ignored=[{'key': k, 'reason': r} for k, r in plan.ignored],
                 tied_copies=[{'key': k, 'copy_of': o} for k, o in plan.tied])
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            f.write(config_to_json(model_cfg))
+            f.write(config_to_json(model_cfg if any(REGISTRY[p].uses_config for p in plans)
+                                   else {}))
         with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
             json.dump(manifest, f, indent=1)
     return out

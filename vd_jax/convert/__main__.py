@@ -1,7 +1,9 @@
 """python -m vd_jax.convert SRC OUT [--config NAME|FILE[:ARG]] [--skip PART ...] ...
 
 Converts a released Versatile Diffusion checkpoint (original v1.0 or legacy `.pth`, a
-diffusers folder, or a `.safetensors` file) into a vd_jax checkpoint folder.
+diffusers folder, or a `.safetensors` file) into a vd_jax checkpoint folder. The FID
+InceptionV3 weights (`pt_inception-2015-12-05-6726825d.pth`) are detected and converted too
+(part `inception`; `--config` is not used for them).
 """
 import argparse
 import os
@@ -59,7 +61,8 @@ def main(argv=None):
                    help="model config: name in configs/ ('vd_four_flow', 'vd_dc', 'vd_basic', "
                         "'tiny'), optionally ':arg', or a .py path (default: vd_four_flow)")
     p.add_argument('--parts', nargs='+', default=None,
-                   help='convert only these parts (diffuser, vae_image, vae_text, ctx_image, ctx_text)')
+                   help='convert only these parts (diffuser, vae_image, vae_text, ctx_image, ctx_text, '
+                        'inception)')
     p.add_argument('--skip', nargs='+', default=[], metavar='PART',
                    help='parts present in the source to leave out on purpose')
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])

@@ -56,6 +56,9 @@ class PartConverter:
     has_part: Callable
     target: Callable
     tables: Callable
+    # False for a fixed architecture (the FID Inception): the model config is neither read
+    # nor written to the output's config.json
+    uses_config: bool = True
 
 
 REGISTRY: Dict[str, PartConverter] = {}
