@@ -58,7 +58,12 @@ _PT_METADATA = {'format': 'pt'}
 
 
 class ExportError(ValueError):
-    """A bad CKPT, OUT, layout or dtype; the message names it."""
+    """A bad CKPT, OUT, layout or dtype; the message (one line) names it."""
+
+
+def _one_line(e: Exception) -> str:
+    """The converter's multi-line reports (one line per problem) as one line."""
+    return '; '.join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -80,7 +85,7 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
     try:
         model_cfg = read_config(ckpt)
     except (CheckpointError, ValueError) as e:  # json errors are ValueErrors
-        raise ExportError(f"checkpoint '{ckpt}': unreadable config.json ({e})") from None
+        raise ExportError(f"checkpoint '{ckpt}': unreadable config.json ({_one_line(e)})") from None
     parts = available_parts(ckpt)
     if not parts:
         raise ExportError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
@@ -118,7 +123,7 @@ def _streams(ckpt, model_cfg, parts, layout: str, dtype) -> Dict[str, Tuple[list
         try:
             out[part] = export_stream(load_safetensors(path), model_cfg, part, part_layout, dtype)
         except (CheckpointError, ConversionError) as e:
-            raise ExportError(f"checkpoint '{ckpt}', part '{part}': {e}") from None
+            raise ExportError(f"checkpoint '{ckpt}', part '{part}': {_one_line(e)}") from None
     return out
 
 
@@ -201,7 +206,7 @@ def _diffusers_plan(model_cfg, parts) -> Dict[str, dict]:
         if 'ctx_image' in parts:
             configs['image_encoder'] = df.clip_vision_config(model_cfg['ctx']['image'])
     except (df.FolderError, ValueError, KeyError) as e:
-        raise ExportError(f'cannot export a diffusers folder: {e}') from None
+        raise ExportError(f'cannot export a diffusers folder: {_one_line(e)}') from None
     return configs
 
 
@@ -267,10 +272,10 @@ def export_checkpoint(ckpt: str, out: str, layout: str = 'v1.0', dtype: str = 'f
     """
     np_dtype = _np_dtype(dtype)
     model_cfg, parts, kind = _check_inputs(ckpt, out, layout, overwrite)
+    configs = _diffusers_plan(model_cfg, parts) if kind == 'folder' else None
     streams = _streams(ckpt, model_cfg, parts, layout, np_dtype)
     _log(progress, f"exporting {', '.join(parts)} of '{ckpt}' to {layout} ({dtype})")
     if kind == 'folder':
-        configs = _diffusers_plan(model_cfg, parts)
         _write_diffusers(out, model_cfg, parts, configs, streams, np_dtype, overwrite, progress)
     else:
         extra = _schedule_buffers(model_cfg) if 'diffuser' in parts else {}
