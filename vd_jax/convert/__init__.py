@@ -226,17 +226,7 @@ def export_layouts(part: str) -> Tuple[str, ...]:
     return tuple(conv.claims) if conv.export_names is not None else ()
 
 
-def plan_export(config, part: str, layout: str) -> Plan:
-    """The conversion plan of `part` from `layout`, built from names the tables produce.
-
-    Every Flax leaf gets its source key from the rule table read backwards
-    (`engine.invert_rules`) and the layout's names (`PartConverter.export_names`); the keys
-    and their shapes are then planned FORWARD with the same tables as a conversion
-    (`build_plan`: every key matched, every leaf filled once, shapes checked, keys claimed
-    by this part), so an export always converts back to the same parameters. Running the
-    plan backwards (`engine.run_export`) gives the state dict.
-    """
-    model_cfg = _model_config(config)
+def _export_plan(model_cfg, part: str, layout: str):
     if layout not in export_layouts(part):
         raise ConversionError(f"part '{part}' has no '{layout}' names (it exports to: "
                               f'{list(export_layouts(part))})')
@@ -254,19 +244,33 @@ def plan_export(config, part: str, layout: str) -> Plan:
         raise ConversionError(f"export of '{part}' to {layout}: key(s) outside the part's "
                               f'prefixes {conv.claims[layout]}: {unclaimed[:5]}')
     rules, ign, rename, tied = conv.tables(model_cfg, layout, list(shapes))
-    return build_plan(part, shapes, target, rules, ign, rename, tied,
+    plan = build_plan(part, shapes, target, rules, ign, rename, tied,
                       where=f'its own {layout} export')
+    return plan, target, shapes
 
 
-def _params_getter(part: str, params, target) -> 'Callable[[str], np.ndarray]':
-    """Flat access to a param tree (nested dict or flat '/'-joined mapping), checked against
+def plan_export(config, part: str, layout: str) -> Plan:
+    """The conversion plan of `part` from `layout`, built from names the tables produce.
+
+    Every Flax leaf gets its source key from the rule table read backwards
+    (`engine.invert_rules`) and the layout's names (`PartConverter.export_names`); the keys
+    and their shapes are then planned FORWARD with the same tables as a conversion
+    (`build_plan`: every key matched, every leaf filled once, shapes checked, keys claimed
+    by this part), so an export always converts back to the same parameters. Running the
+    plan backwards (`engine.run_export`) gives the state dict.
+    """
+    return _export_plan(_model_config(config), part, layout)[0]
+
+
+def _params_getter(part: str, params, target) -> Callable[[str], np.ndarray]:
+    """Flat access to a param tree (nested, or a flat '/'-joined mapping), checked against
     the model's shapes first: one error naming every missing, unexpected or misshapen leaf."""
     from vd_jax.checkpoint import flatten
     flat = flatten(params)  # a flat '/'-joined mapping flattens to itself
     missing = sorted(set(target) - set(flat))
     extra = sorted(set(flat) - set(target))
-    wrong = sorted(f'{k} {tuple(np.shape(flat[k]))} != {target[k]}' for k in set(target) & set(flat)
-                   if tuple(np.shape(flat[k])) != tuple(target[k]))
+    wrong = sorted(f'{k} {tuple(np.shape(flat[k]))} != {tuple(target[k])}'
+                   for k in set(target) & set(flat) if tuple(np.shape(flat[k])) != tuple(target[k]))
     if missing or extra or wrong:
         msg = [f"'{part}' params do not match the config:"]
         for what, items in (('missing', missing), ('unexpected', extra), ('wrong shape', wrong)):
@@ -276,21 +280,30 @@ def _params_getter(part: str, params, target) -> 'Callable[[str], np.ndarray]':
     return lambda path: flat[path]
 
 
-def export_part(params, config, part: str, layout: str = 'vd-v1.0', dtype=None,
-                ) -> Dict[str, np.ndarray]:
-    """One part's params -> a PyTorch-layout state dict (numpy arrays) in `layout`.
+def export_stream(params, config, part: str, layout: str = 'vd-v1.0', dtype=None):
+    """One part's params -> its state dict in `layout`, one tensor at a time.
 
     Args:
-      params: the part's nested params (or a flat '/'-joined mapping, e.g. a memory-mapped
-        `<part>.safetensors`).
+      params: the part's nested params, or a flat '/'-joined mapping (e.g. the memory-mapped
+        arrays of a checkpoint's `<part>.safetensors`); checked against the config first.
       config: model config (name, file, ConfigDict, or its `model` section).
       part: 'diffuser', 'vae_image', 'vae_text', 'ctx_image' or 'ctx_text'.
-      layout: one of `export_layouts(part)`, e.g. 'vd-v1.0', 'vd-legacy', 'diffusers'
-        (the diffuser's time MLP is copied into every `<s>_unet`, as diffusers keeps it),
-        'ldm-autokl' (kl-f8.pth names), 'optimus' (optimus-vae.pth names).
-      dtype: cast floating tensors (None keeps the params' dtype).
+      layout: one of `export_layouts(part)`: 'vd-v1.0', 'vd-legacy', 'diffusers' (the
+        diffuser's time MLP is copied into every `<s>_unet`, as diffusers keeps it),
+        'ldm-autokl' / 'diffusers-autokl' (stand-alone VAE files), 'optimus' (optimus-vae.pth).
+      dtype: cast floating tensors to it (None keeps the params' dtype).
+    Returns:
+      ([(key, shape)] in the order they come, iterator of (key, numpy array)).
     """
     model_cfg = _model_config(config)
-    plan = plan_export(model_cfg, part, layout)
-    get = _params_getter(part, params, REGISTRY[part].target(model_cfg))
-    return dict(run_export(plan, get, dtype))
+    plan, target, shapes = _export_plan(model_cfg, part, layout)
+    get = _params_getter(part, params, target)
+    order = [e.source_key for e in plan.entries] + [k for k, _ in plan.tied]
+    return [(k, shapes[k]) for k in order], run_export(plan, get, dtype)
+
+
+def export_part(params, config, part: str, layout: str = 'vd-v1.0', dtype=None,
+                ) -> Dict[str, np.ndarray]:
+    """One part's params -> a PyTorch-layout state dict (numpy arrays) in `layout`; the
+    arguments are those of `export_stream`. Converting the result back gives `params`."""
+    return dict(export_stream(params, config, part, layout, dtype)[1])
