@@ -268,7 +268,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ck, tmp_path, capsys):
     cfg = json.load(open(os.path.join(ckpt, 'config.json')))
     cfg['ctx']['text']['hidden_size'] = 64
     json.dump(cfg, open(bad / 'config.json', 'w'))
-    (bad / 'vae_image.safetensors').write_bytes(open(os.path.join(ckpt, 'vae_image.safetensors'), 'rb').read())
+    with open(os.path.join(ckpt, 'vae_image.safetensors'), 'rb') as f:
+        (bad / 'vae_image.safetensors').write_bytes(f.read())
     _fails(capsys, [str(bad), out], 'ctx_text', 'wrong shape')
     # a stream diffusers cannot express (VD-DC's context-only text stream)
     dc = load_config('vd_dc:tiny').model

@@ -17,7 +17,7 @@ Linear layers in diffusers files ((C, C)); both become Dense kernels (in, out).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from vd_jax.convert.engine import Ignore, Rule
 from vd_jax.convert.parts import Layout, PartConverter, register, register_layout

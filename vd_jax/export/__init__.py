@@ -11,18 +11,19 @@ CKPT is a vd_jax checkpoint folder (`vd_jax.checkpoint`: config.json, manifest.j
   (needs torch; the whole state dict is built in memory first), `.safetensors` = written one
   tensor at a time from the memory-mapped parts (no torch, bounded memory).
 
-  | part      | v1.0 (`VD_v2_0`)            | legacy (Nov-2022 `VD`)                          |
-  |-----------|-----------------------------|-------------------------------------------------|
-  | diffuser  | `diffuser.<stream>.*`       | `model.diffusion_model.*`                       |
-  | vae_image | `vae.image.*` (LDM names)   | `autokl.*`                                      |
-  | vae_text  | `vae.text.*`                | `optimus.*`                                     |
-  | ctx_text  | `ctx.text.model.text_model.*`, `ctx.text.model.text_projection.weight` | `clip.model.text_model.*`, `clip.model.text_projection.weight` |
-  | ctx_image | `ctx.image.model.vision_model.*`, `...visual_projection.weight` | `clip.model.vision_model.*`, `clip.model.visual_projection.weight` |
-
+  Names per part, v1.0 (`VD_v2_0`) | legacy (Nov-2022 `VD`):
+    diffuser    `diffuser.<stream>.*`  | `model.diffusion_model.*`
+    vae_image   `vae.image.*`          | `autokl.*`      (LDM AutoencoderKL names)
+    vae_text    `vae.text.*`           | `optimus.*`     (optimus_vae names)
+    ctx_text    `ctx.text.model.`      | `clip.model.`   + CLIPModel's `text_model.*`,
+                                                           `text_projection.weight`
+    ctx_image   `ctx.image.model.`     | `clip.model.`   + CLIPModel's `vision_model.*`,
+                                                           `visual_projection.weight`
   With a diffuser the file also gets the 12 DDPM schedule buffers (`betas`, ...; float32,
   from the config's schedule) that the released files and the original modules carry.
-  The CLIP towers VD does not use (the other half of each CLIPModel, `logit_scale`) are not
-  written: the original loads v1.0 files with strict=False.
+  Not written: what vd_jax does not keep (the CLIP tower each context does not use and
+  `logit_scale`, CLIP's `position_ids` and GPT-2's mask buffers); load into the original
+  modules with strict=False, as the v1.0 code does.
 * `diffusers`: a folder diffusers' and transformers' own classes load (`from_pretrained`):
   `image_unet/`, `text_unet/`, `vae/`, `text_encoder/`, `image_encoder/` (each config.json +
   safetensors weights), `model_index.json`, `scheduler/`, `tokenizer/`,
@@ -42,7 +43,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
