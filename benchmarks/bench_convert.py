@@ -3,7 +3,7 @@
 1. A child process writes a synthetic fp16 checkpoint of the whole four-flow diffuser
    (2,566,318,852 parameters, plus the 12 schedule buffers) in the original v1.0 layout,
    every key and shape taken from `tests/data/vd_keys_fourflow.tsv`, random values
-   (`--smoke`: the tiny four-flow diffuser, exported with `export_diffuser`).
+   (`--smoke`: the tiny four-flow diffuser, exported with `vd_jax.convert.export_part`).
 2. A fresh child process converts it with `vd_jax.convert.convert_checkpoint` to a float32
    vd_jax checkpoint (the default CLI path), sampling its memory every 50 ms.
 
@@ -53,14 +53,14 @@ def generate(path: str, smoke: bool, tsv: str) -> dict:
     t0 = time.perf_counter()
     if smoke:
         from vd_jax.config import load_config
-        from vd_jax.convert.diffuser_rules import export_diffuser
+        from vd_jax.convert import export_part
         from vd_jax.models.init import random_params
         from vd_jax.models.init import abstract_params
         from vd_jax.models.unet import Diffuser
         cfg = load_config('vd_four_flow:tiny').model
         params = random_params(abstract_params(Diffuser(cfg.diffuser)))
         sd = {k: torch.from_numpy(np.ascontiguousarray(v)).half()
-              for k, v in export_diffuser(params, cfg.diffuser, 'vd-v1.0').items()}
+              for k, v in export_part(params, cfg, 'diffuser', 'vd-v1.0').items()}
         sd['betas'] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     else:
         sd = {}

@@ -25,10 +25,11 @@ import torch
 
 from vd_jax.checkpoint import flatten, load_part, read_config
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, SourceError, convert_checkpoint, plan_conversion
-from vd_jax.convert.diffuser_rules import diffuser_rows, export_diffuser
+from vd_jax.convert import (ConversionError, SourceError, convert_checkpoint, export_part,
+                            plan_conversion)
+from vd_jax.convert.diffuser_rules import diffuser_rows
 from vd_jax.convert.sources import ShapeSource
-from vd_jax.models.unet import Diffuser, DiffuserConfig
+from vd_jax.models.unet import Diffuser
 
 TOL = 1e-4
 
@@ -258,9 +259,8 @@ def test_layer_mixing_matches_per_layer_swap(refs, inputs):
 
 def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
     cfg = refs['cfg']
-    dcfg = DiffuserConfig.from_dict(cfg.diffuser)
-    v10 = export_diffuser(refs['params'], dcfg, 'vd-v1.0')
-    legacy = export_diffuser(refs['params'], dcfg, 'vd-legacy')
+    v10 = export_part(refs['params'], cfg, 'diffuser', 'vd-v1.0')
+    legacy = export_part(refs['params'], cfg, 'diffuser', 'vd-legacy')
     assert set(v10) != set(legacy)
     assert all(k.startswith('diffuser.') for k in v10)
     assert all(k.startswith('model.diffusion_model.') for k in legacy)
@@ -279,8 +279,7 @@ def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
 
 
 def test_diffusers_export_round_trip(refs):
-    dcfg = DiffuserConfig.from_dict(refs['cfg'].diffuser)
-    out = export_diffuser(refs['params'], dcfg, 'diffusers')
+    out = export_part(refs['params'], refs['cfg'], 'diffuser', 'diffusers')
     sd = refs['sd']
     assert set(out) == set(sd)
     for k, v in sd.items():
@@ -317,8 +316,7 @@ def test_full_size_legacy_keys_map_like_the_reference_listing():
 
 def _export_tiny_v10(refs):
     return {k: torch.from_numpy(np.ascontiguousarray(v))
-            for k, v in export_diffuser(refs['params'], DiffuserConfig.from_dict(refs['cfg'].diffuser),
-                                        'vd-v1.0').items()}
+            for k, v in export_part(refs['params'], refs['cfg'], 'diffuser', 'vd-v1.0').items()}
 
 
 def test_fp16_pth_file_converts_to_a_checkpoint_folder(refs, tmp_path, inputs, run):

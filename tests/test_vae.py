@@ -22,10 +22,10 @@ import torch
 from configs.common import autokl
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
+from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
 from vd_jax.convert.parts import KNOWN_UNSUPPORTED, LAYOUTS, detect_layout
 from vd_jax.convert.sources import ShapeSource
-from vd_jax.convert.vae_rules import autokl_rows, export_autokl
+from vd_jax.convert.vae_rules import autokl_rows
 from vd_jax.models.init import param_count
 from vd_jax.models.vae import (LATENT_SCALE, AutoencoderKL, AutoKLConfig,
                                vae_decode, vae_encode)
@@ -127,7 +127,7 @@ def test_parity_with_level_attention():
     assert float(jnp.abs(logvar - _nhwc(post.logvar)).max()) < TOL
     assert float(jnp.abs(out - _nhwc(dec)).max()) < TOL
     # the LDM names of level attention round-trip too
-    ldm = export_autokl(params, vcfg, 'ldm-autokl')
+    ldm = export_part(params, {'vae': {'image': vcfg}}, 'vae_image', 'ldm-autokl')
     assert 'encoder.down.1.attn.0.q.weight' in ldm and ldm['decoder.up.1.attn.1.q.weight'].ndim == 4
     _assert_same_params(convert_checkpoint(ldm, {'vae': {'image': vcfg}})['vae_image'], params)
 
@@ -142,7 +142,7 @@ def _torch_dict(d):
 
 @pytest.fixture(scope='module')
 def ldm_sd(ref):
-    return _torch_dict(export_autokl(ref['params'], ref['cfg'].vae.image, 'ldm-autokl'))
+    return _torch_dict(export_part(ref['params'], ref['cfg'], 'vae_image', 'ldm-autokl'))
 
 
 def test_ldm_names_agree_with_diffusers_own_converter(ref, ldm_sd):
@@ -197,7 +197,7 @@ def test_diffusers_legacy_attention_names_and_raw_file(ref):
 
 def test_export_round_trip(ref):
     for layout in ('diffusers', 'vd-v1.0'):
-        sd = export_autokl(ref['params'], ref['cfg'].vae.image, layout)
+        sd = export_part(ref['params'], ref['cfg'], 'vae_image', layout)
         if layout == 'diffusers':
             assert set(sd) == set(ref['sd'])
         else:

@@ -6,6 +6,9 @@
 or `python -m vd_jax.convert SRC OUT [--config vd_four_flow]`. The layout (v1.0,
 legacy, diffusers, ...) is detected from the keys; conversion is strict (see
 `vd_jax.convert.engine`) and memory-bounded (one tensor at a time, memory-mapped source).
+
+The way back is the same tables read backwards (`plan_export`, `export_part`); whole
+checkpoints are exported by `vd_jax.export`.
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from vd_jax.convert.engine import (ConversionError, Ignore, Plan, Rule, build_plan,  # noqa: F401
-                                   export_flat, run_plan)
+                                   invert_rules, run_export, run_plan)
 from vd_jax.convert.parts import (KNOWN_UNSUPPORTED, LAYOUTS, REGISTRY, Layout,  # noqa: F401
                                   detect_layout)
 from vd_jax.convert.sources import DictSource, SourceError, TensorSource, open_source  # noqa: F401
@@ -210,3 +213,98 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
         with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
             json.dump(manifest, f, indent=1)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Export: vd_jax params -> PyTorch state dicts in a source layout
+# --------------------------------------------------------------------------------------------
+
+def export_layouts(part: str) -> Tuple[str, ...]:
+    """The layouts `part` can be exported to."""
+    if part not in REGISTRY:
+        raise ConversionError(f'unknown part {part!r}; known: {sorted(REGISTRY)}')
+    conv = REGISTRY[part]
+    return tuple(conv.claims) if conv.export_names is not None else ()
+
+
+def _export_plan(model_cfg, part: str, layout: str):
+    if layout not in export_layouts(part):
+        raise ConversionError(f"part '{part}' has no '{layout}' names (it exports to: "
+                              f'{list(export_layouts(part))})')
+    conv = REGISTRY[part]
+    if not conv.has_part(model_cfg):
+        raise ConversionError(f"the config has no '{part}' section")
+    target = conv.target(model_cfg)
+    rules = conv.tables(model_cfg, layout, ())[0]
+    inverse = invert_rules(rules, target, part)
+    names, copies = conv.export_names(model_cfg, layout, [c for c, _ in inverse.values()])
+    shapes = {names[c]: tuple(r.transform.source_shape(target[p])) for p, (c, r) in inverse.items()}
+    shapes.update({k: shapes[other] for k, other in copies.items()})
+    unclaimed = [k for k in shapes if not k.startswith(tuple(conv.claims[layout]))]
+    if unclaimed:
+        raise ConversionError(f"export of '{part}' to {layout}: key(s) outside the part's "
+                              f'prefixes {conv.claims[layout]}: {unclaimed[:5]}')
+    rules, ign, rename, tied = conv.tables(model_cfg, layout, list(shapes))
+    plan = build_plan(part, shapes, target, rules, ign, rename, tied,
+                      where=f'its own {layout} export')
+    return plan, target, shapes
+
+
+def plan_export(config, part: str, layout: str) -> Plan:
+    """The conversion plan of `part` from `layout`, built from names the tables produce.
+
+    Every Flax leaf gets its source key from the rule table read backwards
+    (`engine.invert_rules`) and the layout's names (`PartConverter.export_names`); the keys
+    and their shapes are then planned FORWARD with the same tables as a conversion
+    (`build_plan`: every key matched, every leaf filled once, shapes checked, keys claimed
+    by this part), so an export always converts back to the same parameters. Running the
+    plan backwards (`engine.run_export`) gives the state dict.
+    """
+    return _export_plan(_model_config(config), part, layout)[0]
+
+
+def _params_getter(part: str, params, target) -> Callable[[str], np.ndarray]:
+    """Flat access to a param tree (nested, or a flat '/'-joined mapping), checked against
+    the model's shapes first: one error naming every missing, unexpected or misshapen leaf."""
+    from vd_jax.checkpoint import flatten
+    flat = flatten(params)  # a flat '/'-joined mapping flattens to itself
+    missing = sorted(set(target) - set(flat))
+    extra = sorted(set(flat) - set(target))
+    wrong = sorted(f'{k} {tuple(np.shape(flat[k]))} != {tuple(target[k])}'
+                   for k in set(target) & set(flat) if tuple(np.shape(flat[k])) != tuple(target[k]))
+    if missing or extra or wrong:
+        msg = [f"'{part}' params do not match the config:"]
+        for what, items in (('missing', missing), ('unexpected', extra), ('wrong shape', wrong)):
+            if items:
+                msg.append(f'  {what} {len(items)}: {items[:10]}')
+        raise ConversionError('\n'.join(msg))
+    return lambda path: flat[path]
+
+
+def export_stream(params, config, part: str, layout: str = 'vd-v1.0', dtype=None):
+    """One part's params -> its state dict in `layout`, one tensor at a time.
+
+    Args:
+      params: the part's nested params, or a flat '/'-joined mapping (e.g. the memory-mapped
+        arrays of a checkpoint's `<part>.safetensors`); checked against the config first.
+      config: model config (name, file, ConfigDict, or its `model` section).
+      part: 'diffuser', 'vae_image', 'vae_text', 'ctx_image' or 'ctx_text'.
+      layout: one of `export_layouts(part)`: 'vd-v1.0', 'vd-legacy', 'diffusers' (the
+        diffuser's time MLP is copied into every `<s>_unet`, as diffusers keeps it),
+        'ldm-autokl' / 'diffusers-autokl' (stand-alone VAE files), 'optimus' (optimus-vae.pth).
+      dtype: cast floating tensors to it (None keeps the params' dtype).
+    Returns:
+      ([(key, shape)] in the order they come, iterator of (key, numpy array)).
+    """
+    model_cfg = _model_config(config)
+    plan, target, shapes = _export_plan(model_cfg, part, layout)
+    get = _params_getter(part, params, target)
+    order = [e.source_key for e in plan.entries] + [k for k, _ in plan.tied]
+    return [(k, shapes[k]) for k in order], run_export(plan, get, dtype)
+
+
+def export_part(params, config, part: str, layout: str = 'vd-v1.0', dtype=None,
+                ) -> Dict[str, np.ndarray]:
+    """One part's params -> a PyTorch-layout state dict (numpy arrays) in `layout`; the
+    arguments are those of `export_stream`. Converting the result back gives `params`."""
+    return dict(export_stream(params, config, part, layout, dtype)[1])

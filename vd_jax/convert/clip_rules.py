@@ -5,6 +5,9 @@ Source layouts:
     (both towers, both projections, `logit_scale`, and with transformers <= 4.30 the int64
     `position_ids` buffers). Each part converts its own tower; the other tower, `logit_scale`
     and `position_ids` are ignored by name, with the reason recorded in the manifest.
+  * `vd-legacy`: `clip.model.*`, ONE full `CLIPModel` (the Nov-2022 `VD.clip`, `FrozenCLIP`)
+    serving both contexts: `ctx_text` claims its text tower and `text_projection`,
+    `ctx_image` its vision tower and `visual_projection` (`logit_scale` is ignored by the layout).
   * `diffusers`: `text_encoder.*` = `CLIPTextModelWithProjection`, `image_encoder.*` =
     `CLIPVisionModelWithProjection`.
 Keys are renamed onto the CLIPModel names (`text_model.…`, `text_projection.weight`,
@@ -29,13 +32,18 @@ from vd_jax.convert.transforms import CONV, IDENTITY, LINEAR
 _PARTS = {
     'ctx_text': dict(tower='text_model', proj='text_projection', other='vision_model',
                      other_proj='visual_projection', section='text',
-                     claims={'vd-v1.0': ('ctx.text.',), 'diffusers': ('text_encoder.',)},
-                     strip={'vd-v1.0': 'ctx.text.model.', 'diffusers': 'text_encoder.'},
+                     claims={'vd-v1.0': ('ctx.text.',), 'diffusers': ('text_encoder.',),
+                             'vd-legacy': ('clip.model.text_model.', 'clip.model.text_projection.')},
+                     strip={'vd-v1.0': 'ctx.text.model.', 'diffusers': 'text_encoder.',
+                            'vd-legacy': 'clip.model.'},
                      flat=('embeddings.', 'encoder.', 'final_layer_norm.')),
     'ctx_image': dict(tower='vision_model', proj='visual_projection', other='text_model',
                       other_proj='text_projection', section='image',
-                      claims={'vd-v1.0': ('ctx.image.',), 'diffusers': ('image_encoder.',)},
-                      strip={'vd-v1.0': 'ctx.image.model.', 'diffusers': 'image_encoder.'},
+                      claims={'vd-v1.0': ('ctx.image.',), 'diffusers': ('image_encoder.',),
+                              'vd-legacy': ('clip.model.vision_model.',
+                                            'clip.model.visual_projection.')},
+                      strip={'vd-v1.0': 'ctx.image.model.', 'diffusers': 'image_encoder.',
+                             'vd-legacy': 'clip.model.'},
                       flat=('embeddings.', 'pre_layrnorm.', 'encoder.', 'post_layernorm.')),
 }
 
@@ -139,8 +147,16 @@ def _tables(part):
     return tables
 
 
+def _export_names(part):
+    def names(model_cfg, layout: str, canonical: Sequence[str]):
+        # CLIPModel names under the layout's prefix; the ...WithProjection classes of
+        # transformers 5 keep the `text_model.`/`vision_model.` level
+        return {k: _PARTS[part]['strip'][layout] + k for k in canonical}, {}
+    return names
+
+
 for _part, _p in _PARTS.items():
     register(PartConverter(
         _part, _p['claims'],
         (lambda section: lambda cfg: _model_cfg_section(cfg, section) is not None)(_p['section']),
-        _target(_part), _tables(_part)))
+        _target(_part), _tables(_part), _export_names(_part)))

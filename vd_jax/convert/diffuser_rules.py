@@ -174,32 +174,3 @@ def diffuser_rows(config: DiffuserConfig) -> List[Row]:
                                     dp + dif + suf))
     return rows
 
-
-def export_diffuser(params, config: DiffuserConfig, layout: str = 'vd-v1.0',
-                    include_copies: bool = True):
-    """Diffuser params -> a PyTorch-layout state dict (numpy arrays) in one of the layouts.
-
-    The inverse of conversion: used by round-trip tests and to hand JAX-trained weights
-    back to the original code ('vd-v1.0', 'vd-legacy') or to diffusers ('diffusers', with
-    the shared time MLP copied into every `<s>_unet` when `include_copies`).
-    """
-    import numpy as np
-    from vd_jax.checkpoint import flatten
-    if not isinstance(config, DiffuserConfig):
-        config = DiffuserConfig.from_dict(config)
-    if layout not in ('vd-v1.0', 'vd-legacy', 'diffusers'):
-        raise ValueError(f"layout must be 'vd-v1.0', 'vd-legacy' or 'diffusers', got {layout!r}")
-    flat = flatten(params)
-    out = {}
-    for r in diffuser_rows(config):
-        if r.path not in flat:
-            raise KeyError(f"params have no '{r.path}' (needed for {r.canonical})")
-        key = {'vd-v1.0': r.canonical, 'vd-legacy': r.legacy, 'diffusers': r.diffusers}[layout]
-        out[key] = r.transform.to_torch(np.asarray(flat[r.path]))
-    if layout == 'diffusers' and include_copies:
-        g = config.global_layer_ptr
-        for s in config.streams:
-            if 'global' not in s.parts and 'data' in s.parts:
-                for k in [k for k in out if k.startswith(f'{g}_unet.time_embedding.')]:
-                    out[k.replace(f'{g}_unet.', f'{s.name}_unet.', 1)] = out[k]
-    return out

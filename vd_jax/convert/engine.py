@@ -11,6 +11,10 @@ A part (the diffuser, a VAE, a CLIP tower...) converts through
 Strictness: every source key is matched or ignored or tied, every Flax leaf is filled
 exactly once, every shape is checked against `jax.eval_shape(init)`. All violations are
 collected and raised together as a `ConversionError` naming the keys.
+
+Export runs the same tables backwards (`invert_rules` names the source key of every Flax
+leaf, `build_plan` re-checks those keys forward, `run_export` applies the inverse
+transforms), so whatever is exported converts back to the same parameters.
 """
 from __future__ import annotations
 
@@ -167,9 +171,106 @@ def run_plan(plan: Plan, get: Callable[[str], np.ndarray], dtype=np.float32,
         yield e.path, np.ascontiguousarray(a)
 
 
-def export_flat(plan: Plan, params_flat: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Inverse of `run_plan`: Flax leaves back to the source keys (round-trip tests, exports)."""
-    out = {e.source_key: e.transform.to_torch(np.asarray(params_flat[e.path])) for e in plan.entries}
-    for key, other in plan.tied:
-        out[key] = out[other]
+# --------------------------------------------------------------------------------------------
+# Export: the same tables read backwards
+# --------------------------------------------------------------------------------------------
+
+_BACKREF = re.compile(r'\\(\d+)')
+_META = set('.^$*+?{}[]|')
+
+
+def _template_regex(template: str):
+    """A rule's Flax-path template as a regex whose named groups g<N> capture its \\N."""
+    out, seen, pos = [], set(), 0
+    for m in _BACKREF.finditer(template):
+        out.append(re.escape(template[pos:m.start()]))
+        g = int(m.group(1))
+        out.append(f'(?P=g{g})' if g in seen else f'(?P<g{g}>[^/]+)')
+        seen.add(g)
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile(''.join(out))
+
+
+def _fill(pattern: str, groups: Mapping[int, str]) -> Optional[str]:
+    """The key a rule's pattern matches when its groups take `groups`; None if the pattern is
+    more than escaped literals and plain (non-nested, capturing) groups."""
+    out, i, g = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == '\\':
+            if i + 1 == len(pattern) or pattern[i + 1].isalnum():
+                return None  # a class (\d, \w) outside a group
+            out.append(pattern[i + 1])
+            i += 2
+        elif c == '(':
+            j = pattern.find(')', i)
+            if j < 0 or '(' in pattern[i + 1:j] or pattern[i + 1:i + 2] == '?':
+                return None
+            g += 1
+            if g not in groups:
+                return None
+            out.append(groups[g])
+            i = j + 1
+        elif c in _META:
+            return None
+        else:
+            out.append(c)
+            i += 1
+    return ''.join(out)
+
+
+def invert_rules(rules: Sequence[Rule], target_shapes: Mapping[str, Tuple[int, ...]],
+                 part: str = '') -> Dict[str, Tuple[str, Rule]]:
+    """The rule table read backwards: Flax path -> (canonical source key, rule), every path.
+
+    An exact rule gives its key. A regex rule is inverted through its target template: the
+    template's backreferences are read off the path and put in the pattern's groups, and the
+    key is kept only if the rule maps it forward onto the same path. Exact rules are tried
+    first, then the regex rules in order, as in `build_plan`, which re-checks every key
+    forward when the export plan is built.
+    """
+    # exact tables list the source's keys in its own order: keep it
+    out = {r.target: (r.pattern, r) for r in rules if r.exact and r.target in target_shapes}
+    inverse = [(_template_regex(r.target), re.compile(r.pattern), r) for r in rules if not r.exact]
+    missing = []
+    for path in target_shapes:
+        if path in out:
+            continue
+        for trx, rx, r in inverse:
+            m = trx.fullmatch(path)
+            if not m:
+                continue
+            key = _fill(r.pattern, {int(k[1:]): v for k, v in m.groupdict().items()})
+            fm = rx.fullmatch(key) if key is not None else None
+            if fm and fm.expand(r.target) == path:
+                out[path] = (key, r)
+                break
+        else:
+            missing.append(path)
+    if missing:
+        raise ConversionError(f"cannot export part '{part}': no rule produces {len(missing)} "
+                              f'parameter(s):\n' + _fmt(missing))
     return out
+
+
+def run_export(plan: Plan, get: Callable[[str], np.ndarray], dtype=None,
+               ) -> Iterator[Tuple[str, np.ndarray]]:
+    """Inverse of `run_plan`: yield (source key, tensor in the source layout) one at a time.
+
+    `get(path)` reads a Flax leaf; floating tensors are cast to `dtype` (None keeps theirs).
+    Tied keys (e.g. a copy of a shared layer) follow as copies of the tensor they duplicate.
+    """
+    dtype = None if dtype is None else np.dtype(dtype)
+
+    def torch_layout(e: Entry):
+        a = e.transform.to_torch(np.asarray(get(e.path)))
+        if dtype is not None and np.issubdtype(a.dtype, np.floating):
+            a = a.astype(dtype, copy=False)
+        return np.ascontiguousarray(a)
+
+    by_key = {e.source_key: e for e in plan.entries}
+    for e in plan.entries:
+        yield e.source_key, torch_layout(e)
+    for key, other in plan.tied:
+        yield key, torch_layout(by_key[other])

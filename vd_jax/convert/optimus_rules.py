@@ -10,7 +10,8 @@ holds at top level and the v1.0 four-flow checkpoint under `vae.text.`):
     causal-mask buffers, ignored by name;
   * `decoder.lm_head.weight`: the tied copy of `decoder.transformer.wte.weight`; checked
     equal when read, then skipped (the model computes logits with `wte`).
-Source layouts: `vd-v1.0` (prefix `vae.text.`) and the stand-alone `optimus` layout of
+Source layouts: `vd-v1.0` (prefix `vae.text.`), `vd-legacy` (prefix `optimus.`: the
+Nov-2022 `VD.optimus`, an `optimus_vae` with the same names) and the stand-alone `optimus` layout of
 `optimus-vae.pth` (no prefix; detected by `decoder.transformer.wte.weight`, which the
 `encoder.`/`decoder.` keys of `kl-f8.pth` never have).
 """
@@ -23,11 +24,12 @@ from vd_jax.convert.parts import Layout, PartConverter, register, register_layou
 from vd_jax.convert.transforms import IDENTITY, LINEAR
 
 PART = 'vae_text'
-PREFIX = {'vd-v1.0': 'vae.text.', 'optimus': ''}
+PREFIX = {'vd-v1.0': 'vae.text.', 'vd-legacy': 'optimus.', 'optimus': ''}
 TIED = ('decoder.lm_head.weight', 'decoder.transformer.wte.weight')
 # keys of other model families: a file holding any of these is not a stand-alone Optimus file
 _FOREIGN = ('diffuser.', 'model.diffusion_model.', 'vae.', 'ctx.', 'quant_conv.',
-            'post_quant_conv.', 'first_stage_model.', 'cond_stage_model.')
+            'post_quant_conv.', 'first_stage_model.', 'cond_stage_model.', 'autokl.',
+            'optimus.', 'clip.')
 
 
 def _wb(src: str, dst: str, weight=LINEAR, weight_leaf='kernel') -> List[Rule]:
@@ -86,6 +88,13 @@ def tied_map(layout: str, keys: Sequence[str]) -> Dict[str, str]:
     return {head: wte} if head in set(keys) else {}
 
 
+def export_names(model_cfg, layout: str, canonical: Sequence[str]):
+    """Canonical name -> name in `layout`, plus GPT-2's tied `lm_head` as a copy of `wte`
+    (the original module has both)."""
+    pre = PREFIX[layout]
+    return {k: pre + k for k in canonical}, {pre + TIED[0]: pre + TIED[1]}
+
+
 # --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
@@ -117,5 +126,6 @@ register_layout(Layout(
     'optimus', 'stand-alone Optimus VAE (`optimus-vae.pth`: `encoder.*` BERT, '
     '`decoder.transformer.*` GPT-2, `decoder.lm_head.weight`)', _detect_optimus), first=True)
 
-register(PartConverter(PART, {'vd-v1.0': ('vae.text.',), 'optimus': ('encoder.', 'decoder.')},
-                       lambda cfg: _section(cfg) is not None, _target, _tables))
+register(PartConverter(PART, {'vd-v1.0': ('vae.text.',), 'vd-legacy': ('optimus.',),
+                              'optimus': ('encoder.', 'decoder.')},
+                       lambda cfg: _section(cfg) is not None, _target, _tables, export_names))

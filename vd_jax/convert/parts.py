@@ -4,7 +4,10 @@ registry of part converters (diffuser here; VAEs and context encoders register t
 A part converter answers, for a model config and a detected layout:
   * `has_part(model_cfg)`: does the config define this part?
   * `target(model_cfg)`: Flax path -> shape of every parameter (from `jax.eval_shape`);
-  * `tables(model_cfg, layout, keys)`: (rules, ignore, rename, tied) for `engine.build_plan`.
+  * `tables(model_cfg, layout, keys)`: (rules, ignore, rename, tied) for `engine.build_plan`;
+  * `export_names(model_cfg, layout, canonical_keys)`: for exports, ({canonical key: key
+    in that layout}, {copy key: key it duplicates}); the names are checked by converting
+    them back with `tables`.
 """
 from __future__ import annotations
 
@@ -41,8 +44,15 @@ LAYOUTS: List[Layout] = [
     Layout('vd-v1.0', "original VD, v1.0 code (`diffuser.*`, `vae.*`, `ctx.*`)",
            _has_prefix('diffuser.', 'vae.image.', 'vae.text.', 'ctx.image.', 'ctx.text.'),
            (_SCHEDULE_IGNORE,)),
-    Layout('vd-legacy', "original VD, Nov-2022 code (`model.diffusion_model.*`)",
-           _has_prefix('model.diffusion_model.'), (_SCHEDULE_IGNORE,)),
+    # the Nov-2022 `VD` module: `model.diffusion_model` (the diffuser), `autokl` (LDM
+    # AutoencoderKL), `optimus` (optimus_vae) and `clip.model` (ONE HF CLIPModel for both
+    # contexts); released files keep only the diffuser and the schedule
+    Layout('vd-legacy', "original VD, Nov-2022 code (`model.diffusion_model.*`, `autokl.*`, "
+           "`optimus.*`, `clip.model.*`)",
+           _has_prefix('model.diffusion_model.', 'autokl.', 'optimus.', 'clip.model.'),
+           (_SCHEDULE_IGNORE,
+            Ignore(r'clip\.model\.logit_scale',
+                   'CLIP contrastive temperature; VD never computes CLIP similarities'))),
     Layout('diffusers', 'a diffusers pipeline or model folder (`image_unet/`, `text_unet/`, '
            '`vae/`, `text_encoder/`, `image_encoder/`)',
            _has_prefix('image_unet.', 'text_unet.', 'vae.', 'text_encoder.', 'image_encoder.')),
@@ -59,6 +69,7 @@ class PartConverter:
     # False for a fixed architecture (the FID Inception): the model config is neither read
     # nor written to the output's config.json
     uses_config: bool = True
+    export_names: Optional[Callable] = None
 
 
 REGISTRY: Dict[str, PartConverter] = {}
@@ -130,13 +141,29 @@ def _diffuser_tables(model_cfg, layout: str, keys: Sequence[str]):
     return rules, [], rename, tied
 
 
+def _diffuser_export_names(model_cfg, layout: str, canonical: Sequence[str]):
+    from vd_jax.convert.diffuser_rules import diffuser_rows
+    dcfg = _diffuser_cfg(model_cfg)
+    field = {'vd-v1.0': 'canonical', 'vd-legacy': 'legacy', 'diffusers': 'diffusers'}[layout]
+    names = {r.canonical: getattr(r, field) for r in diffuser_rows(dcfg)}
+    copies = {}
+    if layout == 'diffusers':
+        # every diffusers UNet carries the shared time MLP (see `_diffuser_tables`)
+        g = dcfg.global_layer_ptr
+        owner = [n for n in names.values() if n.startswith(f'{g}_unet.time_embedding.')]
+        for s in dcfg.streams:
+            if 'global' not in s.parts and 'data' in s.parts:
+                copies.update({k.replace(f'{g}_unet.', f'{s.name}_unet.', 1): k for k in owner})
+    return names, copies
+
+
 def _diffuser_claims():
     return {'vd-v1.0': ('diffuser.',), 'vd-legacy': ('model.diffusion_model.',),
             'diffusers': ('image_unet.', 'text_unet.')}
 
 
 register(PartConverter('diffuser', _diffuser_claims(), lambda cfg: 'diffuser' in cfg,
-                       _diffuser_target, _diffuser_tables))
+                       _diffuser_target, _diffuser_tables, _diffuser_export_names))
 
 KNOWN_UNSUPPORTED.update({
     'vd-v1.0': {'vae_image': ('vae.image.',), 'vae_text': ('vae.text.',),

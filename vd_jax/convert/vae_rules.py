@@ -8,6 +8,7 @@ transform. Source layouts:
   * `ldm-autokl`  stand-alone `kl-f8.pth`: `encoder.*`, `decoder.*`, `quant_conv.*`,
     `post_quant_conv.*` (a `loss.*` LPIPS/discriminator of a training checkpoint is ignored);
   * `vd-v1.0`     the same names under `vae.image.`;
+  * `vd-legacy`   the same names under `autokl.` (the Nov-2022 `VD` module's attribute);
   * `diffusers`   a pipeline's `vae/` folder (`vae.` prefix), diffusers `AutoencoderKL` names;
   * `diffusers-autokl` a diffusers `AutoencoderKL` weights file opened directly (no prefix).
 The mid-block attention q/k/v/proj_out are 1x1 convs in LDM files ((C, C, 1, 1)) and
@@ -16,7 +17,7 @@ Linear layers in diffusers files ((C, C)); both become Dense kernels (in, out).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from vd_jax.convert.engine import Ignore, Rule
 from vd_jax.convert.parts import Layout, PartConverter, register, register_layout
@@ -25,11 +26,13 @@ from vd_jax.convert.transforms import CONV, CONV1X1, IDENTITY, LINEAR, Transform
 PART = 'vae_image'
 LDM_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 # prefix of the part inside each layout's key space
-PREFIX = {'ldm-autokl': '', 'vd-v1.0': 'vae.image.', 'diffusers': 'vae.', 'diffusers-autokl': ''}
+PREFIX = {'ldm-autokl': '', 'vd-v1.0': 'vae.image.', 'vd-legacy': 'autokl.', 'diffusers': 'vae.',
+          'diffusers-autokl': ''}
 _DIFFUSERS_LAYOUTS = ('diffusers', 'diffusers-autokl')
 # keys of other model families: a file holding any of these is not a stand-alone VAE file
 _FOREIGN = ('diffuser.', 'model.diffusion_model.', 'vae.', 'ctx.', 'first_stage_model.',
-            'cond_stage_model.', 'image_unet.', 'text_unet.', 'text_encoder.', 'image_encoder.')
+            'cond_stage_model.', 'image_unet.', 'text_unet.', 'text_encoder.', 'image_encoder.',
+            'autokl.', 'optimus.', 'clip.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,26 +130,6 @@ def autokl_rows(config) -> List[Row]:
     return rows
 
 
-def export_autokl(params, config, layout: str = 'ldm-autokl') -> Dict[str, 'np.ndarray']:
-    """AutoencoderKL params -> a PyTorch state dict (numpy) in one of `PREFIX`'s layouts.
-
-    The inverse of conversion (round trips, handing weights back to LDM/VD or diffusers);
-    diffusers layouts get the modern attention names.
-    """
-    import numpy as np
-    from vd_jax.checkpoint import flatten
-    if layout not in PREFIX:
-        raise ValueError(f'layout must be one of {sorted(PREFIX)}, got {layout!r}')
-    flat = flatten(params)
-    out = {}
-    for r in autokl_rows(config):
-        if r.path not in flat:
-            raise KeyError(f"params have no '{r.path}' (needed for {r.ldm})")
-        name = r.diffusers[0] if layout in _DIFFUSERS_LAYOUTS else r.ldm
-        out[PREFIX[layout] + name] = r.transform(layout).to_torch(np.asarray(flat[r.path]))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
@@ -181,6 +164,14 @@ def _tables(model_cfg, layout: str, keys: Sequence[str]):
     return rules, [], rename, {}
 
 
+def _export_names(model_cfg, layout: str, canonical: Sequence[str]):
+    """LDM name -> name in `layout`; diffusers layouts get the modern attention names."""
+    pre = PREFIX[layout]
+    rows = autokl_rows(_vae_section(model_cfg))
+    return {r.ldm: pre + (r.diffusers[0] if layout in _DIFFUSERS_LAYOUTS else r.ldm)
+            for r in rows}, {}
+
+
 def _stand_alone(required: Tuple[str, ...]):
     """Detect a stand-alone VAE file: all `required` keys at top level, nothing foreign."""
     def detect(keys: Sequence[str]) -> bool:
@@ -206,5 +197,5 @@ register_layout(Layout(
 
 register(PartConverter(
     PART, {'ldm-autokl': LDM_PREFIXES, 'diffusers-autokl': LDM_PREFIXES,
-           'vd-v1.0': ('vae.image.',), 'diffusers': ('vae.',)},
-    _has_part, _target, _tables))
+           'vd-v1.0': ('vae.image.',), 'vd-legacy': ('autokl.',), 'diffusers': ('vae.',)},
+    _has_part, _target, _tables, _export_names))

@@ -17,11 +17,16 @@ import numpy as np
 import flax.linen as nn
 
 
-def abstract_params(module: nn.Module, batch: int = 1, boxed: bool = False):
-    """ShapeDtypeStructs of `module.init(key, batch, method='init_all')['params']`.
+def abstract_params(module: nn.Module, *args, method=None, boxed: bool = False, **kwargs):
+    """ShapeDtypeStructs of a module's parameters, without allocating (`jax.eval_shape`).
 
-    boxed: keep flax's logical-axis boxes (what the sharding resolver reads)."""
-    v = jax.eval_shape(lambda k: module.init(k, batch, method='init_all'), jax.random.PRNGKey(0))
+    Without arguments the whole model (`init_all(1)`); otherwise `module.init(key, *args,
+    method=method, **kwargs)`. boxed: keep flax's logical-axis boxes (what the sharding
+    resolver reads)."""
+    if not args and method is None and not kwargs:
+        args, method = (1,), 'init_all'
+    v = jax.eval_shape(lambda k: module.init(k, *args, method=method, **kwargs),
+                       jax.random.PRNGKey(0))
     return v['params'] if boxed else nn.unbox(v['params'])
 
 

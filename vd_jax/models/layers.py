@@ -179,17 +179,26 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
-# Attention runs head-major: q/k/v are transposed once to (B, H, L, D), so every logits and
+# Attention runs head-major on CPU: q/k/v are transposed once to (B, H, L, D), so every logits and
 # output product is a plain batched matmul over (B, H). Contracting the packed (B, L, H, D)
 # layout directly made XLA:CPU's batched dots 2.3x slower at 1024 tokens (BENCHMARKS.md §6).
 #
-# Above this many keys, `attention` switches to the blockwise (online-softmax) form: it never
+# Above this many keys, the CPU path switches to the blockwise (online-softmax) form: it never
 # materialises the (B, H, Lq, Lk) logits. On this CPU it is faster from 1024 keys on (32x32
-# and 64x64 latents) and cut the 64x64 sampler's peak memory from 7.5 to 4.6 GiB; on TPU/GPU
-# XLA's own fusions or a Pallas kernel are the better route, so the threshold is a module
-# constant.
+# and 64x64 latents) and cut the 64x64 sampler's peak memory from 7.5 to 4.6 GiB.
 BLOCKWISE_MIN_KEYS = 512
 Q_BLOCK, K_BLOCK = 256, 512
+IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'fused')
+# Backends on which 'auto' attention is `jax.nn.dot_product_attention` ('fused'). The CPU
+# tuning above (head-major transposes, the blockwise scan) was measured on XLA:CPU only; on
+# GPU/TPU the one fused call leaves the choice to JAX/XLA (and `fused_implementation='cudnn'`
+# reaches cuDNN's flash kernel). Not measured on this project's CPU-only machine.
+FUSED_BACKENDS = ('gpu', 'cuda', 'rocm', 'tpu')
+
+
+def fused_by_default() -> bool:
+    """Whether 'auto' attention takes the fused path: the default JAX backend is a GPU/TPU."""
+    return jax.default_backend() in FUSED_BACKENDS
 
 
 def _split_heads(x, num_heads: int):
@@ -205,19 +214,32 @@ def _merge_heads(x):
 
 
 def attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
-              dtype: Dtype = jnp.float32, implementation: str = 'auto'):
+              dtype: Dtype = jnp.float32, implementation: str = 'auto',
+              fused_implementation: Optional[str] = None):
     """Multi-head scaled dot-product attention on packed heads.
 
     q: (B, Lq, H*D), k/v: (B, Lk, H*D); bias broadcastable to (B, H, Lq, Lk) is added
     to the logits (use a large negative number for masked positions). The softmax runs
-    in float32. implementation: 'dense', 'blockwise', or 'auto' (blockwise when there is no
-    bias and more than `BLOCKWISE_MIN_KEYS` keys). Returns (B, Lq, H*D).
+    in float32. Returns (B, Lq, H*D) in `dtype`.
+
+    implementation:
+      'auto': 'fused' on GPU/TPU backends (`fused_by_default`); on CPU 'blockwise' when
+        there is no bias and more than `BLOCKWISE_MIN_KEYS` keys, else 'dense';
+      'dense': head-major batched matmuls (tuned for XLA:CPU);
+      'blockwise': online softmax over key blocks (no bias; bounded memory);
+      'fused': `jax.nn.dot_product_attention` on the packed (B, L, H, D) view, with
+        `fused_implementation` (None lets JAX choose, which in jax 0.10.2 is its XLA
+        formulation; 'xla'; or 'cudnn' for cuDNN's flash attention on NVIDIA GPUs, which
+        takes fp16/bf16 inputs and raises on shapes it does not support).
+    All give the same values up to summation order.
     """
-    if implementation not in ('auto', 'dense', 'blockwise'):
-        raise ValueError(f"attention implementation must be 'auto', 'dense' or 'blockwise', "
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f'attention implementation must be one of {IMPLEMENTATIONS}, '
                          f'got {implementation!r}')
     d = q.shape[-1] // num_heads
     scale = d ** -0.5 if scale is None else scale
+    if implementation == 'fused' or (implementation == 'auto' and fused_by_default()):
+        return fused_attention(q, k, v, num_heads, bias, scale, dtype, fused_implementation)
     if implementation == 'blockwise' or (implementation == 'auto' and bias is None
                                          and k.shape[1] > BLOCKWISE_MIN_KEYS):
         if bias is not None:
@@ -232,6 +254,25 @@ def attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
     p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     out = jnp.einsum('bhqk,bhkd->bhqd', p.astype(dtype), vh) / p.sum(-1, keepdims=True)
     return _merge_heads(out.astype(dtype))
+
+
+def fused_attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] = None,
+                    dtype: Dtype = jnp.float32, implementation: Optional[str] = None):
+    """`attention` through `jax.nn.dot_product_attention` (same shapes and contract).
+
+    The packed (B, L, H*D) projections are already its (B, L, H, D) layout: a reshape, no
+    transpose. q/k/v are cast to `dtype` (the compute dtype, as the other paths' products);
+    logits and softmax are float32 inside it. `bias` is added to the logits as given.
+    """
+    b, lq, inner = q.shape
+    d = inner // num_heads
+    q4, k4, v4 = (x.astype(dtype).reshape(x.shape[0], x.shape[1], num_heads, d) for x in (q, k, v))
+    if bias is not None:
+        bias = jnp.asarray(bias, jnp.float32)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # it wants 4-D (B, H, Lq, Lk)
+    out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, scale=scale,
+                                       implementation=implementation)
+    return out.reshape(b, lq, inner).astype(dtype)
 
 
 def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jnp.float32,

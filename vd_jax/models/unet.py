@@ -590,9 +590,10 @@ class Diffuser(nn.Module):
       config: a `DiffuserConfig` (or the config section it is built from).
       dtype: compute dtype; parameters stay `param_dtype`; outputs are float32.
       remat: rematerialise ResBlocks/FCBlocks/transformers in the backward pass.
-      attention: 'auto' (blockwise online softmax above `layers.BLOCKWISE_MIN_KEYS` keys,
-        i.e. the self-attention of 32x32 and 64x64 latents; dense below), 'dense' or
-        'blockwise'. Same values either way; blockwise bounds memory and is faster on CPU.
+      attention: 'auto' (on GPU/TPU 'fused'; on CPU blockwise online softmax above
+        `layers.BLOCKWISE_MIN_KEYS` keys, i.e. the self-attention of 32x32 and 64x64
+        latents, dense below), 'dense', 'blockwise' or 'fused' (`jax.nn.dot_product_attention`).
+        Same values either way (`layers.attention`); blockwise bounds memory and is faster on CPU.
     """
     config: Any
     dtype: Dtype = jnp.float32

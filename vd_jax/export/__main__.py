@@ -1,0 +1,34 @@
+"""python -m vd_jax.export CKPT OUT [--layout v1.0|legacy|diffusers] [--dtype ...] [--overwrite]
+
+Writes a vd_jax checkpoint folder as PyTorch weights: one `.pth`/`.safetensors` file in the
+original VD key names (v1.0 or legacy), or a diffusers VersatileDiffusion folder.
+"""
+import argparse
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='python -m vd_jax.export', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('ckpt', help='vd_jax checkpoint folder (config.json + <part>.safetensors)')
+    p.add_argument('out', help='output: a .pth/.pt/.ckpt/.bin or .safetensors file (v1.0, legacy) '
+                               'or a folder (diffusers); must not exist unless --overwrite')
+    # validated by export_checkpoint (not argparse `choices`) so a bad value is one error line
+    p.add_argument('--layout', default='v1.0', help='v1.0 (default), legacy or diffusers')
+    p.add_argument('--dtype', default='float32', help='float32 (default), float16 or bfloat16')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    args = p.parse_args(argv)
+
+    from vd_jax.export import ExportError, export_checkpoint
+    try:
+        out = export_checkpoint(args.ckpt, args.out, args.layout, args.dtype, args.overwrite,
+                                progress=True)
+    except (ExportError, FileExistsError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
