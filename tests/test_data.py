@@ -344,7 +344,7 @@ def _assert_batches_equal(xs, ys):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-SYN = vdd.SyntheticSource(36, [(24, 40), (48, 20), (16, 16)], seed=3)
+SYN = vdd.SyntheticImageSource(36, [(24, 40), (48, 20), (16, 16)], seed=3)
 
 
 def _loader(**kw):
@@ -463,12 +463,12 @@ def test_loader_rejects_bad_arguments():
 
 
 def test_synthetic_source_is_deterministic():
-    a, b = vdd.SyntheticSource(5, (7, 9), seed=1), vdd.SyntheticSource(5, (7, 9), seed=1)
+    a, b = vdd.SyntheticImageSource(5, (7, 9), seed=1), vdd.SyntheticImageSource(5, (7, 9), seed=1)
     for i in range(5):
         assert a[i]['caption'] == b[i]['caption'] and a[i]['id'] == f'synthetic/{i:08d}'
         np.testing.assert_array_equal(a[i]['image'], b[i]['image'])
         assert a[i]['image'].shape == (7, 9, 3) and a[i]['image'].dtype == np.uint8
-    assert not np.array_equal(a[0]['image'], vdd.SyntheticSource(5, (7, 9), seed=2)[0]['image'])
+    assert not np.array_equal(a[0]['image'], vdd.SyntheticImageSource(5, (7, 9), seed=2)[0]['image'])
     with pytest.raises(IndexError):
         a[5]
 
@@ -497,7 +497,7 @@ class FakeEncoder:
 
 
 def test_preencode_round_trip(tmp_path):
-    src = vdd.SyntheticSource(10, [(20, 28), (16, 16)], seed=5)
+    src = vdd.SyntheticImageSource(10, [(20, 28), (16, 16)], seed=5)
     enc = FakeEncoder()
     builder = vdd.preencode(src, enc, str(tmp_path), image_size=SIZE, batch_size=4)
     assert enc.batch_sizes == [4, 4, 4]   # last batch padded to keep one compiled shape
@@ -526,7 +526,7 @@ def test_preencode_round_trip(tmp_path):
 
 def test_preencode_rejects_bad_encoder_outputs(tmp_path):
     import ml_dtypes
-    src = vdd.SyntheticSource(3, (8, 8))
+    src = vdd.SyntheticImageSource(3, (8, 8))
     cases = [(lambda b: {'latent': np.zeros((1, 2))}, 'leading dim'),
              (lambda b: {'latent': np.zeros((2, 2), ml_dtypes.bfloat16)}, 'bfloat16'),
              (lambda b: {'caption': np.zeros((2, 2))}, 'clashes'),

@@ -339,11 +339,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     # image-caption records -> tokenized captions on the host -> AutoKL / CLIP / Optimus (random
     # weights here) on device -> the same train step as the synthetic runs (same shapes)
-    from vd_jax.data import SyntheticSource
+    from vd_jax.data import SyntheticImageSource
     from vd_jax.sharding import global_batch
     cfg = _real_cfg('total_steps=2', 'data.kind=images', 'encoders.ckpt=random',
                     'data.image_size=16', 'export.at_end=False')
-    source = SyntheticSource(16, [(20, 24), (24, 20)], seed=3)
+    source = SyntheticImageSource(16, [(20, 24), (24, 20)], seed=3)
     run = setup(cfg, str(tmp_path / 'a'), data_source=source)
     host = run.host_prep(next(iter(run.loader)))
     assert sorted(host) == ['image', 'index', 'tokens_bert', 'tokens_clip']

@@ -23,7 +23,7 @@ from configs.common import autokl
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
-from vd_jax.convert.parts import KNOWN_UNSUPPORTED, LAYOUTS, detect_layout
+from vd_jax.convert.parts import LAYOUTS, REGISTRY, detect_layout
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.convert.vae_rules import autokl_rows
 from vd_jax.models.init import param_count
@@ -219,8 +219,7 @@ def test_stand_alone_detection_is_specific():
                  ldm + ['model.diffusion_model.time_embed.0.weight'],
                  ['vae.' + k for k in ldm]):
         assert not any(l.detect(keys) for l in stand_alone), keys
-    assert 'vae_image' not in KNOWN_UNSUPPORTED.get('vd-v1.0', {})
-    assert 'vae_image' not in KNOWN_UNSUPPORTED.get('diffusers', {})
+    assert {'vd-v1.0', 'diffusers'} <= set(REGISTRY['vae_image'].claims)
 
 
 # ----------------------------------------------------------------------------------------

@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--steps', type=int, default=50)
     a('--scale', type=float, default=7.5, help='classifier-free guidance scale (>= 0; 1 = off)')
     a('--sampler', default='ddim', choices=['ddim', 'ddpm', 'dpm++'])
-    a('--spacing', default=None, help='step grid (default: the sampler\'s; see README)')
+    a('--spacing', default='auto', choices=['auto', 'uniform', 'leading', 'linspace', 'full'],
+      help="timestep grid (default auto: the original DDIM grid where it is defined, else "
+           "'leading' with a note; dpm++: linspace)")
     a('--eta', type=float, default=0.0, help='DDIM eta (>= 0)')
     a('--seed', type=int, default=0, help='sample i uses seed + i (0 <= seed < 2^32)')
     a('--dtype', default='float32', choices=['float32', 'bfloat16'])
@@ -174,11 +176,13 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
                              '(see --help)')
     if args.focus is not None and not 0 <= args.focus <= 1:
         raise UsageError(f'--focus {args.focus} must be in [0, 1]')
-    from vd_jax.diffusion.sampling import make_plan
+    from vd_jax.diffusion.sampling import check_steps
     try:
-        make_plan(args.sampler, args.steps, spacing=args.spacing)
+        args.spacing, notice = check_steps(args.sampler, args.steps, args.spacing or 'auto')
     except ValueError as e:
         raise UsageError(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
+    if notice:
+        print(f'note: {notice}', file=sys.stderr)
     prompts = list(args.prompt) + (_read_list(args.prompts, 'prompt') if args.prompts else [])
     paths = list(args.image) + (_read_list(args.images, 'image') if args.images else [])
     if 'prompt' in t.needs and not prompts:
@@ -225,16 +229,18 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar
     kw = dict(t.kwargs(args), steps=args.steps, scale=args.scale, sampler=args.sampler,
               eta=args.eta, spacing=args.spacing)
 
-    def progress(done, total):
-        bar.update(done - progress.last)
+    def progress(done, total):  # done restarts at each denoising run (i2t2i runs two)
+        bar.update(done - progress.last if done >= progress.last else done)
         progress.last = done
     progress.last = 0
+    from vd_jax.diffusion.sampling import make_plan
+    steps = make_plan(args.sampler, args.steps, spacing=args.spacing).num_steps
     if t.batched:  # inputs x n in batches of --batch-size; seeds continue across batches
         inputs, names = (prompts, prompts) if 'prompt' in t.needs else (images, paths)
         items = [(x, str(name)) for x, name in zip(inputs, names) for _ in range(args.n)]
         outs, labels = [], []
         nb = -(-len(items) // args.batch_size)
-        bar.reset(total=nb * args.steps)
+        bar.reset(total=nb * steps)
         for k in range(nb):
             chunk = items[k * args.batch_size:(k + 1) * args.batch_size]
             pad = args.batch_size - len(chunk) if nb > 1 else 0  # same shapes: no recompile
@@ -246,7 +252,7 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar
             labels.extend(name for _, name in chunk)
         texts = isinstance(outs[0], str)
         return labels, (None if texts else np.stack(outs)), (outs if texts else None)
-    bar.reset(total=args.steps * (2 if args.task == 'i2t2i' else 1))
+    bar.reset(total=steps * (2 if args.task == 'i2t2i' else 1))
     first = prompts[0] if prompts else None
     if args.task == 'dual':
         out = call(first, images[0], args.n, progress=progress, seed=args.seed, **kw)

@@ -20,9 +20,9 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple,
 
 import numpy as np
 
-from vd_jax.convert.engine import (ConversionError, Ignore, Plan, Rule, build_plan,  # noqa: F401
+from vd_jax.convert.engine import (ConversionError, ConversionPlan, Ignore, Rule, build_plan,  # noqa: F401
                                    invert_rules, run_export, run_plan)
-from vd_jax.convert.parts import (KNOWN_UNSUPPORTED, LAYOUTS, REGISTRY, Layout,  # noqa: F401
+from vd_jax.convert.parts import (LAYOUTS, REGISTRY, Layout,  # noqa: F401
                                   detect_layout)
 from vd_jax.convert.sources import DictSource, SourceError, TensorSource, open_source  # noqa: F401
 
@@ -48,8 +48,6 @@ def _claims(layout: Layout, keys: Sequence[str]):
     """part -> claimed keys, plus keys ignored by the layout and keys nobody claims."""
     prefixes = {name: conv.claims[layout.name] for name, conv in REGISTRY.items()
                 if layout.name in conv.claims}
-    for name, pre in KNOWN_UNSUPPORTED.get(layout.name, {}).items():
-        prefixes.setdefault(name, pre)
     claimed: Dict[str, list] = {}
     ignored, orphans = [], []
     import re
@@ -72,7 +70,7 @@ def plan_conversion(source: TensorSource, config, parts: Optional[Sequence[str]]
                     skip_parts: Sequence[str] = ()):
     """Detect the layout and build a validated plan per part, reading no tensor data.
 
-    Returns (layout, {part: Plan}, {part: target shapes}, record) where record lists
+    Returns (layout, {part: ConversionPlan}, {part: target shapes}, record) where record lists
     ignored and skipped keys for the manifest. Raises `ConversionError` on any problem.
     """
     model_cfg = _model_config(config)
@@ -250,7 +248,7 @@ def _export_plan(model_cfg, part: str, layout: str):
     return plan, target, shapes
 
 
-def plan_export(config, part: str, layout: str) -> Plan:
+def plan_export(config, part: str, layout: str) -> ConversionPlan:
     """The conversion plan of `part` from `layout`, built from names the tables produce.
 
     Every Flax leaf gets its source key from the rule table read backwards

@@ -54,7 +54,7 @@ class Entry:
 
 
 @dataclasses.dataclass
-class Plan:
+class ConversionPlan:
     """What a part's conversion will do; built and validated without reading tensor data."""
     part: str
     entries: List[Entry]
@@ -75,7 +75,7 @@ def _fmt(items, n=20):
 def build_plan(part: str, source_shapes: Mapping[str, Tuple[int, ...]],
                target_shapes: Mapping[str, Tuple[int, ...]], rules: Sequence[Rule],
                ignore: Sequence[Ignore] = (), rename: Optional[Mapping[str, str]] = None,
-               tied: Optional[Mapping[str, str]] = None, where: str = '') -> Plan:
+               tied: Optional[Mapping[str, str]] = None, where: str = '') -> ConversionPlan:
     """Match every source key, check coverage and shapes; raise `ConversionError` on any gap.
 
     Args:
@@ -151,10 +151,10 @@ def build_plan(part: str, source_shapes: Mapping[str, Tuple[int, ...]],
     if problems:
         raise ConversionError(f"cannot convert part '{part}'{' from ' + where if where else ''}:\n"
                               + '\n'.join(problems))
-    return Plan(part, entries, ignored, tied_list)
+    return ConversionPlan(part, entries, ignored, tied_list)
 
 
-def run_plan(plan: Plan, get: Callable[[str], np.ndarray], dtype=np.float32,
+def run_plan(plan: ConversionPlan, get: Callable[[str], np.ndarray], dtype=np.float32,
              ) -> Iterator[Tuple[str, np.ndarray]]:
     """Yield (Flax path, array in `dtype`) one tensor at a time; verifies tied copies."""
     dtype = np.dtype(dtype)
@@ -254,7 +254,7 @@ def invert_rules(rules: Sequence[Rule], target_shapes: Mapping[str, Tuple[int, .
     return out
 
 
-def run_export(plan: Plan, get: Callable[[str], np.ndarray], dtype=None,
+def run_export(plan: ConversionPlan, get: Callable[[str], np.ndarray], dtype=None,
                ) -> Iterator[Tuple[str, np.ndarray]]:
     """Inverse of `run_plan`: yield (source key, tensor in the source layout) one at a time.
 

@@ -73,15 +73,10 @@ class PartConverter:
 
 
 REGISTRY: Dict[str, PartConverter] = {}
-# Parts that exist in released files but that no converter here handles yet: layout ->
-# {part: prefixes}. They are reported by name and need an explicit skip.
-KNOWN_UNSUPPORTED: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
 def register(conv: PartConverter) -> PartConverter:
     REGISTRY[conv.name] = conv
-    for layout in conv.claims:
-        KNOWN_UNSUPPORTED.get(layout, {}).pop(conv.name, None)
     return conv
 
 
@@ -164,10 +159,3 @@ def _diffuser_claims():
 
 register(PartConverter('diffuser', _diffuser_claims(), lambda cfg: 'diffuser' in cfg,
                        _diffuser_target, _diffuser_tables, _diffuser_export_names))
-
-KNOWN_UNSUPPORTED.update({
-    'vd-v1.0': {'vae_image': ('vae.image.',), 'vae_text': ('vae.text.',),
-                'ctx_image': ('ctx.image.',), 'ctx_text': ('ctx.text.',)},
-    'diffusers': {'vae_image': ('vae.',), 'ctx_text': ('text_encoder.',),
-                  'ctx_image': ('image_encoder.',)},
-})

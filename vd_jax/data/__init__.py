@@ -6,7 +6,7 @@
                                             images or no captions; build_image_text calls it
   make_loader(source, batch_size=..., image_size=..., ...)
                                             deterministic, process-sharded, resumable batches
-  SyntheticSource(n, size)                  random records for tests, same loader
+  SyntheticImageSource(n, size)                  random records for tests, same loader
   preencode(dataset, encode_fn, out_dir, image_size=...)
                                             store encoder outputs once (`VdEncoded` builder)
   open_dataset(path)                        random-access source of any prepared folder
@@ -17,12 +17,12 @@ numpy arrays (see `make_loader`).
 from vd_jax.data.builder import (DataSourceError, Filters, ImageTextConfig, VdImageText,
                                  build_image_text, check_sources, normalize_image_bytes,
                                  open_dataset, prepare_stats)
-from vd_jax.data.loader import (Preprocess, SyntheticSource, as_source, make_loader,
+from vd_jax.data.loader import (Preprocess, SyntheticImageSource, as_source, make_loader,
                                 resize_and_crop)
 from vd_jax.data.preencode import EncodedConfig, VdEncoded, preencode
 
 __all__ = ['DataSourceError', 'Filters', 'ImageTextConfig', 'VdImageText', 'build_image_text',
            'check_sources',
            'normalize_image_bytes', 'open_dataset', 'prepare_stats', 'Preprocess',
-           'SyntheticSource', 'as_source', 'make_loader', 'resize_and_crop', 'EncodedConfig',
+           'SyntheticImageSource', 'as_source', 'make_loader', 'resize_and_crop', 'EncodedConfig',
            'VdEncoded', 'preencode']

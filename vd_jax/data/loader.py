@@ -85,7 +85,7 @@ class Preprocess(grain.transforms.RandomMap):
                 f'scale={self.scale})')
 
 
-class SyntheticSource:
+class SyntheticImageSource:
     """Deterministic random image-caption records for tests and smoke runs.
 
     Record i: image uint8 (H, W, 3) (sizes cycle through `size` if it is a list), caption str,
@@ -120,7 +120,7 @@ class SyntheticSource:
                 'id': f'synthetic/{index:08d}'}
 
     def __repr__(self) -> str:
-        return f'SyntheticSource(num_records={self.num_records}, sizes={self.sizes}, seed={self.seed})'
+        return f'SyntheticImageSource(num_records={self.num_records}, sizes={self.sizes}, seed={self.seed})'
 
 
 def as_source(obj, split: str = 'train'):
@@ -152,7 +152,7 @@ def make_loader(source, *, batch_size: int, image_size: Optional[int] = None, se
     """The training loader of this process.
 
     Args:
-      source: see `as_source` (image-text records, pre-encoded records or `SyntheticSource`).
+      source: see `as_source` (image-text records, pre-encoded records or `SyntheticImageSource`).
       batch_size: per-process batch; the global batch is batch_size * process_count.
       image_size: output side of the resize + crop; required when records have 'image'.
       seed: shuffle and crop seed (32-bit, >= 0).
