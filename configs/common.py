@@ -104,13 +104,15 @@ SECTIONS = {'autokl': autokl, 'optimus': optimus, 'clip_vision': clip_vision,
             'clip_text': clip_text}
 
 
-def model_config(streams, global_layer_ptr='image', name='vd', tiny=False, image_size=None):
+def model_config(streams, global_layer_ptr='image', name='vd', tiny=False, image_size=None,
+                 sections=None):
     """The `model` section: diffuser streams plus, for every modality a stream uses, its VAE
     (data layers: to encode and decode that modality) and its context encoder (context
     layers), as `vd_jax.modalities` assigns them (vd.yaml `vae_cfg_list`, `ctx_cfg_list`).
 
     image_size: default generation side in pixels (512 for the released models, whose
-    demo generates at 512; the tiny model 32)."""
+    demo generates at 512; the tiny model 32).
+    sections: {family: section} overriding the default sizes (`SECTIONS`)."""
     from vd_jax import modalities
     cfg = ml_collections.ConfigDict()
     cfg.name = name
@@ -119,10 +121,10 @@ def model_config(streams, global_layer_ptr='image', name='vd', tiny=False, image
     cfg.vae, cfg.ctx = {}, {}
     for m, s in streams.items():
         mod = modalities.get(m)
-        if 'data' in s['parts']:
-            cfg.vae[m] = SECTIONS[mod.vae_family](tiny)
-        if 'context' in s['parts']:
-            cfg.ctx[m] = SECTIONS[mod.ctx_family](tiny)
+        for part, fam, sec in (('data', mod.vae_family, cfg.vae), ('context', mod.ctx_family,
+                                                                      cfg.ctx)):
+            if part in s['parts']:
+                sec[m] = dict((sections or {}).get(fam) or SECTIONS[fam](tiny))
     cfg.schedule = schedule()
     # vd.yaml: latent_scale_factor {image: 0.18215}; text latents are used unscaled.
     cfg.latent_scale_factor = {'image': 0.18215, 'text': 1.0}

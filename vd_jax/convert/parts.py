@@ -66,10 +66,10 @@ class PartConverter:
     has_part: Callable
     target: Callable
     tables: Callable
+    export_names: Optional[Callable] = None
     # False for a fixed architecture (the FID Inception): the model config is neither read
     # nor written to the output's config.json
     uses_config: bool = True
-    export_names: Optional[Callable] = None
 
 
 REGISTRY: Dict[str, PartConverter] = {}
