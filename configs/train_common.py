@@ -39,6 +39,16 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     # Update multiplier per parameter group (a per-group learning-rate scale; 0 freezes).
     cfg.grad_multipliers = {g: 1.0 for g in groups(cfg.model)}
 
+    # What is optimised: 'diffusion' (the diffuser, the flows above) or a stage-0 network
+    # trained from scratch: 'autokl' | 'optimus' | 'clip' (`vd_jax.train.objectives`).
+    cfg.objective = 'diffusion'
+    # Classifier-free guidance needs an unconditional model: per flow and record, the context
+    # is replaced with probability p by the unconditional context the pipeline samples with
+    # (convention `uncond`, see vd_jax.modalities). 0.1 is the usual choice (UNVERIFIED vs paper).
+    cfg.cfg_dropout = dict(p=0.1, uncond='v1.0')
+    cfg.autokl = dict(kl_weight=1e-6, recon='l1', crop=0)   # objective 'autokl' (crop: side)
+    cfg.optimus = dict(beta=0.5, free_bits=0.1, warmup_steps=1000)  # objective 'optimus'
+
     cfg.total_steps = 100_000            # default (UNVERIFIED vs paper)
     cfg.batch_size = 64                  # global batch; default (UNVERIFIED vs paper)
     cfg.microbatches = 1                 # gradient accumulation inside one step

@@ -15,6 +15,7 @@ can be split over its data axes (`shard_batch`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -70,7 +71,7 @@ class Components:
         """The network of a part (built on first use)."""
         if part not in self._modules:
             kw = {}
-            if part.startswith('vae_') and M.part_family(part) == 'autokl':
+            if part.startswith('vae_'):  # VD's latent_scale_factor of that modality
                 lsf = dict(self.config.get('latent_scale_factor', {}) or {})
                 if lsf.get(part[4:]) is not None:
                     kw['latent_scale'] = float(lsf[part[4:]])
@@ -104,9 +105,10 @@ class Components:
         self.params[part] = tree
 
     def jit(self, name: str, fn: Callable) -> Callable:
-        """`jax.jit(fn)`, cached under `name` (fn must close over static things only)."""
+        """`jax.jit(fn)` (or fn, if already jitted), cached under `name` (fn must close over
+        static things only)."""
         if name not in self.jitted:
-            self.jitted[name] = jax.jit(fn)
+            self.jitted[name] = fn if hasattr(fn, 'lower') else jax.jit(fn)
         return self.jitted[name]
 
     def tokenizer(self, name: str):
@@ -136,8 +138,7 @@ class Components:
         (B, L, D) float32 (image kw: masks=[keep-mask or None per image])."""
         m = M.get(modality)
         inputs = m.context_inputs(self, raw, **kw)
-        module = self.module(m.ctx_part)
-        fn = self.jit(f'context/{modality}', lambda p, x: m.context(module, p, x))
+        fn = self.jit(f'context/{modality}', _context_fn(m, self.module(m.ctx_part)))
         return fn(self.params[m.ctx_part], {k: jnp.asarray(v) for k, v in inputs.items()})
 
     def encode_latent(self, modality: str, raw, keys=None) -> jax.Array:
@@ -145,16 +146,9 @@ class Components:
         (independent of the batch), else the posterior mean."""
         m = M.get(modality)
         inputs = {k: jnp.asarray(v) for k, v in m.latent_inputs(self, raw).items()}
-        module = self.module(m.vae_part)
-        if keys is None:
-            fn = self.jit(f'latent/{modality}', lambda p, x: m.encode(module, p, x))
-            return fn(self.params[m.vae_part], inputs)
-
-        def one_each(p, x, ks):
-            return jax.vmap(lambda xi, k: m.encode(
-                module, p, jax.tree_util.tree_map(lambda a: a[None], xi), k)[0])(x, ks)
-        return self.jit(f'latent_sample/{modality}', one_each)(self.params[m.vae_part], inputs,
-                                                               keys)
+        fn = _latent_fn(m, self.module(m.vae_part), keys is not None)
+        fn = self.jit(f'latent/{modality}/{keys is not None}', fn)
+        return fn(self.params[m.vae_part], inputs, keys)
 
     def decode_latent(self, modality: str, latents, **kw):
         """Latents -> images (B, H, W, 3) float32 in [0, 1] / list of sentences."""
@@ -222,3 +216,21 @@ class Components:
                 return jax.device_put(x, shd.replicated(self.mesh))
             return jax.device_put(x, shd.batch_sharding(self.mesh, self.rules, x.ndim))
         return jax.tree_util.tree_map(put, tree)
+
+
+# Compiled functions shared by every `Components` of equal networks (networks are hashable):
+# a training process that builds its encoders several times compiles them once.
+@functools.lru_cache(maxsize=None)
+def _context_fn(m, module):
+    return jax.jit(lambda p, x: m.context(module, p, x))
+
+
+@functools.lru_cache(maxsize=None)
+def _latent_fn(m, module, per_key: bool):
+    if not per_key:
+        return jax.jit(lambda p, x, keys: m.encode(module, p, x))
+
+    def one_each(p, x, ks):  # one posterior draw per input, independent of the batch
+        return jax.vmap(lambda xi, k: m.encode(
+            module, p, jax.tree_util.tree_map(lambda a: a[None], xi), k)[0])(x, ks)
+    return jax.jit(one_each)

@@ -255,9 +255,11 @@ class TextModality(Modality):
                                             module.config)}
 
     def encode(self, module, params, inputs, key=None):
-        # VD encodes a sentence to the posterior mean (no sampling, no scale factor)
+        # VD encodes a sentence to the posterior mean (no sampling), times latent_scale_factor
+        # text (1 for the released model)
         del key
-        return module.apply({'params': params}, inputs['ids'], method=type(module).encode)[0]
+        mu = module.apply({'params': params}, inputs['ids'], method=type(module).encode)[0]
+        return mu * module.latent_scale
 
     def decode(self, comps, latents, *, method='sample', seed=0, temperature=1.0, top_k=0,
                top_p=1.0, beam_size=4, remove_duplicates=True, seeds=None):

@@ -31,11 +31,12 @@ from vd_jax.models.optimus import PAD_ID, Optimus, OptimusConfig
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _encode_jit(model, params, input_ids):
-    return model.apply({'params': params}, input_ids, method=Optimus.encode)[0]
+    return model.apply({'params': params}, input_ids, method=Optimus.encode)[0] * model.latent_scale
 
 
 def encode_ids(model: Optimus, params, input_ids):
-    """VD's text `vae_encode` on token ids: BERT ids (B, L) int (pad 0) -> mu (B, latent)."""
+    """VD's text `vae_encode` on token ids: BERT ids (B, L) int (pad 0) -> latent_scale x mu
+    (B, latent) (the scale is 1 for the released model)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f'input_ids must be (B, L) ints, got shape {input_ids.shape}')
@@ -108,7 +109,8 @@ def decode_ids(model: Optimus, params, z, method: str = 'greedy', *, key=None,
                          f'got {max_length}')
     if key is None:
         key = jax.random.PRNGKey(0)  # unused by greedy / beam
-    return _decode_jit(model, params, z.astype(jnp.float32), key,
+    z = z.astype(jnp.float32) / model.latent_scale  # VD latents -> the network's
+    return _decode_jit(model, params, z, key,
                        jnp.asarray(temperature, jnp.float32), method=method,
                        max_length=max_length, top_k=int(top_k), top_p=float(top_p),
                        beam_size=int(beam_size), length_penalty=float(length_penalty),

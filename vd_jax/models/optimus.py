@@ -499,9 +499,11 @@ class Optimus(nn.Module):
       encode(input_ids): (B, L) BERT ids, pad 0 -> (mu, logvar) (B, latent).
       decode_logits(input_ids, z): teacher-forced decoder logits (B, T, V).
       init_cache(z, num_slots) / decode_step(input_ids, cache): the KV-cache decoder.
-    Latents are used unscaled (VD has no text latent scale factor).
+    The network works on unscaled latents; VD's latents are `latent_scale` x mu (1 for the
+    released model, whose config has latent_scale_factor text 1.0).
     """
     config: Any
+    latent_scale: float = 1.0  # VD's latent_scale_factor['text'] (1 for the released model)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -120,6 +120,14 @@ def make_source(cfg, workdir: str, flows):
     kind = str(d.kind)
     if kind == 'synthetic':
         return SyntheticLatentSource(int(d.num_records), record_spec(cfg, flows), int(d.seed))
+    if kind == 'shapes':  # the generated world (vd_jax.data.shapes), built on first use
+        from vd_jax.data.shapes import build_shapes  # noqa: PLC0415
+        data_dir = d.path or d.prepared_dir or os.path.join(workdir, 'data')
+        if jax.process_index() == 0:
+            build_shapes(data_dir, num_train=int(d.num_records), seed=int(d.seed))
+        sync_processes('dataset built')
+        return build_shapes(data_dir, num_train=int(d.num_records),
+                            seed=int(d.seed)).as_data_source()['train']
     from vd_jax.data import open_dataset  # noqa: PLC0415 (tfds import is slow)
     if not d.path:
         raise ConfigError(f"data.kind='{kind}' needs data.path")
@@ -132,7 +140,8 @@ def make_source(cfg, workdir: str, flows):
                               'dataset_info.json): write one with vd_jax.data.preencode')
         return open_dataset(prepared)
     if kind != 'images':
-        raise ConfigError(f"data.kind must be 'synthetic', 'encoded' or 'images', got {kind!r}")
+        raise ConfigError(f"data.kind must be 'synthetic', 'encoded', 'images' or 'shapes', got "
+                          f'{kind!r}')
     if prepared is not None:
         return open_dataset(prepared)
     from vd_jax.data import Filters, build_image_text  # noqa: PLC0415
@@ -200,7 +209,7 @@ def make_data_loader(cfg, source, mesh, process_index=None, process_count=None):
         from vd_jax.data.loader import as_source  # noqa: PLC0415
         source = IndexedSource(as_source(source))
     return make_loader(source, batch_size=per_process_batch(cfg, mesh),
-                       image_size=int(d.image_size) if d.kind == 'images' else None,
+                       image_size=int(d.image_size) if d.kind in ('images', 'shapes') else None,
                        seed=int(d.seed), shuffle=bool(d.shuffle), scale=True,
                        random_crop=bool(d.random_crop), process_index=process_index,
                        process_count=process_count, worker_count=int(d.worker_count))
@@ -231,7 +240,7 @@ class HostPrep:
 
     def __init__(self, kind: str, fields: Sequence[str], components=None):
         self.kind, self.fields, self.components = str(kind), tuple(fields), components
-        if self.kind == 'images' and components is None:
+        if self.kind in ('images', 'shapes') and components is None:
             raise ValueError("HostPrep for data.kind='images' needs the frozen encoders' components")
 
     @classmethod
@@ -239,7 +248,7 @@ class HostPrep:
         return cls(cfg.data.kind, needed_fields(flows), components)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        if self.kind != 'images':
+        if self.kind not in ('images', 'shapes'):
             missing = [f for f in self.fields if f not in batch]
             if missing:
                 raise ConfigError(f'the data lacks field(s) {missing} that the flows need; '
@@ -261,6 +270,59 @@ class HostPrep:
                 out['image'] = np.asarray(batch['image'], np.float32)
             out.update(m.train_host_fields(self.components, batch, context=ctx, latent=lat))
         return out
+
+
+class ObjectivePrep:
+    """Loader batch -> the numeric fields a stage-0 objective reads: 'index', 'image' (if the
+    objective reads images) and what `objective.host_fields` makes (token ids of captions)."""
+
+    def __init__(self, objective, components):
+        self.objective, self.components = objective, components
+        self.fields = tuple(objective.batch_ndims)
+
+    def __call__(self, batch):
+        out = {'index': _index(batch['index'])} if 'index' in batch else {}
+        if 'image' in self.fields:
+            if 'image' not in batch:
+                raise ConfigError(f"objective '{type(self.objective).__name__}' reads images; "
+                                  f'records have {sorted(batch)}')
+            out['image'] = np.asarray(batch['image'], np.float32)
+        if any(f.startswith('tokens_') for f in self.fields):
+            if 'caption' not in batch:
+                raise ConfigError(f"objective '{type(self.objective).__name__}' reads captions; "
+                                  f'records have {sorted(batch)}')
+            out.update(self.objective.host_fields(self.components, batch))
+        return {k: v for k, v in out.items() if k in self.fields}
+
+
+def tokenizer_components(model_cfg):
+    """Components without weights: the tokenizers of a model config, checked against it."""
+    from vd_jax.components import Components  # noqa: PLC0415
+    return Components(model_cfg, {})
+
+
+def adopt_encoder_scales(cfg) -> None:
+    """Use the latent scale factors of the checkpoints the frozen VAEs come from.
+
+    A VAE trained here records the factor that brings its latents to unit variance in its
+    export's config (`latent_scale_factor`); the diffuser must be trained and sampled with
+    that same factor, so it is copied into `cfg.model` (which the export writes)."""
+    from vd_jax.checkpoint import available_parts, read_config  # noqa: PLC0415
+    for folder in checkpoint_folders(cfg.encoders.get('ckpt', '')):
+        src = read_config(folder).get('latent_scale_factor', {}) or {}
+        for part in available_parts(folder):
+            m = part[4:] if part.startswith('vae_') else None
+            if m and m in src and float(src[m]) != float(cfg.model.latent_scale_factor.get(m, 1.0)):
+                logger.info("latent_scale_factor.%s = %.6g from '%s'", m, float(src[m]), folder)
+                cfg.model.latent_scale_factor[m] = float(src[m])
+
+
+def checkpoint_folders(spec) -> Tuple[str, ...]:
+    """`encoders.ckpt`: one folder, several separated by commas (or a list), or 'random'."""
+    if not spec or spec == 'random':
+        return ()
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(',')
+    return tuple(str(i).strip() for i in items if str(i).strip())
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,7 +371,13 @@ class FrozenEncoders:
             host = jax.tree_util.tree_map(np.asarray, random_params(abstract, seed=1))
             return jax.tree_util.tree_map(lambda v, s: shd.put_global(v, s), host, shardings)
         # load_part checks every key and shape against the model and reads each device's slice
-        return load_part(self.ckpt, part, dtype=np.float32, shardings=shardings,
+        from vd_jax.checkpoint import available_parts  # noqa: PLC0415
+        folders = checkpoint_folders(self.ckpt)
+        have = [f for f in folders if part in available_parts(f)]
+        if not have:
+            raise ConfigError(f"encoders.ckpt {list(folders)}: no folder has the part '{part}' "
+                              f'that the flows need (parts needed: {list(self.parts)})')
+        return load_part(have[0], part, dtype=np.float32, shardings=shardings,
                          expected=abstract)
 
     @property

@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from vd_jax import modalities as M
 from vd_jax import sharding as shd
-from vd_jax.train import init_from, inputs
+from vd_jax.train import init_from, inputs, objectives
 from vd_jax.train.settings import ConfigError, StepConfig, parse_flows, to_plain
 from vd_jax.train.step import (TrainState, abstract_boxed_params, batch_shardings,
                                create_train_state, init_params_sharded, jit_train_step,
@@ -55,10 +54,13 @@ class TrainingDiverged(RuntimeError):
 # ----------------------------------------------------------------------------------------
 
 def make_model(cfg):
-    """The diffuser of `cfg.model` with the training dtype / remat settings."""
+    """The diffuser of `cfg.model` with the training dtype / remat settings (None for the
+    stage-0 objectives, which build their own networks)."""
     from vd_jax.models.unet import Diffuser  # noqa: PLC0415
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    if str(cfg.get('objective', 'diffusion')) != 'diffusion':
+        return None
     # Parameters stay float32 (master weights); `dtype` is the compute dtype.
     return Diffuser(cfg.model.diffuser, dtype=DTYPES[cfg.dtype], remat=bool(cfg.remat))
 
@@ -76,9 +78,11 @@ class Run:
     step_fn: Callable
     source: Any
     loader: Any
-    host_prep: inputs.HostPrep
-    encoders: Optional[inputs.FrozenEncoders]
+    host_prep: Callable
+    encoders: Optional[inputs.FrozenEncoders]   # encode raw records on device (or None)
     batch_sh: Dict[str, Any]
+    consts: Dict[str, Any] = dataclasses.field(default_factory=dict)  # replicated batch fields
+    frozen: Optional[inputs.FrozenEncoders] = None  # the encoders exported with the diffuser
 
     @property
     def flows(self):
@@ -90,25 +94,36 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     if cfg.get('jax_cache_dir'):
         jax.config.update('jax_compilation_cache_dir', str(cfg.jax_cache_dir))
     mesh = mesh if mesh is not None else shd.create_mesh(dict(cfg.mesh))
+    inputs.adopt_encoder_scales(cfg)
     model = make_model(cfg)
     sc = StepConfig.from_config(cfg, model)
+    obj = sc.objective
     with jax.set_mesh(mesh):
         boxed = abstract_boxed_params(sc, 1)
         abstract, state_sh = state_shardings(sc, mesh, boxed)
-    ndims = {'index': 1}
-    for _, xtype, ctype, _ in sc.flows:
-        ndims[M.get(xtype).latent_field] = M.get(xtype).latent_ndim
-        ndims[M.get(ctype).context_field] = 3
-    batch_sh = batch_shardings(ndims, mesh, sc.rules)
+    batch_sh = batch_shardings(obj.batch_ndims, mesh, sc.rules)
     step_fn = jit_train_step(sc, state_sh, batch_sh, mesh)
     source = data_source if data_source is not None else inputs.make_source(cfg, workdir, sc.flows)
     loader = inputs.make_data_loader(cfg, source, mesh)
-    encoders = frozen_encoders(cfg, sc.flows, mesh) if cfg.data.kind == 'images' else None
+    diffusion = isinstance(obj, objectives.Diffusion)
+    encoders, consts = None, {}
+    if diffusion and (cfg.data.kind in ('images', 'shapes') or obj.cfg_dropout > 0):
+        # frozen encoders: they encode raw records, and give the unconditional contexts the
+        # pipeline samples with (random ones for synthetic smoke runs without encoders.ckpt)
+        encoders = frozen_encoders(cfg, sc.flows, mesh,
+                                   None if cfg.encoders.ckpt else 'random')
+        if obj.cfg_dropout > 0:
+            conv = str(cfg.cfg_dropout.get('uncond', 'v1.0'))
+            consts = {objectives.uncond_key(f): shd.put_global(np.asarray(u), batch_sh[
+                objectives.uncond_key(f)]) for f, u in encoders.uncond_contexts(conv).items()}
+    if diffusion:
+        prep = inputs.HostPrep.from_config(cfg, sc.flows, encoders.components if encoders else None)
+    else:
+        prep = inputs.ObjectivePrep(obj, inputs.tokenizer_components(cfg.model))
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, sc=sc, abstract=abstract,
                shardings=state_sh, boxed=boxed, step_fn=step_fn, source=source, loader=loader,
-               host_prep=inputs.HostPrep.from_config(
-                   cfg, sc.flows, encoders.components if encoders else None),
-               encoders=encoders, batch_sh=batch_sh)
+               host_prep=prep, encoders=encoders if cfg.data.kind in ('images', 'shapes') else None,
+               batch_sh=batch_sh, consts=consts, frozen=encoders)
 
 
 def frozen_encoders(cfg, flows, mesh, ckpt: Optional[str] = None) -> inputs.FrozenEncoders:
@@ -345,25 +360,32 @@ class Preemption:
 # ----------------------------------------------------------------------------------------
 
 def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
-               encoders: Optional[inputs.FrozenEncoders] = None) -> str:
-    """Write the EMA diffuser weights plus every frozen part the trained flows need (the
-    encoders the run trained with, whatever their origin: a converted checkpoint, or random
-    weights for smoke runs) as a vd_jax checkpoint folder `sample.py --ckpt` loads."""
+               encoders: Optional[inputs.FrozenEncoders] = None, objective=None,
+               model_cfg=None) -> str:
+    """Write the EMA weights as a vd_jax checkpoint folder `sample.py --ckpt` loads: the
+    objective's parts (the diffuser; or a stage-0 network) plus, for the diffuser, every
+    frozen part the trained flows need (the encoders the run trained with, whatever their
+    origin: a converted or trained checkpoint, or random weights for smoke runs).
+    `model_cfg`: the model config to record (default `cfg.model`)."""
     from vd_jax.checkpoint import write_checkpoint  # noqa: PLC0415
-    flows = parse_flows(cfg)
-    if encoders is None and inputs.frozen_parts(flows):
+    if objective is None:
+        objective = StepConfig.from_config(cfg, make_model(cfg)).objective
+    diffusion = isinstance(objective, objectives.Diffusion)
+    flows = parse_flows(cfg) if diffusion else ()
+    if diffusion and encoders is None and inputs.frozen_parts(flows):
         ckpt = str(cfg.encoders.get('ckpt', '') or '') or 'random'
         encoders = frozen_encoders(cfg, flows, shd.create_mesh(dict(cfg.mesh)), ckpt)
-    host = gather(ema_params)
+    parts = objective.export(gather(ema_params))
     frozen = {p: gather(v) for p, v in encoders.params.items()} if encoders else {}
     if jax.process_index() == 0:
         manifest = {'source': 'vd_jax training (EMA weights)', 'step': int(step),
+                    'objective': str(cfg.get('objective', 'diffusion')),
                     'ema_decay': float(cfg.ema.decay), 'flows': [f[0] for f in flows],
                     'frozen_parts_from': {p: encoders.ckpt for p in frozen} if frozen else None}
-        write_checkpoint(out, cfg.model, {'diffuser': host, **frozen}, manifest=manifest,
-                         overwrite=overwrite)
+        write_checkpoint(out, model_cfg if model_cfg is not None else cfg.model,
+                         {**parts, **frozen}, manifest=manifest, overwrite=overwrite)
         logger.info('exported EMA weights of step %d to %s (parts %s)', step, out,
-                    ['diffuser'] + sorted(frozen))
+                    sorted(parts) + sorted(frozen))
     inputs.sync_processes('export')
     return out
 
@@ -463,7 +485,7 @@ def train(cfg, workdir: str, *, data_source=None,
         batch = shd.global_batch(host, run.mesh, run.sc.rules)
         if run.encoders is not None:
             batch = run.encoders(batch, jax.random.fold_in(enc_key, step_index))
-        return batch
+        return dict(batch, **run.consts)
 
     def meta(step):
         return {'step': int(step), 'flows': [f[0] for f in run.flows],
@@ -541,7 +563,16 @@ def train(cfg, workdir: str, *, data_source=None,
         ckpt.wait()
         if status == 'finished' and bool(cfg.export.at_end) and step == total and total > start:
             export_dir = os.path.join(workdir, 'export', f'step_{step}')
-            export_ema(cfg, state.ema_params, export_dir, step, encoders=run.encoders)
+            model_cfg = cfg.model
+            scales = run.sc.objective.latent_scales(gather(state.ema_params), jax.device_get(batch))
+            if scales:  # a trained VAE records the factor that gives unit-variance latents
+                model_cfg = cfg.model.copy_and_resolve_references()
+                for m, v in scales.items():
+                    model_cfg.latent_scale_factor[m] = round(v, 6)
+                logger.info('latent_scale_factor %s (1 / std of the latents of the last batch)',
+                            dict(model_cfg.latent_scale_factor))
+            export_ema(cfg, state.ema_params, export_dir, step, encoders=run.frozen,
+                       objective=run.sc.objective, model_cfg=model_cfg)
     finally:
         writer.close()
         ckpt.wait()

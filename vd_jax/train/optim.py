@@ -41,9 +41,10 @@ def group_of(path: str) -> str:
     return f"{m.group('stream')}_{'data' if kind == 'data_blocks' else 'context'}"
 
 
-def group_tree(params: Any) -> Any:
-    """A tree like `params` whose leaves are the group names."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(path_str(p)), params)
+def group_tree(params: Any, group_fn=None) -> Any:
+    """A tree like `params` whose leaves are the group names (`group_fn`, default `group_of`)."""
+    fn = group_fn or group_of
+    return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_str(p)), params)
 
 
 def groups_of(params: Any) -> Dict[str, int]:
@@ -55,13 +56,16 @@ def groups_of(params: Any) -> Dict[str, int]:
     return counts
 
 
-def multiplier_tree(params: Any, multipliers: Mapping[str, float]) -> Any:
+def multiplier_tree(params: Any, multipliers: Mapping[str, float], group_fn=None) -> Any:
     """Per-leaf Python floats from {group: multiplier}; groups not named get 1.0.
 
     Naming a group the model does not have is an error (a typo would silently train
-    everything at full rate otherwise).
+    everything at full rate otherwise). `group_fn(path)`: the groups (default: the
+    diffuser's, `group_of`).
     """
-    groups = group_tree(params)
+    if not multipliers:
+        return jax.tree_util.tree_map(lambda _: 1.0, params)
+    groups = group_tree(params, group_fn)
     present = set(jax.tree_util.tree_leaves(groups))
     unknown = sorted(set(multipliers) - present)
     if unknown:
@@ -108,7 +112,7 @@ def _decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
 
 
-def make_optimizer(oc: OptimConfig, params: Any) -> optax.GradientTransformation:
+def make_optimizer(oc: OptimConfig, params: Any, group_fn=None) -> optax.GradientTransformation:
     """clip(global norm) -> AdamW / SGD with the lr schedule -> per-group multipliers.
 
     `params` (arrays or ShapeDtypeStructs) only fixes the group structure.
@@ -124,7 +128,7 @@ def make_optimizer(oc: OptimConfig, params: Any) -> optax.GradientTransformation
         chain.append(optax.sgd(lr, momentum=oc.momentum or None))
         if oc.weight_decay:
             raise ConfigError('optimizer.weight_decay is only supported with adamw')
-    chain.append(scale_by_group(multiplier_tree(params, dict(oc.multipliers))))
+    chain.append(scale_by_group(multiplier_tree(params, dict(oc.multipliers), group_fn)))
     return optax.chain(*chain)
 
 

@@ -203,8 +203,11 @@ def _as_tuple(x):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Everything the jitted train step depends on (a static, hashable jit argument)."""
-    model: Any                                   # vd_jax.models.unet.Diffuser
+    """Everything the jitted train step depends on (a static, hashable jit argument).
+
+    `objective` (`vd_jax.train.objectives`) is what is optimised; for the diffuser it is
+    derived from model / flows / schedule / fixed_noise when not given."""
+    model: Any                                   # vd_jax.models.unet.Diffuser (or None)
     flows: Tuple[Tuple[str, str, str, float], ...]
     schedule: Tuple[float, float, int]           # beta_linear_start, beta_linear_end, T
     optim: OptimConfig
@@ -214,9 +217,18 @@ class StepConfig:
     fixed_noise: bool = False                    # t, eps independent of the step (tests)
     seed: int = 0
     rules: Tuple = ()
+    objective: Any = None
+
+    def __post_init__(self):
+        if self.objective is None:
+            from vd_jax.train.objectives import Diffusion
+            object.__setattr__(self, 'objective', Diffusion(self.model, self.flows, self.schedule,
+                                                            self.fixed_noise))
 
     @classmethod
     def from_config(cls, cfg, model) -> 'StepConfig':
+        from vd_jax.sharding import normalize_rules
+        from vd_jax.train import objectives
         s = cfg.model.schedule
         ema = cfg.ema
         if not 0.0 <= float(ema.decay) < 1.0:
@@ -224,14 +236,15 @@ class StepConfig:
         mb = int(cfg.microbatches)
         if mb < 1:
             raise ConfigError(f'microbatches must be >= 1, got {mb}')
-        from vd_jax.sharding import normalize_rules
-        return cls(model=model, flows=parse_flows(cfg),
-                   schedule=(float(s.beta_linear_start), float(s.beta_linear_end),
-                             int(s.timesteps)),
+        diffusion = str(cfg.get('objective', 'diffusion')) == 'diffusion'
+        flows = parse_flows(cfg) if diffusion else ()
+        schedule = (float(s.beta_linear_start), float(s.beta_linear_end), int(s.timesteps))
+        return cls(model=model, flows=flows, schedule=schedule,
                    optim=OptimConfig.from_config(cfg), ema_decay=float(ema.decay),
                    ema_use_num_updates=bool(ema.use_num_updates), microbatches=mb,
                    fixed_noise=bool(cfg.noise.fixed), seed=int(cfg.seed),
-                   rules=normalize_rules(cfg.logical_axis_rules))
+                   rules=normalize_rules(cfg.logical_axis_rules),
+                   objective=objectives.from_config(cfg, model, flows, schedule))
 
 
 def needed_fields(flows) -> Tuple[str, ...]:

@@ -1,12 +1,12 @@
-"""The train state, the multi-flow loss and the jitted train step.
+"""The train state and the jitted train step over an objective (`vd_jax.train.objectives`).
 
-One optimizer step (as the paper describes VD's training): for every configured flow f =
-(xtype, ctype) compute its epsilon-prediction loss L_f on the same batch (latent of xtype,
-context of ctype, its own t ~ U{0..T-1} and eps ~ N(0, I)), take its gradient, accumulate
-sum_f w_f grad L_f, then apply one update. Optionally the batch is further split into
-`microbatches` whose gradients are averaged (a `lax.scan`, so activation memory is that of
-one microbatch); t and eps are drawn for the whole batch first, so the result does not
-depend on the split.
+One optimizer step of the diffusion objective (as the paper describes VD's training): for
+every configured flow f = (xtype, ctype) compute its epsilon-prediction loss L_f on the same
+batch (latent of xtype, context of ctype, its own t ~ U{0..T-1} and eps ~ N(0, I)), take its
+gradient, accumulate sum_f w_f grad L_f, then apply one update. Optionally the batch is
+further split into `microbatches` whose gradients are averaged (a `lax.scan`, so activation
+memory is that of one microbatch); every draw is per record, so the result does not depend
+on the split.
 
 Randomness is a pure function of (seed, step, flow, record index) (`draw_noise`): a resumed
 run draws exactly what an uninterrupted one would, and a batch split over 1 device, 8 devices
@@ -28,7 +28,6 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from vd_jax import sharding as shd
-from vd_jax.diffusion.schedule import eps_loss, make_schedule
 from vd_jax.train.settings import StepConfig
 from vd_jax.train.optim import ema_decay_at, ema_update, lr_schedule, make_optimizer
 
@@ -55,50 +54,18 @@ def step_key(sc: StepConfig, step) -> jax.Array:
 
 
 def draw_noise(sc: StepConfig, key, batch: Dict[str, jax.Array]):
-    """Per flow: (t (B,) int32, eps like the flow's latent).
+    """Per flow: (t (B,) int32, eps like the flow's latent) of the diffusion objective.
 
     Each example's draw comes from fold_in(fold_in(key, flow index), record index), so it
     depends on *which* record it is, not on where the record sits in the batch: results do
     not depend on how the batch is split over processes, devices or microbatches.
     """
-    index = batch['index']
-    out = []
-    for i, (_, xtype, _, _) in enumerate(sc.flows):
-        x0 = batch[f'latent_{xtype}']
-        k_flow = jax.random.fold_in(key, i)
-
-        def one(j, k_flow=k_flow, shape=x0.shape[1:]):
-            k_t, k_n = jax.random.split(jax.random.fold_in(k_flow, j))
-            return (jax.random.randint(k_t, (), 0, sc.schedule[2]),
-                    jax.random.normal(k_n, shape, jnp.float32))
-        out.append(jax.vmap(one)(index))
-    return out
+    return sc.objective.draw_noise(key, batch)
 
 
-def _flows_loss_grads(params, batch, noise, sc: StepConfig):
-    """Per-flow losses and sum_f w_f grad L_f on one (micro)batch."""
-    schedule = make_schedule(beta_linear_start=sc.schedule[0], beta_linear_end=sc.schedule[1],
-                             timesteps=sc.schedule[2])
-    losses, grads = {}, None
-    for (name, xtype, ctype, w), (t, eps) in zip(sc.flows, noise):
-        x0, ctx = batch[f'latent_{xtype}'], batch[f'context_{ctype}']
-
-        def loss_fn(p, x0=x0, ctx=ctx, t=t, eps=eps, xtype=xtype, ctype=ctype):
-            def denoise(x_t, tt):
-                return sc.model.apply({'params': p}, x_t, tt, ctx, xtype, ctype)
-            return eps_loss(denoise, schedule, x0, jax.random.PRNGKey(0), t=t, noise=eps)[0]
-
-        if w == 0.0:  # logged, not trained
-            losses[name] = loss_fn(params)
-            continue
-        loss, g = jax.value_and_grad(loss_fn)(params)
-        losses[name] = loss
-        if w != 1.0:
-            g = jax.tree_util.tree_map(lambda a: a * jnp.asarray(w, a.dtype), g)
-        grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-    if grads is None:
-        grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return losses, grads
+def _is_const(name: str) -> bool:
+    # replicated constants riding along with the batch (e.g. unconditional contexts): not split
+    return name.startswith('const/')
 
 
 def _split_microbatches(x, k: int):
@@ -108,28 +75,32 @@ def _split_microbatches(x, k: int):
     return jnp.moveaxis(x.reshape((b // k, k) + x.shape[1:]), 1, 0)
 
 
-def loss_and_grads(params, batch: Dict[str, jax.Array], key, sc: StepConfig):
-    """({flow: mean loss}, accumulated gradient) for one optimizer step's batch."""
-    noise = draw_noise(sc, key, batch)
+def loss_and_grads(params, batch: Dict[str, jax.Array], key, sc: StepConfig, step=0):
+    """(metrics incl. 'loss' and 'loss/<term>', gradient) for one optimizer step's batch;
+    with `sc.microbatches` > 1, the mean over microbatches (a `lax.scan`)."""
     k = sc.microbatches
+    obj = sc.objective
     if k == 1:
-        return _flows_loss_grads(params, batch, noise, sc)
-    b = next(iter(batch.values())).shape[0]
+        return obj.loss_and_grads(params, batch, key, step)
+    rows = {n: v for n, v in batch.items() if not _is_const(n)}
+    consts = {n: v for n, v in batch.items() if _is_const(n)}
+    b = next(iter(rows.values())).shape[0]
     if b % k:
         raise ValueError(f'batch size {b} is not divisible by microbatches={k}')
-    mb = jax.tree_util.tree_map(lambda x: _split_microbatches(x, k), (batch, noise))
+    mb = jax.tree_util.tree_map(lambda x: _split_microbatches(x, k), rows)
 
     def body(carry, xs):
-        loss_acc, grad_acc = carry
-        losses, grads = _flows_loss_grads(params, xs[0], xs[1], sc)
-        return (jax.tree_util.tree_map(jnp.add, loss_acc, losses),
+        m_acc, grad_acc = carry
+        m, grads = obj.loss_and_grads(params, dict(xs, **consts), key, step)
+        return (jax.tree_util.tree_map(jnp.add, m_acc, m),
                 jax.tree_util.tree_map(jnp.add, grad_acc, grads)), None
 
-    zero_l = {f[0]: jnp.zeros((), jnp.float32) for f in sc.flows}
-    zero_g = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (losses, grads), _ = jax.lax.scan(body, (zero_l, zero_g), mb)
+    shapes = jax.eval_shape(lambda: obj.loss_and_grads(
+        params, dict(jax.tree_util.tree_map(lambda x: x[0], mb), **consts), key, step))
+    zero_m, zero_g = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (metrics, grads), _ = jax.lax.scan(body, (zero_m, zero_g), mb)
     scale = 1.0 / k
-    return ({n: v * scale for n, v in losses.items()},
+    return (jax.tree_util.tree_map(lambda v: v * scale, metrics),
             jax.tree_util.tree_map(lambda g: g * jnp.asarray(scale, g.dtype), grads))
 
 
@@ -141,18 +112,18 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], sc: StepConfig
     clipping and multipliers), param_norm, lr, ema_decay, ok (loss and gradient finite).
     """
     with nn.logical_axis_rules(sc.rules):
-        losses, grads = loss_and_grads(state.params, batch, step_key(sc, state.step), sc)
-    tx = make_optimizer(sc.optim, state.params)
+        metrics, grads = loss_and_grads(state.params, batch, step_key(sc, state.step), sc,
+                                        state.step)
+    tx = make_optimizer(sc.optim, state.params, sc.objective.group_of)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(sc.ema_decay, sc.ema_use_num_updates, state.step + 1)
     ema = ema_update(state.ema_params, params, decay)
-    total = sum(w * losses[name] for name, _, _, w in sc.flows)
+    total = metrics['loss']
     grad_norm = optax.global_norm(grads)
-    metrics = {'loss': total, 'grad_norm': grad_norm, 'param_norm': optax.global_norm(params),
-               'lr': lr_schedule(sc.optim)(state.step), 'ema_decay': decay,
-               'ok': jnp.isfinite(total) & jnp.isfinite(grad_norm)}
-    metrics.update({f'loss/{n}': v for n, v in losses.items()})
+    metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+                   lr=lr_schedule(sc.optim)(state.step), ema_decay=decay,
+                   ok=jnp.isfinite(total) & jnp.isfinite(grad_norm))
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
 
@@ -167,17 +138,14 @@ def init_batch_size(mesh: Mesh, rules) -> int:
 
 def abstract_boxed_params(sc: StepConfig, batch: int = 1):
     """`jax.eval_shape` of the diffuser's init, still boxed with logical axis names."""
-    return _abstract_boxed(sc.model, sc.rules, batch)
+    return _abstract_boxed(sc.objective, sc.rules, batch)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_boxed(model, rules, batch):
+def _abstract_boxed(objective, rules, batch):
     # Cached: tracing the full init takes seconds and a process often sets up several runs.
-    from vd_jax.models.unet import Diffuser
     with nn.logical_axis_rules(rules):
-        v = jax.eval_shape(lambda k: model.init(k, batch, method=Diffuser.init_all),
-                           jax.random.PRNGKey(0))
-    return v['params']
+        return jax.eval_shape(lambda k: objective.init(k, batch), jax.random.PRNGKey(0))
 
 
 def state_shardings(sc: StepConfig, mesh: Mesh, boxed=None) -> Tuple[TrainState, TrainState]:
@@ -189,7 +157,7 @@ def state_shardings(sc: StepConfig, mesh: Mesh, boxed=None) -> Tuple[TrainState,
     boxed = abstract_boxed_params(sc) if boxed is None else boxed
     params_sh = shd.logical_shardings(boxed, mesh, sc.rules)
     params_abs = nn.unbox(boxed)
-    tx = make_optimizer(sc.optim, params_abs)
+    tx = make_optimizer(sc.optim, params_abs, sc.objective.group_of)
     opt_abs = jax.eval_shape(tx.init, params_abs)
     repl = shd.replicated(mesh)
     opt_sh = optax.tree_map_params(
@@ -204,7 +172,7 @@ def state_shardings(sc: StepConfig, mesh: Mesh, boxed=None) -> Tuple[TrainState,
 
 
 def _new_state(params, sc: StepConfig) -> TrainState:
-    tx = make_optimizer(sc.optim, params)
+    tx = make_optimizer(sc.optim, params, sc.objective.group_of)
     ema = jax.tree_util.tree_map(lambda p: p + jnp.zeros((), p.dtype), params)  # a distinct buffer
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
                       opt_state=tx.init(params))
@@ -216,9 +184,8 @@ def create_train_state(params, sc: StepConfig, shardings: TrainState) -> TrainSt
 
 
 def _init_params(key, sc: StepConfig, batch: int):
-    from vd_jax.models.unet import Diffuser
     with nn.logical_axis_rules(sc.rules):
-        return nn.unbox(sc.model.init(key, batch, method=Diffuser.init_all)['params'])
+        return nn.unbox(sc.objective.init(key, batch))
 
 
 def init_params_sharded(sc: StepConfig, mesh: Mesh, params_sh, key) -> Any:
@@ -236,8 +203,10 @@ def place_params(host_params, params_sh) -> Any:
 
 
 def batch_shardings(fields: Dict[str, int], mesh: Mesh, rules) -> Dict[str, NamedSharding]:
-    """{field: NamedSharding} for batch fields given as {field: ndim}."""
-    return {k: shd.batch_sharding(mesh, rules, nd) for k, nd in fields.items()}
+    """{field: NamedSharding} for batch fields given as {field: ndim}: split on the batch
+    axes, except the replicated constants ('const/...')."""
+    return {k: shd.replicated(mesh) if _is_const(k) else shd.batch_sharding(mesh, rules, nd)
+            for k, nd in fields.items()}
 
 
 def jit_train_step(sc: StepConfig, state_sh: TrainState, batch_sh: Dict[str, NamedSharding],

@@ -1,0 +1,69 @@
+"""VD-mini from nothing, one stage per arg (`python train.py --config configs/train_vd_mini.py:STAGE`).
+
+  autokl     stage 0: the image VAE on the shapes world's images
+  clip       stage 0: both CLIP towers, contrastively on (image, caption) pairs
+  optimus    stage 0: the text VAE on the captions
+  basic      VD-basic (image variation), the frozen stage-0 encoders
+  dc         VD-DC (+ text -> image), initialised from VD-basic's export
+  four_flow  VD four-flow (+ image -> text, text variation), initialised from VD-DC's export
+
+Set the previous stages' exports on the command line (docs/vd-mini.md has every command):
+  encoders.ckpt=<autokl export>,<clip export>,<optimus export>
+  init.sources.previous.path=<previous setting's export>
+
+Data: the shapes world (`vd_jax.data.shapes`), built into `data.path` on first use
+(default <workdir>/data; give one shared folder to build it once). Every number here is a
+choice made for this world on a 2-core CPU, not the paper's (which trained on LAION).
+"""
+from configs import train_common, vd_mini
+
+STAGES = ('autokl', 'clip', 'optimus', 'basic', 'dc', 'four_flow')
+FLOWS = {'basic': ['i2i'], 'dc': ['t2i', 'i2i'], 'four_flow': ['t2i', 'i2i', 'i2t', 't2t']}
+# Parts each stage-0 objective trains (and exports)
+STAGE0 = {'autokl': 'vae_image', 'clip': 'ctx_text,ctx_image', 'optimus': 'vae_text'}
+
+
+def get_config(arg=None):
+    stage = arg or 'four_flow'
+    if stage not in STAGES:
+        raise ValueError(f'train_vd_mini: unknown stage {arg!r}; stages: {STAGES}')
+    model_arg = stage if stage in ('basic', 'dc') else None
+    root = vd_mini.get_config(model_arg)
+    cfg = train_common.train_config(root, FLOWS.get(stage, []), stage,
+                                    {'previous': train_common.source('', '*')})
+    cfg.seed = 0
+    cfg.dtype = 'float32'
+    cfg.data.kind = 'shapes'
+    cfg.data.num_records = 20_000          # training records of the world (held-out apart)
+    cfg.data.image_size = vd_mini.IMAGE_SIZE
+    cfg.data.random_crop = False           # positions are attributes: never crop
+    cfg.data.worker_count = 0
+    cfg.optimizer.warmup_steps = 200
+    cfg.optimizer.schedule = 'cosine'
+    cfg.optimizer.end_lr_factor = 0.1
+    cfg.optimizer.weight_decay = 0.0
+    cfg.optimizer.grad_clip_norm = 1.0
+    cfg.ema.decay = 0.999
+    cfg.log_every = 50
+    cfg.checkpoint.every = 500
+    cfg.checkpoint.keep = 2
+    cfg.init.method = 'exact'
+    if stage in STAGE0:
+        cfg.objective = stage
+        cfg.grad_multipliers = {}
+        cfg.ema.decay = 0.99
+        if stage == 'autokl':
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 32, 1e-3
+            cfg.autokl.update(kl_weight=1e-5, crop=32)
+        elif stage == 'clip':
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 64, 1e-3
+        else:
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 64, 1e-3
+            cfg.optimus.update(beta=0.2, free_bits=0.05, warmup_steps=1000)
+        return cfg
+    cfg.objective = 'diffusion'
+    cfg.batch_size = 32
+    cfg.optimizer.lr = 5e-4
+    cfg.total_steps = {'basic': 3000, 'dc': 3000, 'four_flow': 4000}[stage]
+    cfg.encoders.vae_sample = False        # the posterior means: the VAE is nearly deterministic
+    return cfg
