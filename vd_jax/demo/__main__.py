@@ -29,6 +29,8 @@ def streamlit_flags(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from vd_jax.platform import configure_xla
+    configure_xla()  # before JAX starts, as sample.py: XLA's own CPU kernels, same results
     from vd_jax.demo import model, options
     argv = list(sys.argv[1:] if argv is None else argv)
     args = options.parse(argv)
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
         return 2
     served = model.Served(vd, untrained=not args.ckpt)
     model.set_served(served)
+    options.set_current(args)
     print(f'loaded {vd.source} in {time.time() - t0:.1f}s', file=sys.stderr)
     for task, reason in served.unavailable.items():
         print(f'  tab unavailable: {reason}', file=sys.stderr)

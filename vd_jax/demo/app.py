@@ -5,11 +5,18 @@ but shared (`vd_jax.demo.model.get_served`), so every session reuses its compile
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import streamlit as st
 
 from vd_jax.demo import model, options, tabs_apps, tabs_flows, ui
+
+# Streamlit puts the script's folder first on sys.path (for scripts that import their
+# neighbours); this package is imported as vd_jax.demo.*, and its module names (model,
+# options, ui, ...) must not shadow top-level packages, so the folder is taken off again.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != _HERE]
 
 # (tab title, widget-key prefix, pipeline task, the tab's code)
 TABS = (
@@ -31,7 +38,7 @@ _CSS = '''<style>
 
 
 def main() -> None:
-    args = options.parse(sys.argv[1:])
+    args = options.current()
     st.set_page_config(page_title='Versatile Diffusion · vd_jax', layout='wide')
     st.html(_CSS)
     served = model.get_served(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)

@@ -51,6 +51,22 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+_CURRENT: Optional[argparse.Namespace] = None
+
+
+def set_current(args: Optional[argparse.Namespace]) -> None:
+    """The launcher's options, for the app script (which Streamlit runs in the same process)."""
+    global _CURRENT
+    _CURRENT = args
+
+
+def current() -> argparse.Namespace:
+    """The launcher's options, else the script's own command line
+    (`streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
+    import sys
+    return _CURRENT if _CURRENT is not None else parse(sys.argv[1:])
+
+
 def limits(args: argparse.Namespace) -> Limits:
     return Limits(max_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=int(args.max_pixels))
 

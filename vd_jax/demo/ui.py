@@ -204,12 +204,13 @@ def show_result(tab: Tab) -> None:
     if res.inputs:
         with st.container(key=tab.k('inputs')):
             st.caption('Inputs')
-            st.image([inp_png(a) for a in res.inputs], width='content')
+            st.image([inp_png(a) for a in res.inputs], width='content', output_format='PNG')
     with st.container(key=tab.k('outputs')):
-        seeds = [res.settings.get('seed', 0) + i for i in range(len(res.images))] \
-            if res.images is not None else []
         if res.images is not None:
-            st.image(res.pngs, caption=[f'seed {s}' for s in seeds], width='content')
+            seed = res.settings.get('seed', 0)  # sample i of a call is seeded with seed + i
+            captions = None if tab.task == 'i2t2i' else [f'seed {seed + i}' for i in range(len(res.images))]
+            st.image(res.pngs, caption=captions, width='content',
+                     output_format='PNG')  # 'auto' would serve lossy JPEG
         for t in res.texts or []:
             st.text(t)
     st.caption(f"{res.seconds:.1f} s · {res.settings['checkpoint']}"
