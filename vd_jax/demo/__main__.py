@@ -18,7 +18,8 @@ def streamlit_flags(args) -> dict:
         'server.port': args.port,
         'server.headless': True,                 # do not open a browser, never prompt
         'browser.gatherUsageStats': False,       # nothing leaves this machine
-        'browser.serverAddress': args.host,
+        'browser.serverAddress': args.host,     # set: Streamlit then never looks up an external IP
+        'logger.hideWelcomeMessage': True,      # the URL is printed by main()
         'server.maxUploadSize': max(1, math.ceil(args.max_upload_mb)),
         'server.fileWatcherType': 'none',        # no reloads of the running demo
         'server.runOnSave': False,
@@ -37,6 +38,11 @@ def main(argv=None) -> int:
     if not options.is_loopback(args.host):
         print(f'warning: listening on {args.host}: other machines on the network can reach the '
               'demo (it has no authentication)', file=sys.stderr)
+    try:
+        from streamlit.web import bootstrap
+    except ImportError:
+        print("error: the demo needs Streamlit: pip install -e '.[demo]'", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         vd = model.load_model(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)
@@ -50,7 +56,6 @@ def main(argv=None) -> int:
     for task, reason in served.unavailable.items():
         print(f'  tab unavailable: {reason}', file=sys.stderr)
 
-    from streamlit.web import bootstrap
     flags = streamlit_flags(args)
     bootstrap.load_config_options(flag_options=flags)
     app = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'app.py')
