@@ -45,7 +45,7 @@ def main() -> None:
     st.title('Versatile Diffusion')
     st.caption('Text, images and variations all in one diffusion model (Xu et al., '
                'arXiv 2211.08332), in JAX/Flax. Model: '
-               f'`{served.vd.source}` · {served.vd.dtype} · requests run one at a time.')
+               f'`{served.vd.source}` · {served.dtype} · requests run one at a time.')
     if served.untrained:
         st.info('This is the default model with **random, untrained weights**: every tab runs '
                 'the real pipeline, but the outputs are noise. Start with `--ckpt DIR` for a '

@@ -42,6 +42,7 @@ class Served:
     """The shared model, the lock that queues requests, and why tasks are unavailable."""
     vd: object
     untrained: bool
+    dtype: str = 'float32'    # the compute dtype it was loaded with (recorded in settings)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     unavailable: Dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -82,5 +83,5 @@ def get_served(ckpt: Optional[str] = None, *, config: str = DEFAULT_CONFIG,
     with _SERVED_LOCK:
         if _SERVED is None:
             _SERVED = Served(load_model(ckpt, config=config, seed=seed, dtype=dtype),
-                             untrained=not ckpt)
+                             untrained=not ckpt, dtype=dtype)
         return _SERVED

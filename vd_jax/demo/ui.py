@@ -176,7 +176,7 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
     images, texts = split(out) if split else ((out, None) if isinstance(out, np.ndarray) else (None, out))
     vd = tab.vd
     settings = dict(settings, task=tab.task, checkpoint=vd.source, untrained=tab.served.untrained,
-                    dtype=str(vd.dtype), uncond=vd.uncond, code_version=code_version())
+                    dtype=tab.served.dtype, uncond=vd.uncond, code_version=code_version())
     st.session_state[tab.k('result')] = Result(settings, images=images, texts=texts,
                                                inputs=list(inputs), seconds=seconds)
     status.empty()
