@@ -1,0 +1,87 @@
+"""The model the demo serves: chosen in one place (`load_model`), shared by every request.
+
+One `VersatileDiffusion` instance serves every browser session, so each (task, shapes,
+steps, sampler) compiles once and is reused by later requests; `Served.lock` makes requests
+run one at a time (queued), never concurrently on one device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Dict, Optional
+
+# The default model without --ckpt. Today: the tiny config with random (untrained) weights;
+# a trained default model replaces it here and nowhere else.
+DEFAULT_CONFIG = 'tiny'
+DEFAULT_MODEL_SEED = 0
+
+# Tab -> the pipeline task `check_task` is asked about (dual-guided text output is checked
+# separately when chosen, see `Served.reason`).
+TAB_TASKS = ('text_to_image', 'image_variation', 'image_to_text', 'text_variation',
+             'dual_guided', 'multi_context', 'disentangle', 'i2t2i')
+
+
+def load_model(ckpt: Optional[str] = None, *, config: str = DEFAULT_CONFIG,
+               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32'):
+    """The demo's model: a vd_jax checkpoint folder, or without one the default model.
+
+    Args:
+      ckpt: a folder made by `python -m vd_jax.convert` or by training (`export/step_N`).
+      config, seed: without `ckpt`, the config and seed of the random-weight model.
+      dtype: compute dtype, 'float32' or 'bfloat16'.
+    Returns a `vd_jax.pipeline.VersatileDiffusion`.
+    """
+    from vd_jax.pipeline import VersatileDiffusion
+    if ckpt:
+        return VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
+    return VersatileDiffusion.random(config, seed, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Served:
+    """The shared model, the lock that queues requests, and why tasks are unavailable."""
+    vd: object
+    untrained: bool
+    dtype: str = 'float32'    # the compute dtype it was loaded with (recorded in settings)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    unavailable: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.unavailable = {t: r for t in TAB_TASKS + ('dual_guided_text',)
+                            if (r := task_unavailable(self.vd, t))}
+
+    def reason(self, task: str) -> Optional[str]:
+        """None if the model serves `task`, else the pipeline's message naming what lacks."""
+        return self.unavailable.get(task)
+
+
+def task_unavailable(vd, task: str) -> Optional[str]:
+    """`vd.check_task(task)`'s TaskError message, or None when the task can run."""
+    from vd_jax.pipeline import TaskError
+    try:
+        vd.check_task(task)
+    except TaskError as e:
+        return str(e)
+    return None
+
+
+_SERVED: Optional[Served] = None
+_SERVED_LOCK = threading.Lock()
+
+
+def set_served(served: Served) -> None:
+    """Install the model (done once by `python -m vd_jax.demo` before the server starts)."""
+    global _SERVED
+    _SERVED = served
+
+
+def get_served(ckpt: Optional[str] = None, *, config: str = DEFAULT_CONFIG,
+               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32') -> Served:
+    """The installed model; loaded here on first use when the app runs without the launcher
+    (e.g. `streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
+    global _SERVED
+    with _SERVED_LOCK:
+        if _SERVED is None:
+            _SERVED = Served(load_model(ckpt, config=config, seed=seed, dtype=dtype),
+                             untrained=not ckpt, dtype=dtype)
+        return _SERVED
