@@ -85,7 +85,7 @@ def child(args) -> dict:
     for f in needed_fields(run.sc.flows):
         local[f] = (np.arange(b, dtype=np.int32) if f == 'index'
                     else rng.standard_normal(shapes[f], dtype=np.float32))
-    batch = shd.global_batch(local, run.mesh, run.sc.rules)
+    batch = dict(shd.global_batch(local, run.mesh, run.sc.rules), **run.consts)
     t0 = time.perf_counter()
     state, m = run.step_fn(state, batch)
     loss0 = float(m['loss'])

@@ -95,6 +95,11 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     cfg.init = dict(method='exact',      # 'exact' (modules' initialisers) | 'random' (numpy)
                     sources=init_sources or {})
 
+    # Sampling with the EMA weights during training (vd_jax.train.validation): every N steps
+    # (0: never), n samples per trained flow, metrics 'shapes' and/or 'clip_score' (on
+    # `prompts`), grids into <workdir>/validation/ and TensorBoard.
+    cfg.validation = dict(every=0, n=16, steps=25, scale=7.5, metrics=[], prompts=[])
+
     cfg.log_every = 50
     cfg.checkpoint = dict(every=1000, keep=3, async_save=True)
     cfg.export = dict(at_end=True)

@@ -66,4 +66,5 @@ def get_config(arg=None):
     cfg.optimizer.lr = 5e-4
     cfg.total_steps = {'basic': 3000, 'dc': 3000, 'four_flow': 4000}[stage]
     cfg.encoders.vae_sample = False        # the posterior means: the VAE is nearly deterministic
+    cfg.validation.update(every=1000, n=16, steps=25, metrics=['shapes'])
     return cfg

@@ -153,7 +153,7 @@ def inputs():
 
 def _ours(ck, x, t, c, xtype, ctype):
     vd = ck['vd']
-    y = vd.models.diffuser.apply({'params': ck['params']['diffuser']},
+    y = vd.components.module('diffuser').apply({'params': ck['params']['diffuser']},
                                  jnp.asarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x),
                                  jnp.asarray(t), jnp.asarray(c), xtype, ctype)
     y = np.asarray(y)

@@ -42,13 +42,13 @@ def test_text_to_image_shapes_seeds_and_no_recompile(vd):
 def test_guidance_scale_one_is_the_conditional_run(vd):
     from vd_jax.diffusion.sampling import sample
     a = vd.text_to_image(['a cat'], n=2, steps=STEPS, scale=1.0, seed=3)
-    c = vd.encode_prompts(['a cat'] * 2)
+    c = vd.components.encode_context('text', ['a cat'] * 2)
     d = vd.components.module('diffuser')
     z = jax.jit(lambda p, c: sample(lambda x, t, ctx: d.apply({'params': p}, x, t, ctx, 'image', 'text'),
                                     vd.schedule, c, guidance_scale=1.0, steps=STEPS,
                                     keys=jnp.asarray([3, 4], jnp.uint32), shape=(2, 16, 16, 4)))(
         vd.params['diffuser'], c)
-    np.testing.assert_allclose(a, vd.vae_decode(z), atol=1e-5)
+    np.testing.assert_allclose(a, vd.components.decode_latent('image', z), atol=1e-5)
 
 
 def test_image_variation_options(vd):
@@ -78,11 +78,11 @@ def test_mixing_degenerates_to_single_flows(vd):
     i2i = vd.image_variation(IMG, **kw)
     np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=1.0, **kw), t2i, atol=1e-5)
     np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=0.0, **kw), i2i, atol=1e-5)
-    np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=1.0, level='layer', **kw), t2i,
+    np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=1.0, mix_level='layer', **kw), t2i,
                                atol=1e-5)
-    np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=0.0, level='model', **kw), i2i,
+    np.testing.assert_allclose(vd.dual_guided('a cat', IMG, mix=0.0, mix_level='model', **kw), i2i,
                                atol=1e-5)
-    half = vd.dual_guided('a cat', IMG, mix=0.5, level='model', **kw)
+    half = vd.dual_guided('a cat', IMG, mix=0.5, mix_level='model', **kw)
     assert np.abs(half - t2i).max() > 1e-3 and np.abs(half - i2i).max() > 1e-3
     txt = vd.dual_guided('a cat', IMG, mix=0.5, output='text', **kw)
     assert len(txt) == 2
@@ -117,7 +117,7 @@ def test_errors_name_the_problem(vd, tmp_path):
     with pytest.raises(TaskError, match='multiples of 8'):  # tiny: VAE 2 x UNet 4
         vd.text_to_image('a cat', steps=STEPS, height=36)
     with pytest.raises(TaskError, match="level must be one of"):
-        vd.dual_guided('a', IMG, level='pixel', steps=STEPS)
+        vd.dual_guided('a', IMG, mix_level='pixel', steps=STEPS)
     with pytest.raises(TaskError, match=r'mix \(text strength\) must be in \[0, 1\]'):
         vd.dual_guided('a', IMG, mix=1.5, steps=STEPS)
     with pytest.raises(TaskError, match="unknown task"):
@@ -136,8 +136,8 @@ def test_errors_name_the_problem(vd, tmp_path):
 
 def test_sample_py_writes_what_it_promises(tmp_path):
     out = tmp_path / 'out'
-    cmd = [sys.executable, 'sample.py', '--steps', '2', '--n', '2', '--out', str(out),
-           '--prompt', 'a cat']
+    cmd = [sys.executable, 'sample.py', '--model', 'tiny', '--steps', '2', '--n', '2',
+           '--out', str(out), '--prompt', 'a cat']
     root = os.path.join(os.path.dirname(__file__), '..')
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -142,7 +142,7 @@ def test_accumulated_gradient_is_the_weighted_sum_of_single_flow_gradients(toy):
     ref_losses, ref_grads = _ref_grads(params, batch, draw_noise(sc, key, batch))
     total = jax.tree.map(jnp.zeros_like, params)
     for (name, _, _), w, loss_f, g in zip(FLOWS, weights, ref_losses, ref_grads):
-        np.testing.assert_allclose(losses[name], loss_f, rtol=1e-6)
+        np.testing.assert_allclose(losses[f'loss/{name}'], loss_f, rtol=1e-6)
         total = jax.tree.map(lambda a, b, w=w: a + w * b, total, g)
     _tree_close(grads, total)
     # every leaf got gradient from some flow (nothing silently disconnected), and each flow

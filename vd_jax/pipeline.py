@@ -5,8 +5,9 @@
     images = vd.text_to_image(['a red bicycle'], n=4, seed=0)        # (4, 512, 512, 3) in [0, 1]
     texts = vd.image_to_text('cat.jpg', n=4)                         # list of 4 strings
 
-A thin facade: the networks live in `vd_jax.components.Components`, each task in its own
-module of `vd_jax.tasks`. Every task runs its whole denoising loop as one compiled program
+A thin facade: the networks live in `vd_jax.components.Components` (`vd.components`:
+encode_context / encode_latent / decode_latent per modality), each task in its own module of
+`vd_jax.tasks`. Every task runs its whole denoising loop as one compiled program
 per (conditioning, shapes, steps, sampler); new prompts, images or seeds of the same shapes
 reuse it. Sample i of a call is seeded with `seed + i` and does not depend on the batch it is
 in. Images are float32 arrays (B, H, W, 3) in [0, 1], channels-last.
@@ -22,6 +23,7 @@ context of an all-black image for image->text. `uncond='legacy'` (Nov-2022 CLI) 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,6 +35,10 @@ from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.tasks import TASKS, SamplingOptions, TaskError  # noqa: F401  (re-exported)
 
 UNCOND_CONVENTIONS = M.CONVENTIONS
+# Models shipped in the package: name -> checkpoint folder (None: random weights of that config)
+_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+MODELS = {'vd-mini': os.path.join(_WEIGHTS, 'vd_mini'), 'tiny': None}
+DEFAULT_MODEL = 'vd-mini'
 
 
 class VersatileDiffusion:
@@ -84,6 +90,18 @@ class VersatileDiffusion:
         return vd
 
     @classmethod
+    def default(cls, name: str = DEFAULT_MODEL, **kw) -> 'VersatileDiffusion':
+        """A model shipped in the package, by name (`MODELS`): 'vd-mini' (the default: the
+        whole VD trained here on the shapes world, docs/vd-mini.md), or 'tiny' (the tiny
+        config with random weights, what tests use). Keywords as `from_checkpoint`."""
+        if name not in MODELS:
+            raise CheckpointError(f"unknown model '{name}'; shipped models: {sorted(MODELS)}")
+        if MODELS[name] is None:
+            seed = kw.pop('seed', 0)
+            return cls.random(name, seed, **kw)
+        return cls.from_checkpoint(MODELS[name], **kw)
+
+    @classmethod
     def random(cls, config='tiny', seed: int = 0, *, dtype='float32', uncond: str = 'v1.0',
                mesh=None, rules=None) -> 'VersatileDiffusion':
         """Every part with random (untrained) weights: a smoke test of the whole install."""
@@ -127,34 +145,8 @@ class VersatileDiffusion:
             rest['method'] = rest.pop('decode', 'sample')
         return TASKS[task].module.run(self.components, *args, options=opts, **rest)
 
-    # -- encoders (public helpers) ------------------------------------------------------------------
     image_size = property(lambda self: self.components.image_size,
                           doc='Default output side (config `image_size`).')
-    vae_factor = property(lambda self: self.components.vae_factor,
-                          doc='Pixels per image-latent cell.')
-
-    def encode_prompts(self, prompts) -> Any:
-        """CLIP text contexts (B, 77, D) of prompts (or CLIP token ids (B, 77))."""
-        return self.components.encode_context('text', prompts)
-
-    def encode_images_context(self, images01, masks=None) -> Any:
-        """CLIP image contexts (B, 257, D) of images (optional keep-masks per image)."""
-        return self.components.encode_context('image', list(images01), masks=masks)
-
-    def vae_encode(self, images01: np.ndarray, keys=None):
-        """Images (B, H, W, 3) in [0, 1] -> scaled latents (a posterior sample per key)."""
-        return self.components.encode_latent('image', images01, keys)
-
-    def vae_decode(self, latents) -> np.ndarray:
-        return self.components.decode_latent('image', latents)
-
-    def text_encode(self, sentences: Sequence[str]):
-        """Optimus latents (B, latent) of sentences (lower-cased first, as the original)."""
-        return self.components.encode_latent('text', list(sentences))
-
-    def text_decode(self, z, *, method: str = 'sample', seed: int = 0, **kw) -> List[str]:
-        """Optimus latents -> sentences (`vd_jax.modalities.TextModality.decode`)."""
-        return self.components.decode_latent('text', z, method=method, seed=seed, **kw)
 
     # -- tasks (arguments: the `run` of each module in `vd_jax.tasks`) ------------------------------
     def text_to_image(self, prompts, n: int = 1, **kw) -> np.ndarray:

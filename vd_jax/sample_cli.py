@@ -17,11 +17,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-DEMO_PROMPT = 'a red bicycle leaning against a brick wall'
-UNTRAINED = ('UNTRAINED MODEL: no --ckpt given, so this runs the tiny config with random '
-             'weights. The outputs are noise; this run only proves that the install works.')
+DEMO_PROMPT = 'a large red circle at the center on a white background'  # the shapes world
+UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the outputs are noise; '
+             'this run only proves that the install works.')
 # flags every task uses; the others belong to the tasks that list them in `CliTask.flags`
-COMMON = {'ckpt', 'config', 'task', 'n', 'steps', 'scale', 'sampler', 'eta', 'seed', 'dtype',
+COMMON = {'ckpt', 'model', 'config', 'task', 'n', 'steps', 'scale', 'sampler', 'eta', 'seed', 'dtype',
           'batch_size', 'out', 'uncond', 'spacing', 'no_compile_cache'}
 
 
@@ -60,8 +60,8 @@ TASKS: Dict[str, CliTask] = {
                    lambda a: dict(decode=a.decode, temperature=a.temperature,
                                   negative_prompt=a.negative)),
     'dual': CliTask('dual_guided', ('prompt', 'image'),
-                    ('prompt', 'image', 'mix', 'level', 'focus', 'negative') + IMG, False,
-                    lambda a: dict(mix=a.mix, level=a.level, focus=_focus(a),
+                    ('prompt', 'image', 'mix', 'mix_level', 'focus', 'negative') + IMG, False,
+                    lambda a: dict(mix=a.mix, mix_level=a.mix_level, focus=_focus(a),
                                    negative_prompt=a.negative, height=a.height, width=a.width)),
     'multi': CliTask('multi_context', ('image',),
                      ('image', 'images', 'prompt', 'strength', 'mask', 'mix', 'focus',
@@ -88,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='sample.py', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--ckpt', help='vd_jax checkpoint folder (python -m vd_jax.convert ...); omit for an '
-                     'untrained tiny smoke run')
-    a('--config', default='tiny', help='config of the untrained run without --ckpt')
+    a('--ckpt', help='vd_jax checkpoint folder (python -m vd_jax.convert ..., or a training '
+                     'export)')
+    a('--model', default=None, help="a model shipped in the package, without --ckpt: 'vd-mini' "
+                                    "(the default, trained on the shapes world) or 'tiny' (random "
+                                    'weights, a smoke test)')
+    a('--config', default=None, help='random weights of this config (a smoke test), e.g. vd_dc:tiny')
     a('--task', default='t2i', choices=sorted(TASKS), help='what to run (default t2i)')
     a('--prompt', action='append', default=[], help='a prompt (repeatable)')
     a('--prompts', help='a text file with one prompt per line')
@@ -115,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--negative', default='', help='negative prompt (t2i, t2t, dual, multi); i2t2i: what to remove')
     a('--positive', default='', help='i2t2i: what to add')
     a('--mix', type=float, default=0.5, help='dual/multi: text strength in [0, 1]')
-    a('--level', default='attention', choices=['attention', 'layer', 'model'],
-      help='dual: mixing level')
+    a('--mix-level', '--level', dest='mix_level', default='attention',
+      choices=['attention', 'layer', 'model'], help='dual: where the contexts mix (--level: '
+      'the former name)')
     a('--focus', type=float, default=None,
       help='i2i/dual/multi/disentangle: style-semantic focus in [0, 1] (0.5 = off)')
     a('--dislevel', type=int, default=None, choices=[-2, -1, 0, 1, 2],
@@ -186,7 +190,7 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     prompts = list(args.prompt) + (_read_list(args.prompts, 'prompt') if args.prompts else [])
     paths = list(args.image) + (_read_list(args.images, 'image') if args.images else [])
     if 'prompt' in t.needs and not prompts:
-        if args.ckpt or args.task != 't2i':
+        if args.ckpt or args.config or args.task != 't2i':
             raise UsageError(f'--task {args.task} needs a prompt (--prompt TEXT or --prompts FILE)')
         print(f'no --prompt given: using the demo prompt {DEMO_PROMPT!r}', file=sys.stderr)
         prompts = [DEMO_PROMPT]
@@ -202,6 +206,13 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
             load_image(p)
         except ImageReadError as e:
             raise UsageError(str(e)) from None
+    if sum(x is not None for x in (args.ckpt, args.model, args.config)) > 1:
+        raise UsageError('give one of --ckpt, --model and --config')
+    from vd_jax.pipeline import MODELS
+    if args.model is not None and args.model not in MODELS:
+        raise UsageError(f'--model {args.model!r}: shipped models are {sorted(MODELS)}')
+    if args.ckpt is not None and not os.path.isfile(os.path.join(args.ckpt, 'config.json')):
+        raise UsageError(f"--ckpt '{args.ckpt}' is not a vd_jax checkpoint folder (no config.json)")
     _check_out(args.out)
     return t, prompts, paths
 
@@ -282,14 +293,19 @@ def main(argv=None) -> int:
     from vd_jax.checkpoint import CheckpointError
     from vd_jax.image_io import ImageReadError, load_image
     from vd_jax.outputs import code_version, new_run_dir, write_results
-    from vd_jax.pipeline import TaskError, VersatileDiffusion
+    from vd_jax.pipeline import DEFAULT_MODEL, TaskError, VersatileDiffusion
     cache = _compile_cache(args)
     try:
+        kw = dict(dtype=args.dtype, uncond=args.uncond)
         if args.ckpt:
-            vd = VersatileDiffusion.from_checkpoint(args.ckpt, dtype=args.dtype, uncond=args.uncond)
+            vd = VersatileDiffusion.from_checkpoint(args.ckpt, **kw)
+        elif args.config:
+            vd = VersatileDiffusion.random(args.config, **kw)
         else:
+            vd = VersatileDiffusion.default(args.model or DEFAULT_MODEL, **kw)
+        untrained = vd.source.startswith('random:')
+        if untrained:
             print(UNTRAINED, file=sys.stderr)
-            vd = VersatileDiffusion.random(args.config, dtype=args.dtype, uncond=args.uncond)
         vd.check_task(t.method)
         images = [load_image(p) for p in paths]
         print(f'loaded {vd.source} in {time.time() - t0:.1f}s; devices: {jax.devices()}',
@@ -301,7 +317,7 @@ def main(argv=None) -> int:
         return 2
     out_dir = new_run_dir(args.out)
     settings = dict(vars(args), task_name=t.method, prompts=prompts, image_files=paths,
-                    checkpoint=vd.source, untrained=not args.ckpt, code_version=code_version(),
+                    checkpoint=vd.source, untrained=untrained, code_version=code_version(),
                     jax_version=jax.__version__, backend=jax.default_backend(),
                     compile_cache=cache, seconds=round(time.time() - t0, 2))
     inputs = None
@@ -315,7 +331,7 @@ def main(argv=None) -> int:
           f"{', texts.json/texts.txt' if written['texts'] else ''}, settings.json")
     for line in out_texts or ():
         print(f'  {line}')
-    if not args.ckpt:
+    if untrained:
         print(UNTRAINED)
     return 0
 

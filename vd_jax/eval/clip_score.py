@@ -86,6 +86,7 @@ class CLIPScorer:
             cfg = text_config if isinstance(text_config, CLIPTextConfig) else \
                 CLIPTextConfig.from_dict(text_config or {})
             self.text_model = CLIPTextContext(cfg, dtype=dtype)
+            self.text_length = cfg.max_position_embeddings
             self._text = jax.jit(lambda p, ids: self.text_model.apply({'params': p}, ids)[1]
                                  ['text_embeds'].astype(jnp.float32))
         if image_params is not None:
@@ -117,7 +118,9 @@ class CLIPScorer:
         if self._text is None:
             raise CLIPScoreError('this CLIPScorer has no text tower (text_params=None)')
         from vd_jax.tokenizers import clip_tokenizer
-        ids = clip_tokenizer()(prompts)
+        tok = clip_tokenizer()
+        tok.max_length = self.text_length  # the tower's positions (77 for ViT-L/14)
+        ids = tok(prompts)
         return _pad_run(self._text, self.text_params, ids, self.batch_size)
 
     def image_embeds(self, images) -> np.ndarray:

@@ -93,6 +93,8 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     """Build the mesh, model, shardings, jitted step and the data loader of a run."""
     if cfg.get('jax_cache_dir'):
         jax.config.update('jax_compilation_cache_dir', str(cfg.jax_cache_dir))
+    from vd_jax.train import validation  # noqa: PLC0415
+    validation.check(cfg)
     mesh = mesh if mesh is not None else shd.create_mesh(dict(cfg.mesh))
     inputs.adopt_encoder_scales(cfg)
     model = make_model(cfg)
@@ -255,6 +257,12 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
+
+    def images(self, step: int, images: Dict[str, np.ndarray]):
+        """Images (H, W, 3) in [0, 1] to TensorBoard (PNG files are written by their producer)."""
+        if self.enabled and self._tb is not None:
+            for k, v in images.items():
+                self._tb.add_image(k, np.asarray(v, np.float32), step, dataformats='HWC')
 
     def flush(self):
         if self._f:
@@ -479,6 +487,7 @@ def train(cfg, workdir: str, *, data_source=None,
     history: Dict[int, Dict[str, float]] = {}
     enc_key = jax.random.PRNGKey(int(cfg.seed) + 1)
     log_every, ckpt_every = int(cfg.log_every), int(cfg.checkpoint.every)
+    val_every = int((cfg.get('validation', {}) or {}).get('every', 0) or 0)
 
     def next_batch(step_index: int):
         host = run.host_prep(next(iterator))
@@ -514,6 +523,15 @@ def train(cfg, workdir: str, *, data_source=None,
                     f"grad_norm={hm['grad_norm']}. This step's state was NOT saved; {where}. "
                     'Resume from it with a lower optimizer.lr or grad_clip_norm, or check '
                     'the data of this step.')
+            if val_every and s % val_every == 0 and s == now_step:
+                from vd_jax.train import validation  # noqa: PLC0415
+                t_val = time.time()
+                val, grids = validation.validate(cfg, state.ema_params, run.frozen, s, workdir)
+                hm.update(val)
+                writer.images(s, grids)
+                logger.info('validation at step %d (%.0fs): %s', s, time.time() - t_val,
+                            ' '.join(f'{k[4:]}={v:.3f}' for k, v in sorted(val.items())
+                                     if k.endswith(('/all', 'clip_score'))))
             history[s] = hm
             writer.write(s, hm)
             for hook in hooks:
@@ -548,7 +566,7 @@ def train(cfg, workdir: str, *, data_source=None,
                     batch = next_batch(step)       # host work overlaps the device step
                 pending.append((step, m))
                 due = step % ckpt_every == 0 or step == total
-                sync = due or step % log_every == 0
+                sync = due or step % log_every == 0 or (val_every and step % val_every == 0)
                 stop = preempt.requested(sync)
                 if sync or stop:
                     flush(step)
@@ -564,7 +582,9 @@ def train(cfg, workdir: str, *, data_source=None,
         if status == 'finished' and bool(cfg.export.at_end) and step == total and total > start:
             export_dir = os.path.join(workdir, 'export', f'step_{step}')
             model_cfg = cfg.model
-            scales = run.sc.objective.latent_scales(gather(state.ema_params), jax.device_get(batch))
+            scales = {}
+            if type(run.sc.objective).latent_scales is not objectives.Objective.latent_scales:
+                scales = run.sc.objective.latent_scales(gather(state.ema_params), gather(batch))
             if scales:  # a trained VAE records the factor that gives unit-variance latents
                 model_cfg = cfg.model.copy_and_resolve_references()
                 for m, v in scales.items():

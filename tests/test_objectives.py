@@ -1,0 +1,147 @@
+"""Training objectives: classifier-free-guidance dropout (its rate, and that it uses exactly the
+pipeline's unconditional contexts), and the stage-0 networks (AutoKL, Optimus, CLIP) learning
+a small set, with their exports loading into the pipeline."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vd_jax.config import load_config
+from vd_jax.models import family
+from vd_jax.train import objectives as O
+from vd_jax.train.settings import apply_overrides
+
+
+def _diffusion(p):
+    from vd_jax.models.unet import Diffuser
+    cfg = load_config('tiny').model
+    flows = (('t2i', 'image', 'text', 1.0), ('i2t', 'text', 'image', 1.0))
+    return O.Diffusion(Diffuser(cfg.diffuser), flows, (0.00085, 0.012, 1000), False, p)
+
+
+def test_cfg_dropout_rate_and_the_pipelines_unconditional_contexts():
+    from vd_jax.pipeline import VersatileDiffusion
+    comps = VersatileDiffusion.random('tiny').components
+    obj = _diffusion(0.1)
+    b = 4000
+    ctx = jnp.ones((b, 77, 32))
+    u_t2i = comps.uncond_context('text', 'image', 'v1.0', ctx[:1])
+    batch = {'index': jnp.arange(b, dtype=jnp.uint32), O.uncond_key('t2i'): u_t2i}
+    key = jax.random.PRNGKey(7)
+    out = obj.dropped_context(key, batch, 0, 't2i', ctx)
+    dropped = np.asarray(jnp.all(out == u_t2i, axis=(1, 2)))
+    kept = np.asarray(jnp.all(out == ctx, axis=(1, 2)))
+    assert np.all(dropped ^ kept)                       # each row: exactly one of the two
+    assert abs(dropped.mean() - 0.1) < 0.015, dropped.mean()   # 4000 draws: 3 sigma = 0.014
+    # the same record under the same step key drops the same way, in any batch position
+    perm = np.random.default_rng(0).permutation(b)
+    out2 = obj.dropped_context(key, {'index': batch['index'][perm],
+                                     O.uncond_key('t2i'): u_t2i}, 0, 't2i', ctx[perm])
+    np.testing.assert_array_equal(np.asarray(jnp.all(out2 == u_t2i, axis=(1, 2))), dropped[perm])
+    # another step (key) or another flow draws anew
+    other = obj.dropped_context(jax.random.PRNGKey(8), batch, 0, 't2i', ctx)
+    assert (np.asarray(jnp.all(other == u_t2i, axis=(1, 2))) != dropped).mean() > 0.1
+    flow1 = obj.dropped_context(key, dict(batch, **{O.uncond_key('i2t'): u_t2i}), 1, 'i2t', ctx)
+    assert (np.asarray(jnp.all(flow1 == u_t2i, axis=(1, 2))) != dropped).mean() > 0.1
+    # p = 0: the contexts untouched
+    assert _diffusion(0.0).dropped_context(key, batch, 0, 't2i', ctx) is ctx
+
+
+def test_training_drops_to_the_uncond_contexts_the_pipeline_samples_with(tmp_path):
+    """A real run: the batch constants of the step are the pipeline's unconditional contexts
+    of the frozen encoders (random tiny ones here), one per flow."""
+    from vd_jax.pipeline import VersatileDiffusion
+    from vd_jax.train.loop import setup
+    cfg = load_config('train_tiny:test')
+    apply_overrides(cfg, ['total_steps=2', 'tensorboard=False', 'log_every=1000'])
+    run = setup(cfg, str(tmp_path))
+    assert sorted(run.consts) == sorted(O.uncond_key(f) for f in ('t2i', 'i2i', 'i2t', 't2t'))
+    vd = VersatileDiffusion(cfg.model, run.frozen.params)
+    c = vd.components
+    text, image = jnp.zeros((1, 77, 32)), jnp.zeros((1, 257, 32))
+    np.testing.assert_allclose(run.consts[O.uncond_key('t2i')],
+                               c.uncond_context('text', 'image', 'v1.0', text), atol=1e-6)
+    np.testing.assert_array_equal(run.consts[O.uncond_key('i2i')], np.zeros((1, 257, 32)))
+    np.testing.assert_allclose(run.consts[O.uncond_key('i2t')],
+                               c.uncond_context('image', 'text', 'v1.0', image), atol=1e-6)
+
+
+def _fit(obj, batch, steps, lr=3e-3):
+    import optax
+    params = jax.jit(obj.init)(jax.random.PRNGKey(0))
+    tx = optax.adam(lr)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, batch, i):  # the batch is an argument: XLA must not constant-fold it
+        m, g = obj.loss_and_grads(params, batch, jax.random.PRNGKey(1), i)
+        upd, opt = tx.update(g, opt)
+        return optax.apply_updates(params, upd), opt, m
+    first = None
+    for i in range(steps):
+        params, opt, m = step(params, opt, batch, i)
+        first = first or jax.device_get(m)
+    return params, first, jax.device_get(m)
+
+
+def _captions(n):
+    from vd_jax.data import shapes
+    return [s.caption for s in shapes.sample('train', n, 0)], \
+        np.stack([shapes.render(s.attrs) for s in shapes.sample('train', n, 0)])
+
+
+def test_optimus_targets_decode_back_to_the_sentence():
+    from vd_jax.text_io import ids_to_text
+    from vd_jax.tokenizers import gpt2_tokenizer
+    cfg = family('optimus').make_config(load_config('vd_mini').model.vae.text)
+    caps, _ = _captions(20)
+    ids = O.decoder_ids(caps, gpt2_tokenizer(), cfg)
+    for row, cap in zip(ids, caps):
+        n = int((row != cfg.pad_id).sum())
+        assert row[0] == cfg.bos_id and row[n - 1] == cfg.eos_id
+        assert ids_to_text(row[:n], first_added_id=cfg.pad_id) == cap
+
+
+def test_stage0_networks_learn_a_small_set():
+    """Each stage-0 objective fits 16 shapes-world records: the loss falls well below its
+    start (AutoKL reconstruction, Optimus token accuracy, CLIP retrieval accuracy)."""
+    from vd_jax.components import Components
+    model = load_config('vd_mini').model
+    caps, imgs = _captions(16)
+    images = jnp.asarray(imgs, jnp.float32) / 127.5 - 1.0
+    index = jnp.arange(16, dtype=jnp.uint32)
+    comps = Components(model, {})
+
+    ak = O.AutoKL(family('autokl').build(model.vae.image), kl_weight=1e-6, crop=32)
+    _, first, last = _fit(ak, {'image': images, 'index': index}, 60)
+    assert last['loss/recon'] < 0.5 * first['loss/recon'], (first, last)
+
+    op = O.Optimus(family('optimus').build(model.vae.text), beta=0.0, free_bits=0.0)
+    batch = {'index': index, **{k: jnp.asarray(v) for k, v in
+                                op.host_fields(comps, {'caption': np.asarray(caps)}).items()}}
+    _, first, last = _fit(op, batch, 80)
+    assert last['token_accuracy'] > 0.8 > first['token_accuracy'], (first, last)
+
+    cl = O.CLIP(family('clip_text').build(model.ctx.text),
+                family('clip_vision').build(model.ctx.image))
+    batch = {'index': index, 'image': images,
+             **{k: jnp.asarray(v) for k, v in
+                cl.host_fields(comps, {'caption': np.asarray(caps)}).items()}}
+    params, first, last = _fit(cl, batch, 150)
+    assert last['loss'] < 0.25 * first['loss'] and last['accuracy'] >= 0.9, (first, last)
+    assert set(cl.export(params)) == {'ctx_text', 'ctx_image'}
+
+
+def test_objective_configs_are_checked():
+    from vd_jax.train.settings import ConfigError, StepConfig
+    from vd_jax.train.loop import make_model
+    cfg = load_config('train_vd_mini:autokl')
+    sc = StepConfig.from_config(cfg, make_model(cfg))
+    assert isinstance(sc.objective, O.AutoKL) and sc.flows == () and sc.objective.crop == 32
+    cfg.objective = 'gan'
+    with pytest.raises(ConfigError, match='objective must be one of'):
+        StepConfig.from_config(cfg, None)
+    cfg = load_config('train_vd_mini:basic')
+    cfg.cfg_dropout.p = 1.0
+    with pytest.raises(ConfigError, match=r'cfg_dropout.p must be in \[0, 1\)'):
+        StepConfig.from_config(cfg, make_model(cfg))
