@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument('--n', type=int, default=200, help='held-out samples per flow')
     s.add_argument('--flows', default=','.join(('t2i', 'i2t', 'i2i', 't2t', 'dual', 'guidance')),
-                   help='comma-separated subset of t2i,i2t,i2i,t2t,dual,guidance')
+                   help='comma-separated subset of t2i,i2t,i2i,t2t,dual,guidance and of the '
+                        'parts alone: autokl,optimus,clip')
     s.add_argument('--decode', default='greedy', choices=['greedy', 'sample', 'beam'])
     return p
 
@@ -58,10 +59,10 @@ def _check(args, parser):
     if args.ckpt and not os.path.isfile(os.path.join(args.ckpt, 'config.json')):
         raise UsageError(f"--ckpt '{args.ckpt}' is not a vd_jax checkpoint folder (no config.json)")
     if args.command == 'shapes':
-        from vd_jax.eval.shapes_eval import FLOWS
-        bad = [f for f in args.flows.split(',') if f not in FLOWS]
+        from vd_jax.eval.shapes_eval import FLOWS, PARTS
+        bad = [f for f in args.flows.split(',') if f not in FLOWS + PARTS]
         if bad:
-            raise UsageError(f'--flows: unknown {bad}; choose from {list(FLOWS)}')
+            raise UsageError(f'--flows: unknown {bad}; choose from {list(FLOWS + PARTS)}')
     _check_out(args.out)
 
 
