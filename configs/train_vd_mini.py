@@ -53,8 +53,11 @@ def get_config(arg=None):
         cfg.grad_multipliers = {}
         cfg.ema.decay = 0.99
         if stage == 'autokl':
-            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 32, 1e-3
-            cfg.autokl.update(kl_weight=1e-5, crop=32)
+            # whole images: GroupNorm's statistics over a crop differ from the whole image's,
+            # so a VAE trained on crops reconstructs whole images badly (measured: L1 0.15 vs
+            # 0.037 on crops)
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 16, 1e-3
+            cfg.autokl.update(kl_weight=1e-5, crop=0)
         elif stage == 'clip':
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 64, 1e-3
         else:
