@@ -521,6 +521,11 @@ def main(argv=None) -> int:
     from vd_jax.outputs import code_version, new_run_dir
     t0 = time.time()
     vd = _load(args)
+    from vd_jax.eval.shapes_reader import IMAGE_SIZE
+    if vd.image_size != IMAGE_SIZE:
+        print(f'error: shapes evaluates models of the shapes world ({IMAGE_SIZE} px images); '
+              f'{vd.source} makes {vd.image_size} px images', file=sys.stderr)
+        return 2
     out = new_run_dir(args.out, args.command)
     from vd_jax.eval.shapes_eval import EvalSettings, evaluate
     settings = EvalSettings(n=args.n, steps=args.steps, scale=args.scale, sampler=args.sampler,

@@ -571,41 +571,31 @@ def train(cfg, workdir: str, *, data_source=None,
         first = clock['t'] is None
         if first:  # the first fetch includes the compile
             logger.info('first step (compile + run) took %.1fs', t_fetched - clock['first'])
-        elif now_step > clock['step']:  # the steps since the last sync, validation excluded
-            clock['rate'] = (now_step - clock['step']) / max(t_fetched - clock['t'], 1e-9)
-        if first:
-            t0 = time.time()  # cached compile: the step already ran (see observe.step_flops)
-            speed['flops'] = observe.step_flops(run.step_fn, state, batch, run.sc, run.mesh)
-            speed['peak'], where = observe.peak_tflops(str(cfg.dtype), float(
-                (cfg.get('perf', {}) or {}).get('peak_tflops', 0.0) or 0.0))
+            t0 = time.time()  # a cached compile: the step already ran (observe.step_flops)
+            speed['flops'], speed['peak'], where = observe.speed_limits(
+                run.step_fn, state, batch, run.sc, run.mesh, str(cfg.dtype),
+                float((cfg.get('perf', {}) or {}).get('peak_tflops', 0.0) or 0.0))
             logger.info('train step: %s FLOPs per device (XLA cost analysis, %.1fs); peak %s '
                         'TFLOP/s per device (%s)', f"{speed['flops']:.4g}" if speed['flops']
                         else '?', time.time() - t0,
                         f"{speed['peak']:.4g}" if speed['peak'] else '?', where)
+        elif now_step > clock['step']:  # the steps since the last sync, validation excluded
+            clock['rate'] = (now_step - clock['step']) / max(t_fetched - clock['t'], 1e-9)
         rate = clock['rate']
-        if log_step and not first and rate == rate and speed['flops']:
-            tf = speed['flops'] * rate / 1e12
-            timings.setdefault(now_step, {}).update({'perf/tflops_per_device': tf,
-                                                     'perf/step_s': 1.0 / rate})
-            if speed['peak']:
-                timings[now_step]['perf/mfu'] = tf / speed['peak']
+        if log_step and not first and rate == rate:
+            timings.setdefault(now_step, {}).update(
+                observe.utilisation(speed['flops'], speed['peak'], rate))
         for s in sorted(timings):
             perf[s] = timings[s]
             writer.write_perf(s, timings[s])
         hm = history[now_step]
         if log_step:
             flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items() if k.startswith('loss/'))
-            pm = timings.get(now_step, {})
-            waits = [t['perf/input_wait_s'] for t in timings.values() if 'perf/input_wait_s' in t]
-            extra = (f" | MFU {100 * pm['perf/mfu']:.1f}%" if 'perf/mfu' in pm else '') + \
-                (f" {pm['perf/tflops_per_device']:.3g} TFLOP/s/dev"
-                 if 'perf/tflops_per_device' in pm else '') + \
-                (f' | input wait {sum(waits) / len(waits):.3f}s/step' if waits else '')
             logger.info('step %d/%d | loss %.4f [%s] | %.2f steps/s %.1f ex/s | lr %.2e '
                         '| grad %.3f | ETA %s%s', now_step, total, hm['loss'], flows, rate,
                         rate * int(cfg.batch_size), hm['lr'], hm['grad_norm'],
                         _fmt_time((total - now_step) / rate) if rate == rate and rate > 0 else '?',
-                        extra)
+                        observe.describe(timings, now_step))
             writer.flush()
         clock['t'], clock['step'] = time.time(), now_step
 
@@ -617,7 +607,7 @@ def train(cfg, workdir: str, *, data_source=None,
                 with profiler.annotate(step + 1):
                     state, m = run.step_fn(state, batch)
                 step += 1
-                input_clock.dispatched(step, m['loss'])
+                input_clock.dispatched(step, jax.tree.leaves(m)[0])
                 if step == start + 1:
                     preempt.arm()                  # now there is progress worth saving
                 data_state = iterator.get_state()  # exactly `step` batches consumed

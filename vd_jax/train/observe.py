@@ -134,6 +134,47 @@ def step_flops(step_fn, state, batch, sc, mesh) -> Optional[float]:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+def speed_limits(step_fn, state, batch, sc, mesh, dtype: str, override: float = 0.0
+                 ) -> Tuple[Optional[float], Optional[float], str]:
+    """(FLOPs per step per device, peak TFLOP/s per device, where the peak comes from) for the
+    training loop; a failure of either is logged and gives None: observing never stops a run."""
+    try:
+        flops = step_flops(step_fn, state, batch, sc, mesh)
+    except Exception as e:  # noqa: BLE001 -- a backend without cost analysis
+        logger.warning('no FLOP count of the train step (%s: %s): no perf/mfu',
+                       type(e).__name__, e)
+        flops = None
+    try:
+        peak, where = peak_tflops(dtype, override)
+    except Exception as e:  # noqa: BLE001
+        peak, where = None, f'peak unavailable ({type(e).__name__}: {e})'
+    return flops, peak, where
+
+
+def utilisation(flops: Optional[float], peak: Optional[float], steps_per_s: float
+                ) -> Dict[str, float]:
+    """perf/step_s, and with a FLOP count perf/tflops_per_device (FLOPs per step per device x
+    steps/s), and with a peak perf/mfu (that / the peak)."""
+    out = {'perf/step_s': 1.0 / steps_per_s}
+    if flops:
+        out['perf/tflops_per_device'] = flops * steps_per_s / 1e12
+        if peak:
+            out['perf/mfu'] = out['perf/tflops_per_device'] / peak
+    return out
+
+
+def describe(timings: Dict[int, Dict[str, float]], step: int) -> str:
+    """' | MFU x% y TFLOP/s/dev | input wait z s/step' for the progress line."""
+    pm = timings.get(step, {})
+    waits = [t['perf/input_wait_s'] for t in timings.values() if 'perf/input_wait_s' in t]
+    out = f" | MFU {100 * pm['perf/mfu']:.1f}%" if 'perf/mfu' in pm else ''
+    if 'perf/tflops_per_device' in pm:
+        out += f" {pm['perf/tflops_per_device']:.3g} TFLOP/s/dev"
+    if waits:
+        out += f' | input wait {sum(waits) / len(waits):.3f}s/step'
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Input-pipeline waits
 # ----------------------------------------------------------------------------------------
