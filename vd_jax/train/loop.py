@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from vd_jax import modalities as M
 from vd_jax import sharding as shd
 from vd_jax.train import init_from, inputs, objectives, observe
 from vd_jax.train.settings import ConfigError, StepConfig, parse_flows, to_plain
@@ -121,6 +122,8 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
                                    None if cfg.encoders.ckpt else 'random')
         if obj.cfg_dropout > 0:
             conv = str(cfg.cfg_dropout.get('uncond', 'v1.0'))
+            if cfg.data.kind == 'synthetic':
+                _check_context_lengths(cfg, sc.flows, encoders)
             consts = {objectives.uncond_key(f): shd.put_global(np.asarray(u), batch_sh[
                 objectives.uncond_key(f)]) for f, u in encoders.uncond_contexts(conv).items()}
     if diffusion:
@@ -131,6 +134,18 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
                shardings=state_sh, boxed=boxed, step_fn=step_fn, source=source, loader=loader,
                host_prep=prep, encoders=encoders if cfg.data.kind in ('images', 'shapes') else None,
                batch_sh=batch_sh, consts=consts, frozen=encoders)
+
+
+def _check_context_lengths(cfg, flows, encoders) -> None:
+    """Synthetic contexts must have the real contexts' length for CFG dropout to swap in the
+    unconditional ones."""
+    for _, _, ctype, _ in flows:
+        real = M.get(ctype).context_length(encoders.components.config)
+        given = int(cfg.data.context_len[ctype])
+        if given != real:
+            raise ConfigError(f'cfg_dropout: {ctype} contexts have {real} tokens (the context '
+                              f'encoder) but synthetic data.context_len.{ctype}={given}; set '
+                              f'data.context_len.{ctype}={real} or cfg_dropout.p=0')
 
 
 def frozen_encoders(cfg, flows, mesh, ckpt: Optional[str] = None) -> inputs.FrozenEncoders:
