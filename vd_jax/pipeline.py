@@ -182,6 +182,14 @@ class VersatileDiffusion:
                 raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
                                 f"diffuser '{self.config.get('name', '?')}' does not have "
                                 f'(its flows: {sorted(have)})')
+        # tokenizers that do not fit the model's vocabularies fail here, before any sampling
+        names = (['clip'] if any(M.flow(f).ctype == 'text' for f in t.flows) else []) + \
+            (['bert', 'gpt2'] if 'vae_text' in t.parts else [])
+        for name in names:
+            try:
+                self.components.tokenizer(name)
+            except ValueError as e:
+                raise TaskError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)

@@ -5,6 +5,15 @@ one PNG per image, `grid.png`, `texts.json`/`texts.txt` for text outputs, and
 `settings.json` with every setting, the checkpoint and the code version. Every flag, input
 file and the output folder are checked before any model is loaded; usage errors exit with
 code 2 and one `error: ...` line.
+
+Devices: `--mesh data=N,fsdp=M` (default data=-1 over this process's devices when it has
+several) splits every batch over data x fsdp and shards the parameters over fsdp (for chips
+that cannot hold the whole model). Several hosts: `--distributed` (+ `--coordinator HOST:PORT
+--num_processes N --process_id I` where the cluster does not provide them): every process
+samples its share of the inputs on a mesh of its own devices (inference needs no traffic
+between hosts; the model must fit on one host's devices, sharded over fsdp if need be) and
+writes its files, named by global sample index, into the one run folder process 0 made;
+process 0 then writes grid.png, texts.json/texts.txt and settings.json for all of them.
 """
 from __future__ import annotations
 
