@@ -353,11 +353,6 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     return labels, out, None, index
 
 
-def _compile_cache_note(cache) -> None:
-    if cache:
-        print(f'XLA compilation cache: {cache} (--no-compile-cache to disable)', file=sys.stderr)
-
-
 def _start_processes(args) -> Tuple[int, int]:
     """--distributed: jax.distributed.initialize (as train.py; CPU collectives over gloo).
     Returns (process index, process count)."""
