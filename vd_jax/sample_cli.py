@@ -294,9 +294,9 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     """Call the pipeline; returns (a label per output, images or None, texts or None, the
     global sample index of each output).
 
-    share = (process index, process count): batched tasks run every count-th share of the
-    batches (contiguous blocks, the same batches and seeds as one process runs), the others
-    a contiguous block of the n samples (sample i keeps seed + i). preview(tag) -> a
+    share = (process index, process count): batched tasks run the process's contiguous block
+    of the batches (the same batches and seeds as one process runs), the others a contiguous
+    block of the n samples (sample i keeps seed + i). preview(tag, first seed) -> a
     callback(step, latents) for the denoising runs of one call (`--preview-every`)."""
     from vd_jax.image_io import load_image
     call = getattr(vd, t.method)
@@ -325,7 +325,7 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
             progress.last = 0
             bar.set_description(f'{args.task} batch {k + 1}/{nb}')
             extra = {} if preview is None else dict(
-                callback=preview(f'batch{k + 1:03d}_' if nb > 1 else ''))
+                callback=preview(f'batch{k + 1:03d}_' if nb > 1 else '', args.seed + lo))
             outs.extend(list(call(xs, 1, seed=args.seed + lo, progress=progress, **kw,
                                   **extra))[:len(chunk)])
             labels.extend(name for _, name in chunk)
@@ -338,7 +338,8 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
         return [], None, None, []
     bar.reset(total=steps * (2 if args.task == 'i2t2i' else 1))
     first = prompts[0] if prompts else None
-    extra = {} if preview is None else dict(callback=preview(f'proc{me}_' if count > 1 else ''))
+    extra = {} if preview is None else dict(
+        callback=preview(f'proc{me}_' if count > 1 else '', args.seed + lo))
     kw.update(extra, progress=progress, seed=args.seed + lo)
     if args.task == 'dual':
         out = call(first, images[0], hi - lo, **kw)
@@ -402,7 +403,9 @@ class Previews:
         self.vd, self.args, self.run_dir = vd, args, run_dir
         self.written: List[str] = []
 
-    def __call__(self, tag: str) -> Callable:
+    def __call__(self, tag: str, seed: int) -> Callable:
+        """The callback of one call whose samples start at `seed` (sentences decode with
+        seed + i, as the call's own outputs)."""
         def callback(step, latents):
             done = int(step) + 1  # grid positions are 0-based
             if done % self.args.preview_every:
@@ -411,8 +414,8 @@ class Previews:
             comps = self.vd.components
             base = os.path.join(self.run_dir(), f'preview_{tag}step_{done:03d}')
             if latents.ndim == 2:  # text latents
-                texts = comps.decode_latent('text', latents, seed=self.args.seed,
-                                            method=self.args.decode)
+                texts = comps.decode_latent('text', latents, seed=seed, method=self.args.decode,
+                                            temperature=self.args.temperature)
                 with open(base + '.txt', 'x') as f:
                     f.write('\n'.join(texts) + '\n')
                 self.written.append(base + '.txt')
