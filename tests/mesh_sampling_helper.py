@@ -4,7 +4,8 @@ tests/test_mesh_sampling.py compares.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_sampling_helper.py OUT
 
 runs `CASES` on a data x FSDP = 2 x 4 mesh (batches split 8 ways, every part's parameters
-sharded 4 ways) and `text_to_image` again on a data = 8 mesh (parameters replicated), and
+sharded 4 ways, loaded by `from_checkpoint(mesh=...)`) and `text_to_image` again on a
+data = 8 mesh (`random(mesh=...)`: parameters replicated), and
 writes OUT/outputs.npz (images), OUT/result.json (sentences, the sharding of every parameter,
 the activation constraints seen while tracing the diffuser). Importable: `CASES` and
 `run_cases` give the 1-device reference in the test process.
@@ -64,8 +65,13 @@ def _constraints(vd):
 
 def main(out_dir):
     import jax
+    from vd_jax.checkpoint import write_checkpoint
     from vd_jax.pipeline import VersatileDiffusion
-    vd = VersatileDiffusion.random('tiny', seed=0, mesh='data=2,fsdp=4')
+    # the reference's weights as a checkpoint, read straight into their shards
+    host = VersatileDiffusion.random('tiny', seed=0)
+    ckpt = write_checkpoint(os.path.join(out_dir, 'ckpt'), host.config, {
+        p: jax.tree_util.tree_map(np.asarray, t) for p, t in host.params.items()})
+    vd = VersatileDiffusion.from_checkpoint(ckpt, mesh='data=2,fsdp=4')
     outs = run_cases(vd)
     vd8 = VersatileDiffusion.random('tiny', seed=0, mesh={'data': -1})
     outs['t2i_data8'] = run_cases(vd8, ['t2i'])['t2i']

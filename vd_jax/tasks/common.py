@@ -280,16 +280,15 @@ def token_ids(prompts) -> Optional[np.ndarray]:
         raise TaskError('prompts must be strings or CLIP token ids (integer sequences of '
                         'equal length), not a mix')
     if len({len(x) for x in seqs}) > 1:
-        raise TaskError(f'token-id prompts must have equal lengths, got {sorted({len(x) for x in seqs})}')
+        raise TaskError('token-id prompts must have equal lengths, got '
+                        f'{sorted({len(x) for x in seqs})}')
     return np.asarray([np.asarray(x) for x in seqs])
 
 
-def ready_context(comps, context, modality: str, what: str = 'context',
-                  multiple: bool = False) -> jnp.ndarray:
+def ready_context(comps, context, modality: str, what: str = 'context') -> jnp.ndarray:
     """Ready contexts (P, L, D) of `modality` (e.g. from `comps.encode_context`; one (L, D)
-    is P = 1), checked against the model: L the modality's context length (with `multiple`,
-    any multiple of it: several images' tokens concatenated), D the diffuser's context
-    width."""
+    is P = 1), checked against the model: L the modality's context length, D the diffuser's
+    context width."""
     from vd_jax import modalities as M
     c = jnp.asarray(context, jnp.float32)
     if c.ndim == 2:
@@ -297,12 +296,9 @@ def ready_context(comps, context, modality: str, what: str = 'context',
     length = M.get(modality).context_length(comps.config)
     dim = int(comps.config['diffuser']['streams'][modality].get('context_dim', 768)) \
         if modality in comps.config['diffuser']['streams'] else None
-    ok = c.ndim == 3 and c.shape[0] >= 1 and c.shape[1] > 0 and (dim is None or c.shape[2] == dim) \
-        and (c.shape[1] % length == 0 if multiple else c.shape[1] == length)
-    if not ok:
-        raise TaskError(f'{what}: ready {modality} contexts must be (P, '
-                        f'{"k * " if multiple else ""}{length}, {dim}) float arrays (as '
-                        f'comps.encode_context({modality!r}, ...) gives), got shape '
+    if c.ndim != 3 or c.shape[0] < 1 or c.shape[1] != length or (dim and c.shape[2] != dim):
+        raise TaskError(f'{what}: ready {modality} contexts must be (P, {length}, {dim}) float '
+                        f'arrays (as comps.encode_context({modality!r}, ...) gives), got shape '
                         f'{tuple(c.shape)}')
     return c
 
