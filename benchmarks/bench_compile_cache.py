@@ -17,7 +17,7 @@ backend-compile seconds, persistent-cache hits / misses and the compile time a h
 Tracing and lowering to HLO are not cached: they remain in the warm process's first call.
 
 Configs: 'tiny' (the tests' four-flow model at 32x32, 50 steps) and 'vd_dc' (the paper's
-VD-DC at full width: image stream, CLIP text and the kl-f8 AutoKL, ~1.1e9 parameters, random
+VD-DC at full width: image stream, CLIP text and the kl-f8 AutoKL, 1.33e9 parameters, random
 weights) at 64x64 and 2 steps: the denoising loop is one `lax.scan`, whose compile time does
 not depend on the number of steps (BENCHMARKS.md), while 50 full-width steps take minutes
 per call on this CPU and would drown the difference in the noise of a shared machine.
