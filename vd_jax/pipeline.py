@@ -24,7 +24,7 @@ context of an all-black image for image->text. `uncond='legacy'` (Nov-2022 CLI) 
 from __future__ import annotations
 
 import os
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +41,46 @@ MODELS = {'vd-mini': os.path.join(_WEIGHTS, 'vd_mini'), 'tiny': None}
 DEFAULT_MODEL = 'vd-mini'
 
 
+def parse_mesh(text: str) -> Dict[str, int]:
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4} (axes of `vd_jax.sharding.MESH_AXES`; one
+    size may be -1: all remaining devices). ValueError naming the problem."""
+    from vd_jax.sharding import MESH_AXES
+    out: Dict[str, int] = {}
+    for item in [x.strip() for x in str(text).split(',') if x.strip()]:
+        axis, eq, size = item.partition('=')
+        axis = axis.strip()
+        if not eq or axis not in MESH_AXES:
+            raise ValueError(f"mesh '{text}': expected AXIS=SIZE items with AXIS one of "
+                             f'{MESH_AXES}, e.g. data=2,fsdp=4 (got {item!r})')
+        try:
+            out[axis] = int(size)
+        except ValueError:
+            raise ValueError(f"mesh '{text}': size of {axis} must be an integer (-1 = all "
+                             f'remaining devices), got {size!r}') from None
+        if out[axis] == 0 or out[axis] < -1:
+            raise ValueError(f"mesh '{text}': {axis}={out[axis]} must be positive or -1")
+    if not out:
+        raise ValueError(f"mesh '{text}': empty; e.g. data=-1 or data=2,fsdp=4")
+    if sum(v == -1 for v in out.values()) > 1:
+        raise ValueError(f"mesh '{text}': at most one axis may be -1")
+    return out
+
+
+def as_mesh(mesh, devices=None):
+    """A `jax.sharding.Mesh` from a Mesh (returned as is), a mapping {axis: size} or a
+    string 'data=2,fsdp=4' (axes data / fsdp / model, missing ones 1, one -1 = the remaining
+    devices), over `devices` (default this process's, `jax.local_devices()`); None stays None."""
+    if mesh is None:
+        return None
+    import jax
+    from jax.sharding import Mesh
+    if isinstance(mesh, Mesh):
+        return mesh
+    from vd_jax.sharding import create_mesh
+    shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    return create_mesh(shape, jax.local_devices() if devices is None else devices)
+
+
 class VersatileDiffusion:
     """Versatile Diffusion with its VAEs and context encoders, ready to sample.
 
@@ -51,15 +91,20 @@ class VersatileDiffusion:
       dtype: compute dtype ('float32' | 'bfloat16'); sampler state and outputs stay float32.
       uncond: unconditional-context convention, one of `UNCOND_CONVENTIONS`.
       source: where the weights came from (recorded by `sample.py`).
-      mesh: optional `jax.sharding.Mesh`: batches are split over its data axes, parameters
-        replicated or sharded over fsdp/model by `rules` (see `vd_jax.sharding`).
+      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh`, {axis: size} or
+        'data=2,fsdp=4' over this process's devices): every batch is split over its data
+        axes (padded to a multiple of them and trimmed), parameters are replicated, or
+        sharded over fsdp/model by `rules`, for chips that cannot hold the whole model.
+        Sample i is the same as without a mesh (up to float summation order).
+      rules: logical-axis rules (default `vd_jax.sharding.DEFAULT_RULES`, as training).
     """
 
     def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
                  uncond: str = 'v1.0', source: str = '<memory>', mesh=None, rules=None):
         if uncond not in UNCOND_CONVENTIONS:
             raise TaskError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
-        self.components = Components(model_config, params, dtype=dtype, mesh=mesh, rules=rules)
+        self.components = Components(model_config, params, dtype=dtype, mesh=as_mesh(mesh),
+                                     rules=rules)
         self.config, self.uncond, self.source = self.components.config, uncond, source
 
     @property
@@ -76,7 +121,7 @@ class VersatileDiffusion:
                         uncond: str = 'v1.0', mesh=None, rules=None) -> 'VersatileDiffusion':
         """Load a vd_jax checkpoint folder (made by `python -m vd_jax.convert` or training).
         Weights are read straight into their place (each device reads its own slice with a
-        mesh) and stored in the compute dtype."""
+        mesh) and stored in the compute dtype. mesh / rules: as the constructor."""
         cfg = read_config(path)
         have = available_parts(path)
         want = have if parts is None else tuple(parts)
@@ -137,6 +182,14 @@ class VersatileDiffusion:
                 raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
                                 f"diffuser '{self.config.get('name', '?')}' does not have "
                                 f'(its flows: {sorted(have)})')
+        # tokenizers that do not fit the model's vocabularies fail here, before any sampling
+        names = (['clip'] if any(M.flow(f).ctype == 'text' for f in t.flows) else []) + \
+            (['bert', 'gpt2'] if 'vae_text' in t.parts else [])
+        for name in names:
+            try:
+                self.components.tokenizer(name)
+            except ValueError as e:
+                raise TaskError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)
