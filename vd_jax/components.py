@@ -137,6 +137,15 @@ class Components:
             self.tokenizers[name] = tok
         return self.tokenizers[name]
 
+    def check_tokenizers(self, flows) -> None:
+        """Build the tokenizers `flows` use (CLIP for text contexts, BERT and GPT-2 for text
+        outputs): a tokenizer that does not fit the model's vocabulary raises ValueError."""
+        flows = [M.flow(f) for f in flows]
+        names = (['clip'] if any(f.ctype == 'text' for f in flows) else []) + \
+            (['bert', 'gpt2'] if any(f.xtype == 'text' for f in flows) else [])
+        for name in names:
+            self.tokenizer(name)
+
     # -- modalities -----------------------------------------------------------------------------------
     def encode_context(self, modality: str, raw, **kw) -> jax.Array:
         """Raw inputs (prompts or token ids; images in [0, 1] / uint8 / paths) -> contexts

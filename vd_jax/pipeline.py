@@ -24,13 +24,14 @@ context of an all-black image for image->text. `uncond='legacy'` (Nov-2022 CLI) 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vd_jax import modalities as M
 from vd_jax.checkpoint import CheckpointError, available_parts, load_part, read_config
 from vd_jax.components import Components
+from vd_jax.sharding import as_mesh, parse_mesh  # noqa: F401  (re-exported)
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.tasks import TASKS, SamplingOptions, TaskError  # noqa: F401  (re-exported)
 
@@ -39,46 +40,6 @@ UNCOND_CONVENTIONS = M.CONVENTIONS
 _WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 MODELS = {'vd-mini': os.path.join(_WEIGHTS, 'vd_mini'), 'tiny': None}
 DEFAULT_MODEL = 'vd-mini'
-
-
-def parse_mesh(text: str) -> Dict[str, int]:
-    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4} (axes of `vd_jax.sharding.MESH_AXES`; one
-    size may be -1: all remaining devices). ValueError naming the problem."""
-    from vd_jax.sharding import MESH_AXES
-    out: Dict[str, int] = {}
-    for item in [x.strip() for x in str(text).split(',') if x.strip()]:
-        axis, eq, size = item.partition('=')
-        axis = axis.strip()
-        if not eq or axis not in MESH_AXES:
-            raise ValueError(f"mesh '{text}': expected AXIS=SIZE items with AXIS one of "
-                             f'{MESH_AXES}, e.g. data=2,fsdp=4 (got {item!r})')
-        try:
-            out[axis] = int(size)
-        except ValueError:
-            raise ValueError(f"mesh '{text}': size of {axis} must be an integer (-1 = all "
-                             f'remaining devices), got {size!r}') from None
-        if out[axis] == 0 or out[axis] < -1:
-            raise ValueError(f"mesh '{text}': {axis}={out[axis]} must be positive or -1")
-    if not out:
-        raise ValueError(f"mesh '{text}': empty; e.g. data=-1 or data=2,fsdp=4")
-    if sum(v == -1 for v in out.values()) > 1:
-        raise ValueError(f"mesh '{text}': at most one axis may be -1")
-    return out
-
-
-def as_mesh(mesh, devices=None):
-    """A `jax.sharding.Mesh` from a Mesh (returned as is), a mapping {axis: size} or a
-    string 'data=2,fsdp=4' (axes data / fsdp / model, missing ones 1, one -1 = the remaining
-    devices), over `devices` (default this process's, `jax.local_devices()`); None stays None."""
-    if mesh is None:
-        return None
-    import jax
-    from jax.sharding import Mesh
-    if isinstance(mesh, Mesh):
-        return mesh
-    from vd_jax.sharding import create_mesh
-    shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
-    return create_mesh(shape, jax.local_devices() if devices is None else devices)
 
 
 class VersatileDiffusion:
@@ -182,14 +143,10 @@ class VersatileDiffusion:
                 raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
                                 f"diffuser '{self.config.get('name', '?')}' does not have "
                                 f'(its flows: {sorted(have)})')
-        # tokenizers that do not fit the model's vocabularies fail here, before any sampling
-        names = (['clip'] if any(M.flow(f).ctype == 'text' for f in t.flows) else []) + \
-            (['bert', 'gpt2'] if 'vae_text' in t.parts else [])
-        for name in names:
-            try:
-                self.components.tokenizer(name)
-            except ValueError as e:
-                raise TaskError(f"task '{task}': {e}") from None
+        try:  # tokenizers that do not fit the model's vocabularies fail before any sampling
+            self.components.check_tokenizers(t.flows)
+        except ValueError as e:
+            raise TaskError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)
