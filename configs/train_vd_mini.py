@@ -62,10 +62,15 @@ def get_config(arg=None):
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 64, 1e-3
         else:
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 64, 1e-3
-            # free bits: the first 0.5 nats of each of the 32 latent dims are free, room for
-            # the ~9 nats of a caption (1728 attribute combinations x 6 templates); with 0.05
-            # the KL settled at 5 nats and decoding stalled at 72% token accuracy
-            cfg.optimus.update(beta=0.5, free_bits=0.5, warmup_steps=500)
+            # A nearly deterministic autoencoder: VD encodes captions to the posterior mean and
+            # the diffuser generates latents that must decode exactly. With beta 0.2-0.5 the
+            # posterior noise kept token accuracy at 72% (a deterministic one reaches 90% in
+            # 400 steps); a small beta with 1 free nat per dimension and a KL warm-up over half
+            # the run lets the autoencoder form first and still bounds the latents' scale.
+            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1500)
+            # the loss sums over a sentence's tokens: gradient norms of 5-15, which a clip at
+            # 1 turned into a 10x smaller learning rate (token accuracy stalled at 72%)
+            cfg.optimizer.grad_clip_norm = 50.0
         return cfg
     cfg.objective = 'diffusion'
     cfg.batch_size = 32
