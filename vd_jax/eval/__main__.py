@@ -29,7 +29,9 @@ def _model_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vd_jax.platform import exit_codes_epilog
     p = argparse.ArgumentParser(prog='python -m vd_jax.eval', description=__doc__,
+                                epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     s = sub.add_parser('shapes', help='the shapes-world evaluation of every flow')
@@ -62,10 +64,23 @@ def _check(args, parser):
         bad = [f for f in args.flows.split(',') if f not in FLOWS]
         if bad:
             raise UsageError(f'--flows: unknown {bad}; choose from {list(FLOWS)}')
+        if args.ckpt:  # the reader measures shapes-world images, whose size is fixed
+            from vd_jax.checkpoint import CheckpointError, read_config
+            from vd_jax.data.shapes import IMAGE_SIZE
+            try:
+                size = int(read_config(args.ckpt).get('image_size', 0))
+            except CheckpointError as e:
+                raise UsageError(str(e)) from None
+            if size != IMAGE_SIZE:
+                raise UsageError(f"--ckpt '{args.ckpt}' generates {size}x{size} images; the shapes "
+                                 f'evaluation reads the shapes world at {IMAGE_SIZE}x{IMAGE_SIZE} '
+                                 '(train the model on data.kind=shapes)')
     _check_out(args.out)
 
 
 def main(argv=None) -> int:
+    from vd_jax.platform import EXIT_OK, EXIT_USAGE, quiet_libraries
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     from vd_jax.sample_cli import UsageError
@@ -73,12 +88,17 @@ def main(argv=None) -> int:
         _check(args, parser)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from vd_jax.platform import configure_xla
     configure_xla()
     from vd_jax.outputs import code_version, new_run_dir
+    from vd_jax.checkpoint import CheckpointError
     t0 = time.time()
-    vd = _load(args)
+    try:
+        vd = _load(args)
+    except CheckpointError as e:  # e.g. the shipped model is not installed
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
     out = new_run_dir(args.out, args.command)
     if args.command == 'shapes':
         from vd_jax.eval.shapes_eval import EvalSettings, evaluate
@@ -91,7 +111,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
     print(f'wrote {out}/metrics.json')
-    return 0
+    return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -257,7 +257,9 @@ def text_contexts(comps, prompts, n: int, context=None):
         return repeat(jnp.asarray(context, jnp.float32), check_n(n))
     if isinstance(prompts, np.ndarray) and np.issubdtype(prompts.dtype, np.integer):
         return repeat(comps.encode_context('text', prompts), check_n(n))
-    return comps.encode_context('text', prompts_list(prompts, n))
+    n = check_n(n)
+    # each prompt encoded once, then repeated: a truncation warning names the user's index
+    return repeat(comps.encode_context('text', prompts_list(prompts, 1)), n)
 
 
 def negative_text_context(comps, negative, like, prompts: int, n: int, output: str, convention: str):

@@ -318,8 +318,10 @@ class Preemption:
 
     The handlers are installed by `arm()` once the first step has run: before that there is
     nothing to save, and a signal during the first compile (which holds the interpreter)
-    keeps its default action, so it stops the process at once. With several processes the
-    flags are combined at sync points (`requested(sync=True)`), so all stop at the same step.
+    keeps the process's own action: SIGTERM's default stops the process at once, and
+    train.py sets SIGINT's to the same (Python's KeyboardInterrupt would wait for the
+    compile). With several processes the flags are combined at sync points
+    (`requested(sync=True)`), so all stop at the same step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -426,7 +428,7 @@ def _host_metrics(m) -> Dict[str, float]:
 
 def _truncate_metrics(workdir: str, step: int) -> None:
     """Drop metrics.jsonl lines after `step` (written after the checkpoint a run resumes
-    from), so a resumed run never logs a step twice."""
+    from; all of them for a fresh start), so a resumed run never logs a step twice."""
     path = os.path.join(workdir, 'metrics.jsonl')
     if jax.process_index() != 0 or not os.path.isfile(path):
         return
@@ -477,10 +479,12 @@ def train(cfg, workdir: str, *, data_source=None,
         logger.info('resumed from step %d (%s)', start, ckpt.directory)
         if int(state.step) != start:
             raise RuntimeError(f'checkpoint {start} holds a state of step {int(state.step)}')
-        _truncate_metrics(workdir, start)
     else:
         start = 0
         state = initial_state(run)
+    # lines of steps after the checkpoint (or of a run stopped before its first one) are
+    # logged again by this run
+    _truncate_metrics(workdir, start)
     logger.info('setup took %.1fs', time.time() - t_setup)
 
     writer = MetricWriter(workdir, is_main, bool(cfg.tensorboard))
@@ -546,11 +550,13 @@ def train(cfg, workdir: str, *, data_source=None,
         hm = history[now_step]
         if now_step % log_every == 0 or now_step == total:
             rate = clock['rate']
+            known = rate == rate and rate > 0  # measured from the second fetch on
+            speed = f'{rate:.2f} steps/s {rate * int(cfg.batch_size):.1f} ex/s' if known else \
+                '? steps/s'
             flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items() if k.startswith('loss/'))
-            logger.info('step %d/%d | loss %.4f [%s] | %.2f steps/s %.1f ex/s | lr %.2e '
-                        '| grad %.3f | ETA %s', now_step, total, hm['loss'], flows, rate,
-                        rate * int(cfg.batch_size), hm['lr'], hm['grad_norm'],
-                        _fmt_time((total - now_step) / rate) if rate == rate and rate > 0 else '?')
+            logger.info('step %d/%d | loss %.4f [%s] | %s | lr %.2e | grad %.3f | ETA %s',
+                        now_step, total, hm['loss'], flows, speed, hm['lr'], hm['grad_norm'],
+                        _fmt_time((total - now_step) / rate) if known else '?')
             writer.flush()
 
     try:
@@ -572,6 +578,9 @@ def train(cfg, workdir: str, *, data_source=None,
                     flush(step)
                     stop = stop or preempt.requested(True)
                 if stop or due:
+                    # every step up to the checkpoint reaches the disk before it: a run killed
+                    # after the save resumes from it and would never log them again
+                    writer.flush()
                     ckpt.save(step, state, data_state, meta(step))
                 if stop:
                     status = 'preempted'
