@@ -171,11 +171,12 @@ def _check_out(root: str, flag: str = '--out') -> None:
 
 
 def _check_values(args) -> None:
-    """Numeric flags, with the Python API's own checks (and messages) where it has them."""
+    """Numeric flags, with the Python API's own checks (and messages) where it has them
+    (--steps: `check_steps` in `validate`, naming the sampler)."""
     from vd_jax.tasks.common import SamplingOptions, TaskError, check_n
     api = [('n', lambda: check_n(args.n))] + [
         (f, lambda f=f: SamplingOptions(**{f: getattr(args, f)}))
-        for f in ('steps', 'scale', 'eta', 'seed', 'dtype')]
+        for f in ('scale', 'eta', 'seed', 'dtype')]
     for flag, check in api:
         try:
             check()
@@ -278,7 +279,8 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar
               eta=args.eta, spacing=args.spacing)
 
     def progress(done, total):  # done restarts at each denoising run (i2t2i runs two)
-        bar.update(done - progress.last if done >= progress.last else done)
+        # within a run `done` only grows: a report that does not is the next run's first
+        bar.update(done - progress.last if done > progress.last else done)
         progress.last = done
     progress.last = 0
     from vd_jax.diffusion.sampling import make_plan

@@ -182,6 +182,8 @@ class CLIPPromptTokenizer:
     def truncated(self, prompts: Sequence[str]) -> List[Tuple[int, int]]:
         """(index, BPE tokens) of each distinct prompt longer than the model takes, at its
         first index: a prompt repeated (e.g. once per sample) is reported once."""
+        if not prompts:
+            return []
         full = self.tokenizer(list(prompts), add_special_tokens=True, verbose=False)['input_ids']
         out, seen = [], set()
         for i, ids in enumerate(full):
