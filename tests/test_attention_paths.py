@@ -172,6 +172,7 @@ def cfg():
     return load_config('tiny').model
 
 
+@pytest.mark.slow
 def test_unet_transformer_call_site(monkeypatch, spy):
     from vd_jax.models.unet import SpatialTransformer
     g = np.random.default_rng(0)

@@ -220,6 +220,7 @@ def test_ddpm_with_3_steps_runs_and_long_prompts_warn_once_by_their_index(env, t
     assert len(os.listdir(out / 'run-001')) == 4 + 2  # PNGs, grid, settings
 
 
+@pytest.mark.slow
 def test_i2t2i_progress_reaches_100_and_texts_record_the_input_image(env, files, tmp_path):
     out, image = tmp_path / 'out', str(files / 'cat.png')
     code, _, err, _ = sample(env, '--model', 'tiny', '--task', 'i2t2i', '--image', image,

@@ -137,6 +137,7 @@ def test_text_variation_flow_matches_unetflat(refs, inputs, run):
     assert np.abs(ours - ref).max() < TOL
 
 
+@pytest.mark.slow
 def test_cross_flows_match_swapped_unets(refs, inputs, run):
     """text->image = image data layers + text context layers; image->text the reverse."""
     i = inputs
@@ -181,6 +182,7 @@ def patched_dual(monkeypatch):
                         lambda self, *a, encoder_attention_mask=None, **k: orig(self, *a, **k))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xtype', ['image', 'text'])
 def test_attention_mixing_matches_dual_transformer(refs, inputs, patched_dual, xtype):
     """Dual-guided attention-level mixing, for image output (diffusers' dual-guided pipeline
@@ -257,6 +259,7 @@ def test_layer_mixing_matches_per_layer_swap(refs, inputs):
     assert np.abs(np.asarray(traced(jnp.asarray(choices))) - np.asarray(ours)).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
     cfg = refs['cfg']
     v10 = export_part(refs['params'], cfg, 'diffuser', 'vd-v1.0')
@@ -337,6 +340,7 @@ def test_fp16_pth_file_converts_to_a_checkpoint_folder(refs, tmp_path, inputs, r
     assert set(st) == set(flatten(refs['params']))
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors_and_write_nothing(refs, tmp_path):
     sd = _export_tiny_v10(refs)
     cfg = refs['cfg']
@@ -393,6 +397,7 @@ def test_unsupported_parts_are_named_and_skippable(refs):
     assert set(out) == {'diffuser'}
 
 
+@pytest.mark.slow
 def test_cli_converts_and_refuses_to_overwrite(refs, tmp_path):
     src = tmp_path / 'tiny.pth'
     torch.save(_export_tiny_v10(refs), src)

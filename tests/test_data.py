@@ -430,6 +430,7 @@ def test_loader_resume_from_state_equals_uninterrupted():
     _assert_batches_equal(first + rest, full)
 
 
+@pytest.mark.slow
 def test_loader_worker_processes_keep_records_crops_and_resume():
     # grain workers each batch their own slice of the stream (worker w: positions w, w+2, ...),
     # so batches regroup, but every pair of batches holds the same records with the same crops.

@@ -188,6 +188,7 @@ def fx(ref):
     return InceptionFeatureExtractor.from_pretrained(ref['converted'], batch_size=2)
 
 
+@pytest.mark.slow
 def test_features_parity_through_converter(ref, fx):
     """torch-fidelity's forward on uint8 299x299 images (its TF1 resize is the identity at
     299; it normalises by (x - 128) / 128) against our extractor on the float images x / 256,
@@ -209,6 +210,7 @@ def test_features_parity_through_converter(ref, fx):
     assert _max(got[0], got[1]) > 100 * FEATURE_TOL
 
 
+@pytest.mark.slow
 def test_features_parity_float64(ref, fx):
     """The same comparison in float64 on both sides, which removes the float32 rounding that
     this deep random network amplifies (torch fp32 vs torch fp64 differ by ~5e-5): what is

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def python(code, *, cwd=ROOT, timeout=600):
     return r.stdout, r.stderr
 
 
-def test_without_pytorch_transformers_does_not_announce_missing_models(tmp_path):
+def test_without_pytorch_transformers_does_not_announce_missing_models():
     _, err = python(NO_TORCH + 'import transformers')  # control: the message is real
     assert 'PyTorch was not found' in err
     _, err = python(NO_TORCH + 'from vd_jax.platform import quiet_libraries\n'
@@ -43,6 +44,10 @@ def test_without_pytorch_transformers_does_not_announce_missing_models(tmp_path)
                     'from transformers.utils import is_torch_available\n'
                     'assert not is_torch_available()')
     assert 'PyTorch was not found' not in err, err
+
+
+@pytest.mark.slow
+def test_sample_py_without_pytorch_says_nothing_about_it(tmp_path):
     # the real sample.py, without torch, through a text flow (transformers' tokenizers)
     out, err = python(NO_TORCH + textwrap.dedent(f'''
         import runpy

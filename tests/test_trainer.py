@@ -153,6 +153,7 @@ def test_accumulated_gradient_is_the_weighted_sum_of_single_flow_gradients(toy):
     assert used == {'global', 'text_data', 'text_context'}
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_full_batch_gradient(toy):
     model, params, batch = toy
     key = jax.random.PRNGKey(1)
@@ -180,6 +181,7 @@ MULTS = {'image_data': 0.25, 'text_context': 0.0, 'global': 3.0}
 _SGD_MULT = OptimConfig(name='sgd', lr=0.5, multipliers=tuple(MULTS.items()))
 
 
+@pytest.mark.slow
 def test_group_multiplier_scales_exactly_that_groups_update(toy):
     model, params, batch = toy
     # optimizer level, plain SGD: the update is linear in the gradient, so each group's update
@@ -279,6 +281,7 @@ def test_tiny_four_flow_model_overfits_a_tiny_set(tmp_path):
     assert sorted(lines) == list(range(1, 21)) and 'loss/t2t' in lines[20]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # 24 records, batch 8, shuffled every epoch: the batches after the restart depend on the
     # restored grain iterator state, the draws on (step, record).
@@ -336,6 +339,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert set(report['groups']['text_data']['from']) == {'fresh init'}
 
 
+@pytest.mark.slow
 def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     # image-caption records -> tokenized captions on the host -> AutoKL / CLIP / Optimus (random
     # weights here) on device -> the same train step as the synthetic runs (same shapes)

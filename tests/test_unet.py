@@ -122,6 +122,7 @@ def test_initialisers_match_original():
     assert float(jnp.abs(p['proj_in']['kernel']).max()) > 0
 
 
+@pytest.mark.slow
 def test_every_flow_runs_and_mixing_degenerates_to_single_flows(tiny):
     model, params = tiny
     i = _inputs()
@@ -179,6 +180,7 @@ def test_bad_calls_name_the_problem(tiny):
           method='mix')
 
 
+@pytest.mark.slow
 def test_bf16_compute_and_remat(tiny):
     model, params = tiny
     i = _inputs()

@@ -562,6 +562,9 @@ def train(cfg, workdir: str, *, data_source=None,
     try:
         with Preemption() as preempt:
             batch = next_batch(step) if step < total else None
+            if step < total:  # a silent minute or more otherwise; Ctrl-C stops it at once
+                logger.info('compiling the training step (the first step takes a while; a '
+                            'compile cache: jax_cache_dir=...)')
             while step < total:
                 state, m = run.step_fn(state, batch)
                 step += 1
