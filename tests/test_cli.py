@@ -202,6 +202,7 @@ def assert_clean_log(err):
         assert 'warning:' not in line or line.startswith('warning:'), line  # never glued
 
 
+@pytest.mark.slow
 def test_ddpm_with_3_steps_runs_and_long_prompts_warn_once_by_their_index(env, tmp_path):
     out = tmp_path / 'out'
     code, stdout, err, _ = sample(env, '--model', 'tiny', '--sampler', 'ddpm', '--steps', '3',

@@ -245,6 +245,7 @@ def test_builder_reopens_and_feeds_the_loader(built):
     assert batch['caption'].dtype.kind == 'U'
 
 
+@pytest.mark.slow
 def test_builder_workers_and_filter_options(built, tmp_path):
     base = built['base']
     # 2 spawn workers, no filters: same records as in-process, plus the 6 filtered samples

@@ -114,6 +114,7 @@ def folder(ck):
     return out
 
 
+@pytest.mark.slow
 def test_diffusers_folder_round_trip_bit_exact(ck, folder):
     assert sorted(os.listdir(folder)) == sorted([
         'image_unet', 'text_unet', 'vae', 'text_encoder', 'image_encoder', 'scheduler',
@@ -166,6 +167,7 @@ def _max(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+@pytest.mark.slow
 def test_diffusers_unets_match(ck, folder, inputs):
     from types import SimpleNamespace
     from diffusers import UNet2DConditionModel
@@ -207,6 +209,7 @@ def test_diffusers_vae_decode_matches(ck, folder, inputs):
     assert _max(ref, np.asarray(ours).transpose(0, 3, 1, 2)) < TOL
 
 
+@pytest.mark.slow
 def test_diffusers_clip_contexts_match(ck, folder):
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
     from vd_jax.models import family

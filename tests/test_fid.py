@@ -233,6 +233,7 @@ def test_features_parity_float64(ref, fx):
     assert err < 1e-6, err
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_folder(ref):
     folder = ref['converted']
     manifest = json.load(open(os.path.join(folder, 'manifest.json')))
@@ -333,6 +334,7 @@ def test_resize_matches_torch(hw):
         np.testing.assert_array_equal(np.asarray(resize_bilinear(jnp.asarray(x))), x)
 
 
+@pytest.mark.slow
 def test_extractor_inputs(fx):
     """uint8 == float x / 255; a list of mixed sizes == the per-size batches; bad input."""
     u8 = _images(2, FID_INPUT_SIZE, FID_INPUT_SIZE, seed=3)
@@ -381,6 +383,7 @@ def test_running_statistics_match_numpy():
         stats.update(f[:, :10])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n1,n2,d', [(400, 300, 64), (40, 30, 64), (150, 200, 256)])
 def test_frechet_distance_matches_pytorch_fid(pytorch_fid, n1, n2, d):
     """Regular statistics and rank-deficient ones (fewer images than dimensions). (At

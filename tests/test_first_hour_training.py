@@ -128,6 +128,7 @@ def test_the_readme_training_example_gives_an_export_every_flow_samples_from(env
 # Training data that cannot work: one error, exit 2, nothing left behind
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('folder', ['empty', 'no captions'])
 def test_bad_training_data_is_one_error_and_leaves_nothing(env, tmp_path, folder):
     data = tmp_path / 'data'

@@ -44,6 +44,7 @@ def comps():
     return VersatileDiffusion.random('tiny', seed=0).components
 
 
+@pytest.mark.slow
 def test_unconditional_contexts_of_each_convention(comps):
     like_i = jnp.ones((3, 257, 32))
     like_t = jnp.ones((2, 77, 32))

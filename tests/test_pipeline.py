@@ -93,6 +93,7 @@ def test_mixing_degenerates_to_single_flows(vd):
     assert len(txt) == 2
 
 
+@pytest.mark.slow
 def test_disentangle_identity_is_plain_variation(vd):
     kw = dict(n=2, steps=STEPS, seed=2)
     i2i = vd.image_variation(IMG, **kw)

@@ -132,6 +132,7 @@ def _ref_grads(params, batch, noise):
     return [o[0] for o in out], [o[1] for o in out]
 
 
+@pytest.mark.slow
 def test_accumulated_gradient_is_the_weighted_sum_of_single_flow_gradients(toy):
     model, params, batch = toy
     weights = (1.0, 0.5, 2.0, 0.25)
@@ -230,6 +231,7 @@ def test_multiplier_groups_cover_the_real_model_and_reject_unknown_names():
         group_of('image/foo/kernel')
 
 
+@pytest.mark.slow
 def test_ema_and_learning_rate_schedules(toy):
     model, params, batch = toy
     sc = _toy_sc(optim=_SGD_MULT)  # the multiplier test's program
@@ -259,6 +261,7 @@ def _real_cfg(*extra):
     return cfg
 
 
+@pytest.mark.slow
 def test_tiny_four_flow_model_overfits_a_tiny_set(tmp_path):
     # 8 records = one batch; each record keeps its (t, eps) (noise.fixed), so the loss is a
     # deterministic function of the weights and "falls by half" cannot be luck of the draw.
@@ -309,6 +312,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     _tree_close(load_part(out, 'diffuser'), whole['state'].ema_params, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # (this run also starts from a "smaller setting": its image stream, through init sources)
     small_model = _image_only(load_config('train_tiny:test').model)
