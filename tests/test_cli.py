@@ -354,3 +354,50 @@ def test_export_refuses_an_output_under_a_file_before_reading(env, files, tmp_pa
                             module='vd_jax.export')
     assert_usage_error(code, err, "cannot create output '", "a_file' is a file, not a folder")
     assert 'exporting' not in out + err
+
+
+def on_a_terminal(env, *args):
+    """Run sample.py with stderr a 100-column terminal; (exit code, what the terminal got)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+    try:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'sample.py'), *map(str, args)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = p.wait(timeout=600)
+    finally:
+        os.close(master)
+    return code, b''.join(chunks).decode()
+
+
+@pytest.mark.slow
+def test_on_a_terminal_warnings_and_errors_are_never_glued_to_the_progress_bar(env, tmp_path):
+    # a warning during a run: on a line of its own, not behind the bar's text
+    code, err = on_a_terminal(env, '--model', 'tiny', '--prompt', LONG, '--steps', '1', '--n', '1',
+                              '--out', tmp_path / 'out')
+    assert code == 0, err[-2000:]
+    assert '%|' in err  # tqdm drew its bar
+    segments = re.split('[\r\n]', err)  # tqdm redraws its line after '\r'
+    warned = [x for x in segments if 'BPE tokens' in x]
+    assert warned and all(x.startswith('warning: prompt 0 has 90 BPE tokens') for x in warned), err
+    # an error found mid-run (a size the model cannot make): after the bar closed its line
+    code, err = on_a_terminal(env, '--model', 'tiny', '--prompt', 'a cat', '--height', '30',
+                              '--steps', '2', '--out', tmp_path / 'out2')
+    assert code == 2, err[-2000:]
+    assert '%|' in err or 'step [' in err, err
+    before, _, after = err.rpartition('error: ')
+    assert before.endswith('\n'), repr(err[-600:])  # (a pty turns '\n' into '\r\n')
+    assert 'multiples of' in after and not (tmp_path / 'out2').exists()
