@@ -11,6 +11,7 @@ and either signal stops the process at once.
 Several hosts: run the same command on every host with --distributed (TPU/GPU clusters
 find their peers themselves; elsewhere add --coordinator HOST:PORT --num_processes N
 --process_id I). `--export` only writes the EMA weights of the latest checkpoint.
+`--profile-steps 10:15` writes a JAX profiler trace of those steps into <workdir>/profile/.
 """
 import argparse
 import logging
@@ -36,6 +37,10 @@ def parse_args(argv):
     p.add_argument('--coordinator', default=None, help='HOST:PORT of process 0 (--distributed)')
     p.add_argument('--num_processes', type=int, default=None)
     p.add_argument('--process_id', type=int, default=None)
+    p.add_argument('--profile-steps', default=None, metavar='A:B',
+                   help='write a JAX profiler trace of steps A..B (1-based, inclusive) into '
+                        '<workdir>/profile/ (view with TensorBoard + tensorboard-plugin-profile, '
+                        'or XProf)')
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if r.startswith('--') and not r.startswith('--config.')]
     if bad:
@@ -76,10 +81,12 @@ def main(argv=None):
     from vd_jax.outputs import check_output_folder
     from vd_jax.train.settings import ConfigError, apply_overrides
     from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train
+    from vd_jax.train.observe import parse_profile_steps
 
     try:
         cfg = load_config(args.config)
         apply_overrides(cfg, overrides)
+        profile_steps = parse_profile_steps(args.profile_steps)
         check_output_folder(args.workdir, '--workdir')
     except (ConfigError, ValueError, FileNotFoundError) as e:  # OutputLocationError included
         return _usage_error(e)
@@ -93,7 +100,7 @@ def main(argv=None):
             return _usage_error(e)
         return EXIT_OK
     try:
-        out = train(cfg, args.workdir)
+        out = train(cfg, args.workdir, profile_steps=profile_steps)
     except TrainingDiverged as e:
         logging.error('%s', e)
         return EXIT_DIVERGED

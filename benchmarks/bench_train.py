@@ -51,6 +51,10 @@ def train_config(name: str):
     cfg.init.method = 'random'
     cfg.data.latent_size = 16
     cfg.data.context_len = {'text': 16, 'image': 17}
+    # no CFG dropout: its unconditional contexts come from the frozen encoders (77 / 257
+    # tokens), not the 16 / 17 synthetic tokens of this config (and the step measured here
+    # before CFG dropout existed had none)
+    cfg.cfg_dropout.p = 0.0
     cfg.optimizer.warmup_steps = 10
     return cfg
 
@@ -101,10 +105,14 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
     st = common.stats(times)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+    from vd_jax.train.observe import step_flops  # what train.py logs as perf/tflops_per_device
+    flops = step_flops(run.step_fn, state, batch, run.sc, run.mesh)
     return dict(config=args.config, devices=n_dev, mesh=dict(run.mesh.shape), batch=b,
                 latent_size=ls, context_len=dict(cfg.data.context_len),
                 flows=[f[0] for f in run.sc.flows], params=n_params, setup_s=t_setup,
                 first_step_s=t_first, step=st, examples_per_s=b / st['median'],
+                flops_per_step_per_device=flops,
+                tflops_per_device=flops / st['median'] / 1e12 if flops else None,
                 loss_first=loss0, loss_last=float(m['loss']), peak_rss_gib=common.gib(common.peak_rss()))
 
 
@@ -126,6 +134,8 @@ def main(argv=None):
     configs = args.configs or (['test'] if args.smoke else ['tiny', 'mid'])
     devices = args.devices or ([2] if args.smoke else [1, 8])
     rec = dict(benchmark='train_step', args=vars(args), machine=common.machine_info(), runs=[])
+    common.setup(args.threads, jaxlib_defaults=args.xla_default)
+    common.machine_peaks(rec, args.smoke)  # MFU = TFLOP/s of all devices / the f32 GEMM peak
     me = os.path.abspath(__file__)
     for c in configs:
         for n in devices:
@@ -146,15 +156,26 @@ def main(argv=None):
 
 def print_tables(rec):
     rows = []
+    peak = common.peak_of(rec.get('gemm') or {}, 'jax')  # GFLOP/s of jax's f32 GEMM
     for r in rec['runs']:
         one = next((x for x in rec['runs'] if x['config'] == r['config'] and x['devices'] == 1), None)
         rel = f"{r['step']['median'] / one['step']['median']:.2f}x" if one else '-'
         rows.append((r['config'], f"{r['params']:,}", r['devices'], r['mesh'], r['batch'],
                      common.fmt_s(r['step']), f"{r['examples_per_s']:.2f}", rel,
-                     f"{r['first_step_s']:.1f}", r['peak_rss_gib']))
+                     f"{r['first_step_s']:.1f}", r['peak_rss_gib'], _mfu(r, peak)))
     print('\nTraining step (4 flows, AdamW + EMA, float32)\n' +
           common.table(['config', 'params', 'devices', 'mesh', 'global batch', 'step s',
-                        'examples/s', 'cost/example vs 1 device', 'first step s', 'peak RSS GiB'], rows))
+                        'examples/s', 'cost/example vs 1 device', 'first step s', 'peak RSS GiB',
+                        'GFLOP/s (MFU vs jax GEMM)'], rows))
+
+
+def _mfu(r, peak) -> str:
+    """XLA's FLOPs of the step (all devices; host devices share the cores) per second, and
+    their share of the machine's measured jax f32 GEMM peak."""
+    if not r.get('tflops_per_device'):
+        return '-'
+    gf = r['tflops_per_device'] * r['devices'] * 1e3
+    return f'{gf:.1f} ({100 * gf / peak:.0f}%)' if peak else f'{gf:.1f}'
 
 
 def argparse_hidden():

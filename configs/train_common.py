@@ -101,6 +101,9 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     cfg.validation = dict(every=0, n=16, steps=25, scale=7.5, metrics=[], prompts=[])
 
     cfg.log_every = 50
+    # perf.jsonl / TensorBoard: perf/tflops_per_device and perf/mfu against this per-device
+    # peak (TFLOP/s); 0: vd_jax.train.observe.PEAKS by device kind, or measured on CPU
+    cfg.perf = dict(peak_tflops=0.0)
     cfg.checkpoint = dict(every=1000, keep=3, async_save=True)
     cfg.export = dict(at_end=True)
     cfg.tensorboard = True               # if tensorboardX / tensorboard is installed

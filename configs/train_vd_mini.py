@@ -53,13 +53,19 @@ def get_config(arg=None):
         cfg.grad_multipliers = {}
         cfg.ema.decay = 0.99
         if stage == 'autokl':
-            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 32, 1e-3
-            cfg.autokl.update(kl_weight=1e-5, crop=32)
+            # whole images: GroupNorm's statistics over a crop differ from the whole image's,
+            # so a VAE trained on crops reconstructs whole images badly (measured: L1 0.15 vs
+            # 0.037 on crops)
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 16, 1e-3
+            cfg.autokl.update(kl_weight=1e-5, crop=0)
         elif stage == 'clip':
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 64, 1e-3
         else:
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 64, 1e-3
-            cfg.optimus.update(beta=0.2, free_bits=0.05, warmup_steps=1000)
+            # free bits: the first 0.5 nats of each of the 32 latent dims are free, room for
+            # the ~9 nats of a caption (1728 attribute combinations x 6 templates); with 0.05
+            # the KL settled at 5 nats and decoding stalled at 72% token accuracy
+            cfg.optimus.update(beta=0.5, free_bits=0.5, warmup_steps=500)
         return cfg
     cfg.objective = 'diffusion'
     cfg.batch_size = 32

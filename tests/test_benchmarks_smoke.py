@@ -26,6 +26,7 @@ SCRIPTS = {
     'bench_levers': ['--profile', '--sizes', '64', '--variants', 'baseline', 'chunked', 'flash'],
     'bench_train': [],
     'bench_attention': [],
+    'bench_compile_cache': [],
 }
 TOL = 1e-4
 
@@ -130,3 +131,15 @@ def test_train_smoke(records):
     assert r['runs'] and all(np.isfinite(x['loss_last']) for x in r['runs'])
     multi = [x for x in r['runs'] if x['devices'] > 1]
     assert multi and multi[0]['mesh']['fsdp'] > 1
+
+
+def test_compile_cache_smoke(records):
+    r = records['bench_compile_cache']
+    runs = {x['mode']: x for x in r['runs']}
+    assert set(runs) == {'off', 'cold', 'warm'}
+    # off writes nothing; cold misses and fills the cache; warm loads every program from it
+    assert runs['off']['cache'] is None and runs['off']['cache_hits'] == 0
+    assert runs['cold']['cache_misses'] > 0 and runs['cold']['cache_files'] > 0
+    assert runs['warm']['cache_hits'] >= runs['cold']['cache_misses'] > 0
+    assert runs['warm']['cache_misses'] == 0
+    assert r['summary']['tiny']['same_output']

@@ -76,9 +76,13 @@ def test_two_processes_train_like_one(tmp_path):
     # read its own half) and every record has its own t and eps
     metrics = load_metrics(str(workdir))
     assert sorted(metrics) == [1, 2, 3]
+    # (the frozen encoders run FSDP-sharded here: the unconditional contexts that CFG dropout
+    # swaps in differ from the 1-device ones in the last bits, which Adam amplifies a little
+    # in the gradient norm by step 3 -- measured 5e-5 relative)
     for step in (1, 2, 3):
         for k, v in ref['history'][step].items():
-            np.testing.assert_allclose(metrics[step][k], v, rtol=2e-5, err_msg=f'step {step} {k}')
+            np.testing.assert_allclose(metrics[step][k], v, rtol=1e-4 if k == 'grad_norm' else 2e-5,
+                                       err_msg=f'step {step} {k}')
     # the processes checkpointed their own data iterator state (disjoint shares)
     data = workdir / 'checkpoints' / '3' / 'data'
     states = [(data / f'process_{i}-of-2.json').read_text() for i in range(2)]

@@ -140,7 +140,7 @@ def test_objective_configs_are_checked():
     from vd_jax.train.loop import make_model
     cfg = load_config('train_vd_mini:autokl')
     sc = StepConfig.from_config(cfg, make_model(cfg))
-    assert isinstance(sc.objective, O.AutoKL) and sc.flows == () and sc.objective.crop == 32
+    assert isinstance(sc.objective, O.AutoKL) and sc.flows == () and sc.objective.crop == 0
     cfg.objective = 'gan'
     with pytest.raises(ConfigError, match='objective must be one of'):
         StepConfig.from_config(cfg, None)

@@ -11,15 +11,20 @@ map of `vd_jax.modalities`) and gives, per modality, jitted
 plus shapes (`abstract_params`, `latent_shape`) and the image sizes of the model. The sampling
 pipeline (`vd_jax.tasks`) and training (`vd_jax.train.inputs`) both use it. With a `mesh`,
 parameters are placed on it (replicated, or sharded by the logical-axis rules) and batches
-can be split over its data axes (`shard_batch`).
+can be split over its data axes (`shard_batch`). On a mesh of this process's devices the
+encoders and decoders above split their batch over the data axes too (padded to a multiple
+of `data_shards`, trimmed again), and every network runs under `on_mesh()` (the mesh and the
+logical-axis rules the model's activation constraints resolve against).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vd_jax import modalities as M
 from vd_jax.models import family
@@ -132,6 +137,15 @@ class Components:
             self.tokenizers[name] = tok
         return self.tokenizers[name]
 
+    def check_tokenizers(self, flows) -> None:
+        """Build the tokenizers `flows` use (CLIP for text contexts, BERT and GPT-2 for text
+        outputs): a tokenizer that does not fit the model's vocabulary raises ValueError."""
+        flows = [M.flow(f) for f in flows]
+        names = (['clip'] if any(f.ctype == 'text' for f in flows) else []) + \
+            (['bert', 'gpt2'] if any(f.xtype == 'text' for f in flows) else [])
+        for name in names:
+            self.tokenizer(name)
+
     # -- modalities -----------------------------------------------------------------------------------
     def encode_context(self, modality: str, raw, **kw) -> jax.Array:
         """Raw inputs (prompts or token ids; images in [0, 1] / uint8 / paths) -> contexts
@@ -139,7 +153,8 @@ class Components:
         m = M.get(modality)
         inputs = m.context_inputs(self, raw, **kw)
         fn = self.jit(f'context/{modality}', _context_fn(m, self.module(m.ctx_part)))
-        return fn(self.params[m.ctx_part], {k: jnp.asarray(v) for k, v in inputs.items()})
+        return self.run_split(lambda x: fn(self.params[m.ctx_part], x),
+                              {k: jnp.asarray(v) for k, v in inputs.items()})
 
     def encode_latent(self, modality: str, raw, keys=None) -> jax.Array:
         """Raw inputs -> latents; with `keys` (one per input) a posterior sample per input
@@ -148,11 +163,19 @@ class Components:
         inputs = {k: jnp.asarray(v) for k, v in m.latent_inputs(self, raw).items()}
         fn = _latent_fn(m, self.module(m.vae_part), keys is not None)
         fn = self.jit(f'latent/{modality}/{keys is not None}', fn)
-        return fn(self.params[m.vae_part], inputs, keys)
+        if keys is None:
+            return self.run_split(lambda x: fn(self.params[m.vae_part], x, None), inputs)
+        return self.run_split(lambda a: fn(self.params[m.vae_part], a[0], a[1]), (inputs, keys))
 
     def decode_latent(self, modality: str, latents, **kw):
         """Latents -> images (B, H, W, 3) float32 in [0, 1] / list of sentences."""
-        return M.get(modality).decode(self, latents, **kw)
+        m = M.get(modality)
+        seeds = kw.pop('seeds', None)
+        if seeds is None:
+            return self.run_split(lambda z: m.decode(self, z, **kw), jnp.asarray(latents))
+        # per-row decoding seeds are batch-leading too
+        return self.run_split(lambda a: m.decode(self, a[0], seeds=np.asarray(a[1]), **kw),
+                              (jnp.asarray(latents), np.asarray(seeds)))
 
     def uncond_context(self, ctype: str, output: str, convention: str, like) -> jax.Array:
         """The unconditional context for contexts `like` (B, L, D) of modality `ctype` when
@@ -216,6 +239,56 @@ class Components:
                 return jax.device_put(x, shd.replicated(self.mesh))
             return jax.device_put(x, shd.batch_sharding(self.mesh, self.rules, x.ndim))
         return jax.tree_util.tree_map(put, tree)
+
+    @property
+    def splits_batches(self) -> bool:
+        """Whether sampling splits its batches over the mesh: a mesh of this process's
+        devices only (a mesh spanning several processes holds global arrays, which the
+        host-side sampling code cannot read; training's encoders use their own program)."""
+        return self.mesh is not None and not self.mesh.is_multi_process
+
+    def on_mesh(self):
+        """Context for running (tracing) the networks: `jax.set_mesh(mesh)` and the
+        logical-axis rules, so the model's `with_logical_constraint`s resolve against this
+        mesh (a no-op context without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def run_split(self, fn: Callable, batch):
+        """`fn(batch)` for a pytree of batch-leading arrays: with a mesh of this process's
+        devices the batch is padded (last row repeated) to a multiple of `data_shards`, split
+        over the data axes, run under `on_mesh()` and the batch-leading outputs trimmed."""
+        if not self.splits_batches:  # no mesh, or a multi-process one: as given
+            return fn(batch)
+        b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+        padded = _round_up(b, self.data_shards)
+        with self.on_mesh():
+            out = fn(self.shard_batch(_pad_rows(batch, b, padded)))
+        if padded == b:
+            return out
+        if isinstance(out, list):  # sentences
+            return out[:b]
+        return jax.tree_util.tree_map(lambda x: x[:b], out)
+
+
+def _round_up(b: int, k: int) -> int:
+    return -(-b // k) * k
+
+
+def _pad_rows(tree, b: int, to: int):
+    """Batch-leading leaves padded from b to `to` rows by repeating the last row."""
+    if to == b:
+        return tree
+
+    def pad(a):
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[-1:], to - b, axis=0)], axis=0)
+    return jax.tree_util.tree_map(pad, tree)
 
 
 # Compiled functions shared by every `Components` of equal networks (networks are hashable):

@@ -109,9 +109,12 @@ def code_version() -> str:
 
 def write_results(out_dir: str, settings: Mapping[str, Any], images: Optional[np.ndarray] = None,
                   texts: Optional[Sequence[str]] = None, labels: Optional[Sequence[str]] = None,
-                  inputs: Optional[np.ndarray] = None) -> dict:
+                  inputs: Optional[np.ndarray] = None,
+                  elsewhere: Optional[Mapping[str, Any]] = None) -> dict:
     """Write images (one PNG each + grid.png), texts (texts.json + texts.txt), and settings.json.
 
+    elsewhere: {kind: path or [paths]} written by others (the other processes of a
+    distributed run, previews), listed in settings.json with what this call writes.
     Returns {kind: [paths]} of what was written.
     """
     written = {'images': [], 'grid': None, 'texts': [], 'settings': None}
@@ -134,11 +137,16 @@ def write_results(out_dir: str, settings: Mapping[str, Any], images: Optional[np
         with open(p2, 'x') as f:
             f.write('\n'.join(texts) + '\n')
         written['texts'] = [p, p2]
+    listing = {k: v for k, v in written.items() if k != 'settings'}
+    for k, v in (elsewhere or {}).items():
+        if isinstance(v, (list, tuple)):
+            listing[k] = list(v) + list(listing.get(k) or [])
+        elif v is not None:
+            listing[k] = v
     p = os.path.join(out_dir, 'settings.json')
     with open(p, 'x') as f:
         json.dump(dict(settings, written_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-                       outputs={k: v for k, v in written.items() if k != 'settings'}),
-                  f, indent=1, default=str)
+                       outputs=listing), f, indent=1, default=str)
     written['settings'] = p
     return written
 

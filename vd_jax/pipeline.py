@@ -31,6 +31,7 @@ import numpy as np
 from vd_jax import modalities as M
 from vd_jax.checkpoint import CheckpointError, available_parts, load_part, read_config
 from vd_jax.components import Components
+from vd_jax.sharding import as_mesh, parse_mesh  # noqa: F401  (re-exported)
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.tasks import TASKS, SamplingOptions, TaskError  # noqa: F401  (re-exported)
 
@@ -51,15 +52,20 @@ class VersatileDiffusion:
       dtype: compute dtype ('float32' | 'bfloat16'); sampler state and outputs stay float32.
       uncond: unconditional-context convention, one of `UNCOND_CONVENTIONS`.
       source: where the weights came from (recorded by `sample.py`).
-      mesh: optional `jax.sharding.Mesh`: batches are split over its data axes, parameters
-        replicated or sharded over fsdp/model by `rules` (see `vd_jax.sharding`).
+      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh`, {axis: size} or
+        'data=2,fsdp=4' over this process's devices): every batch is split over its data
+        axes (padded to a multiple of them and trimmed), parameters are replicated, or
+        sharded over fsdp/model by `rules`, for chips that cannot hold the whole model.
+        Sample i is the same as without a mesh (up to float summation order).
+      rules: logical-axis rules (default `vd_jax.sharding.DEFAULT_RULES`, as training).
     """
 
     def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
                  uncond: str = 'v1.0', source: str = '<memory>', mesh=None, rules=None):
         if uncond not in UNCOND_CONVENTIONS:
             raise TaskError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
-        self.components = Components(model_config, params, dtype=dtype, mesh=mesh, rules=rules)
+        self.components = Components(model_config, params, dtype=dtype, mesh=as_mesh(mesh),
+                                     rules=rules)
         self.config, self.uncond, self.source = self.components.config, uncond, source
 
     @property
@@ -76,7 +82,7 @@ class VersatileDiffusion:
                         uncond: str = 'v1.0', mesh=None, rules=None) -> 'VersatileDiffusion':
         """Load a vd_jax checkpoint folder (made by `python -m vd_jax.convert` or training).
         Weights are read straight into their place (each device reads its own slice with a
-        mesh) and stored in the compute dtype."""
+        mesh) and stored in the compute dtype. mesh / rules: as the constructor."""
         cfg = read_config(path)
         have = available_parts(path)
         want = have if parts is None else tuple(parts)
@@ -137,6 +143,10 @@ class VersatileDiffusion:
                 raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
                                 f"diffuser '{self.config.get('name', '?')}' does not have "
                                 f'(its flows: {sorted(have)})')
+        try:  # tokenizers that do not fit the model's vocabularies fail before any sampling
+            self.components.check_tokenizers(t.flows)
+        except ValueError as e:
+            raise TaskError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)

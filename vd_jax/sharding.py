@@ -234,3 +234,41 @@ def put_global(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def describe(mesh: Mesh) -> str:
     return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
             f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
+
+
+def parse_mesh(text: str) -> Dict[str, int]:
+    """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4} (axes of `vd_jax.sharding.MESH_AXES`; one
+    size may be -1: all remaining devices). ValueError naming the problem."""
+    out: Dict[str, int] = {}
+    for item in [x.strip() for x in str(text).split(',') if x.strip()]:
+        axis, eq, size = item.partition('=')
+        axis = axis.strip()
+        if not eq or axis not in MESH_AXES:
+            raise ValueError(f"mesh '{text}': expected AXIS=SIZE items with AXIS one of "
+                             f'{MESH_AXES}, e.g. data=2,fsdp=4 (got {item!r})')
+        try:
+            out[axis] = int(size)
+        except ValueError:
+            raise ValueError(f"mesh '{text}': size of {axis} must be an integer (-1 = all "
+                             f'remaining devices), got {size!r}') from None
+        if out[axis] == 0 or out[axis] < -1:
+            raise ValueError(f"mesh '{text}': {axis}={out[axis]} must be positive or -1")
+    if not out:
+        raise ValueError(f"mesh '{text}': empty; e.g. data=-1 or data=2,fsdp=4")
+    if sum(v == -1 for v in out.values()) > 1:
+        raise ValueError(f"mesh '{text}': at most one axis may be -1")
+    return out
+
+
+def as_mesh(mesh, devices=None):
+    """A `jax.sharding.Mesh` from a Mesh (returned as is), a mapping {axis: size} or a
+    string 'data=2,fsdp=4' (axes data / fsdp / model, missing ones 1, one -1 = the remaining
+    devices), over `devices` (default this process's, `jax.local_devices()`); None stays None."""
+    if mesh is None:
+        return None
+    import jax
+    from jax.sharding import Mesh
+    if isinstance(mesh, Mesh):
+        return mesh
+    shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    return create_mesh(shape, jax.local_devices() if devices is None else devices)

@@ -11,6 +11,10 @@ parsed (`vd_jax.eval.shapes_reader`), and compared with the attributes asked for
   dual          image + prompt with different attributes, attention mix 0 / 0.5 / 1: for each
                 attribute, the share of outputs that follow the image and the prompt
   guidance      text -> image accuracy at guidance scales 1 / 3 / 7.5
+  autokl        the image VAE alone: attributes read from decode(encode(image))
+  optimus       the text VAE alone: attributes parsed from decode(encode(caption)) (greedy)
+  clip          the CLIP towers alone: for each held-out image, is its own caption the
+                most similar among all held-out captions (top-1), and per attribute
 
 `evaluate` returns a JSON-able record; grids (PNG, with the settings in the metadata) go into
 `out_dir`. Every sample is seeded (sample i: seed + i), so a run is reproducible.
@@ -29,6 +33,7 @@ from vd_jax.data import shapes as W
 from vd_jax.eval.shapes_reader import attribute_accuracy, parse_caption, read_images
 
 FLOWS = ('t2i', 'i2t', 'i2i', 't2t', 'dual', 'guidance')
+PARTS = ('autokl', 'optimus', 'clip')
 
 
 @dataclasses.dataclass
@@ -151,6 +156,37 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         timed('t2t', run)
     if 'dual' in s.flows and 'dual_guided' in have:
         timed('dual', lambda: _dual(vd, s, data, images, kw, out_dir))
+    c = vd.components
+    if 'autokl' in s.flows and 'vae_image' in vd.params:
+        def run():
+            rec_img = np.concatenate([c.decode_latent('image', c.encode_latent('image', images[k:k + 100]))
+                                      for k in range(0, len(images), 100)])
+            return dict(accuracy=_acc(read_images(rec_img), truth),
+                        mean_abs_error=round(float(np.abs(rec_img - images).mean()), 5))
+        timed('autokl', run)
+    if 'optimus' in s.flows and 'vae_text' in vd.params:
+        def run():
+            texts = []
+            for k in range(0, len(prompts), 100):
+                z = c.encode_latent('text', prompts[k:k + 100])
+                texts += c.decode_latent('text', z, method='greedy')
+            exact = np.mean([t.strip() == p.strip() for t, p in zip(texts, prompts)])
+            return dict(accuracy=_acc([parse_caption(t) for t in texts], truth),
+                        exact=round(float(exact), 4),
+                        examples=[[p, t] for p, t in zip(prompts[:4], texts[:4])])
+        timed('optimus', run)
+    if 'clip' in s.flows and {'ctx_text', 'ctx_image'} <= set(vd.params):
+        def run():
+            from vd_jax.eval.clip_score import CLIPScorer
+            sc = CLIPScorer(vd.params['ctx_text'], vd.params['ctx_image'], vd.config['ctx']['text'],
+                            vd.config['ctx']['image'], batch_size=s.batch_size)
+            t, i = sc.text_embeds(prompts), sc.image_embeds(images)
+            t, i = t / np.linalg.norm(t, axis=1, keepdims=True), i / np.linalg.norm(i, axis=1,
+                                                                                  keepdims=True)
+            best = np.argmax(i @ t.T, axis=1)
+            return dict(accuracy=_acc([truth[j] for j in best], truth),
+                        top1=round(float(np.mean(best == np.arange(len(best)))), 4))
+        timed('clip', run)
     return rec
 
 

@@ -79,7 +79,7 @@ def check_n(n) -> int:
 def prompts_list(prompts, n: int) -> List[str]:
     """Prompts (a string or a list) repeated n times each, prompt-major."""
     items = as_list(prompts)
-    if not items:
+    if not items or any(p is None for p in items):
         raise TaskError('no prompt given')
     return [str(p) for p in items for _ in range(check_n(n))]
 
@@ -202,6 +202,10 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
     With a mesh, the batch is padded to a multiple of the data axes, split over them and
     trimmed again; per-sample seeds make the result equal to a single-device run.
     """
+    if comps.mesh is not None and not comps.splits_batches:
+        raise TaskError('sampling runs on a mesh of this process\'s devices (jax.local_devices()); '
+                        'this mesh spans several processes (sample.py --distributed gives each '
+                        'process its own mesh)')
     sampler = sampler_for(comps, cond, opts, start_step)
     b = next(x for x in (None if shape is None else shape[0],
                          None if x0 is None else x0.shape[0],
@@ -209,6 +213,9 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
     if seeds is None:
         seeds = seeds_for(opts.seed, b)
     if latents is not None:
+        if x0 is not None:
+            raise TaskError('latents (an initial x_T) and a start from an image (fidelity / '
+                            'start_step) are exclusive: give one of them')
         latents = jnp.asarray(latents, jnp.float32)
         want = tuple(shape) if shape is not None else tuple(latents.shape)
         if tuple(latents.shape) != want:
@@ -224,18 +231,21 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
               (padded,) + tuple(shape[1:]))
     params = comps.params['diffuser']
     schedule = schedule_of(comps)
-    if progress or callback is not None:
-        chunk = 1 if callback is not None else max(1, min(10, int(opts.steps)))
-        state = None
-        for done, total, state in sampler.iterate(params, schedule, args['ctx'], chunk=chunk,
-                                                  **kw):
-            if callable(progress):
-                progress(done, total)
-            if callback is not None and total:
-                callback(sampler.plan.start + done - 1, state.x[:b])
-        z = state.x
-    else:
-        z = sampler(params, schedule, args['ctx'], **kw)
+    # the mesh and the logical-axis rules while the sampler traces: the diffuser's activation
+    # constraints (batch over the data axes) resolve against them
+    with comps.on_mesh():
+        if progress or callback is not None:
+            chunk = 1 if callback is not None else max(1, min(10, int(opts.steps)))
+            state = None
+            for done, total, state in sampler.iterate(params, schedule, args['ctx'],
+                                                      chunk=chunk, **kw):
+                if callable(progress):
+                    progress(done, total)
+                if callback is not None and total:
+                    callback(sampler.plan.start + done - 1, state.x[:b])
+            z = state.x
+        else:
+            z = sampler(params, schedule, args['ctx'], **kw)
     return z[:b]
 
 
@@ -250,13 +260,60 @@ def repeat(x, n: int):
     return jnp.repeat(x, n, axis=0)
 
 
+def token_ids(prompts) -> Optional[np.ndarray]:
+    """Prompts given as CLIP token ids -> (P, L) int array; None for strings. Token ids are
+    an integer array (P, L) or (L,), or a list of equal-length integer sequences."""
+    if isinstance(prompts, str) or prompts is None:
+        return None
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        a = np.asarray(prompts)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TaskError(f'prompts given as an array must be integer CLIP token ids, got '
+                            f'dtype {a.dtype}')
+        return a[None] if a.ndim == 1 else a
+    items = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+    seqs = [x for x in items if isinstance(x, (list, tuple, np.ndarray, jax.Array))]
+    if not seqs:
+        return None
+    if len(seqs) != len(items) or not all(
+            np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) == 1 for x in seqs):
+        raise TaskError('prompts must be strings or CLIP token ids (integer sequences of '
+                        'equal length), not a mix')
+    if len({len(x) for x in seqs}) > 1:
+        raise TaskError('token-id prompts must have equal lengths, got '
+                        f'{sorted({len(x) for x in seqs})}')
+    return np.asarray([np.asarray(x) for x in seqs])
+
+
+def ready_context(comps, context, modality: str, what: str = 'context') -> jnp.ndarray:
+    """Ready contexts (P, L, D) of `modality` (e.g. from `comps.encode_context`; one (L, D)
+    is P = 1), checked against the model: L the modality's context length, D the diffuser's
+    context width."""
+    from vd_jax import modalities as M
+    c = jnp.asarray(context, jnp.float32)
+    if c.ndim == 2:
+        c = c[None]
+    length = M.get(modality).context_length(comps.config)
+    dim = int(comps.config['diffuser']['streams'][modality].get('context_dim', 768)) \
+        if modality in comps.config['diffuser']['streams'] else None
+    if c.ndim != 3 or c.shape[0] < 1 or c.shape[1] != length or (dim and c.shape[2] != dim):
+        raise TaskError(f'{what}: ready {modality} contexts must be (P, {length}, {dim}) float '
+                        f'arrays (as comps.encode_context({modality!r}, ...) gives), got shape '
+                        f'{tuple(c.shape)}')
+    return c
+
+
 def text_contexts(comps, prompts, n: int, context=None):
-    """CLIP text contexts of prompts (strings or token ids (P, L)), each repeated n times;
-    or ready contexts (P, L, D) given as `context`."""
+    """CLIP text contexts of prompts (strings, or token ids: see `token_ids`), each repeated
+    n times prompt-major; or ready contexts (P, L, D) given as `context`."""
     if context is not None:
-        return repeat(jnp.asarray(context, jnp.float32), check_n(n))
-    if isinstance(prompts, np.ndarray) and np.issubdtype(prompts.dtype, np.integer):
-        return repeat(comps.encode_context('text', prompts), check_n(n))
+        return repeat(ready_context(comps, context, 'text'), check_n(n))
+    ids = token_ids(prompts)
+    if ids is not None:
+        try:
+            return repeat(comps.encode_context('text', ids), check_n(n))
+        except ValueError as e:
+            raise TaskError(str(e)) from None
     n = check_n(n)
     # each prompt encoded once, then repeated: a truncation warning names the user's index
     return repeat(comps.encode_context('text', prompts_list(prompts, 1)), n)
@@ -264,15 +321,19 @@ def text_contexts(comps, prompts, n: int, context=None):
 
 def negative_text_context(comps, negative, like, prompts: int, n: int, output: str, convention: str):
     """The unconditional text context: the convention's, or negative prompts (one, or one
-    per prompt) each repeated n times."""
+    per prompt; strings or token ids) each repeated n times."""
     if negative is None or (isinstance(negative, str) and negative == ''):
         return comps.uncond_context('text', output, convention, like)
+    ids = token_ids(negative)
+    if ids is not None:
+        rows = per_prompt(list(ids), prompts, 'negative prompts')
+        return repeat(comps.encode_context('text', np.stack(rows)), n)
     neg = [str(x) for x in per_prompt(negative, prompts, 'negative prompts')]
     return repeat(comps.encode_context('text', neg), n)
 
 
 def negative_image_context(comps, negative, like, images: int, n: int, output: str, convention: str,
-                   hw):
+                           hw):
     """The unconditional image context: the convention's, or negative images (one, or one
     per input) each repeated n times."""
     if negative is None:
@@ -309,12 +370,16 @@ def single(comps, xtype: str, ctype: str, ctx, uctx, opts: SamplingOptions, **kw
                    opts, **kw)
 
 
-def image_contexts(comps, images01: np.ndarray, focus=None, masks=None):
-    """CLIP contexts (B, 257, D) of images; `focus` (one value, or one per image) applies the
-    v1.0 style/semantic disentanglement to the patch tokens (the global CLS token is kept);
-    `masks`: keep-masks per image (None entries: whole image)."""
+def image_contexts(comps, images01: np.ndarray, focus=None, masks=None, context=None):
+    """CLIP contexts (B, 257, D) of images, or the ready contexts `context` (B, 257, D);
+    `focus` (one value, or one per image) applies the v1.0 style/semantic disentanglement to
+    the patch tokens (the global CLS token is kept); `masks`: keep-masks per image (None
+    entries: whole image)."""
     from vd_jax import applications as apps
-    c = comps.encode_context('image', list(images01), masks=masks)
+    if context is not None:
+        c = ready_context(comps, context, 'image')
+    else:
+        c = comps.encode_context('image', list(images01), masks=masks)
     focus = list(focus) if isinstance(focus, (list, tuple, np.ndarray)) else [focus] * len(c)
     if len(focus) != len(c):
         raise TaskError(f'{len(focus)} focus values for {len(c)} images')

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import List
 
-import numpy as np
-
 from vd_jax.tasks.common import (SamplingOptions, check_n, image_contexts, image_hw, load_images,
                                  negative_image_context, repeat, single)
 
@@ -17,11 +15,13 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, negative_image=N
     """Images -> captions (len(images) * n strings). Like the demo, the image is resized to
     the model's generation size (config `image_size`, 512 for the released model; the
     aspect ratio is not kept) before CLIP's own preprocessing. `decode`: Optimus decoding
-    options (see `vd_jax.modalities.TextModality.decode`)."""
+    options (see `vd_jax.modalities.TextModality.decode`). `context`: ready CLIP image
+    contexts (P, 257, D) instead of images; `negative_image`: one, or one per image;
+    `latents`: initial x_T (P * n, latent)."""
     n = check_n(n)
     hw = image_hw(comps)
     if context is not None:
-        c = repeat(np.asarray(context, np.float32), n)
+        c = repeat(image_contexts(comps, None, context=context), n)
     else:
         c = repeat(image_contexts(comps, load_images(images, hw)), n)
     b = c.shape[0]

@@ -13,26 +13,39 @@ PARTS_FLOWS = ('i2i',)
 
 def run(comps, images, n: int = 1, *, options: SamplingOptions, height=None, width=None,
         fidelity: float = 0.0, focus: float = 0.5, color_adjust: bool = False,
-        negative_image=None, context=None, latents=None, progress=None,
+        negative_image=None, context=None, start_step=None, latents=None, progress=None,
         callback=None) -> np.ndarray:
     """Images -> variations (len(images) * n, H, W, 3) in [0, 1].
 
     fidelity in [0, 1): start from the VAE latent of the input noised to step
       int(steps * (1 - fidelity)) (the demo's slider, with its off-by-one start); 1 returns
       the inputs.
+    start_step: that start as an explicit ascending DDIM grid index k in [0, grid length)
+      (fidelity f is k = int(steps * (1 - f))); exclusive with fidelity.
     focus: the v1.0 style/semantic slider (0 semantic, 0.5 off, 1 style).
     color_adjust: match each output's colour statistics to its input ('Simple').
     negative_image: replaces the unconditional context (one, or one per input image).
-    context: ready CLIP image contexts (P, 257, D) instead of images (no fidelity/colour).
+    context: ready CLIP image contexts (P, 257, D) instead of images (focus applies; no
+      fidelity/start_step/colour, which need the images).
+    latents: initial x_T (P * n, h, w, 4) (not with a start from the image).
     """
     n = check_n(n)
     if not 0.0 <= float(fidelity) <= 1.0:
         raise TaskError(f'fidelity must be in [0, 1], got {fidelity}')
+    if start_step is not None:
+        if float(fidelity):
+            raise TaskError('give fidelity or start_step, not both (fidelity f starts at '
+                            'start_step = int(steps * (1 - f)))')
+        if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
+                or start_step < 0:
+            raise TaskError(f'start_step must be an integer >= 0 (an ascending DDIM grid index), '
+                            f'got {start_step!r}')
     hw = image_hw(comps, height, width)
     if context is not None:
-        if fidelity or color_adjust:
-            raise TaskError('fidelity and color_adjust need input images, not ready contexts')
-        c, x_in = repeat(np.asarray(context, np.float32), n), None
+        if fidelity or color_adjust or start_step is not None:
+            raise TaskError('fidelity, start_step and color_adjust need input images, not '
+                            'ready contexts')
+        c, x_in = repeat(image_contexts(comps, None, focus, context=context), n), None
     else:
         inputs = load_images(images, hw)
         x_in = np.repeat(inputs, n, axis=0)
@@ -44,6 +57,12 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, height=None, wid
     x0 = start = None
     if float(fidelity) > 0:
         start = int(options.steps * (1 - float(fidelity)))
+    elif start_step is not None:
+        start = int(start_step)
+    if start is not None:
+        if latents is not None:
+            raise TaskError('latents (an initial x_T) and a start from the image (fidelity / '
+                            'start_step) are exclusive: give one of them')
         x0 = comps.encode_latent('image', x_in, keys=context_seeds(options.seed, b, 2))
     z = single(comps, 'image', 'image', c, u, options, x0=x0, start_step=start,
                shape=comps.latent_shape('image', b, hw), latents=latents,

@@ -11,7 +11,7 @@ import numpy as np
 from vd_jax.image_io import as_list
 from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, image_contexts, image_hw,
                                  load_images, load_mask, mixed, negative_image_context,
-                                 negative_text_context, repeat, single, text_contexts)
+                                 negative_text_context, repeat, single, text_contexts, token_ids)
 
 PARTS_FLOWS = ('t2i', 'i2i')
 
@@ -19,29 +19,43 @@ PARTS_FLOWS = ('t2i', 'i2i')
 def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
         prompt: Optional[str] = None, n: int = 1, *, options: SamplingOptions,
         text_strength: float = 0.5, masks: Optional[Sequence] = None, height=None, width=None,
-        focus=0.5, negative_prompt='', negative_image=None, latents=None, progress=None,
-        callback=None) -> np.ndarray:
+        focus=0.5, negative_prompt='', negative_image=None, context=None, latents=None,
+        progress=None, callback=None) -> np.ndarray:
     """masks: optional keep-mask per image ((H, W) in [0, 1], 1 = use this region; None =
     whole image), resized with the image, then applied to CLIP's tokens as the demo.
-    focus: one style/semantic focus for all images or one per image."""
+    focus: one style/semantic focus for all images or one per image.
+    prompt: a string or CLIP token ids (L,) / (1, L).
+    context: ready per-image CLIP contexts (K, 257, D) instead of images (no masks).
+    negative_prompt / negative_image: replace the unconditional contexts (one each: the
+    negative image's context is tiled over the K images' tokens).
+    latents: initial x_T (n, h, w, 4)."""
     n = check_n(n)
     hw = image_hw(comps, height, width)
-    imgs = load_images(images, hw)
-    strengths = [1.0] * len(imgs) if strengths is None else [float(s) for s in strengths]
-    if len(strengths) != len(imgs):
-        raise TaskError(f'{len(strengths)} strengths for {len(imgs)} images')
-    if masks is not None:
-        masks = [None if m is None else load_mask(m, hw) for m in as_list(masks)]
-    c_each = image_contexts(comps, imgs, focus, masks=masks)
+    if context is not None:
+        if masks is not None:
+            raise TaskError('masks need the input images, not ready contexts')
+        c_each = image_contexts(comps, None, focus, context=context)
+    else:
+        imgs = load_images(images, hw)
+        if masks is not None:
+            masks = [None if m is None else load_mask(m, hw) for m in as_list(masks)]
+        c_each = image_contexts(comps, imgs, focus, masks=masks)
+    k = len(c_each)
+    strengths = [1.0] * k if strengths is None else [float(s) for s in strengths]
+    if len(strengths) != k:
+        raise TaskError(f'{len(strengths)} strengths for {k} images')
     ci = repeat(jnp.concatenate([c_each[i:i + 1] * s for i, s in enumerate(strengths)], axis=1), n)
     ui = negative_image_context(comps, negative_image, ci, 1, n, 'image', options.uncond, hw)
     shape = comps.latent_shape('image', n, hw)
     kw = dict(shape=shape, latents=latents, progress=progress, callback=callback)
-    if not prompt or float(text_strength) == 0:
+    ids = token_ids(prompt)
+    if (ids is None and not prompt) or float(text_strength) == 0:
         return comps.decode_latent('image', single(comps, 'image', 'image', ci, ui, options, **kw))
     if not 0.0 <= float(text_strength) <= 1.0:
         raise TaskError(f'text_strength must be in [0, 1], got {text_strength}')
-    ct = text_contexts(comps, [str(prompt)], n)
+    if ids is not None and len(ids) != 1:
+        raise TaskError(f'multi_context takes one prompt, got {len(ids)} token-id rows')
+    ct = text_contexts(comps, ids if ids is not None else [str(prompt)], n)
     ut = negative_text_context(comps, negative_prompt, ct, 1, n, 'image', options.uncond)
     z = mixed(comps, 'attention', (ct, ci), (ut, ui), ('text', 'image'),
               [text_strength, 1 - float(text_strength)], 'image', options, **kw)

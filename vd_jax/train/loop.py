@@ -9,6 +9,11 @@
                to metrics.jsonl, a progress line, the NaN check (a non-finite loss stops the run
                before anything after it is saved) and, with several processes, the preemption
                vote. A checkpoint every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT
+  observe      (`vd_jax.train.observe`) perf.jsonl: per step the host time spent on the next
+               batch while the device sat idle (perf/input_wait_s); on log steps TFLOP/s per
+               device and MFU (perf/tflops_per_device, perf/mfu); `profile_steps` -> a JAX
+               profiler trace in <workdir>/profile/. Timings are kept out of metrics.jsonl,
+               which a resumed run reproduces bit for bit
   export       the EMA weights plus the frozen encoders the run used, as a vd_jax checkpoint
                folder (`workdir/export/step_<N>`) that `sample.py --ckpt` loads
 
@@ -33,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from vd_jax import modalities as M
 from vd_jax import sharding as shd
-from vd_jax.train import init_from, inputs, objectives
+from vd_jax.train import init_from, inputs, objectives, observe
 from vd_jax.train.settings import ConfigError, StepConfig, parse_flows, to_plain
 from vd_jax.train.step import (TrainState, abstract_boxed_params, batch_shardings,
                                create_train_state, init_params_sharded, jit_train_step,
@@ -116,6 +122,8 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
                                    None if cfg.encoders.ckpt else 'random')
         if obj.cfg_dropout > 0:
             conv = str(cfg.cfg_dropout.get('uncond', 'v1.0'))
+            if cfg.data.kind == 'synthetic':
+                _check_context_lengths(cfg, sc.flows, encoders)
             consts = {objectives.uncond_key(f): shd.put_global(np.asarray(u), batch_sh[
                 objectives.uncond_key(f)]) for f, u in encoders.uncond_contexts(conv).items()}
     if diffusion:
@@ -126,6 +134,18 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
                shardings=state_sh, boxed=boxed, step_fn=step_fn, source=source, loader=loader,
                host_prep=prep, encoders=encoders if cfg.data.kind in ('images', 'shapes') else None,
                batch_sh=batch_sh, consts=consts, frozen=encoders)
+
+
+def _check_context_lengths(cfg, flows, encoders) -> None:
+    """Synthetic contexts must have the real contexts' length for CFG dropout to swap in the
+    unconditional ones."""
+    for _, _, ctype, _ in flows:
+        real = M.get(ctype).context_length(encoders.components.config)
+        given = int(cfg.data.context_len[ctype])
+        if given != real:
+            raise ConfigError(f'cfg_dropout: {ctype} contexts have {real} tokens (the context '
+                              f'encoder) but synthetic data.context_len.{ctype}={given}; set '
+                              f'data.context_len.{ctype}={real} or cfg_dropout.p=0')
 
 
 def frozen_encoders(cfg, flows, mesh, ckpt: Optional[str] = None) -> inputs.FrozenEncoders:
@@ -237,26 +257,33 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------
 
 class MetricWriter:
-    """metrics.jsonl in the workdir (one line per step) and TensorBoard if it is installed."""
+    """metrics.jsonl in the workdir (one line per step), perf.jsonl (timings: `write_perf`)
+    and TensorBoard (both) if it is installed."""
 
     def __init__(self, workdir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self._f = None
+        self._perf = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self._f = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+        self._perf = open(os.path.join(workdir, 'perf.jsonl'), 'a')
         if tensorboard:
             self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
 
-    def write(self, step: int, metrics: Dict[str, float]):
+    def write(self, step: int, metrics: Dict[str, float], perf: bool = False):
         if not self.enabled:
             return
-        self._f.write(json.dumps({'step': int(step), **metrics}) + '\n')
+        (self._perf if perf else self._f).write(json.dumps({'step': int(step), **metrics}) + '\n')
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
+
+    def write_perf(self, step: int, metrics: Dict[str, float]):
+        """Timings of a step (`perf/...`) to perf.jsonl and TensorBoard."""
+        self.write(step, metrics, perf=True)
 
     def images(self, step: int, images: Dict[str, np.ndarray]):
         """Images (H, W, 3) in [0, 1] to TensorBoard (PNG files are written by their producer)."""
@@ -265,15 +292,17 @@ class MetricWriter:
                 self._tb.add_image(k, np.asarray(v, np.float32), step, dataformats='HWC')
 
     def flush(self):
-        if self._f:
-            self._f.flush()
+        for f in (self._f, self._perf):
+            if f:
+                f.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self):
-        if self._f:
-            self._f.close()
-            self._f = None
+        for f in (self._f, self._perf):
+            if f:
+                f.close()
+        self._f = self._perf = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -299,10 +328,11 @@ def _fmt_time(s: float) -> str:
     return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
 
 
-def load_metrics(workdir: str) -> Dict[int, Dict[str, float]]:
-    """{step: metrics} from metrics.jsonl (a resumed run's later lines win)."""
+def load_metrics(workdir: str, name: str = 'metrics.jsonl') -> Dict[int, Dict[str, float]]:
+    """{step: metrics} from metrics.jsonl (or `name='perf.jsonl'`: the timings; a resumed
+    run's later lines win)."""
     out = {}
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    with open(os.path.join(workdir, name)) as f:
         for line in f:
             m = json.loads(line)
             out[m.pop('step')] = m
@@ -427,22 +457,23 @@ def _host_metrics(m) -> Dict[str, float]:
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
-    """Drop metrics.jsonl lines after `step` (written after the checkpoint a run resumes
-    from; all of them for a fresh start), so a resumed run never logs a step twice."""
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if jax.process_index() != 0 or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    """Drop metrics.jsonl / perf.jsonl lines after `step` (written after the checkpoint a run
+    resumes from; all of them for a fresh start), so a resumed run never logs a step twice."""
+    for name in ('metrics.jsonl', 'perf.jsonl'):
+        path = os.path.join(workdir, name)
+        if jax.process_index() != 0 or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
 
 
 def train(cfg, workdir: str, *, data_source=None,
           hooks: Sequence[Callable[[int, Dict[str, float]], None]] = (),
-          mesh=None) -> Dict[str, Any]:
+          mesh=None, profile_steps: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Train `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Args:
@@ -452,9 +483,13 @@ def train(cfg, workdir: str, *, data_source=None,
       hooks: called as hook(step, metrics) for every completed step, in order, when its
         metrics reach the host (at the sync points; before the step's checkpoint).
       mesh: a ready `Mesh` instead of `cfg.mesh`.
+      profile_steps: (A, B): write a JAX profiler trace of steps A..B (1-based, inclusive)
+        into `<workdir>/profile/` (`train.py --profile-steps A:B`).
     Returns:
       {'step', 'state' (final TrainState), 'history' ({step: metrics} of this call),
-       'status' ('finished' | 'preempted'), 'export' (folder or None), 'steps_per_s'}.
+       'status' ('finished' | 'preempted'), 'export' (folder or None), 'steps_per_s',
+       'perf' ({step: timings} of this call, as perf.jsonl), 'peak_tflops' (per device, or
+       None) and 'flops_per_step' (per device, XLA's count, or None)}.
     Raises:
       TrainingDiverged: a step produced a non-finite loss/gradient (nothing after the last
         good checkpoint is saved).
@@ -492,8 +527,17 @@ def train(cfg, workdir: str, *, data_source=None,
     enc_key = jax.random.PRNGKey(int(cfg.seed) + 1)
     log_every, ckpt_every = int(cfg.log_every), int(cfg.checkpoint.every)
     val_every = int((cfg.get('validation', {}) or {}).get('every', 0) or 0)
+    input_clock = observe.InputClock()
+    profiler = observe.Profiler(os.path.join(workdir, 'profile'),
+                                tuple(profile_steps) if profile_steps else None)
+    perf: Dict[int, Dict[str, float]] = {}
+    speed: Dict[str, Any] = {'flops': None, 'peak': None}
 
     def next_batch(step_index: int):
+        with input_clock.reading(step_index + 1):
+            return _next_batch(step_index)
+
+    def _next_batch(step_index: int):
         host = run.host_prep(next(iterator))
         batch = shd.global_batch(host, run.mesh, run.sc.rules)
         if run.encoders is not None:
@@ -506,11 +550,12 @@ def train(cfg, workdir: str, *, data_source=None,
 
     step, status, export_dir = start, 'finished', None
     pending: List = []            # (step, device metrics) not yet on the host
-    clock = {'t': None, 'n': 0, 'first': time.time(), 'rate': float('nan')}
+    clock = {'t': None, 'first': time.time(), 'rate': float('nan')}
 
     def flush(now_step: int):
-        """Metrics of the pending steps to the host: NaN check, metrics.jsonl, hooks."""
+        """Metrics of the pending steps to the host: NaN check, metrics.jsonl, hooks, timings."""
         fetched = jax.device_get([m for _, m in pending])
+        t_fetched = time.time()
         steps = [s for s, _ in pending]
         pending.clear()
         for s, m in zip(steps, fetched):
@@ -540,24 +585,40 @@ def train(cfg, workdir: str, *, data_source=None,
             writer.write(s, hm)
             for hook in hooks:
                 hook(s, hm)
-        now = time.time()
-        if clock['t'] is None:  # the first fetch includes the compile
-            logger.info('first step (compile + run) took %.1fs', now - clock['first'])
-            clock['t'], clock['n'], clock['step'] = now, 0, now_step
-        elif now_step > clock['step']:
-            clock['rate'] = (now_step - clock['step']) / max(now - clock['t'], 1e-9)
-            clock['t'], clock['step'] = now, now_step
+        timings = input_clock.metrics(steps)
+        log_step = now_step % log_every == 0 or now_step == total
+        first = clock['t'] is None
+        if first:  # the first fetch includes the compile
+            logger.info('first step (compile + run) took %.1fs', t_fetched - clock['first'])
+            t0 = time.time()  # a cached compile: the step already ran (observe.step_flops)
+            speed['flops'], speed['peak'], where = observe.speed_limits(
+                run.step_fn, state, batch, run.sc, run.mesh, str(cfg.dtype),
+                float((cfg.get('perf', {}) or {}).get('peak_tflops', 0.0) or 0.0))
+            logger.info('train step: %s FLOPs per device (XLA cost analysis, %.1fs); peak %s '
+                        'TFLOP/s per device (%s)', f"{speed['flops']:.4g}" if speed['flops']
+                        else '?', time.time() - t0,
+                        f"{speed['peak']:.4g}" if speed['peak'] else '?', where)
+        elif now_step > clock['step']:  # the steps since the last sync, validation excluded
+            clock['rate'] = (now_step - clock['step']) / max(t_fetched - clock['t'], 1e-9)
+        rate = clock['rate']
+        if log_step and not first and rate == rate:
+            timings.setdefault(now_step, {}).update(
+                observe.utilisation(speed['flops'], speed['peak'], rate))
+        for s in sorted(timings):
+            perf[s] = timings[s]
+            writer.write_perf(s, timings[s])
         hm = history[now_step]
-        if now_step % log_every == 0 or now_step == total:
-            rate = clock['rate']
+        if log_step:
             known = rate == rate and rate > 0  # measured from the second fetch on
-            speed = f'{rate:.2f} steps/s {rate * int(cfg.batch_size):.1f} ex/s' if known else \
+            pace = f'{rate:.2f} steps/s {rate * int(cfg.batch_size):.1f} ex/s' if known else \
                 '? steps/s'
             flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items() if k.startswith('loss/'))
-            logger.info('step %d/%d | loss %.4f [%s] | %s | lr %.2e | grad %.3f | ETA %s',
-                        now_step, total, hm['loss'], flows, speed, hm['lr'], hm['grad_norm'],
-                        _fmt_time((total - now_step) / rate) if known else '?')
+            logger.info('step %d/%d | loss %.4f [%s] | %s | lr %.2e | grad %.3f | ETA %s%s',
+                        now_step, total, hm['loss'], flows, pace, hm['lr'], hm['grad_norm'],
+                        _fmt_time((total - now_step) / rate) if known else '?',
+                        observe.describe(timings, now_step))
             writer.flush()
+        clock['t'], clock['step'] = time.time(), now_step
 
     try:
         with Preemption() as preempt:
@@ -566,14 +627,18 @@ def train(cfg, workdir: str, *, data_source=None,
                 logger.info('compiling the training step (the first step takes a while; a '
                             'compile cache: jax_cache_dir=...)')
             while step < total:
-                state, m = run.step_fn(state, batch)
+                profiler.before(step + 1)
+                with profiler.annotate(step + 1):
+                    state, m = run.step_fn(state, batch)
                 step += 1
+                input_clock.dispatched(step, jax.tree.leaves(m)[0])
                 if step == start + 1:
                     preempt.arm()                  # now there is progress worth saving
                 data_state = iterator.get_state()  # exactly `step` batches consumed
                 if step < total:
                     batch = next_batch(step)       # host work overlaps the device step
                 pending.append((step, m))
+                profiler.after(step, m)
                 due = step % ckpt_every == 0 or step == total
                 sync = due or step % log_every == 0 or (val_every and step % val_every == 0)
                 stop = preempt.requested(sync)
@@ -606,8 +671,11 @@ def train(cfg, workdir: str, *, data_source=None,
             export_ema(cfg, state.ema_params, export_dir, step, encoders=run.frozen,
                        objective=run.sc.objective, model_cfg=model_cfg)
     finally:
+        profiler.stop()
+        input_clock.close()
         writer.close()
         ckpt.wait()
         ckpt.close()
     return {'step': step, 'state': state, 'history': history, 'status': status,
-            'export': export_dir, 'steps_per_s': clock['rate']}
+            'export': export_dir, 'steps_per_s': clock['rate'], 'perf': perf,
+            'peak_tflops': speed['peak'], 'flops_per_step': speed['flops']}

@@ -201,7 +201,7 @@ class AutoKL(Objective):
     model: Any                                   # vd_jax.models.vae.AutoencoderKL
     kl_weight: float = 1e-6
     recon: str = 'l1'
-    crop: int = 0                                # > 0: train on random crops of this side
+    crop: int = 0       # > 0: random crops of this side (cheaper; beware GroupNorm statistics)
     parts: Tuple[str, ...] = ('vae_image',)
 
     def modules(self):
@@ -215,7 +215,8 @@ class AutoKL(Objective):
         del step
         x = batch['image']
         keys = per_record_keys(key, batch['index'])
-        if self.crop:  # the VAE is convolutional: crops teach it the same at a fraction of the cost
+        if self.crop:  # convolutional, so crops are valid inputs; but GroupNorm normalises over
+            # the whole input, so whole images then see other statistics than in training
             c = self.crop
 
             def crop(k, img):

@@ -1,0 +1,192 @@
+"""The full-size four-flow model (3.7 B parameters, all five parts) end to end on this machine.
+
+1. A child process writes a v1.0 checkpoint with random weights: every key and shape of the
+   released four-flow file (`tests/data/vd_keys_fourflow.tsv`: diffuser, vae.image, vae.text,
+   ctx.image, ctx.text), fp16 like the release, as one safetensors file written tensor by
+   tensor.
+2. `python -m vd_jax.convert` turns it into a vd_jax checkpoint folder (float32).
+3. For each dtype (float32, bfloat16) and task (t2i, i2i, i2t, t2t, dual) a fresh child process
+   loads the checkpoint (straight into the compute dtype) and runs the task through the
+   pipeline at 512 px with 2 DDIM steps, timing: load, the first step (compile + run), the
+   second step, the whole call; peak RSS (VmHWM) of the process.
+4. bfloat16 vs float32: the distance of one guided text->image step and of 50-step latents
+   (same seed, same random weights), relative to the latents' scale.
+
+    python benchmarks/bench_fullsize.py [--workdir /tmp/vd_fullsize] [--smoke]
+
+`--smoke` runs the same code on the tiny config (CI). Needs ~60 GB of disk for the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+TASKS = ('t2i', 'i2i', 'i2t', 't2t', 'dual')
+DTYPES = ('float32', 'bfloat16')
+
+
+def write_source(path: str, smoke: bool) -> dict:
+    """The random v1.0 checkpoint (child process): every key of the listing (or, smoke: the
+    tiny model exported to v1.0 names)."""
+    import numpy as np
+    from vd_jax.checkpoint import SafetensorsWriter
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    if smoke:
+        from vd_jax.convert import export_part
+        from vd_jax.pipeline import VersatileDiffusion
+        vd = VersatileDiffusion.random('tiny')
+        entries = {}
+        for part, params in vd.params.items():
+            entries.update(export_part(params, vd.config, part, 'vd-v1.0'))
+        items = [(k, v.shape, np.float16) for k, v in entries.items()]
+        get = (lambda k: entries[k])
+    else:
+        rows = []
+        with open(os.path.join(common.REPO, 'tests', 'data', 'vd_keys_fourflow.tsv')) as f:
+            for line in f:
+                if line.startswith(('#', 'key\t')):
+                    continue
+                key, shape, _dtype, kind, _group = line.rstrip('\n').split('\t')
+                if kind == 'buffer' or 'position_ids' in key:
+                    continue  # the schedule buffers and CLIP's position ids are not weights
+                rows.append((key, tuple(int(s) for s in shape.split(',') if s)))
+        items = [(k, s, np.float16) for k, s in rows]
+
+        def get(k):  # small random values keep every activation finite
+            shape = dict(rows)[k]
+            return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+    w = SafetensorsWriter(path, items)
+    n = 0
+    for k, shape, _ in items:
+        v = get(k)
+        n += int(np.prod(shape))
+        w.write(k, v)
+    w.close()
+    return dict(path=path, keys=len(items), params=n, file_bytes=os.path.getsize(path),
+                write_s=round(time.perf_counter() - t0, 1))
+
+
+def run_task(ckpt: str, task: str, dtype: str, smoke: bool) -> dict:
+    """Load + one task at 512 px (smoke: the tiny size), 2 steps, in this fresh process."""
+    import numpy as np
+    import jax
+    from vd_jax.pipeline import VersatileDiffusion
+    common.reset_peak()
+    t0 = time.perf_counter()
+    vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
+    jax.block_until_ready(vd.params)
+    t_load = time.perf_counter() - t0
+    size = vd.components.image_size
+    img = np.random.default_rng(0).uniform(size=(size, size, 3)).astype(np.float32)
+    marks = []
+    kw = dict(steps=2, seed=0, callback=lambda i, z: marks.append((i, time.perf_counter(),
+                                                                   float(np.asarray(z).std()))))
+    t0 = time.perf_counter()
+    if task == 't2i':
+        out = vd.text_to_image('a red bicycle', 1, **kw)
+    elif task == 'i2i':
+        out = vd.image_variation(img, 1, **kw)
+    elif task == 'i2t':
+        out = vd.image_to_text(img, 1, **kw)
+    elif task == 't2t':
+        out = vd.text_variation('a cat sits on a mat', 1, **kw)
+    else:
+        out = vd.dual_guided('a red bicycle', img, 1, mix=0.5, **kw)
+    t_total = time.perf_counter() - t0
+    first = marks[0][1] - t0 if marks else None
+    second = marks[1][1] - marks[0][1] if len(marks) > 1 else None
+    return dict(task=task, dtype=dtype, size=size, load_s=round(t_load, 1),
+                first_step_s=round(first, 1), second_step_s=round(second, 2),
+                total_s=round(t_total, 1), peak_rss=common.peak_rss(),
+                finite=bool(all(np.isfinite(m[2]) for m in marks)),
+                output=(str(out[0])[:80] if isinstance(out, list) else list(np.shape(out))))
+
+
+def bf16_distance(ckpt: str, steps: int) -> dict:
+    """float32 vs bfloat16 text->image latents (same seed), one step and `steps` steps."""
+    import numpy as np
+    from vd_jax.pipeline import VersatileDiffusion
+    out = {}
+    for n in (1, steps):
+        lat = {}
+        for dtype in DTYPES:
+            vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype, parts=['diffuser',
+                                                                           'ctx_text', 'vae_image'])
+            cap = []
+            vd.text_to_image('a red bicycle', 1, steps=n, seed=0,
+                             callback=lambda i, z: cap.append(np.asarray(z)))
+            lat[dtype] = cap[-1]
+            del vd
+        d = np.abs(lat['float32'] - lat['bfloat16'])
+        scale = float(np.abs(lat['float32']).max())
+        out[f'{n}_steps'] = dict(max_abs=float(d.max()), mean_abs=float(d.mean()),
+                                 max_abs_latent=scale, relative=float(d.max() / scale))
+    return out
+
+
+def main(argv=None):
+    ap = common.base_parser(__doc__.split('\n\n')[0])
+    ap.add_argument('--workdir', default='/tmp/vd_fullsize')
+    ap.add_argument('--child', choices=['write', 'task', 'bf16'], help=argparse_hidden())
+    ap.add_argument('--task')
+    ap.add_argument('--dtype')
+    ap.add_argument('--bf16-steps', type=int, default=None)
+    args = ap.parse_args(argv)
+    common.setup(args.threads, jaxlib_defaults=args.xla_default)
+    smoke = args.smoke
+    work = os.path.join(args.workdir, 'smoke' if smoke else 'full')
+    src, ckpt = os.path.join(work, 'vd4-random-fp16.safetensors'), os.path.join(work, 'vd4')
+    if args.child == 'write':
+        print(json.dumps(write_source(src, smoke)))
+        return
+    if args.child == 'task':
+        print(json.dumps(run_task(ckpt, args.task, args.dtype, smoke)))
+        return
+    if args.child == 'bf16':
+        print(json.dumps(bf16_distance(ckpt, args.bf16_steps)))
+        return
+    log = print
+    os.makedirs(work, exist_ok=True)
+    me = [os.path.abspath(__file__)] + (['--smoke'] if smoke else []) + ['--workdir', args.workdir]
+    rec = dict(machine=common.machine_info(), smoke=smoke)
+    if not os.path.isfile(src):
+        log('== write the random v1.0 checkpoint (all five parts)')
+        rec['source'] = common.run_child(me + ['--child', 'write'])
+    if not os.path.isdir(ckpt):
+        log('== convert it (float32)')
+        t0 = time.perf_counter()
+        import subprocess
+        subprocess.run([sys.executable, '-m', 'vd_jax.convert', src, ckpt, '--config',
+                        'vd_four_flow:tiny' if smoke else 'vd_four_flow'], check=True,
+                       cwd=common.REPO)
+        rec['convert_s'] = round(time.perf_counter() - t0, 1)
+    rows, rec['runs'] = [], []
+    for dtype in DTYPES:
+        for task in TASKS:
+            log(f'== {task} {dtype}')
+            r = common.run_child(me + ['--child', 'task', '--task', task, '--dtype', dtype])
+            rec['runs'].append(r)
+            rows.append([task, dtype, f"{common.gib(r['peak_rss']):.1f}", r['load_s'],
+                         r['first_step_s'], r['second_step_s'], r['total_s']])
+    log(common.table(['task', 'dtype', 'peak RSS GiB', 'load s', 'compile+step s', 'step s',
+                      'call s'], rows))
+    steps = args.bf16_steps or (4 if smoke else 50)
+    log(f'== bfloat16 vs float32 latents (1 and {steps} steps)')
+    rec['bf16_distance'] = common.run_child(me + ['--child', 'bf16', '--bf16-steps', str(steps)])
+    log(json.dumps(rec['bf16_distance'], indent=1))
+    common.write_record('bench_fullsize', rec, args.out, smoke)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,126 @@
+"""Run a progressive training recipe stage by stage: stage 0 (the networks the released weights
+came with) then the VD settings, each stage fed the previous stages' exports.
+
+    python -m vd_jax.train.stages --workdir runs/vd_mini [key=value ...]
+
+runs `configs/train_vd_mini.py` stage by stage into `<workdir>/<stage>/`:
+
+  autokl, clip, optimus     stage 0 (independent of each other)
+  basic                     VD-basic, frozen encoders = the three stage-0 exports
+  dc                        VD-DC, initialised from basic's export
+  four_flow                 VD four-flow, initialised from dc's export
+
+Every stage is an ordinary `train.py` run (checkpoints, exact resume, metrics.jsonl, export):
+re-running the command resumes the stage it stopped in and skips finished ones. Overrides
+apply to every stage (a `<stage>.` prefix limits one to that stage, e.g. `basic.total_steps=10`).
+`<workdir>/stages.json` records each stage's export, wall time and final metrics;
+`<workdir>/final` is the last stage's export (every part of the model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+logger = logging.getLogger('vd_jax.stages')
+
+RECIPE = 'configs/train_vd_mini.py'
+STAGE0 = ('autokl', 'clip', 'optimus')
+VD_STAGES = ('basic', 'dc', 'four_flow')
+
+
+def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str]) -> List[str]:
+    """The overrides of one stage: the shared ones, its own (`stage.key=v`), the data folder
+    shared by all stages, and the previous stages' exports."""
+    out = []
+    for o in overrides:
+        head, _, rest = o.partition('.')
+        if head in STAGE0 + VD_STAGES:
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(o)
+    if stage in VD_STAGES:
+        out.append('encoders.ckpt=' + ','.join(exports[s] for s in STAGE0))
+        previous = VD_STAGES[VD_STAGES.index(stage) - 1] if stage != 'basic' else None
+        if previous:
+            out.append(f'init.sources.previous.path={exports[previous]}')
+    return out
+
+
+def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str] = STAGE0 + VD_STAGES,
+               recipe: str = RECIPE) -> Dict[str, dict]:
+    """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record."""
+    from vd_jax.config import load_config
+    from vd_jax.train.loop import train
+    from vd_jax.train.settings import apply_overrides
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, 'stages.json')
+    record = json.load(open(path)) if os.path.isfile(path) else {}
+    data = os.path.join(workdir, 'data')
+    exports = {s: r['export'] for s, r in record.items() if r.get('export')}
+    for stage in stages:
+        if record.get(stage, {}).get('export') and os.path.isdir(record[stage]['export']):
+            logger.info('stage %s: done (%s)', stage, record[stage]['export'])
+            continue
+        cfg = load_config(f'{recipe}:{stage}')
+        apply_overrides(cfg, [f'data.path={data}'] + stage_overrides(stage, overrides, exports))
+        logger.info('stage %s: %d steps, batch %d', stage, int(cfg.total_steps),
+                    int(cfg.batch_size))
+        t0 = time.time()
+        out = train(cfg, os.path.join(workdir, stage))
+        if out['status'] != 'finished':
+            logger.warning('stage %s stopped at step %d; run the command again to resume',
+                           stage, out['step'])
+            return record
+        last = out['history'].get(out['step'], {})
+        prev = record.get(stage, {})
+        record[stage] = dict(export=out['export'] or prev.get('export'),
+                             seconds=round(prev.get('seconds', 0) + time.time() - t0, 1),
+                             steps=out['step'], final={k: v for k, v in last.items()
+                                                       if k.startswith(('loss', 'val/'))})
+        exports[stage] = record[stage]['export']
+        with open(path, 'w') as f:
+            json.dump(record, f, indent=1)
+    final = exports.get(VD_STAGES[-1])
+    if final:
+        link = os.path.join(workdir, 'final')
+        if os.path.islink(link):
+            os.remove(link)
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(final), link)
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n\n', 1)[1])
+    p.add_argument('--workdir', required=True)
+    p.add_argument('--recipe', default=RECIPE, help='a config file whose args are the stages')
+    p.add_argument('--stages', default=','.join(STAGE0 + VD_STAGES))
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith('--') or '=' not in o]
+    if bad:
+        p.error(f'unrecognized arguments: {bad}')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
+                        datefmt='%H:%M:%S')
+    from vd_jax.platform import configure_xla
+    configure_xla()
+    from vd_jax.train.settings import ConfigError
+    try:
+        rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe)
+    except (ConfigError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(json.dumps({s: {k: v for k, v in r.items() if k != 'final'} for s, r in rec.items()},
+                     indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
