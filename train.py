@@ -4,8 +4,10 @@
 
 Overrides are `key=value` or `--config.key=value` (a mistyped key is an error), e.g.
 `optimizer.lr=5e-5 mesh.fsdp=8 "flows=['t2i','i2i']"`. Re-running the same command resumes
-from the latest checkpoint in the workdir. SIGTERM or Ctrl-C saves a checkpoint and stops
-(exit code 75, so schedulers can tell a preempted run from a finished one, 0).
+from the latest checkpoint in the workdir. Once the first step has run, SIGTERM or Ctrl-C
+saves a checkpoint and stops (exit code 75, so schedulers can tell a preempted run from a
+finished one, 0); before that (data preparation, the first compile) there is nothing to save
+and either signal stops the process at once.
 Several hosts: run the same command on every host with --distributed (TPU/GPU clusters
 find their peers themselves; elsewhere add --coordinator HOST:PORT --num_processes N
 --process_id I). `--export` only writes the EMA weights of the latest checkpoint.
@@ -14,15 +16,18 @@ find their peers themselves; elsewhere add --coordinator HOST:PORT --num_process
 import argparse
 import logging
 import os
+import signal
 import sys
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the command again
+from vd_jax.platform import (EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE,
+                             exit_codes_epilog, quiet_libraries)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
+                                epilog=__doc__.split('\n', 2)[2] + '\n' +
+                                exit_codes_epilog(EXIT_DIVERGED, EXIT_PREEMPTED))
     p.add_argument('--config', required=True,
                    help="config file or name with optional ':arg' (configs/train_tiny.py:test)")
     p.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl, export/')
@@ -43,7 +48,17 @@ def parse_args(argv):
     return args, rest
 
 
+def _usage_error(message) -> int:
+    print(f'error: {message}', file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv=None):
+    # Until the loop arms its own handler after the first step, Ctrl-C has nothing to save:
+    # stop at once. (Python's default handler only raises KeyboardInterrupt when control
+    # returns to the interpreter, i.e. after a compile of a minute or more has finished.)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    quiet_libraries()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
                         datefmt='%H:%M:%S')
@@ -63,6 +78,7 @@ def main(argv=None):
                                    num_processes=args.num_processes, process_id=args.process_id)
 
     from vd_jax.config import load_config
+    from vd_jax.outputs import check_output_folder
     from vd_jax.train.settings import ConfigError, apply_overrides
     from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train
     from vd_jax.train.observe import parse_profile_steps
@@ -71,26 +87,28 @@ def main(argv=None):
         cfg = load_config(args.config)
         apply_overrides(cfg, overrides)
         profile_steps = parse_profile_steps(args.profile_steps)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f'train.py: {e}', file=sys.stderr)
-        return 2
+        check_output_folder(args.workdir, '--workdir')
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # OutputLocationError included
+        return _usage_error(e)
     logging.info('process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
     if args.export:
-        print(export_from_workdir(cfg, args.workdir))
-        return 0
+        try:
+            print(export_from_workdir(cfg, args.workdir))
+        except FileNotFoundError as e:  # no checkpoint to export
+            return _usage_error(e)
+        return EXIT_OK
     try:
         out = train(cfg, args.workdir, profile_steps=profile_steps)
     except TrainingDiverged as e:
         logging.error('%s', e)
-        return 3
+        return EXIT_DIVERGED
     except (ConfigError, ValueError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
-        return 2
+        return _usage_error(e)
     logging.info('%s at step %d%s', out['status'], out['step'],
                  f"; EMA weights in {out['export']}" if out['export'] else '')
-    return EXIT_PREEMPTED if out['status'] == 'preempted' else 0
+    return EXIT_PREEMPTED if out['status'] == 'preempted' else EXIT_OK
 
 
 if __name__ == '__main__':

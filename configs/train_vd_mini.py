@@ -56,18 +56,18 @@ def get_config(arg=None):
             # whole images: GroupNorm's statistics over a crop differ from the whole image's,
             # so a VAE trained on crops reconstructs whole images badly (measured: L1 0.15 vs
             # 0.037 on crops)
-            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 16, 1e-3
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 1500, 16, 1e-3
             cfg.autokl.update(kl_weight=1e-5, crop=0)
         elif stage == 'clip':
             cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2500, 64, 1e-3
         else:
-            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 3000, 64, 1e-3
+            cfg.total_steps, cfg.batch_size, cfg.optimizer.lr = 2000, 64, 1e-3
             # A nearly deterministic autoencoder: VD encodes captions to the posterior mean and
             # the diffuser generates latents that must decode exactly. With beta 0.2-0.5 the
             # posterior noise kept token accuracy at 72% (a deterministic one reaches 90% in
             # 400 steps); a small beta with 1 free nat per dimension and a KL warm-up over half
             # the run lets the autoencoder form first and still bounds the latents' scale.
-            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1500)
+            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1000)
             # the loss sums over a sentence's tokens: gradient norms of 5-15, which a clip at
             # 1 turned into a 10x smaller learning rate (token accuracy stalled at 72%)
             cfg.optimizer.grad_clip_norm = 50.0

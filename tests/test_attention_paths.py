@@ -52,6 +52,7 @@ def _masks(b, lq, lk):
 
 @pytest.mark.parametrize('lq,lk,heads,d', [(64, 64, 4, 16), (64, 77, 2, 32), (16, 257, 1, 64),
                                            (48, 600, 4, 8)])
+@pytest.mark.slow
 def test_fused_values_equal_cpu_paths(lq, lk, heads, d):
     q, k, v = _qkv(lq + lk, 2, lq, lk, heads * d)
     dense = layers.attention(q, k, v, heads, implementation='dense')
@@ -172,6 +173,7 @@ def cfg():
     return load_config('tiny').model
 
 
+@pytest.mark.slow
 def test_unet_transformer_call_site(monkeypatch, spy):
     from vd_jax.models.unet import SpatialTransformer
     g = np.random.default_rng(0)
@@ -204,6 +206,7 @@ def test_diffuser_attention_field_reaches_every_context_block(cfg, spy):
         assert (len(spy) == n) if n is not None else len(spy) >= 8, (attention, len(spy))
 
 
+@pytest.mark.slow
 def test_clip_call_sites(cfg, monkeypatch, spy):
     from vd_jax.models import family
     from vd_jax.tokenizers import clip_tokenizer
@@ -229,6 +232,7 @@ def test_vae_attnblock_call_site(monkeypatch, spy):
     assert _max(cpu, fused) < MODULE_TOL
 
 
+@pytest.mark.slow
 def test_optimus_call_sites(cfg, monkeypatch, spy):
     from vd_jax.models.optimus import Optimus
     m = Optimus(cfg.vae.text)

@@ -81,6 +81,7 @@ def _make_sources(d):
     return s
 
 
+@pytest.mark.slow
 def test_non_checkpoints_get_one_clear_line(tmp_path):
     sources = _make_sources(tmp_path / 'src')
     before = snapshot(tmp_path)

@@ -119,6 +119,7 @@ def _swapped(refs):
     return ns.image_unet, ns.text_unet
 
 
+@pytest.mark.slow
 def test_image_variation_flow_matches_unet2d(refs, inputs, run):
     i = inputs
     ref = _torch(refs['image_unet'], i['x_img'], i['t'], i['c_img'])
@@ -128,6 +129,7 @@ def test_image_variation_flow_matches_unet2d(refs, inputs, run):
     assert np.abs(ours - ref).max() < TOL
 
 
+@pytest.mark.slow
 def test_text_variation_flow_matches_unetflat(refs, inputs, run):
     i = inputs
     ref = _torch(refs['text_unet'], i['x_txt'], i['t'], i['c_txt'])
@@ -137,6 +139,7 @@ def test_text_variation_flow_matches_unetflat(refs, inputs, run):
     assert np.abs(ours - ref).max() < TOL
 
 
+@pytest.mark.slow
 def test_cross_flows_match_swapped_unets(refs, inputs, run):
     """text->image = image data layers + text context layers; image->text the reverse."""
     i = inputs
@@ -181,6 +184,7 @@ def patched_dual(monkeypatch):
                         lambda self, *a, encoder_attention_mask=None, **k: orig(self, *a, **k))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xtype', ['image', 'text'])
 def test_attention_mixing_matches_dual_transformer(refs, inputs, patched_dual, xtype):
     """Dual-guided attention-level mixing, for image output (diffusers' dual-guided pipeline
@@ -219,6 +223,7 @@ def test_attention_mixing_matches_dual_transformer(refs, inputs, patched_dual, x
     assert np.abs(ours - ref).max() < TOL
 
 
+@pytest.mark.slow
 def test_layer_mixing_matches_per_layer_swap(refs, inputs):
     """Layer-level mixing runs, at context layer j, only the chosen context's layer."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -257,6 +262,7 @@ def test_layer_mixing_matches_per_layer_swap(refs, inputs):
     assert np.abs(np.asarray(traced(jnp.asarray(choices))) - np.asarray(ours)).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
     cfg = refs['cfg']
     v10 = export_part(refs['params'], cfg, 'diffuser', 'vd-v1.0')
@@ -286,6 +292,7 @@ def test_diffusers_export_round_trip(refs):
         np.testing.assert_array_equal(out[k], v.numpy(), err_msg=k)
 
 
+@pytest.mark.slow
 def test_full_size_v10_keys_all_map_with_matching_shapes():
     rows = listing.rows('vd_keys_fourflow.tsv')
     shapes = {r[0]: listing.shape(r[1]) for r in rows if r[0].startswith('diffuser.')}
@@ -301,6 +308,7 @@ def test_full_size_v10_keys_all_map_with_matching_shapes():
     assert {k for k, _ in record['ignored']} == set(schedule)
 
 
+@pytest.mark.slow
 def test_full_size_legacy_keys_map_like_the_reference_listing():
     rows = listing.rows('vd_keys_fourflow_legacy_map.tsv')
     assert len(rows) == 1368
@@ -319,6 +327,7 @@ def _export_tiny_v10(refs):
             for k, v in export_part(refs['params'], refs['cfg'], 'diffuser', 'vd-v1.0').items()}
 
 
+@pytest.mark.slow
 def test_fp16_pth_file_converts_to_a_checkpoint_folder(refs, tmp_path, inputs, run):
     sd = {k: v.half() for k, v in _export_tiny_v10(refs).items()}
     src = tmp_path / 'vd-tiny-fp16.pth'
@@ -337,6 +346,7 @@ def test_fp16_pth_file_converts_to_a_checkpoint_folder(refs, tmp_path, inputs, r
     assert set(st) == set(flatten(refs['params']))
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors_and_write_nothing(refs, tmp_path):
     sd = _export_tiny_v10(refs)
     cfg = refs['cfg']
@@ -378,6 +388,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(refs, tmp_path):
     assert not (out / 'keep.txt').exists() and (out / 'diffuser.safetensors').exists()
 
 
+@pytest.mark.slow
 def test_unsupported_parts_are_named_and_skippable(refs):
     cfg = refs['cfg']
     sd = _export_tiny_v10(refs)
@@ -393,6 +404,7 @@ def test_unsupported_parts_are_named_and_skippable(refs):
     assert set(out) == {'diffuser'}
 
 
+@pytest.mark.slow
 def test_cli_converts_and_refuses_to_overwrite(refs, tmp_path):
     src = tmp_path / 'tiny.pth'
     torch.save(_export_tiny_v10(refs), src)

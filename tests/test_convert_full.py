@@ -3,12 +3,14 @@ allocating: the key listing's shapes against `jax.eval_shape` of every vd_jax mo
 
 import listing
 import numpy as np
+import pytest
 
 from vd_jax.convert import plan_conversion
 from vd_jax.convert.sources import ShapeSource
 
 
 
+@pytest.mark.slow
 def test_every_key_of_the_released_checkpoint_is_accounted_for():
     shapes = listing.shapes()
     assert len(shapes) == 3175

@@ -245,6 +245,7 @@ def test_builder_reopens_and_feeds_the_loader(built):
     assert batch['caption'].dtype.kind == 'U'
 
 
+@pytest.mark.slow
 def test_builder_workers_and_filter_options(built, tmp_path):
     base = built['base']
     # 2 spawn workers, no filters: same records as in-process, plus the 6 filtered samples
@@ -430,6 +431,7 @@ def test_loader_resume_from_state_equals_uninterrupted():
     _assert_batches_equal(first + rest, full)
 
 
+@pytest.mark.slow
 def test_loader_worker_processes_keep_records_crops_and_resume():
     # grain workers each batch their own slice of the stream (worker w: positions w, w+2, ...),
     # so batches regroup, but every pair of batches holds the same records with the same crops.

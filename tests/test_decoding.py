@@ -163,6 +163,7 @@ def test_beam_search_wide_beam_is_exhaustive(length_penalty):
         np.testing.assert_allclose(float(out.scores[r]), score, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_beam_one_is_greedy_and_beam_improves_on_it():
     a, b = _tables(9)   # a table where greedy is suboptimal for 3 of the 4 starts
     starts = jnp.array([0, 1, 2, 3, 0])

@@ -28,6 +28,8 @@ import zipfile
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes of real runs; CI runs them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = os.environ.get('VD_CHROMIUM', '/usr/bin/chromium')
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',

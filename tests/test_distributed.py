@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from vd_jax.checkpoint import flatten, load_part
 from vd_jax.config import load_config
@@ -43,6 +44,7 @@ def _close(a, b, what):
     return d.ravel()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     workdir = tmp_path / 'run'
     port = _free_port()

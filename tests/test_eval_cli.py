@@ -81,6 +81,7 @@ def fid_run(inception, data, tmp_path_factory):
                 rec=json.load(open(os.path.join(run, 'metrics.json'))))
 
 
+@pytest.mark.slow
 def test_fid_record_and_value(fid_run, inception, data):
     run, rec = fid_run['run'], fid_run['rec']
     # the record: the metric, every setting, the model and the code version
@@ -111,6 +112,7 @@ def test_fid_record_and_value(fid_run, inception, data):
     np.testing.assert_array_equal(np.load(os.path.join(run, 'samples_stats.npz'))['mu'], samples.mu)
 
 
+@pytest.mark.slow
 def test_fid_resume_reuses_samples_and_gives_the_same_fid(fid_run, capsys):
     """An interrupted run (samples 1 and 3 missing): only they are generated, the others'
     files are not touched, the pixels and the FID are those of the uninterrupted run."""
@@ -133,6 +135,7 @@ def test_fid_resume_reuses_samples_and_gives_the_same_fid(fid_run, capsys):
     assert f"fid = {rec['fid']:.4f}" in stdout
 
 
+@pytest.mark.slow
 def test_fid_stats_command(fid_run, inception, data, tmp_path, capsys):
     """fid-stats of the reference folder at 32 px = the statistics the fid run saved."""
     path = str(tmp_path / 'ref32.npz')
@@ -151,6 +154,7 @@ def test_fid_stats_command(fid_run, inception, data, tmp_path, capsys):
     assert code == 2 and 'already exists' in err  # never overwritten
 
 
+@pytest.mark.slow
 def test_clip_t2i_and_i2i(fid_run, data, tmp_path, capsys):
     out = str(tmp_path / 'evals')
     code, stdout, err = _run(['clip', *COMMON, '--prompts', str(data / 'prompts.txt'),
@@ -206,6 +210,7 @@ def no_model(monkeypatch):
         monkeypatch.setattr(VersatileDiffusion, name, boom)
 
 
+@pytest.mark.slow
 def test_usage_errors_before_any_model(inception, data, tmp_path, capsys, no_model):
     prompts = str(data / 'prompts.txt')
     (tmp_path / 'empty.txt').write_text('\n  \n')

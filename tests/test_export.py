@@ -68,6 +68,7 @@ def _read_keys(path):
             for k, v in torch.load(path, weights_only=True).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout,name', [('v1.0', 'vd.pth'), ('legacy', 'vd.safetensors')])
 def test_file_layouts_round_trip_bit_exact(ck, layout, name):
     out = str(ck['out'] / f'{layout}-{name}')
@@ -89,6 +90,7 @@ def test_file_layouts_round_trip_bit_exact(ck, layout, name):
     _assert_bit_exact(back, ck['params'], layout)
 
 
+@pytest.mark.slow
 def test_fp16_export_is_the_rounded_weights(ck):
     out = str(ck['out'] / 'half.safetensors')
     export_checkpoint(ck['path'], out, 'v1.0', dtype='float16')
@@ -112,6 +114,7 @@ def folder(ck):
     return out
 
 
+@pytest.mark.slow
 def test_diffusers_folder_round_trip_bit_exact(ck, folder):
     assert sorted(os.listdir(folder)) == sorted([
         'image_unet', 'text_unet', 'vae', 'text_encoder', 'image_encoder', 'scheduler',
@@ -164,6 +167,7 @@ def _max(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+@pytest.mark.slow
 def test_diffusers_unets_match(ck, folder, inputs):
     from types import SimpleNamespace
     from diffusers import UNet2DConditionModel
@@ -205,6 +209,7 @@ def test_diffusers_vae_decode_matches(ck, folder, inputs):
     assert _max(ref, np.asarray(ours).transpose(0, 3, 1, 2)) < TOL
 
 
+@pytest.mark.slow
 def test_diffusers_clip_contexts_match(ck, folder):
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
     from vd_jax.models import family
@@ -245,6 +250,7 @@ def _fails(capsys, args, *needles):
     assert sorted(os.listdir(where)) == before  # nothing written, no temporary left
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_nothing_written(ck, tmp_path, capsys):
     ckpt, out = ck['path'], str(tmp_path / 'x.pth')
     _fails(capsys, [str(tmp_path / 'nope'), out], 'nope', 'does not exist')
@@ -283,6 +289,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ck, tmp_path, capsys):
     assert len(torch.load(str(tmp_path / 'taken.pth'), weights_only=True)) > 100
 
 
+@pytest.mark.slow
 def test_cli_writes_and_refuses_to_overwrite(ck, tmp_path):
     out = tmp_path / 'vd.safetensors'
     env = dict(os.environ, JAX_PLATFORMS='cpu')

@@ -188,6 +188,7 @@ def fx(ref):
     return InceptionFeatureExtractor.from_pretrained(ref['converted'], batch_size=2)
 
 
+@pytest.mark.slow
 def test_features_parity_through_converter(ref, fx):
     """torch-fidelity's forward on uint8 299x299 images (its TF1 resize is the identity at
     299; it normalises by (x - 128) / 128) against our extractor on the float images x / 256,
@@ -209,6 +210,7 @@ def test_features_parity_through_converter(ref, fx):
     assert _max(got[0], got[1]) > 100 * FEATURE_TOL
 
 
+@pytest.mark.slow
 def test_features_parity_float64(ref, fx):
     """The same comparison in float64 on both sides, which removes the float32 rounding that
     this deep random network amplifies (torch fp32 vs torch fp64 differ by ~5e-5): what is
@@ -231,6 +233,7 @@ def test_features_parity_float64(ref, fx):
     assert err < 1e-6, err
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_folder(ref):
     folder = ref['converted']
     manifest = json.load(open(os.path.join(folder, 'manifest.json')))
@@ -331,6 +334,7 @@ def test_resize_matches_torch(hw):
         np.testing.assert_array_equal(np.asarray(resize_bilinear(jnp.asarray(x))), x)
 
 
+@pytest.mark.slow
 def test_extractor_inputs(fx):
     """uint8 == float x / 255; a list of mixed sizes == the per-size batches; bad input."""
     u8 = _images(2, FID_INPUT_SIZE, FID_INPUT_SIZE, seed=3)
@@ -379,6 +383,7 @@ def test_running_statistics_match_numpy():
         stats.update(f[:, :10])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n1,n2,d', [(400, 300, 64), (40, 30, 64), (150, 200, 256)])
 def test_frechet_distance_matches_pytorch_fid(pytorch_fid, n1, n2, d):
     """Regular statistics and rank-deficient ones (fewer images than dimensions). (At

@@ -2,10 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vd_jax.models.layers import attention, blockwise_attention
 
 
+@pytest.mark.slow
 def test_blockwise_attention_equals_dense_for_ragged_lengths():
     ks = jax.random.split(jax.random.PRNGKey(0), 3)
     # lengths that are not multiples of the blocks: padding keys masked, padding queries dropped

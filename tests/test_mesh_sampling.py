@@ -42,6 +42,7 @@ def eight_devices(tmp_path_factory):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_every_task_on_eight_devices_equals_one_device(eight_devices):
     from vd_jax.pipeline import VersatileDiffusion
     proc, out = eight_devices
@@ -139,6 +140,7 @@ def _run_pair_and_reference(args, tmp_path, name):
     return tmp_path / f'{name}_dist' / 'run-001', tmp_path / f'{name}_one' / 'run-001', logs
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_like_one_process(tmp_path):
     # 2 prompts x 3 = 6 images in 3 batches of 2: process 0 runs batch 1, process 1 batches
     # 2-3; previews every step are named by batch

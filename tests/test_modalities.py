@@ -44,6 +44,7 @@ def comps():
     return VersatileDiffusion.random('tiny', seed=0).components
 
 
+@pytest.mark.slow
 def test_unconditional_contexts_of_each_convention(comps):
     like_i = jnp.ones((3, 257, 32))
     like_t = jnp.ones((2, 77, 32))
@@ -69,6 +70,7 @@ def test_unconditional_contexts_of_each_convention(comps):
         comps.uncond_context('text', 'image', 'v2', like_t)
 
 
+@pytest.mark.slow
 def test_components_encode_and_decode_every_modality(comps):
     ids = comps.tokenizer('clip')(['a cat', 'a dog'])
     np.testing.assert_array_equal(comps.encode_context('text', ids),
@@ -180,6 +182,7 @@ def _tone_model():
     return cfg
 
 
+@pytest.mark.slow
 def test_a_third_modality_is_one_record_plus_its_networks(tone, tmp_path):
     assert {'a2i', 'i2a', 'a2a'} <= set(M.FLOWS) and 'vae_tone' in M.PARTS
     cfg = _tone_model()

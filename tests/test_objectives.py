@@ -19,6 +19,7 @@ def _diffusion(p):
     return O.Diffusion(Diffuser(cfg.diffuser), flows, (0.00085, 0.012, 1000), False, p)
 
 
+@pytest.mark.slow
 def test_cfg_dropout_rate_and_the_pipelines_unconditional_contexts():
     from vd_jax.pipeline import VersatileDiffusion
     comps = VersatileDiffusion.random('tiny').components
@@ -47,6 +48,7 @@ def test_cfg_dropout_rate_and_the_pipelines_unconditional_contexts():
     assert _diffusion(0.0).dropped_context(key, batch, 0, 't2i', ctx) is ctx
 
 
+@pytest.mark.slow
 def test_training_drops_to_the_uncond_contexts_the_pipeline_samples_with(tmp_path):
     """A real run: the batch constants of the step are the pipeline's unconditional contexts
     of the frozen encoders (random tiny ones here), one per flow."""
@@ -102,6 +104,7 @@ def test_optimus_targets_decode_back_to_the_sentence():
         assert ids_to_text(row[:n], first_added_id=cfg.pad_id) == cap
 
 
+@pytest.mark.slow
 def test_stage0_networks_learn_a_small_set():
     """Each stage-0 objective fits 16 shapes-world records: the loss falls well below its
     start (AutoKL reconstruction, Optimus token accuracy, CLIP retrieval accuracy)."""

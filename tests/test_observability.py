@@ -70,6 +70,7 @@ def run(tmp_path_factory):
     return dict(cfg=cfg, workdir=workdir, out=out)
 
 
+@pytest.mark.slow
 def test_mfu_and_input_waits_are_logged(run):
     out, workdir = run['out'], run['workdir']
     perf = load_metrics(workdir, 'perf.jsonl')
@@ -98,6 +99,7 @@ def test_mfu_and_input_waits_are_logged(run):
     assert not any(k.startswith('perf/') for m in metrics.values() for k in m)
 
 
+@pytest.mark.slow
 def test_xla_flops_against_the_hlo_matmul_count(run):
     spec = importlib.util.spec_from_file_location('bench_common',
                                                   os.path.join(ROOT, 'benchmarks', 'common.py'))
@@ -117,6 +119,7 @@ def test_xla_flops_against_the_hlo_matmul_count(run):
     assert observe.step_flops(r.step_fn, state, batch, r.sc, r.mesh) == flops
 
 
+@pytest.mark.slow
 def test_validation_images_and_metrics_reach_tensorboard(run):
     scalars, images = _events(run['workdir'])
     assert (4, 'val/t2i/clip_score') in scalars
@@ -132,6 +135,7 @@ def test_validation_images_and_metrics_reach_tensorboard(run):
     assert grid[2:2 + side, 2:2 + side].std() > 0  # a sample, not padding
 
 
+@pytest.mark.slow
 def test_profile_trace_of_the_requested_steps(run):
     (folder,) = glob.glob(os.path.join(run['workdir'], 'profile', 'plugins', 'profile', '*'))
     (xplane,) = glob.glob(os.path.join(folder, '*.xplane.pb'))
@@ -144,6 +148,7 @@ def test_profile_trace_of_the_requested_steps(run):
     assert any('train_step' in str(e.get('name')) for e in events)
 
 
+@pytest.mark.slow
 def test_an_input_bound_run_shows_its_waits(tmp_path, monkeypatch):
     """Host preparation slower than the device step: the wait is most of the input time."""
     from vd_jax.train import inputs

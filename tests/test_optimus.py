@@ -111,6 +111,7 @@ def _hf_latent_logits(ref, ids, z):
 # Numerical parity
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_encoder_parity(ref):
     ids = _bert_ids()
     model, params = ref['model'], ref['params']
@@ -130,6 +131,7 @@ def test_encoder_parity(ref):
     assert _max(encode_ids(model, params, longer), mu) < 1e-5
 
 
+@pytest.mark.slow
 def test_decoder_parity_plain_gpt2(ref):
     ids = np.random.default_rng(1).integers(0, 50260, (2, 9))
     logits = ref['model'].apply({'params': ref['params']}, jnp.asarray(ids), None,
@@ -141,6 +143,7 @@ def test_decoder_parity_plain_gpt2(ref):
     assert logits.shape == (2, 9, 50260) and err < TOL
 
 
+@pytest.mark.slow
 def test_latent_injection_and_kv_cache(ref):
     model, params = ref['model'], ref['params']
     ids = np.random.default_rng(2).integers(0, 50260, (2, 7))
@@ -186,6 +189,7 @@ def _reference_greedy(ref, z, max_length):
     return out
 
 
+@pytest.mark.slow
 def test_greedy_and_beam_match_reference(ref):
     model, params = ref['model'], ref['params']
     z = np.random.default_rng(4).normal(size=(3, LATENT)).astype(np.float32)
@@ -207,6 +211,7 @@ def test_greedy_and_beam_match_reference(ref):
     assert np.all(np.asarray(b3.tokens)[np.arange(3), np.asarray(b3.lengths) - 1] == EOS_ID)
 
 
+@pytest.mark.slow
 def test_sampling_keys(ref):
     model, params = ref['model'], ref['params']
     # same shapes as the greedy test above, so its compiled greedy program is reused
@@ -344,6 +349,7 @@ def test_text_cleanup_like_the_original():
     assert remove_repeated_ngrams('') == ''
 
 
+@pytest.mark.slow
 def test_string_api(ref):
     model, params = ref['model'], ref['params']
     from vd_jax.tokenizers import bert_tokenizer

@@ -23,6 +23,7 @@ def vd():
     return VersatileDiffusion.random('tiny', seed=0)
 
 
+@pytest.mark.slow
 def test_text_to_image_shapes_seeds_and_no_recompile(vd):
     a = vd.text_to_image(['a cat', 'a dog'], n=2, steps=STEPS, seed=0)
     assert a.shape == (4, 32, 32, 3) and a.dtype == np.float32
@@ -39,6 +40,7 @@ def test_text_to_image_shapes_seeds_and_no_recompile(vd):
     np.testing.assert_allclose(alone[0], a[2], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_guidance_scale_one_is_the_conditional_run(vd):
     from vd_jax.diffusion.sampling import sample
     a = vd.text_to_image(['a cat'], n=2, steps=STEPS, scale=1.0, seed=3)
@@ -51,6 +53,7 @@ def test_guidance_scale_one_is_the_conditional_run(vd):
     np.testing.assert_allclose(a, vd.components.decode_latent('image', z), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_image_variation_options(vd):
     v = vd.image_variation([IMG, IMG[:, ::-1]], n=2, steps=STEPS, seed=1)
     assert v.shape == (4, 32, 32, 3)
@@ -62,6 +65,7 @@ def test_image_variation_options(vd):
     assert c.shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_text_outputs(vd):
     t = vd.image_to_text(IMG, n=3, steps=STEPS, seed=0)
     assert isinstance(t, list) and len(t) == 3 and all(isinstance(s, str) for s in t)
@@ -70,6 +74,7 @@ def test_text_outputs(vd):
     assert len(t2) == 4 and all(isinstance(s, str) for s in t2)
 
 
+@pytest.mark.slow
 def test_mixing_degenerates_to_single_flows(vd):
     """mix 1 (text only) is text->image and mix 0 is image variation, at attention and layer
     level; the level choices all run."""
@@ -88,6 +93,7 @@ def test_mixing_degenerates_to_single_flows(vd):
     assert len(txt) == 2
 
 
+@pytest.mark.slow
 def test_disentangle_identity_is_plain_variation(vd):
     kw = dict(n=2, steps=STEPS, seed=2)
     i2i = vd.image_variation(IMG, **kw)
@@ -98,6 +104,7 @@ def test_disentangle_identity_is_plain_variation(vd):
     assert vd.disentangle(IMG, level=-2, **kw).shape == i2i.shape
 
 
+@pytest.mark.slow
 def test_multi_context_and_i2t2i(vd):
     m = vd.multi_context([IMG, IMG[::-1]], [1.0, 0.5], 'a cat', n=2, steps=STEPS)
     assert m.shape == (2, 32, 32, 3)
@@ -134,6 +141,7 @@ def test_errors_name_the_problem(vd, tmp_path):
         partial.image_to_text(IMG, steps=STEPS)
 
 
+@pytest.mark.slow
 def test_sample_py_writes_what_it_promises(tmp_path):
     out = tmp_path / 'out'
     cmd = [sys.executable, 'sample.py', '--model', 'tiny', '--steps', '2', '--n', '2',

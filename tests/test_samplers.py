@@ -102,6 +102,7 @@ def test_ddim_grid_reproduces_original_quirks():
         make_plan('ddim', 1000, spacing='uniform')  # 'auto' falls back (tests/test_step_grids.py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('eta', [0.0, 0.7])
 def test_ddim_matches_diffusers_stepwise(eta):
     # steps_offset=1 <=> the +1 quirk; set_alpha_to_one=False <=> alpha_bar[0] at the end.
@@ -383,6 +384,7 @@ def test_sampler_does_not_recompile_for_new_inputs():
     assert len(traces) == 2 and traces[1][0][0] == SHAPE[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sampler,eta', [('dpm++', 0.0), ('ddim', 0.8)])
 def test_chunked_equals_one_shot(sampler, eta):
     run = Sampler(make_apply([]), sampler=sampler, steps=10)

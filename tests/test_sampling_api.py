@@ -42,6 +42,7 @@ def latents_for(seed, b, shape):
     return np.stack([noise(seed + i, shape) for i in range(b)])
 
 
+@pytest.mark.slow
 def test_initial_latents_replace_the_seeded_noise(vd):
     kw = dict(steps=STEPS, seed=5)
     a = vd.text_to_image(['a cat', 'a dog'], **kw)
@@ -70,6 +71,7 @@ def test_initial_latents_replace_the_seeded_noise(vd):
             call()
 
 
+@pytest.mark.slow
 def test_start_step_is_the_fidelity_start(vd):
     kw = dict(n=2, steps=4, seed=1)
     f = vd.image_variation(IMG, fidelity=0.5, **kw)
@@ -85,6 +87,7 @@ def test_start_step_is_the_fidelity_start(vd):
         vd.image_variation(IMG, start_step=-1, **kw)
 
 
+@pytest.mark.slow
 def test_prompts_as_token_ids_and_ready_contexts(vd):
     comps = vd.components
     kw = dict(steps=STEPS, seed=2)
@@ -123,6 +126,7 @@ def test_prompts_as_token_ids_and_ready_contexts(vd):
         vd.image_variation(None, n=2, context=ci, fidelity=0.5, **kw)
 
 
+@pytest.mark.slow
 def test_negative_prompts_and_images_per_input(vd):
     kw = dict(steps=STEPS, seed=4)
     # one negative per prompt (lists broadcast like prompts): sample i is seed + i alone
@@ -162,6 +166,7 @@ def test_negative_prompts_and_images_per_input(vd):
         vd.dual_guided(['a cat', 'a dog'], IMG, negative_image=[IMG, IMG, IMG], **kw)
 
 
+@pytest.mark.slow
 def test_callback_once_per_step_with_the_latents(vd):
     seen = []
     out = vd.text_to_image(['a cat', 'a dog', 'a bird'], steps=4, seed=0,
@@ -205,6 +210,7 @@ def _sample(args, **env):
                           env=dict(os.environ, JAX_PLATFORMS='cpu', **env))
 
 
+@pytest.mark.slow
 def test_sample_py_previews_and_flags(tmp_path):
     r = _sample(['--n', '2', '--out', str(tmp_path), '--prompt', 'a cat', '--preview-every', '1'])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -80,6 +80,7 @@ def eight_devices(tmp_path_factory):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_take_the_same_step(eight_devices, tmp_path):
     proc, out = eight_devices
     # the reference, while the subprocess compiles (XLA compiles single-threaded)

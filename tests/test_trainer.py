@@ -132,6 +132,7 @@ def _ref_grads(params, batch, noise):
     return [o[0] for o in out], [o[1] for o in out]
 
 
+@pytest.mark.slow
 def test_accumulated_gradient_is_the_weighted_sum_of_single_flow_gradients(toy):
     model, params, batch = toy
     weights = (1.0, 0.5, 2.0, 0.25)
@@ -153,6 +154,7 @@ def test_accumulated_gradient_is_the_weighted_sum_of_single_flow_gradients(toy):
     assert used == {'global', 'text_data', 'text_context'}
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_full_batch_gradient(toy):
     model, params, batch = toy
     key = jax.random.PRNGKey(1)
@@ -180,6 +182,7 @@ MULTS = {'image_data': 0.25, 'text_context': 0.0, 'global': 3.0}
 _SGD_MULT = OptimConfig(name='sgd', lr=0.5, multipliers=tuple(MULTS.items()))
 
 
+@pytest.mark.slow
 def test_group_multiplier_scales_exactly_that_groups_update(toy):
     model, params, batch = toy
     # optimizer level, plain SGD: the update is linear in the gradient, so each group's update
@@ -228,6 +231,7 @@ def test_multiplier_groups_cover_the_real_model_and_reject_unknown_names():
         group_of('image/foo/kernel')
 
 
+@pytest.mark.slow
 def test_ema_and_learning_rate_schedules(toy):
     model, params, batch = toy
     sc = _toy_sc(optim=_SGD_MULT)  # the multiplier test's program
@@ -257,6 +261,7 @@ def _real_cfg(*extra):
     return cfg
 
 
+@pytest.mark.slow
 def test_tiny_four_flow_model_overfits_a_tiny_set(tmp_path):
     # 8 records = one batch; each record keeps its (t, eps) (noise.fixed), so the loss is a
     # deterministic function of the weights and "falls by half" cannot be luck of the draw.
@@ -279,6 +284,7 @@ def test_tiny_four_flow_model_overfits_a_tiny_set(tmp_path):
     assert sorted(lines) == list(range(1, 21)) and 'loss/t2t' in lines[20]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # 24 records, batch 8, shuffled every epoch: the batches after the restart depend on the
     # restored grain iterator state, the draws on (step, record).
@@ -306,6 +312,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     _tree_close(load_part(out, 'diffuser'), whole['state'].ema_params, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # (this run also starts from a "smaller setting": its image stream, through init sources)
     small_model = _image_only(load_config('train_tiny:test').model)
@@ -336,6 +343,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert set(report['groups']['text_data']['from']) == {'fresh init'}
 
 
+@pytest.mark.slow
 def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     # image-caption records -> tokenized captions on the host -> AutoKL / CLIP / Optimus (random
     # weights here) on device -> the same train step as the synthetic runs (same shapes)

@@ -57,6 +57,7 @@ def test_progressive_settings_build_only_their_streams():
     assert _count(dc) == 859_520_964 + 267_239_360
 
 
+@pytest.mark.slow
 def test_other_widths_can_be_written_down():
     """A text latent width other than 768 and a context width other than 768."""
     cfg = load_config('vd_four_flow').model.diffuser.to_dict()
@@ -107,6 +108,7 @@ def _inputs(key=0):
                 t=jnp.array([5, 900]))
 
 
+@pytest.mark.slow
 def test_initialisers_match_original():
     """zero_module in the original: the last layer of each block and of the network; other
     layers U(+-1/sqrt(fan_in)) as PyTorch's defaults."""
@@ -122,6 +124,7 @@ def test_initialisers_match_original():
     assert float(jnp.abs(p['proj_in']['kernel']).max()) > 0
 
 
+@pytest.mark.slow
 def test_every_flow_runs_and_mixing_degenerates_to_single_flows(tiny):
     model, params = tiny
     i = _inputs()
@@ -148,6 +151,7 @@ def test_every_flow_runs_and_mixing_degenerates_to_single_flows(tiny):
     assert float(jnp.abs(outs['image', 'image'] - outs['image', 'text']).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_layer_mixing_from_a_key_is_the_drawn_choice(tiny):
     model, params = tiny
     i = _inputs()
@@ -179,6 +183,7 @@ def test_bad_calls_name_the_problem(tiny):
           method='mix')
 
 
+@pytest.mark.slow
 def test_bf16_compute_and_remat(tiny):
     model, params = tiny
     i = _inputs()
@@ -198,6 +203,7 @@ def test_bf16_compute_and_remat(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_attention_implementations_agree(tiny):
     """The diffuser's `attention` switch changes how, not what: dense and blockwise give the
     same flow outputs (fp32, atol 1e-5), and a bad value names itself."""

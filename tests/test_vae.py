@@ -108,6 +108,7 @@ def test_parity_with_diffusers(ref):
     assert float(jnp.abs(_nhwc(dec)).max()) > 0.3  # outputs are not trivially small
 
 
+@pytest.mark.slow
 def test_parity_with_level_attention():
     """`attn_resolutions` adds AttnBlocks after every ResnetBlock of a level (both halves)."""
     m = _diffusers_vae(attn_level1=True, seed=2)
@@ -226,6 +227,7 @@ def test_stand_alone_detection_is_specific():
 # VD's conventions
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vd_encode_conventions(ref):
     model, params, m = ref['model'], ref['params'], ref['m']
     assert model.latent_scale == ref['cfg'].latent_scale_factor['image'] == LATENT_SCALE == 0.18215

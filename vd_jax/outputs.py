@@ -5,10 +5,42 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+
+class OutputLocationError(ValueError):
+    """An output location that cannot be written; the message names it and why."""
+
+
+def check_can_create(path: str, what: str) -> None:
+    """`path` (which need not exist) can be created: its nearest existing ancestor is a
+    writable folder. `what` names the path in the message (a flag, 'output', ...)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputLocationError(f"cannot create {what} '{path}': '{parent}' is a file, not a "
+                                  'folder')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"cannot create {what} '{path}': no permission to write in "
+                                  f"'{parent}'")
+
+
+def check_output_folder(path: str, what: str) -> None:
+    """`path` is a writable folder or can become one (checked before any long work, so results
+    are never lost at the end). Raises OutputLocationError."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise OutputLocationError(f"{what} '{path}' is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputLocationError(f"{what} '{path}' is not writable (no permission to write "
+                                      'in it)')
+        return
+    check_can_create(path, what)
 
 
 def new_run_dir(root: str, prefix: str = 'run') -> str:
@@ -127,3 +159,55 @@ def _fit(images: np.ndarray, hw) -> np.ndarray:
         xs = (np.arange(hw[1]) * im.shape[1] / hw[1]).astype(int)
         out.append(im[ys][:, xs])
     return np.stack(out)
+
+
+class LineProgress:
+    """A progress display for logs (stderr not a terminal): whole lines only, no carriage
+    returns or cursor escapes; one line when the count reaches the total and at most one
+    every `every` seconds before. The subset of tqdm's interface the command lines use."""
+
+    def __init__(self, total: int = 0, desc: str = '', unit: str = 'step', file=None,
+                 every: float = 30.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.file = sys.stderr if file is None else file
+        self.n, self._start, self._last = 0, time.time(), time.time()
+
+    def reset(self, total: Optional[int] = None):
+        self.n = 0
+        self.total = self.total if total is None else total
+        self._start = self._last = time.time()
+
+    def set_description(self, desc: str):
+        self.desc = desc
+
+    def update(self, k: int = 1):
+        self.n += k
+        now = time.time()
+        if (self.total and self.n >= self.total) or now - self._last >= self.every:
+            self._last = now
+            pct = f' ({100 * self.n // self.total}%)' if self.total else ''
+            print(f'{self.desc}: {self.n}/{self.total} {self.unit}s{pct}, '
+                  f'{now - self._start:.1f}s', file=self.file, flush=True)
+
+    def write(self, text: str):
+        print(text, file=self.file, flush=True)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def progress_bar(desc: str, unit: str = 'step', total: int = 0):
+    """tqdm on a terminal; `LineProgress` elsewhere (a log file or a pipe would otherwise
+    collect tqdm's carriage returns and escape codes)."""
+    from vd_jax.platform import stderr_is_tty
+    if stderr_is_tty():
+        from tqdm import tqdm
+        return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr)
+    return LineProgress(total=total, desc=desc, unit=unit)

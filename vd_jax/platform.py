@@ -7,9 +7,15 @@ it (or set VD_JAX_KEEP_XLA_FLAGS=1). XLA aborts the process on a flag it does no
 this one is experimental, so it is only added for the jaxlib versions it was measured on;
 another jaxlib runs with its own defaults. Call it before the first JAX computation (sample.py
 and train.py do); it only affects the CPU backend.
+
+It also holds the conventions every command line shares: the exit codes, one-line warnings,
+and `quiet_libraries()`, which drops library messages that mislead (each with the reason).
 """
+import contextlib
 import logging
 import os
+import sys
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +48,118 @@ def configure_xla() -> str:
             flags = f'{flags} {f}'.strip()
     os.environ['XLA_FLAGS'] = flags
     return flags
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line conventions shared by sample.py, train.py and python -m vd_jax.convert / export /
+# eval: one set of exit codes, one-line warnings, and no misleading library chatter.
+# ------------------------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1      # an unexpected failure (a bug): Python's own code, with a traceback
+EXIT_USAGE = 2       # a flag, input file or output location that cannot be used (argparse's code)
+EXIT_DIVERGED = 3    # train.py: the loss became NaN/inf; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # train.py: stopped by SIGTERM/SIGINT after saving (EX_TEMPFAIL): run it again
+
+_EXIT_MEANINGS = {
+    EXIT_OK: 'success',
+    EXIT_USAGE: "usage error: a flag, input file or output location that cannot be used, reported "
+                "as one 'error: ...' line before any model loads; nothing is written",
+    EXIT_FAILED: 'an unexpected failure (please report it with the traceback)',
+    EXIT_DIVERGED: 'training diverged (NaN/inf loss); the last good checkpoint is kept',
+    EXIT_PREEMPTED: 'stopped by SIGTERM or Ctrl-C after saving a checkpoint; run the same command '
+                    'again to resume',
+}
+
+
+def exit_codes_epilog(*codes: int) -> str:
+    """The 'exit codes' paragraph of a command's --help: 0, 2 and 1 plus `codes`."""
+    lines = [f'  {c:<3} {_EXIT_MEANINGS[c]}' for c in (EXIT_OK, EXIT_USAGE, *codes, EXIT_FAILED)]
+    return 'exit codes (the same for every vd_jax command):\n' + '\n'.join(lines)
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """`warnings.showwarning` for command lines: 'warning: <message>' on a line of its own
+    (through tqdm.write, so it never lands inside a progress bar), no source line."""
+    del category, filename, lineno, line
+    text = f'warning: {message}'
+    out = sys.stderr if file is None else file
+    try:
+        from tqdm import tqdm
+        tqdm.write(text, file=out)
+    except ImportError:  # pragma: no cover -- tqdm is a dependency
+        print(text, file=out)
+
+
+# Library messages that mislead users of the command lines, dropped by `quiet_libraries()`:
+# (logger, message prefix, why it misleads). tensorflow-datasets logs through absl, which
+# forwards to the standard 'absl' logger.
+MISLEADING_MESSAGES = (
+    ('transformers', 'PyTorch was not found',
+     "vd_jax uses transformers only for its tokenizers, which need no PyTorch (the default "
+     "install has none); \"Models won't be available\" reads like a broken install"),
+    ('absl', 'OpenCV is not installed',
+     'tensorflow_datasets/core/features/image_feature.py, on the first image record read: the '
+     'records are small PNG/JPEG crops that PIL (a vd_jax dependency) decodes in a fraction of '
+     'a training step; installing OpenCV is advice nobody needs to follow'),
+    ('absl', 'Using custom data configuration',
+     'tfds dumps the whole BuilderConfig (every source path and filter) because it is not one of '
+     "the builder's predefined configs: every vd_jax dataset is built that way"),
+    ('absl', 'Variant folder',
+     'tfds warns that a dataset folder has no dataset_info.json while it checks whether the '
+     'dataset was built yet: that is how every first build starts, nothing is wrong'),
+)
+# tfds' "Downloading and preparing dataset ..." / "Dataset ... downloaded and prepared" (printed
+# with termcolor, not logged, and nothing is downloaded for a local build) are replaced by the
+# builders themselves (`_log_download_bytes` / `_log_download_done` in vd_jax.data).
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _filter_for(name: str) -> _DropMessages:
+    return _DropMessages(p for n, p, _ in MISLEADING_MESSAGES if n == name)
+
+
+_QUIETED = set()
+
+
+def quiet_libraries() -> None:
+    """Drop the `MISLEADING_MESSAGES` for the rest of the process and print warnings as one
+    'warning: ...' line each. Called by the command lines before they import the libraries
+    (the transformers message is logged while `import transformers` runs); idempotent."""
+    for name in sorted({n for n, _, _ in MISLEADING_MESSAGES}):
+        if name not in _QUIETED:
+            logging.getLogger(name).addFilter(_filter_for(name))
+            _QUIETED.add(name)
+    warnings.showwarning = one_line_warning
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """While tensorflow-datasets builds or opens a dataset: drop its misleading log lines, and
+    its progress bars unless stderr is a terminal (elsewhere they are cursor-movement escape
+    codes written into a log file). For library callers as well as the command lines."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+    absl_logger, noise = logging.getLogger('absl'), _filter_for('absl')
+    before = tqdm_utils._active  # noqa: SLF001 -- tfds has no getter for its switch
+    tqdm_utils.display_progress_bar(before and stderr_is_tty())
+    absl_logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(noise)
+        tqdm_utils.display_progress_bar(before)
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False

@@ -4,7 +4,7 @@ Every run writes into a new `OUT/run-NNN/` folder (earlier runs are never overwr
 one PNG per image, `grid.png`, `texts.json`/`texts.txt` for text outputs, and
 `settings.json` with every setting, the checkpoint and the code version. Every flag, input
 file and the output folder are checked before any model is loaded; usage errors exit with
-code 2 and one `error: ...` line.
+code 2 and one `error: ...` line, and nothing is written.
 
 Devices: `--mesh data=N,fsdp=M` (default data=-1 over this process's devices when it has
 several) splits every batch over data x fsdp and shards the parameters over fsdp (for chips
@@ -97,7 +97,8 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='sample.py', description=__doc__,
+    from vd_jax.platform import exit_codes_epilog
+    p = argparse.ArgumentParser(prog='sample.py', description=__doc__, epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--ckpt', help='vd_jax checkpoint folder (python -m vd_jax.convert ..., or a training '
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(the default, trained on the shapes world) or 'tiny' (random "
                                     'weights, a smoke test)')
     a('--config', default=None, help='random weights of this config (a smoke test), e.g. vd_dc:tiny')
-    a('--task', default='t2i', choices=sorted(TASKS), help='what to run (default t2i)')
+    a('--task', default=None, choices=sorted(TASKS), help='what to run (default t2i)')
     a('--prompt', action='append', default=[], help='a prompt (repeatable)')
     a('--prompts', help='a text file with one prompt per line')
     a('--image', action='append', default=[], help='an input image file (repeatable)')
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
            "'leading' with a note; dpm++: linspace)")
     a('--eta', type=float, default=0.0, help='DDIM eta (>= 0)')
     a('--seed', type=int, default=0, help='sample i uses seed + i (0 <= seed < 2^32)')
-    a('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    a('--dtype', default='float32', help='compute dtype: float32 (default) or bfloat16')
     a('--height', type=int)
     a('--width', type=int)
     a('--batch-size', type=int, default=8, help='samples per compiled call')
@@ -172,43 +173,63 @@ def build_parser() -> argparse.ArgumentParser:
 # Checks before any model is loaded
 # ------------------------------------------------------------------------------------------------
 
-def _read_list(path: str, what: str) -> List[str]:
+def _read_list(path: str, flag: str) -> List[str]:
     if not os.path.isfile(path):
-        raise UsageError(f"{what} list file '{path}' does not exist")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+        raise UsageError(f"{flag} '{path}' " + ('is a folder, not a text file' if os.path.isdir(path)
+                                                 else 'does not exist'))
+    try:
+        with open(path, encoding='utf-8') as f:
+            items = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} '{path}' is not a UTF-8 text file (one entry per line)") from None
+    except OSError as e:
+        raise UsageError(f"{flag} '{path}' cannot be read: {e.strerror}") from None
+    if not items:
+        raise UsageError(f"{flag} '{path}' is empty (give one entry per line)")
+    return items
 
 
-def _check_out(root: str) -> None:
+def _check_out(root: str, flag: str = '--out') -> None:
     """The output root must be (or become) a writable folder; checked before sampling so
     results are never lost at the end."""
-    probe = os.path.abspath(root)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or (probe == os.path.abspath(root) and not os.path.isdir(root)):
-        raise UsageError(f"--out '{root}' is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out '{root}' is not writable ('{probe}' is read-only)")
+    from vd_jax.outputs import OutputLocationError, check_output_folder
+    try:
+        check_output_folder(root, flag)
+    except OutputLocationError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_values(args) -> None:
+    """Numeric flags, with the Python API's own checks (and messages) where it has them
+    (--steps: `check_steps` in `validate`, naming the sampler)."""
+    from vd_jax.tasks.common import SamplingOptions, TaskError, check_n
+    api = [('n', lambda: check_n(args.n))] + [
+        (f, lambda f=f: SamplingOptions(**{f: getattr(args, f)}))
+        for f in ('scale', 'eta', 'seed', 'dtype')]
+    for flag, check in api:
+        try:
+            check()
+        except TaskError as e:
+            raise UsageError(f'--{flag}: {e}') from None
+    for flag, ok, want in (('batch-size', args.batch_size >= 1, 'an integer >= 1'),
+                           ('mix', 0 <= args.mix <= 1, 'in [0, 1]'),
+                           ('temperature', args.temperature > 0, '> 0'),
+                           ('fidelity', 0 <= args.fidelity <= 1, 'in [0, 1]'),
+                           ('focus', args.focus is None or 0 <= args.focus <= 1, 'in [0, 1]')):
+        if not ok:
+            raise UsageError(f'--{flag}: must be {want}, got {getattr(args, flag.replace("-", "_"))}')
 
 
 def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     """Everything checkable without a model: (task, prompts, image paths). Raises UsageError."""
+    explicit_task, args.task = args.task is not None, args.task or 't2i'
     t = TASKS[args.task]
     defaults = parser.parse_args([])
     for name in sorted(set(vars(args)) - COMMON - set(t.flags)):
         if getattr(args, name) != getattr(defaults, name):
             print(f"warning: --{name.replace('_', '-')} is ignored by --task {args.task}",
                   file=sys.stderr)
-    for flag, ok in (('n', args.n >= 1), ('steps', args.steps >= 1),
-                     ('batch-size', args.batch_size >= 1), ('scale', args.scale >= 0),
-                     ('eta', args.eta >= 0), ('seed', 0 <= args.seed < 2 ** 32),
-                     ('mix', 0 <= args.mix <= 1), ('temperature', args.temperature > 0),
-                     ('fidelity', 0 <= args.fidelity <= 1)):
-        if not ok:
-            raise UsageError(f'--{flag} {getattr(args, flag.replace("-", "_"))} is out of range '
-                             '(see --help)')
-    if args.focus is not None and not 0 <= args.focus <= 1:
-        raise UsageError(f'--focus {args.focus} must be in [0, 1]')
+    _check_values(args)
     from vd_jax.diffusion.sampling import check_steps
     try:
         args.spacing, notice = check_steps(args.sampler, args.steps, args.spacing or 'auto')
@@ -216,10 +237,13 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
         raise UsageError(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
     if notice:
         print(f'note: {notice}', file=sys.stderr)
-    prompts = list(args.prompt) + (_read_list(args.prompts, 'prompt') if args.prompts else [])
-    paths = list(args.image) + (_read_list(args.images, 'image') if args.images else [])
+    prompts = list(args.prompt) + (_read_list(args.prompts, '--prompts') if args.prompts else [])
+    listed = _read_list(args.images, '--images') if args.images else []
+    paths = list(args.image) + listed
     if 'prompt' in t.needs and not prompts:
-        if args.ckpt or args.config or args.task != 't2i':
+        # the demo prompt is for a plain `python sample.py` (what the README's first command
+        # runs); anything more specific without a prompt is a mistake to report
+        if args.ckpt or args.config or explicit_task or paths:
             raise UsageError(f'--task {args.task} needs a prompt (--prompt TEXT or --prompts FILE)')
         print(f'no --prompt given: using the demo prompt {DEMO_PROMPT!r}', file=sys.stderr)
         prompts = [DEMO_PROMPT]
@@ -230,11 +254,13 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     if args.mask and len(args.mask) != len(paths):
         raise UsageError(f'{len(args.mask)} --mask for {len(paths)} --image (give one per image, '
                          "or 'none')")
-    for p in paths + masks:
+    flags = ['--image'] * len(args.image) + [f"--images '{args.images}'"] * len(listed) + \
+        ['--mask'] * len(masks)
+    for flag, p in zip(flags, paths + masks):
         try:
             load_image(p)
-        except ImageReadError as e:
-            raise UsageError(str(e)) from None
+        except (ImageReadError, FileNotFoundError) as e:
+            raise UsageError(f'{flag}: {e}') from None
     if sum(x is not None for x in (args.ckpt, args.model, args.config)) > 1:
         raise UsageError('give one of --ckpt, --model and --config')
     from vd_jax.pipeline import MODELS
@@ -245,6 +271,18 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     _check_out(args.out)
     _check_parallel(args)
     return t, prompts, paths
+
+
+def warn_truncated_prompts(vd, args, prompts) -> None:
+    """One warning per over-long prompt the user gave, by its index among the prompts given
+    (the pipeline batches and repeats them; its own warnings would name batch positions)."""
+    from vd_jax.tokenizers import truncation_message
+    tok = vd.components.tokenizer('clip')
+    named = [(f'prompt {i}', p) for i, p in enumerate(prompts)]
+    named += [(f'--{k}', getattr(args, k)) for k in ('negative', 'positive') if getattr(args, k)]
+    for k, tokens in tok.truncated([p for _, p in named]):
+        print(f'warning: {truncation_message(named[k][0], tokens, tok.max_length, named[k][1])}',
+              file=sys.stderr)
 
 
 def _check_parallel(args) -> None:
@@ -305,7 +343,8 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     me, count = share
 
     def progress(done, total):  # done restarts at each denoising run (i2t2i runs two)
-        bar.update(done - progress.last if done >= progress.last else done)
+        # within a run `done` only grows: a report that does not is the next run's first
+        bar.update(done - progress.last if done > progress.last else done)
         progress.last = done
     progress.last = 0
     from vd_jax.diffusion.sampling import make_plan
@@ -348,7 +387,8 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
         out = call(images, prompt=first, n=hi - lo, masks=masks, **kw)
     else:
         out = call(images[0], n=hi - lo, **kw)
-    labels, index = [args.task] * (hi - lo), list(range(lo, hi))
+    labels = [paths[0] if len(paths) == 1 else args.task] * (hi - lo)  # the input, in texts.json
+    index = list(range(lo, hi))
     if args.task == 'i2t2i':
         return labels, out[1], out[0], index
     return labels, out, None, index
@@ -478,6 +518,8 @@ def _merge_shares(out_dir, settings, share, inputs) -> Tuple[dict, Optional[List
 
 
 def main(argv=None) -> int:
+    from vd_jax.platform import EXIT_USAGE, quiet_libraries
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -485,12 +527,13 @@ def main(argv=None) -> int:
         t, prompts, paths = validate(args, parser)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    import warnings
     import jax
-    from tqdm import tqdm
     from vd_jax.checkpoint import CheckpointError
     from vd_jax.image_io import ImageReadError, load_image
-    from vd_jax.outputs import code_version, new_run_dir, write_results
+    from vd_jax.outputs import code_version, new_run_dir, progress_bar, write_results
+    from vd_jax.tokenizers import PromptTruncatedWarning
     from vd_jax.pipeline import DEFAULT_MODEL, TaskError, VersatileDiffusion
     cache = _compile_cache(args)
     share = _start_processes(args)
@@ -498,7 +541,7 @@ def main(argv=None) -> int:
         mesh = _make_mesh(args)
     except ValueError as e:
         print(f'error: --mesh {args.mesh}: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # one run folder: made now when several processes share it (process 0 makes it) or
     # previews go into it; else once the samples exist (a failed run leaves nothing behind)
     out_dir = [_shared_run_dir(args.out, share) if args.distributed else None]
@@ -525,12 +568,15 @@ def main(argv=None) -> int:
             else f'device {jax.local_devices()[0]}')
         print(f'loaded {vd.source} in {time.time() - t0:.1f}s; {where}', file=sys.stderr)
         previews = None if args.preview_every is None else Previews(vd, args, run_dir)
-        with tqdm(total=0, unit='step', desc=args.task, file=sys.stderr) as bar:
+        if 'ctx_text' in vd.params and share[0] == 0:
+            warn_truncated_prompts(vd, args, prompts)
+        with progress_bar(args.task) as bar, warnings.catch_warnings():
+            warnings.simplefilter('ignore', PromptTruncatedWarning)  # reported above
             labels, out_images, out_texts, index = run_task(
                 vd, t, args, prompts, images, paths, bar, share=share, preview=previews)
     except (TaskError, CheckpointError, ImageReadError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        print(f'error: {e}', file=sys.stderr)  # after the progress bar closed its line
+        return EXIT_USAGE
     settings = dict(vars(args), task_name=t.method, prompts=prompts, image_files=paths,
                     checkpoint=vd.source, untrained=untrained, code_version=code_version(),
                     jax_version=jax.__version__, backend=jax.default_backend(),

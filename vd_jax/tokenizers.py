@@ -36,6 +36,18 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_SPECIAL_TOKENS = (('pad_token', '<PAD>'), ('bos_token', '<BOS>'), ('eos_token', '<EOS>'))
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than CLIP's context: its end is dropped."""
+
+
+def truncation_message(name: str, tokens: int, max_length: int, prompt: str) -> str:
+    """'<name> has <tokens> BPE tokens; CLIP takes at most ...': one definition for the
+    tokenizer's warning and the command line's check of the user's prompts."""
+    keep = max_length - 2  # <|startoftext|> and <|endoftext|> take two of the places
+    return (f'{name} has {tokens} BPE tokens; CLIP takes at most {keep}, so it is truncated '
+            f'(the last {tokens - keep} are dropped): {prompt[:60]!r}...')
+
+
 class TokenizerFileError(FileNotFoundError):
     """A vocabulary file is missing or malformed; the message names the file."""
 
@@ -167,8 +179,23 @@ class CLIPPromptTokenizer:
     def __len__(self):
         return len(self.tokenizer)
 
+    def truncated(self, prompts: Sequence[str]) -> List[Tuple[int, int]]:
+        """(index, BPE tokens) of each distinct prompt longer than the model takes, at its
+        first index: a prompt repeated (e.g. once per sample) is reported once."""
+        if not prompts:
+            return []
+        full = self.tokenizer(list(prompts), add_special_tokens=True, verbose=False)['input_ids']
+        out, seen = [], set()
+        for i, ids in enumerate(full):
+            if len(ids) > self.max_length and prompts[i] not in seen:
+                seen.add(prompts[i])
+                out.append((i, len(ids) - 2))
+        return out
+
     def __call__(self, prompts: Union[str, Sequence[str]]) -> np.ndarray:
-        """prompts: a string or a sequence of strings -> int32 ids (B, max_length)."""
+        """prompts: a string or a sequence of strings -> int32 ids (B, max_length). An
+        over-long prompt is truncated with a `PromptTruncatedWarning` naming its index in
+        `prompts` (once per distinct prompt)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -180,14 +207,9 @@ class CLIPPromptTokenizer:
         bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
             raise TypeError(f'every prompt must be a string; got {bad[:5]} (index, type)')
-        full = self.tokenizer(list(prompts), add_special_tokens=True, verbose=False)['input_ids']
-        for i, ids in enumerate(full):
-            if len(ids) > self.max_length:
-                warnings.warn(
-                    f'prompt {i} has {len(ids) - 2} BPE tokens; CLIP takes at most '
-                    f'{self.max_length - 2}, so it is truncated (the last '
-                    f'{len(ids) - self.max_length} are dropped): {prompts[i][:60]!r}...',
-                    UserWarning, stacklevel=2)
+        for i, tokens in self.truncated(prompts):
+            warnings.warn(truncation_message(f'prompt {i}', tokens, self.max_length, prompts[i]),
+                          PromptTruncatedWarning, stacklevel=2)
         out = self.tokenizer(list(prompts), padding='max_length', max_length=self.max_length,
                              truncation=True)['input_ids']
         return np.asarray(out, dtype=np.int32)

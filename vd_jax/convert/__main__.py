@@ -8,7 +8,6 @@ InceptionV3 weights (`pt_inception-2015-12-05-6726825d.pth`) are detected and co
 import argparse
 import os
 import sys
-import warnings
 
 # What marks a folder as a vd_jax checkpoint (written by `convert_checkpoint`), the only kind
 # of existing folder --overwrite may replace.
@@ -39,21 +38,18 @@ def check_output(out: str, overwrite: bool) -> None:
         if entries and not any(m in entries for m in _CHECKPOINT_MARKERS):
             raise UsageError(f"output '{out}' is a folder that is not a vd_jax checkpoint (no "
                              "manifest.json); --overwrite would delete it, so it is refused")
-    parent = os.path.dirname(out_abs)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot create output '{out}': '{parent}' is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot create output '{out}': no permission to write in '{parent}'")
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f'warning: {message}', file=sys.stderr if file is None else file)
+    from vd_jax.outputs import OutputLocationError, check_can_create
+    try:
+        check_can_create(out, 'output')
+    except OutputLocationError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv=None):
+    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
+    quiet_libraries()  # also: warnings as one 'warning: ...' line
     p = argparse.ArgumentParser(prog='python -m vd_jax.convert', description=__doc__,
+                                epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('src', help='checkpoint file or diffusers folder')
     p.add_argument('out', help='output checkpoint folder (must not exist unless --overwrite)')
@@ -80,13 +76,12 @@ def main(argv=None):
             check_output(args.out, args.overwrite)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     import numpy as np
     from vd_jax.convert import ConversionError, SourceError, convert_checkpoint, open_source, \
         plan_conversion
     from vd_jax.checkpoint import CheckpointError
-    warnings.showwarning = _one_line_warning
     try:
         if args.dtype == 'bfloat16':
             import ml_dtypes
@@ -105,15 +100,15 @@ def main(argv=None):
                 print(f'  ignored {k}: {r}')
             for part, n in record['skipped'].items():
                 print(f'  skipped part {part} ({n} keys)')
-            return 0
+            return EXIT_OK
         out = convert_checkpoint(args.src, args.config, args.out, parts=args.parts,
                                  skip_parts=args.skip, dtype=dtype, overwrite=args.overwrite,
                                  progress=True)
         print(f'wrote {out}')
-        return 0
+        return EXIT_OK
     except (ConversionError, SourceError, CheckpointError, OSError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import glob
 import io
@@ -39,6 +38,7 @@ from etils import epath
 from PIL import Image
 
 from vd_jax.image_io import pil_to_rgb
+from vd_jax.platform import quiet_tfds
 
 logger = logging.getLogger(__name__)
 
@@ -56,25 +56,6 @@ _HEIGHT_KEYS = ('original_height', 'HEIGHT')
 class DataSourceError(ValueError):
     """The given sources cannot make an image-caption dataset (no images, no captions, no
     usable sample); the message names the sources and what was found."""
-
-
-class _DropTfdsNoise(logging.Filter):
-    """tfds' log lines that mislead for a local build: the dump of our (custom) config and the
-    'Variant folder ... has no dataset_info.json' of a dataset not built yet."""
-    _NOISE = ('Using custom data configuration', 'Variant folder')
-
-    def filter(self, record):
-        return not str(record.msg).startswith(self._NOISE)
-
-
-@contextlib.contextmanager
-def _quiet_tfds():
-    noise, absl_logger = _DropTfdsNoise(), logging.getLogger('absl')
-    absl_logger.addFilter(noise)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +194,7 @@ def build_image_text(sources, data_dir: str, *, name: str = 'default',
         sources = (sources,)
     config = ImageTextConfig(name=name, sources=tuple(os.fspath(s) for s in sources),
                              filters=filters, num_workers=num_workers, chunk_size=chunk_size)
-    with _quiet_tfds():
+    with quiet_tfds():
         builder = VdImageText(config=config, data_dir=data_dir, file_format='array_record')
         prepared = builder.is_prepared()
     if prepared:
@@ -230,7 +211,7 @@ def build_image_text(sources, data_dir: str, *, name: str = 'default',
     created = [p for p in (data_dir, downloads, os.path.join(data_dir, builder.name),
                            os.path.join(data_dir, builder.name, name)) if not os.path.lexists(p)]
     try:
-        with _quiet_tfds():
+        with quiet_tfds():
             builder.download_and_prepare()
     except BaseException:
         for p in created:

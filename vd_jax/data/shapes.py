@@ -17,7 +17,6 @@ splits draw from disjoint random streams (`default_rng([seed, split id])`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
@@ -30,6 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+
+from vd_jax.platform import quiet_tfds
 
 logger = logging.getLogger(__name__)
 
@@ -278,27 +279,6 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         logger.info('shapes world ready in %s', self.data_dir)
 
 
-def _routine_tfds_warning(record: logging.LogRecord) -> bool:
-    # tfds warns that a config not in BUILDER_CONFIGS is "custom" and that a fresh folder has no
-    # dataset_info.json: both are how every build here starts
-    message = str(record.msg)
-    return not message.startswith(('Using custom data configuration', 'Variant folder'))
-
-
-@contextlib.contextmanager
-def _quiet_tfds():
-    # tfds has no getter for its progress-bar switch; restore whatever the caller had
-    from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
-    before = tqdm_utils._active  # noqa: SLF001
-    tfds.display_progress_bar(False)
-    logging.getLogger('absl').addFilter(_routine_tfds_warning)
-    try:
-        yield
-    finally:
-        logging.getLogger('absl').removeFilter(_routine_tfds_warning)
-        tfds.display_progress_bar(before)
-
-
 def build_shapes(data_dir: str, num_train: int = 10_000, num_heldout: Optional[int] = None,
                  seed: int = 0) -> ShapesWorld:
     """Build (or reuse) `<data_dir>/shapes_world/n<num_train>_h<num_heldout>_s<seed>/1.0.0`.
@@ -318,7 +298,7 @@ def build_shapes(data_dir: str, num_train: int = 10_000, num_heldout: Optional[i
                          f'{num_heldout} and {seed}')
     config = ShapesConfig(name=f'n{num_train}_h{num_heldout}_s{seed}', num_train=num_train,
                           num_heldout=num_heldout, seed=seed)
-    with _quiet_tfds():
+    with quiet_tfds():
         builder = ShapesWorld(config=config, data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
             builder.download_and_prepare()

@@ -68,7 +68,9 @@ def _inception_arg(p, required=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vd_jax.platform import exit_codes_epilog
     p = argparse.ArgumentParser(prog='python -m vd_jax.eval', description=__doc__,
+                                epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     s = sub.add_parser('shapes', help='the shapes-world evaluation of every flow')
@@ -504,6 +506,8 @@ def _run_fid_stats(args, prep) -> int:
 
 
 def main(argv=None) -> int:
+    from vd_jax.platform import EXIT_OK, EXIT_USAGE, quiet_libraries
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -512,7 +516,7 @@ def main(argv=None) -> int:
         args, prep = _check(args, parser, argv)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from vd_jax.platform import configure_xla
     configure_xla()
     if args.command == 'fid-stats':
@@ -520,13 +524,18 @@ def main(argv=None) -> int:
     if args.command in SAMPLE_COMMANDS:
         return _run_sampling(args, prep)
     from vd_jax.outputs import code_version, new_run_dir
+    from vd_jax.checkpoint import CheckpointError
     t0 = time.time()
-    vd = _load(args)
+    try:
+        vd = _load(args)
+    except CheckpointError as e:  # e.g. the shipped model is not installed
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
     from vd_jax.eval.shapes_reader import IMAGE_SIZE
     if vd.image_size != IMAGE_SIZE:
         print(f'error: shapes evaluates models of the shapes world ({IMAGE_SIZE} px images); '
               f'{vd.source} makes {vd.image_size} px images', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out = new_run_dir(args.out, args.command)
     from vd_jax.eval.shapes_eval import EvalSettings, evaluate
     settings = EvalSettings(n=args.n, steps=args.steps, scale=args.scale, sampler=args.sampler,
@@ -538,7 +547,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
     print(f'wrote {out}/metrics.json')
-    return 0
+    return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -104,6 +104,11 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
     if os.path.lexists(out) and not overwrite:
         raise ExportError(f"output '{out}' already exists; choose another path or pass "
                           'overwrite=True (--overwrite)')
+    from vd_jax.outputs import OutputLocationError, check_can_create
+    try:
+        check_can_create(out, 'output')
+    except OutputLocationError as e:
+        raise ExportError(str(e)) from None
     if kind == 'torch':
         try:
             import torch  # noqa: F401

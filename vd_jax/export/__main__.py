@@ -8,7 +8,10 @@ import sys
 
 
 def main(argv=None):
+    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
+    quiet_libraries()
     p = argparse.ArgumentParser(prog='python -m vd_jax.export', description=__doc__,
+                                epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('ckpt', help='vd_jax checkpoint folder (config.json + <part>.safetensors)')
     p.add_argument('out', help='output: a .pth/.pt/.ckpt/.bin or .safetensors file (v1.0, legacy) '
@@ -25,9 +28,9 @@ def main(argv=None):
                                 progress=True)
     except (ExportError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f'wrote {out}')
-    return 0
+    return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -314,7 +314,9 @@ def text_contexts(comps, prompts, n: int, context=None):
             return repeat(comps.encode_context('text', ids), check_n(n))
         except ValueError as e:
             raise TaskError(str(e)) from None
-    return comps.encode_context('text', prompts_list(prompts, n))
+    n = check_n(n)
+    # each prompt encoded once, then repeated: a truncation warning names the user's index
+    return repeat(comps.encode_context('text', prompts_list(prompts, 1)), n)
 
 
 def negative_text_context(comps, negative, like, prompts: int, n: int, output: str, convention: str):

@@ -4,6 +4,7 @@ to sentences, and an image is generated from those sentences plus the positive p
 with the image's low-rank (style) context."""
 from __future__ import annotations
 
+import warnings
 from typing import List, Tuple
 
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from vd_jax import applications as apps
 from vd_jax.tasks.common import (SamplingOptions, check_n, image_contexts, image_hw, load_images,
                                  mixed, negative_image_context, negative_text_context, repeat,
                                  single)
+from vd_jax.tokenizers import PromptTruncatedWarning
 
 PARTS_FLOWS = ('i2t', 't2i', 'i2i')
 
@@ -45,7 +47,12 @@ def run(comps, image, positive: str = '', negative: str = '', n: int = 1, *,
     z_neg, z_pos = comps.encode_latent('text', [negative, positive])
     texts = comps.decode_latent('text', apps.edit_text_latent(zt, z_neg, z_pos),
                                 seed=options.seed)
-    ctx_text = jnp.concatenate([comps.encode_context('text', texts),
+    with warnings.catch_warnings():
+        # the decoded sentences are the model's, not prompts the user wrote: CLIP reads their
+        # first 75 tokens, as the original does, and a "prompt i is truncated" would mislead
+        warnings.simplefilter('ignore', PromptTruncatedWarning)
+        ctx_sentences = comps.encode_context('text', texts)
+    ctx_text = jnp.concatenate([ctx_sentences,
                                 repeat(comps.encode_context('text', [positive]), n)], axis=1)
     half = ctx_text[:, :ctx_text.shape[1] // 2]
     u_text = jnp.concatenate([negative_text_context(comps, negative_prompt, half, 1, n, 'image',

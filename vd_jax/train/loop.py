@@ -348,8 +348,10 @@ class Preemption:
 
     The handlers are installed by `arm()` once the first step has run: before that there is
     nothing to save, and a signal during the first compile (which holds the interpreter)
-    keeps its default action, so it stops the process at once. With several processes the
-    flags are combined at sync points (`requested(sync=True)`), so all stop at the same step.
+    keeps the process's own action: SIGTERM's default stops the process at once, and
+    train.py sets SIGINT's to the same (Python's KeyboardInterrupt would wait for the
+    compile). With several processes the flags are combined at sync points
+    (`requested(sync=True)`), so all stop at the same step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -456,7 +458,7 @@ def _host_metrics(m) -> Dict[str, float]:
 
 def _truncate_metrics(workdir: str, step: int) -> None:
     """Drop metrics.jsonl / perf.jsonl lines after `step` (written after the checkpoint a run
-    resumes from), so a resumed run never logs a step twice."""
+    resumes from; all of them for a fresh start), so a resumed run never logs a step twice."""
     for name in ('metrics.jsonl', 'perf.jsonl'):
         path = os.path.join(workdir, name)
         if jax.process_index() != 0 or not os.path.isfile(path):
@@ -512,10 +514,12 @@ def train(cfg, workdir: str, *, data_source=None,
         logger.info('resumed from step %d (%s)', start, ckpt.directory)
         if int(state.step) != start:
             raise RuntimeError(f'checkpoint {start} holds a state of step {int(state.step)}')
-        _truncate_metrics(workdir, start)
     else:
         start = 0
         state = initial_state(run)
+    # lines of steps after the checkpoint (or of a run stopped before its first one) are
+    # logged again by this run
+    _truncate_metrics(workdir, start)
     logger.info('setup took %.1fs', time.time() - t_setup)
 
     writer = MetricWriter(workdir, is_main, bool(cfg.tensorboard))
@@ -605,11 +609,13 @@ def train(cfg, workdir: str, *, data_source=None,
             writer.write_perf(s, timings[s])
         hm = history[now_step]
         if log_step:
+            known = rate == rate and rate > 0  # measured from the second fetch on
+            pace = f'{rate:.2f} steps/s {rate * int(cfg.batch_size):.1f} ex/s' if known else \
+                '? steps/s'
             flows = ' '.join(f'{k[5:]} {v:.4f}' for k, v in hm.items() if k.startswith('loss/'))
-            logger.info('step %d/%d | loss %.4f [%s] | %.2f steps/s %.1f ex/s | lr %.2e '
-                        '| grad %.3f | ETA %s%s', now_step, total, hm['loss'], flows, rate,
-                        rate * int(cfg.batch_size), hm['lr'], hm['grad_norm'],
-                        _fmt_time((total - now_step) / rate) if rate == rate and rate > 0 else '?',
+            logger.info('step %d/%d | loss %.4f [%s] | %s | lr %.2e | grad %.3f | ETA %s%s',
+                        now_step, total, hm['loss'], flows, pace, hm['lr'], hm['grad_norm'],
+                        _fmt_time((total - now_step) / rate) if known else '?',
                         observe.describe(timings, now_step))
             writer.flush()
         clock['t'], clock['step'] = time.time(), now_step
@@ -617,6 +623,9 @@ def train(cfg, workdir: str, *, data_source=None,
     try:
         with Preemption() as preempt:
             batch = next_batch(step) if step < total else None
+            if step < total:  # a silent minute or more otherwise; Ctrl-C stops it at once
+                logger.info('compiling the training step (the first step takes a while; a '
+                            'compile cache: jax_cache_dir=...)')
             while step < total:
                 profiler.before(step + 1)
                 with profiler.annotate(step + 1):
@@ -637,6 +646,9 @@ def train(cfg, workdir: str, *, data_source=None,
                     flush(step)
                     stop = stop or preempt.requested(True)
                 if stop or due:
+                    # every step up to the checkpoint reaches the disk before it: a run killed
+                    # after the save resumes from it and would never log them again
+                    writer.flush()
                     ckpt.save(step, state, data_state, meta(step))
                 if stop:
                     status = 'preempted'
@@ -644,8 +656,14 @@ def train(cfg, workdir: str, *, data_source=None,
                                    'command)', step)
                     break
         ckpt.wait()
-        if status == 'finished' and bool(cfg.export.at_end) and step == total and total > start:
-            export_dir = os.path.join(workdir, 'export', f'step_{step}')
+        final_export = os.path.join(workdir, 'export', f'step_{total}')
+        # also when a run resumed at its last step finds no export (stopped between the last
+        # save and the export, or total_steps lowered to end a run early)
+        if (status == 'finished' and bool(cfg.export.at_end) and step == total
+                and (total > start or not os.path.isdir(final_export))):
+            export_dir = final_export
+            if batch is None:  # no step ran here: the latent-scale calibration needs a batch
+                batch = next_batch(step)
             model_cfg = cfg.model
             scales = {}
             if type(run.sc.objective).latent_scales is not objectives.Objective.latent_scales:

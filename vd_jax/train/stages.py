@@ -79,7 +79,9 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
             return record
         last = out['history'].get(out['step'], {})
         prev = record.get(stage, {})
-        record[stage] = dict(export=out['export'] or prev.get('export'),
+        done = os.path.join(workdir, stage, 'export', f"step_{out['step']}")
+        record[stage] = dict(export=out['export'] or prev.get('export')
+                             or (done if os.path.isdir(done) else None),
                              seconds=round(prev.get('seconds', 0) + time.time() - t0, 1),
                              steps=out['step'], final={k: v for k, v in last.items()
                                                        if k.startswith(('loss', 'val/'))})
