@@ -517,6 +517,67 @@ def _merge_shares(out_dir, settings, share, inputs) -> Tuple[dict, Optional[List
     return dict(written, images=files, grid=grid), texts
 
 
+def _load_model(args, mesh, share, t0):
+    """The model `--ckpt`/`--config`/`--model` names, on `mesh`; says where it runs."""
+    import jax
+    from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion
+    kw = dict(dtype=args.dtype, uncond=args.uncond, mesh=mesh)
+    if args.ckpt:
+        vd = VersatileDiffusion.from_checkpoint(args.ckpt, **kw)
+    elif args.config:
+        vd = VersatileDiffusion.random(args.config, **kw)
+    else:
+        vd = VersatileDiffusion.default(args.model or DEFAULT_MODEL, **kw)
+    if vd.source.startswith('random:') and share[0] == 0:
+        print(UNTRAINED, file=sys.stderr)
+    where = (f'process {share[0]}/{share[1]}, ' if args.distributed else '') + (
+        f'mesh {dict(mesh.shape)} of {mesh.devices.size} device(s)' if mesh is not None
+        else f'device {jax.local_devices()[0]}')
+    print(f'loaded {vd.source} in {time.time() - t0:.1f}s; {where}', file=sys.stderr)
+    return vd
+
+
+def _sample(vd, t, args, prompts, paths, share, run_dir):
+    """Run the task with a progress bar; returns (labels, images, texts, index, previews)."""
+    import warnings
+    from vd_jax.image_io import load_image
+    from vd_jax.outputs import progress_bar
+    from vd_jax.tokenizers import PromptTruncatedWarning
+    vd.check_task(t.method)
+    images = [load_image(p) for p in paths]
+    previews = None if args.preview_every is None else Previews(vd, args, run_dir)
+    if 'ctx_text' in vd.params and share[0] == 0:
+        warn_truncated_prompts(vd, args, prompts)
+    with progress_bar(args.task) as bar, warnings.catch_warnings():
+        warnings.simplefilter('ignore', PromptTruncatedWarning)  # reported above
+        out = run_task(vd, t, args, prompts, images, paths, bar, share=share, preview=previews)
+    return (images, *out, previews)
+
+
+def _write(args, settings, share, run_dir, images, labels, out_images, out_texts, index,
+           previews):
+    """Write this process's outputs (merged into one run folder by process 0 when
+    distributed); returns what `write_results` wrote, or None on processes other than 0."""
+    from vd_jax.outputs import write_results
+    from vd_jax.tasks.common import load_images
+    inputs = None  # hw -> the input image beside the outputs in grid.png
+    if images and args.task in ('i2i', 'disentangle', 'dual'):
+        inputs = functools.partial(load_images, images[:1])
+    if not args.distributed:
+        return write_results(
+            run_dir(), settings, images=out_images, texts=out_texts, labels=labels,
+            inputs=None if out_images is None or inputs is None else inputs(out_images.shape[1:3]),
+            elsewhere={'previews': previews.written} if previews else None), out_texts
+    from jax.experimental import multihost_utils
+    _write_share(run_dir(), dict(settings, process_index=share[0]), share, labels,
+                 out_images, out_texts, index)
+    multihost_utils.sync_global_devices('vd_jax sample.py: every share written')
+    if share[0] != 0:
+        print(f'process {share[0]}: wrote {len(index)} output(s) into {run_dir()}')
+        return None, out_texts
+    return _merge_shares(run_dir(), settings, share, inputs)
+
+
 def main(argv=None) -> int:
     from vd_jax.platform import EXIT_USAGE, quiet_libraries
     quiet_libraries()
@@ -528,13 +589,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
-    import warnings
     import jax
     from vd_jax.checkpoint import CheckpointError
-    from vd_jax.image_io import ImageReadError, load_image
-    from vd_jax.outputs import code_version, new_run_dir, progress_bar, write_results
-    from vd_jax.tokenizers import PromptTruncatedWarning
-    from vd_jax.pipeline import DEFAULT_MODEL, TaskError, VersatileDiffusion
+    from vd_jax.image_io import ImageReadError
+    from vd_jax.outputs import code_version, new_run_dir
+    from vd_jax.pipeline import TaskError
     cache = _compile_cache(args)
     share = _start_processes(args)
     try:
@@ -551,57 +610,23 @@ def main(argv=None) -> int:
             out_dir[0] = new_run_dir(args.out)
         return out_dir[0]
     try:
-        kw = dict(dtype=args.dtype, uncond=args.uncond, mesh=mesh)
-        if args.ckpt:
-            vd = VersatileDiffusion.from_checkpoint(args.ckpt, **kw)
-        elif args.config:
-            vd = VersatileDiffusion.random(args.config, **kw)
-        else:
-            vd = VersatileDiffusion.default(args.model or DEFAULT_MODEL, **kw)
-        untrained = vd.source.startswith('random:')
-        if untrained and share[0] == 0:
-            print(UNTRAINED, file=sys.stderr)
-        vd.check_task(t.method)
-        images = [load_image(p) for p in paths]
-        where = (f'process {share[0]}/{share[1]}, ' if args.distributed else '') + (
-            f'mesh {dict(mesh.shape)} of {mesh.devices.size} device(s)' if mesh is not None
-            else f'device {jax.local_devices()[0]}')
-        print(f'loaded {vd.source} in {time.time() - t0:.1f}s; {where}', file=sys.stderr)
-        previews = None if args.preview_every is None else Previews(vd, args, run_dir)
-        if 'ctx_text' in vd.params and share[0] == 0:
-            warn_truncated_prompts(vd, args, prompts)
-        with progress_bar(args.task) as bar, warnings.catch_warnings():
-            warnings.simplefilter('ignore', PromptTruncatedWarning)  # reported above
-            labels, out_images, out_texts, index = run_task(
-                vd, t, args, prompts, images, paths, bar, share=share, preview=previews)
+        vd = _load_model(args, mesh, share, t0)
+        images, labels, out_images, out_texts, index, previews = _sample(
+            vd, t, args, prompts, paths, share, run_dir)
     except (TaskError, CheckpointError, ImageReadError) as e:
         print(f'error: {e}', file=sys.stderr)  # after the progress bar closed its line
         return EXIT_USAGE
+    untrained = vd.source.startswith('random:')
     settings = dict(vars(args), task_name=t.method, prompts=prompts, image_files=paths,
                     checkpoint=vd.source, untrained=untrained, code_version=code_version(),
                     jax_version=jax.__version__, backend=jax.default_backend(),
                     compile_cache=cache, seconds=round(time.time() - t0, 2),
                     mesh=None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
                     processes=share[1])
-
-    from vd_jax.tasks.common import load_images
-    inputs = None  # hw -> the input image beside the outputs in grid.png
-    if images and args.task in ('i2i', 'disentangle', 'dual'):
-        inputs = functools.partial(load_images, images[:1])
-    if args.distributed:
-        from jax.experimental import multihost_utils
-        _write_share(run_dir(), dict(settings, process_index=share[0]), share, labels,
-                     out_images, out_texts, index)
-        multihost_utils.sync_global_devices('vd_jax sample.py: every share written')
-        if share[0] != 0:
-            print(f'process {share[0]}: wrote {len(index)} output(s) into {run_dir()}')
-            return 0
-        written, out_texts = _merge_shares(run_dir(), settings, share, inputs)
-    else:
-        written = write_results(
-            run_dir(), settings, images=out_images, texts=out_texts, labels=labels,
-            inputs=None if out_images is None or inputs is None else inputs(out_images.shape[1:3]),
-            elsewhere={'previews': previews.written} if previews else None)
+    written, out_texts = _write(args, settings, share, run_dir, images, labels, out_images,
+                                out_texts, index, previews)
+    if written is None:
+        return 0
     print(f"wrote {run_dir()}: {len(written['images'])} image(s)"
           f"{', grid.png' if written['grid'] else ''}"
           f"{', texts.json/texts.txt' if written['texts'] else ''}, settings.json")
