@@ -15,6 +15,11 @@ re-running the command resumes the stage it stopped in and skips finished ones. 
 apply to every stage (a `<stage>.` prefix limits one to that stage, e.g. `basic.total_steps=10`).
 `<workdir>/stages.json` records each stage's export, wall time and final metrics;
 `<workdir>/final` is the last stage's export (every part of the model).
+
+    python -m vd_jax.train.stages --workdir runs/vd_mini --release vd_jax/weights/vd_mini
+
+writes the final export with float16 storage (half the bytes; loading casts back to the compute
+dtype) plus the stage record in its manifest: how the shipped default model was made.
 """
 from __future__ import annotations
 
@@ -98,6 +103,28 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     return record
 
 
+def release(workdir: str, out: str) -> str:
+    """Copy `<workdir>/final` (every part) into `out` with float16 storage; the manifest
+    records the stages (exports, wall times, final losses). Overwrites `out`."""
+    import numpy as np
+    from vd_jax.checkpoint import (CheckpointError, available_parts, load_part, read_config,
+                                   write_checkpoint)
+    final = os.path.join(workdir, 'final')
+    if not os.path.isdir(final):
+        raise CheckpointError(f"'{final}' does not exist: the last stage has not finished")
+    src = os.path.realpath(final)
+    with open(os.path.join(src, 'manifest.json')) as f:
+        manifest = json.load(f)
+    with open(os.path.join(workdir, 'stages.json')) as f:
+        stages = json.load(f)
+    parts = {p: load_part(src, p) for p in available_parts(src)}
+    manifest.pop('parts', None)
+    manifest.update(storage='float16 (cast to the compute dtype on load)',
+                    released_from=src, stages=stages)
+    return write_checkpoint(out, read_config(src), parts, manifest=manifest, overwrite=True,
+                            dtype=np.float16)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--workdir', required=True)
     p.add_argument('--recipe', default=RECIPE, help='a config file whose args are the stages')
     p.add_argument('--stages', default=','.join(STAGE0 + VD_STAGES))
+    p.add_argument('--release', metavar='OUT', help='write the final export with float16 '
+                   'storage into OUT (no training)')
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith('--') or '=' not in o]
     if bad:
@@ -114,6 +143,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vd_jax.platform import configure_xla
     configure_xla()
     from vd_jax.train.settings import ConfigError
+    if args.release:
+        from vd_jax.checkpoint import CheckpointError
+        try:
+            print(release(args.workdir, args.release))
+        except (CheckpointError, OSError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        return 0
     try:
         rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe)
     except (ConfigError, ValueError) as e:
