@@ -27,6 +27,7 @@ SCRIPTS = {
     'bench_train': [],
     'bench_attention': [],
     'bench_compile_cache': [],
+    'bench_fullsize': [],
 }
 TOL = 1e-4
 
@@ -39,8 +40,8 @@ def records(tmp_path_factory):
     for name, extra in SCRIPTS.items():
         cmd = [sys.executable, os.path.join(REPO, 'benchmarks', f'{name}.py'), '--smoke',
                '--out', str(out)] + extra
-        if name == 'bench_convert':
-            cmd += ['--workdir', str(out / 'convert_work')]
+        if name in ('bench_convert', 'bench_fullsize'):
+            cmd += ['--workdir', str(out / f'{name}_work')]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
     recs, failures = {}, []
@@ -143,3 +144,16 @@ def test_compile_cache_smoke(records):
     assert runs['warm']['cache_hits'] >= runs['cold']['cache_misses'] > 0
     assert runs['warm']['cache_misses'] == 0
     assert r['summary']['tiny']['same_output']
+
+
+def test_fullsize_smoke(records):
+    """The full-size run's code path on the tiny config: write a random v1.0 file, convert it,
+    every task in both dtypes in its own process, and the bf16-vs-fp32 distance."""
+    r = records['bench_fullsize']
+    runs = {(x['task'], x['dtype']) for x in r['runs']}
+    assert runs == {(t, d) for t in ('t2i', 'i2i', 'i2t', 't2t', 'dual')
+                    for d in ('float32', 'bfloat16')}
+    assert all(x['finite'] and x['peak_rss'] > 0 for x in r['runs'])
+    d = r['bf16_distance']
+    # one step in bf16 stays close to fp32 (bf16 keeps 8 bits of mantissa: 2**-8 = 0.4%)
+    assert 0 < d['1_steps']['relative'] < 0.02, d
