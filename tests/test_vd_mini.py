@@ -48,6 +48,7 @@ def test_default_model_is_vd_mini(vd_mini):
     assert os.path.realpath(vd_mini.source) == os.path.realpath(SHIPPED)
 
 
+@pytest.mark.slow
 def test_shipped_model_reduced_gate(vd_mini):
     """32 held-out prompts/images, 25 DDIM steps. The gates sit below the n=200, 50-step
     numbers of docs/vd-mini.md (sampling noise of 32 samples: a binomial standard error of up

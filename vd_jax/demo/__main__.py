@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:  # CheckpointError, missing files, bad config
         print(f'error: cannot load the model: {e}', file=sys.stderr)
         return 2
-    served = model.Served(vd, untrained=not args.ckpt, dtype=args.dtype)
+    served = model.Served(vd, untrained=vd.source.startswith('random:'), dtype=args.dtype)
     model.set_served(served)
     options.set_current(args)
     print(f'loaded {vd.source} in {time.time() - t0:.1f}s', file=sys.stderr)

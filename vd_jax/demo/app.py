@@ -47,9 +47,10 @@ def main() -> None:
                'arXiv 2211.08332), in JAX/Flax. Model: '
                f'`{served.vd.source}` · {served.dtype} · requests run one at a time.')
     if served.untrained:
-        st.info('This is the default model with **random, untrained weights**: every tab runs '
-                'the real pipeline, but the outputs are noise. Start with `--ckpt DIR` for a '
-                'converted or trained model.', icon=':material/science:')
+        st.info('This model has **random, untrained weights**: every tab runs the real '
+                'pipeline, but the outputs are noise. Start without `--config` for the shipped '
+                'VD-mini, or with `--ckpt DIR` for a converted or trained model.',
+                icon=':material/science:')
     titles = [title if served.reason(task) is None else f'{title} (unavailable)'
               for title, _, task, _ in TABS]
     limits = options.limits(args)

@@ -10,9 +10,9 @@ import dataclasses
 import threading
 from typing import Dict, Optional
 
-# The default model without --ckpt. Today: the tiny config with random (untrained) weights;
-# a trained default model replaces it here and nowhere else.
-DEFAULT_CONFIG = 'tiny'
+# Without --ckpt the package's default model (`VersatileDiffusion.default()`: VD-mini);
+# `--config NAME` instead asks for that config with random (untrained) weights.
+DEFAULT_CONFIG = None
 DEFAULT_MODEL_SEED = 0
 
 # Tab -> the pipeline task `check_task` is asked about (dual-guided text output is checked
@@ -21,20 +21,23 @@ TAB_TASKS = ('text_to_image', 'image_variation', 'image_to_text', 'text_variatio
              'dual_guided', 'multi_context', 'disentangle', 'i2t2i')
 
 
-def load_model(ckpt: Optional[str] = None, *, config: str = DEFAULT_CONFIG,
+def load_model(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
                seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32'):
     """The demo's model: a vd_jax checkpoint folder, or without one the default model.
 
     Args:
       ckpt: a folder made by `python -m vd_jax.convert` or by training (`export/step_N`).
-      config, seed: without `ckpt`, the config and seed of the random-weight model.
+      config, seed: without `ckpt`, the config and seed of a random-weight model; neither:
+        the shipped default model (VD-mini, docs/vd-mini.md).
       dtype: compute dtype, 'float32' or 'bfloat16'.
     Returns a `vd_jax.pipeline.VersatileDiffusion`.
     """
     from vd_jax.pipeline import VersatileDiffusion
     if ckpt:
         return VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
-    return VersatileDiffusion.random(config, seed, dtype=dtype)
+    if config:
+        return VersatileDiffusion.random(config, seed, dtype=dtype)
+    return VersatileDiffusion.default(dtype=dtype)
 
 
 @dataclasses.dataclass
@@ -75,13 +78,13 @@ def set_served(served: Served) -> None:
     _SERVED = served
 
 
-def get_served(ckpt: Optional[str] = None, *, config: str = DEFAULT_CONFIG,
+def get_served(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
                seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32') -> Served:
     """The installed model; loaded here on first use when the app runs without the launcher
     (e.g. `streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
     global _SERVED
     with _SERVED_LOCK:
         if _SERVED is None:
-            _SERVED = Served(load_model(ckpt, config=config, seed=seed, dtype=dtype),
-                             untrained=not ckpt, dtype=dtype)
+            vd = load_model(ckpt, config=config, seed=seed, dtype=dtype)
+            _SERVED = Served(vd, untrained=vd.source.startswith('random:'), dtype=dtype)
         return _SERVED

@@ -22,10 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         description='Versatile Diffusion web demo: one tab per task, served on this machine. '
                     'It never opens a public share link or tunnel: it listens on --host only '
                     '(127.0.0.1 by default) and sends no usage statistics.')
-    p.add_argument('--ckpt', help='vd_jax checkpoint folder; omit for the default model '
-                                  f'(today the untrained {DEFAULT_CONFIG!r} config, random weights)')
+    p.add_argument('--ckpt', help='vd_jax checkpoint folder; omit for the shipped default '
+                                  'model (VD-mini, trained on the shapes world)')
     p.add_argument('--config', default=DEFAULT_CONFIG,
-                   help='without --ckpt: the config of the random-weight model')
+                   help="without --ckpt: a config with random (untrained) weights, e.g. 'tiny'")
     p.add_argument('--seed-model', type=int, default=DEFAULT_MODEL_SEED,
                    help='without --ckpt: the seed of the random weights')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
