@@ -2,8 +2,9 @@
 
 The VD paper's training hyper-parameters (learning rates, batch sizes, iterations, gradient
 multipliers of SD-initialised layers, the progressive schedule) are NOT in the released code
-and could not be verified here (spec §7). None of the numbers below claims to be the paper's:
-they are generic latent-diffusion defaults, marked `# default (UNVERIFIED vs paper)`.
+and could not be verified here (VD's training code was never released). None of the numbers
+below claims to be the paper's: they are generic latent-diffusion defaults, marked
+`# default (UNVERIFIED vs paper)`.
 Override any key on the command line: `python train.py --config ... optimizer.lr=5e-5`.
 """
 import ml_collections

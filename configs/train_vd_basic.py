@@ -5,9 +5,10 @@
       init.sources.sd.path=/models/sd-v1-5/unet \
       init.sources.sd_variation.path=/models/sd-image-variations/unet
 
-Initialisation (paper; UNVERIFIED in code, spec §7): the time embedding and image data layers
-from SD, the image-context layers from SD-variation (both converted on the fly). Arg 'tiny'
-gives the CPU-sized model. Hyper-parameters: labelled defaults of `configs/train_common.py`.
+Initialisation (paper; UNVERIFIED: VD's training code was never released): the time embedding
+and image data layers from SD, the image-context layers from SD-variation (both converted on
+the fly). Arg 'tiny' gives the CPU-sized model. Hyper-parameters: labelled defaults of
+`configs/train_common.py`.
 """
 from configs import train_common, vd_basic
 

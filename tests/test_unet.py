@@ -35,7 +35,7 @@ def test_four_flow_full_size_parameter_counts(counts):
     assert _count({k: v for k, v in txt.items() if k.startswith('data_blocks')}) == 1_439_558_528
     assert _count({k: v for k, v in txt.items() if k.startswith('context_blocks')}) == 267_239_360
     assert not any(k.startswith('time_embed') for k in txt)  # global_layer_ptr: image
-    # spot-check the text stream's shapes against the key listing (spec §2.5)
+    # spot-check the text stream's shapes against the key listing (tests/data/vd_keys_fourflow.tsv)
     assert img['data_blocks_29']['out_2']['kernel'].shape == (3, 3, 320, 4)
     assert txt['data_blocks_14']['in_layers_2']['kernel'].shape == (10240, 5120)
 

@@ -1,4 +1,4 @@
-"""VD's applications as pure functions on contexts and latents (spec §6).
+"""VD's applications as pure functions on contexts and latents (`app.py`, legacy `inference.py`).
 
 * `adjust_rank`: the v1.0 demo's style/semantic "focus" (0 = semantic, 0.5 = identity,
   1 = style) on the 256 patch tokens of a CLIP image context (`app.py:48-127`).

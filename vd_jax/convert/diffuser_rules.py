@@ -8,7 +8,7 @@ original can express converts. The three layouts:
   * legacy (Nov-2022 `VD`, and what diffusers' converter reads): `model.diffusion_model.time_embed.*`,
     `model.diffusion_model.unet_<s>.{input_blocks.<k>.<m>,middle_block.<m>,output_blocks.<k>.<m>,out}.*`;
     walked in execution order, transformers go to the next context block, all else to the
-    next data block (spec §8);
+    next data block (the final `out` -> `data_blocks.29`; `time_embed` -> the image stream);
   * diffusers (`image_unet` = UNet2DConditionModel, `text_unet` = UNetFlatConditionModel):
     `<s>_unet.{time_embedding,conv_in,down_blocks,mid_block,up_blocks,conv_norm_out,conv_out}.*`.
 """

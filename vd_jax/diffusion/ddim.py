@@ -1,7 +1,8 @@
 """DDIM exactly as Versatile Diffusion samples it (SHI-Labs `lib/model_zoo/ddim.py`,
 `lib/model_zoo/diffusion_utils.py:32-59`; Song et al. 2020, arXiv 2010.02502).
 
-The original's quirks, all reproduced (spec §5, §10.8):
+The original's quirks, all reproduced (`diffusion_utils.py:32-59`, `ddim.py:97-103`,
+`app.py:350-360`):
   * `make_ddim_timesteps('uniform')` = `arange(0, T, T // steps) + 1`, and the **model is fed
     these +1 values** (1, 21, ..., 981 for 50 steps); alpha_bar is indexed with them too.
     This is diffusers' `DDIMScheduler(steps_offset=1, timestep_spacing='leading')`.

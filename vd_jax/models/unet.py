@@ -8,9 +8,9 @@ VD's diffuser is a bank of *streams*, one per modality. A stream may own
   * context layers: SD cross-attention transformers, used when that modality is the
     *condition*.
 A flow picks data layers by output type and context layers by context type, and walks
-the one layer order that every stream shares (spec §2.2). Everything is channels-last:
-image hidden states are (B, H, W, C), text hidden states are (B, S, 1, C) with S =
-`second_dim` "positions" (PyTorch's (B, C, S, 1)).
+the one layer order that every stream shares (`layer_order`, checked by `check_diffuser`,
+`vd.py:313-320`). Everything is channels-last: image hidden states are (B, H, W, C), text
+hidden states are (B, S, 1, C) with S = `second_dim` "positions" (PyTorch's (B, C, S, 1)).
 
 Parameter paths mirror the v1.0 state dict: `diffuser.image.data_blocks.3.0.op.weight`
 lives at `image/data_blocks_3/op/kernel`.

@@ -4,7 +4,7 @@ VD is trained progressively (paper): VD-basic (image variation) -> VD-DC (+ text
 -> four-flow, each setting starting from the previous one; the first one's image layers come
 from Stable Diffusion. SD's cross-attention layers attend to CLIP *text*, so they are VD's
 *text*-context layers; the image-context layers came from SD-variation (an SD UNet
-fine-tuned on CLIP image contexts) [paper; UNVERIFIED in the released code, spec §7].
+fine-tuned on CLIP image contexts) [paper; UNVERIFIED: VD's training code was never released].
 
 A source is `{path, map}` in `cfg.init.sources.<name>`:
   path  a vd_jax checkpoint folder (`diffuser.safetensors`, e.g. a previous run's export),

@@ -1,8 +1,9 @@
 """Optimizer, learning-rate schedule, parameter groups with update multipliers, EMA.
 
-Parameter groups follow VD's layer groups (spec §2): `<g>/time_embed_*` (the global layers of
-the stream `global_layer_ptr` points at) = 'global'; `<s>/data_blocks_*` = '<s>_data';
-`<s>/context_blocks_*` = '<s>_context' (e.g. 'image_data', 'text_context').
+Parameter groups follow VD's layer groups (`VD_v2_0.parameter_group`, `vd.py:108-112`):
+`<g>/time_embed_*` (the global layers of the stream `global_layer_ptr` points at) = 'global';
+`<s>/data_blocks_*` = '<s>_data'; `<s>/context_blocks_*` = '<s>_context' (e.g. 'image_data',
+'text_context').
 
 The multiplier of a group scales that group's *update* (after Adam, weight decay and the
 learning rate), i.e. it is a per-group learning-rate scale. That is the only multiplier
