@@ -78,7 +78,7 @@ def get_config(arg=None):
     # still blurred averages (the eps loss carries little signal about a small shape on a
     # plain background), and the compute budget is a few thousand steps per setting
     cfg.optimizer.lr = {'basic': 5e-4, 'dc': 1e-3, 'four_flow': 1e-3}[stage]
-    cfg.total_steps = {'basic': 3000, 'dc': 2000, 'four_flow': 3000}[stage]
+    cfg.total_steps = {'basic': 3000, 'dc': 2000, 'four_flow': 3500}[stage]
     cfg.encoders.vae_sample = False        # the posterior means: the VAE is nearly deterministic
     cfg.validation.update(every=1000, n=16, steps=25, metrics=['shapes'])
     return cfg
