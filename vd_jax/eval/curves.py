@@ -79,10 +79,11 @@ def plot(panels: Dict[str, Dict[str, Series]], out: str, title: str = '',
 
 
 def collect(runs: Sequence[Tuple[str, str]], metrics: Sequence[str], chain: bool = False,
-            smooth: int = 1) -> Dict[str, Dict[str, Series]]:
+            smooth: int = 1, per_run: bool = False) -> Dict[str, Dict[str, Series]]:
     """panels for `plot` from (run_dir, label) pairs; `smooth`: running mean over that many
-    logged points (losses are noisy per step)."""
-    panels: Dict[str, Dict[str, Series]] = {m: {} for m in metrics}
+    logged points (losses are noisy per step); `per_run`: one panel per (run, metric) (runs
+    whose metrics share a name but not a scale)."""
+    panels: Dict[str, Dict[str, Series]] = {}
     offset = 0
     for run_dir, label in runs:
         rows = read_metrics(run_dir)
@@ -92,10 +93,10 @@ def collect(runs: Sequence[Tuple[str, str]], metrics: Sequence[str], chain: bool
                 s = [(x, sum(v for _, v in s[max(0, i - smooth + 1):i + 1])
                       / len(s[max(0, i - smooth + 1):i + 1])) for i, (x, _) in enumerate(s)]
             if s:
-                panels[m][label] = s
+                panels.setdefault(f'{label}: {m}' if per_run else m, {})[label] = s
         if chain and rows:
             offset += max(r['step'] for r in rows)
-    return {m: r for m, r in panels.items() if r}
+    return panels
 
 
 def main(argv=None) -> int:
@@ -105,12 +106,13 @@ def main(argv=None) -> int:
     p.add_argument('--metrics', default='loss')
     p.add_argument('--chain', action='store_true', help='continue the steps run after run')
     p.add_argument('--smooth', type=int, default=1)
+    p.add_argument('--per-run', action='store_true', help='one panel per run and metric')
     p.add_argument('--title', default='')
     a = p.parse_args(argv)
     runs = [(r.split(':')[0], r.split(':')[1] if ':' in r else os.path.basename(r.rstrip('/')))
             for r in a.runs]
     try:
-        panels = collect(runs, a.metrics.split(','), a.chain, a.smooth)
+        panels = collect(runs, a.metrics.split(','), a.chain, a.smooth, a.per_run)
     except FileNotFoundError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
