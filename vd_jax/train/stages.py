@@ -140,8 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f'unrecognized arguments: {bad}')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
                         datefmt='%H:%M:%S')
-    from vd_jax.platform import configure_xla
+    for noisy in ('absl', 'jax._src.xla_bridge', 'orbax', 'jax._src.distributed'):  # as train.py
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vd_jax.platform import configure_xla, quiet_libraries
     configure_xla()
+    quiet_libraries()
     from vd_jax.train.settings import ConfigError
     if args.release:
         from vd_jax.checkpoint import CheckpointError
