@@ -12,3 +12,14 @@ import pytest  # noqa: E402
 def tiny_config():
     from vd_jax.config import load_config
     return load_config('tiny')
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to build a VD model fails the test: usage errors must come before it."""
+    from vd_jax.pipeline import VersatileDiffusion
+
+    def boom(*a, **k):
+        raise AssertionError('a model was loaded before the usage error')
+    for name in ('default', 'from_checkpoint', 'random'):
+        monkeypatch.setattr(VersatileDiffusion, name, boom)

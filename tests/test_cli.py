@@ -73,15 +73,6 @@ def assert_usage_error(code, stderr, *needles):
 # sample.py: mistakes are reported before any model loads, nothing is written
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Model loading fails loudly: a usage error must be reported before it."""
-    def boom(*a, **k):
-        raise AssertionError('a model was loaded before the usage error')
-    for name in ('from_checkpoint', 'random', 'default'):
-        monkeypatch.setattr(VersatileDiffusion, name, boom)
-
-
 def cases(d):
     img, cat, dog = str(d / 'cat.png'), d / 'cat.png', d / 'dog.png'
     return {

@@ -199,17 +199,6 @@ def test_clip_t2i_and_i2i(fid_run, data, tmp_path, capsys):
     assert load_image(os.path.join(run2, 'grid.png')).shape[1] == 2 + 8 * 34  # source | variation
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any attempt to build a VD model fails the test: errors must come first."""
-    from vd_jax.pipeline import VersatileDiffusion
-
-    def boom(*a, **k):
-        raise AssertionError('a model was loaded before the usage error')
-    for name in ('default', 'from_checkpoint', 'random'):
-        monkeypatch.setattr(VersatileDiffusion, name, boom)
-
-
 @pytest.mark.slow
 def test_usage_errors_before_any_model(inception, data, tmp_path, capsys, no_model):
     prompts = str(data / 'prompts.txt')
