@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -254,9 +255,23 @@ def _shown_images(page, server, tab, part='outputs') -> np.ndarray:
     out = []
     for i in range(imgs.count()):
         src = imgs.nth(i).get_attribute('src')
-        body = page.request.get(src if src.startswith('http') else server + src).body()
+        body = _fetch(src if src.startswith('http') else server + src)
         out.append(np.asarray(Image.open(io.BytesIO(body)).convert('RGB')))
     return np.stack(out)
+
+
+def _fetch(url: str, attempts: int = 3) -> bytes:
+    """GET a file the page shows, on a fresh connection each time. Playwright's request
+    context reuses a kept-alive connection that the busy server may already have closed (a CI
+    run failed with ECONNRESET that way); a reset connection is retried, a wrong status is not."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                return r.read()
+        except (ConnectionError, urllib.error.URLError) as e:
+            if isinstance(e, urllib.error.HTTPError) or attempt == attempts - 1:
+                raise AssertionError(f'the page shows {url}, which the server does not serve: {e}')
+            time.sleep(1.0)
 
 
 def _shown_texts(page, tab):
