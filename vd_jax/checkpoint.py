@@ -85,10 +85,12 @@ class SafetensorsWriter:
         want, shape, dtype = self._order[self._next]
         if name != want:
             raise CheckpointError(f"tensor '{name}' written out of order (expected '{want}')")
-        a = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+        # np.require, not np.ascontiguousarray: the latter turns a 0-d tensor (CLIP's
+        # logit_scale) into shape (1,)
+        a = np.require(np.asarray(array).astype(dtype, copy=False), requirements='C')
         if a.shape != shape:
             raise CheckpointError(f"tensor '{name}': shape {a.shape}, declared {shape}")
-        self._f.write(a.tobytes() if a.dtype == _BF16 else memoryview(a).cast('B'))
+        self._f.write(a.reshape(-1).view(np.uint8))  # bytes without a copy; any dtype, 0-d, empty
         self._next += 1
 
     def close(self) -> None:
