@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -36,7 +37,6 @@ def write_source(path: str, smoke: bool) -> dict:
     import numpy as np
     from vd_jax.checkpoint import SafetensorsWriter
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
     if smoke:
         from vd_jax.convert import export_part
         from vd_jax.pipeline import VersatileDiffusion
@@ -57,10 +57,15 @@ def write_source(path: str, smoke: bool) -> dict:
                     continue  # the schedule buffers and CLIP's position ids are not weights
                 rows.append((key, tuple(int(s) for s in shape.split(',') if s)))
         items = [(k, s, np.float16) for k, s in rows]
+        shapes = dict(rows)
+        # GPT-2's lm_head is a tied copy of its token embedding (the converter checks it)
+        from vd_jax.convert.optimus_rules import TIED
+        copy_of = {k: k[:-len(TIED[0])] + TIED[1] for k in shapes if k.endswith(TIED[0])}
 
-        def get(k):  # small random values keep every activation finite
-            shape = dict(rows)[k]
-            return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+        def get(k):  # small random values keep every activation finite; seeded by name
+            src = copy_of.get(k, k)
+            r = np.random.default_rng(zlib.crc32(src.encode()))
+            return (r.standard_normal(shapes[src], dtype=np.float32) * 0.02).astype(np.float16)
     w = SafetensorsWriter(path, items)
     n = 0
     for k, shape, _ in items:
