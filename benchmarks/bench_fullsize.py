@@ -9,8 +9,9 @@
    loads the checkpoint (straight into the compute dtype) and runs the task through the
    pipeline at 512 px with 2 DDIM steps, timing: load, the first step (compile + run), the
    second step, the whole call; peak RSS (VmHWM) of the process.
-4. bfloat16 vs float32: the distance of one guided text->image step and of 50-step latents
-   (same seed, same random weights), relative to the latents' scale.
+4. bfloat16 vs float32 (same seed, same random weights, 256 px): the distance of one
+   diffuser forward (the eps prediction), of the latents after one guided text->image step
+   and after 50 steps.
 
     python benchmarks/bench_fullsize.py [--workdir /tmp/vd_fullsize] [--smoke]
 
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 import zlib
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -78,53 +80,96 @@ def write_source(path: str, smoke: bool) -> dict:
 
 
 def run_task(ckpt: str, task: str, dtype: str, smoke: bool) -> dict:
-    """Load + one task at 512 px (smoke: the tiny size), 2 steps, in this fresh process."""
+    """Load + one task at 512 px (smoke: the tiny size), 2 steps, in this fresh process.
+    Compile time is JAX's own count (trace + lowering + XLA backend compile events); memory
+    is sampled every 50 ms as anonymous (what the process holds: the weights) and file-backed
+    (pages of the memory-mapped checkpoint, which the kernel may drop) resident memory."""
     import numpy as np
     import jax
     from vd_jax.pipeline import VersatileDiffusion
+    compile_s = {'trace': 0.0, 'lower': 0.0, 'backend': 0.0}
+    events = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
+              '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
+              '/jax/core/compile/backend_compile_duration': 'backend'}
+
+    def on_event(name, secs, **_):
+        if name in events:
+            compile_s[events[name]] += secs
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     common.reset_peak()
-    t0 = time.perf_counter()
-    vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
-    jax.block_until_ready(vd.params)
-    t_load = time.perf_counter() - t0
-    size = vd.components.image_size
-    img = np.random.default_rng(0).uniform(size=(size, size, 3)).astype(np.float32)
-    marks = []
-    kw = dict(steps=2, seed=0, callback=lambda i, z: marks.append((i, time.perf_counter(),
-                                                                   float(np.asarray(z).std()))))
-    t0 = time.perf_counter()
-    if task == 't2i':
-        out = vd.text_to_image('a red bicycle', 1, **kw)
-    elif task == 'i2i':
-        out = vd.image_variation(img, 1, **kw)
-    elif task == 'i2t':
-        out = vd.image_to_text(img, 1, **kw)
-    elif task == 't2t':
-        out = vd.text_variation('a cat sits on a mat', 1, **kw)
-    else:
-        out = vd.dual_guided('a red bicycle', img, 1, mix=0.5, **kw)
-    t_total = time.perf_counter() - t0
+    with common.MemSampler() as ms:
+        t0 = time.perf_counter()
+        vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
+        jax.block_until_ready(vd.params)
+        t_load = time.perf_counter() - t0
+        after_load = common.rss()
+        compile_load = sum(compile_s.values())
+        size = vd.components.image_size
+        img = np.random.default_rng(0).uniform(size=(size, size, 3)).astype(np.float32)
+        marks = []
+        kw = dict(steps=2, seed=0, callback=lambda i, z: marks.append(
+            (i, time.perf_counter(), float(np.asarray(z).std()))))
+        t0 = time.perf_counter()
+        if task == 't2i':
+            out = vd.text_to_image('a red bicycle', 1, **kw)
+        elif task == 'i2i':
+            out = vd.image_variation(img, 1, **kw)
+        elif task == 'i2t':
+            out = vd.image_to_text(img, 1, **kw)
+        elif task == 't2t':
+            out = vd.text_variation('a cat sits on a mat', 1, **kw)
+        else:
+            out = vd.dual_guided('a red bicycle', img, 1, mix=0.5, **kw)
+        t_total = time.perf_counter() - t0
     first = marks[0][1] - t0 if marks else None
     second = marks[1][1] - marks[0][1] if len(marks) > 1 else None
     return dict(task=task, dtype=dtype, size=size, load_s=round(t_load, 1),
+                compile_s=round(sum(compile_s.values()) - compile_load, 1),
+                compile_parts_s={k: round(v, 2) for k, v in compile_s.items()},
                 first_step_s=round(first, 1), second_step_s=round(second, 2),
                 total_s=round(t_total, 1), peak_rss=common.peak_rss(),
+                peak_anon=ms.peak['anon'], peak_file=ms.peak['file'],
+                anon_after_load=after_load['anon'],
                 finite=bool(all(np.isfinite(m[2]) for m in marks)),
                 output=(str(out[0])[:80] if isinstance(out, list) else list(np.shape(out))))
 
 
-def bf16_distance(ckpt: str, steps: int) -> dict:
-    """float32 vs bfloat16 text->image latents (same seed), one step and `steps` steps."""
+def bf16_distance(ckpt: str, steps: int, size: Optional[int]) -> dict:
+    """float32 vs bfloat16 text->image latents (same seed), one step and `steps` steps, at
+    `size` px: the full-width model (every channel of every layer), at a resolution that keeps
+    50 bfloat16 steps affordable on a CPU (XLA's CPU bfloat16 is emulated, ~5x float32)."""
     import numpy as np
+    import jax
+    import jax.numpy as jnp
+    from vd_jax.diffusion.conditioning import Single
     from vd_jax.pipeline import VersatileDiffusion
-    out = {}
+    out, hw = {}, (dict(height=size, width=size) if size else {})
+    # one diffuser forward (the eps prediction a sampler step uses) on the same input: the
+    # per-step cost of bfloat16, free of the sampler's float32 arithmetic around it
+    eps = {}
+    for dtype in DTYPES:
+        vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype, parts=['diffuser', 'ctx_text'])
+        comps = vd.components
+        ctx = comps.encode_context('text', ['a red bicycle'])
+        side = size or comps.image_size
+        shape = comps.latent_shape('image', 1, (side, side))
+        x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
+        fn = jax.jit(Single(comps.module('diffuser'), 'image', 'text'))
+        eps[dtype] = np.asarray(fn(comps.params['diffuser'], x, jnp.asarray([500]), ctx),
+                                np.float32)
+        del vd, comps
+    d = eps['float32'] - eps['bfloat16']
+    out['eps_one_forward'] = dict(
+        max_abs=float(np.abs(d).max()), max_abs_eps=float(np.abs(eps['float32']).max()),
+        std_eps=float(eps['float32'].std()),
+        relative_l2=float(np.linalg.norm(d) / np.linalg.norm(eps['float32'])))
     for n in (1, steps):
         lat = {}
         for dtype in DTYPES:
             vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype, parts=['diffuser',
                                                                            'ctx_text', 'vae_image'])
             cap = []
-            vd.text_to_image('a red bicycle', 1, steps=n, seed=0,
+            vd.text_to_image('a red bicycle', 1, steps=n, seed=0, **hw,
                              callback=lambda i, z: cap.append(np.asarray(z)))
             lat[dtype] = cap[-1]
             del vd
@@ -132,6 +177,7 @@ def bf16_distance(ckpt: str, steps: int) -> dict:
         scale = float(np.abs(lat['float32']).max())
         out[f'{n}_steps'] = dict(max_abs=float(d.max()), mean_abs=float(d.mean()),
                                  max_abs_latent=scale, relative=float(d.max() / scale))
+    out['size'] = size
     return out
 
 
@@ -154,7 +200,7 @@ def main(argv=None):
         print(json.dumps(run_task(ckpt, args.task, args.dtype, smoke)))
         return
     if args.child == 'bf16':
-        print(json.dumps(bf16_distance(ckpt, args.bf16_steps)))
+        print(json.dumps(bf16_distance(ckpt, args.bf16_steps, None if smoke else 256)))
         return
     log = print
     os.makedirs(work, exist_ok=True)
@@ -171,16 +217,22 @@ def main(argv=None):
                         'vd_four_flow:tiny' if smoke else 'vd_four_flow'], check=True,
                        cwd=common.REPO)
         rec['convert_s'] = round(time.perf_counter() - t0, 1)
+    prev = os.path.join(args.out, f"bench_fullsize{'-smoke' if smoke else ''}.json")
+    if os.path.isfile(prev) and 'source' not in rec:  # files kept from the run that made them
+        with open(prev) as f:
+            old = json.load(f)
+        rec.update({k: old[k] for k in ('source', 'convert_s') if k in old})
     rows, rec['runs'] = [], []
     for dtype in DTYPES:
         for task in TASKS:
             log(f'== {task} {dtype}')
             r = common.run_child(me + ['--child', 'task', '--task', task, '--dtype', dtype])
             rec['runs'].append(r)
-            rows.append([task, dtype, f"{common.gib(r['peak_rss']):.1f}", r['load_s'],
+            rows.append([task, dtype, f"{common.gib(r['peak_rss']):.1f}",
+                         f"{common.gib(r['peak_anon']):.1f}", r['load_s'], r['compile_s'],
                          r['first_step_s'], r['second_step_s'], r['total_s']])
-    log(common.table(['task', 'dtype', 'peak RSS GiB', 'load s', 'compile+step s', 'step s',
-                      'call s'], rows))
+    log(common.table(['task', 'dtype', 'peak RSS GiB', 'peak anon GiB', 'load s', 'compile s',
+                      'first step s (with compile)', 'step s', 'call s'], rows))
     steps = args.bf16_steps or (4 if smoke else 50)
     log(f'== bfloat16 vs float32 latents (1 and {steps} steps)')
     rec['bf16_distance'] = common.run_child(me + ['--child', 'bf16', '--bf16-steps', str(steps)])

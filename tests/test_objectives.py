@@ -148,3 +148,32 @@ def test_objective_configs_are_checked():
     cfg.cfg_dropout.p = 1.0
     with pytest.raises(ConfigError, match=r'cfg_dropout.p must be in \[0, 1\)'):
         StepConfig.from_config(cfg, make_model(cfg))
+
+
+@pytest.mark.slow
+def test_export_from_workdir_records_the_vae_latent_scale(tmp_path):
+    """`train.py --export` of a stage-0 AutoKL writes what the run's own export writes: the VAE
+    and its calibrated `latent_scale_factor` (1 / std of the latents of a batch), so that
+    diffusion trained on either export sees unit-variance latents."""
+    from vd_jax.checkpoint import load_part, read_config
+    from vd_jax.train.loop import export_from_workdir, train
+    cfg = load_config('train_vd_mini:autokl')
+    apply_overrides(cfg, ['total_steps=6', 'batch_size=4', 'checkpoint.every=6',
+                          'data.num_records=48', 'optimizer.warmup_steps=2', 'log_every=3',
+                          'validation.every=0', 'tensorboard=False'])
+    work = str(tmp_path / 'autokl')
+    at_end = train(cfg, work)['export']
+    again = export_from_workdir(cfg, work, out=str(tmp_path / 'again'))
+    params = load_part(again, 'vae_image')
+    np.testing.assert_array_equal(  # the same EMA weights
+        jax.tree.leaves(params)[0], jax.tree.leaves(load_part(at_end, 'vae_image'))[0])
+    scales = [float(read_config(p)['latent_scale_factor']['image']) for p in (at_end, again)]
+    # an untrained-ish VAE's latents are far from unit std: the factor is measured, not 1
+    assert all(abs(s - 1.0) > 0.05 for s in scales), scales
+    assert abs(scales[0] - scales[1]) < 0.2 * scales[0], scales  # two batches of one world
+    # the recorded factor is 1 / std of the export's own latents on 16 training records
+    _, imgs = _captions(16)
+    images = jnp.asarray(imgs, jnp.float32) / 127.5 - 1.0
+    model = family('autokl').build(load_config('vd_mini').model.vae.image)
+    mean, _ = model.apply({'params': params}, images, method='encode')
+    assert abs(scales[1] * float(jnp.std(mean)) - 1.0) < 0.25, (scales, float(jnp.std(mean)))

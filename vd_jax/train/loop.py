@@ -430,22 +430,53 @@ def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
     return out
 
 
+def export_run(run: 'Run', ema_params, batch, out: str, step: int) -> str:
+    """Export a run's EMA weights the way a finished run does: its frozen encoders, and for a
+    stage-0 VAE the `latent_scale_factor` calibrated on `batch` (1 / std of its latents), so
+    that diffusion trained on this export sees unit-variance latents."""
+    model_cfg = run.cfg.model
+    objective = run.sc.objective
+    scales = {}
+    if type(objective).latent_scales is not objectives.Objective.latent_scales:
+        scales = objective.latent_scales(gather(ema_params), gather(batch))
+    if scales:
+        model_cfg = run.cfg.model.copy_and_resolve_references()
+        for m, v in scales.items():
+            model_cfg.latent_scale_factor[m] = round(v, 6)
+        logger.info('latent_scale_factor %s (1 / std of the latents of the last batch)',
+                    dict(model_cfg.latent_scale_factor))
+    return export_ema(run.cfg, ema_params, out, step, encoders=run.frozen, objective=objective,
+                      model_cfg=model_cfg)
+
+
 def export_from_workdir(cfg, workdir: str, out: Optional[str] = None,
                         step: Optional[int] = None) -> str:
-    """Export the EMA of a saved checkpoint (the latest by default) without training."""
-    run_mesh = shd.create_mesh(dict(cfg.mesh))
-    model = make_model(cfg)
-    sc = StepConfig.from_config(cfg, model)
-    with jax.set_mesh(run_mesh):
-        abstract, _ = state_shardings(sc, run_mesh)
+    """Export the EMA of a saved checkpoint (the latest by default) without training: the
+    same export as at the end of a run (frozen encoders; a VAE's latent scale calibrated on
+    the batch that follows the checkpoint)."""
+    run = setup(cfg, workdir)
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"no checkpoint in '{ckpt.directory}' to export")
-    state, _ = ckpt.restore(step, abstract)
+    iterator = iter(run.loader)
+    state, _ = ckpt.restore(step, run.abstract, iterator)
     ckpt.close()
+    batch = _global_batch(run, iterator, step)
     out = out or os.path.join(workdir, 'export', f'step_{step}')
-    return export_ema(cfg, state.ema_params, out, step)
+    return export_run(run, state.ema_params, batch, out, step)
+
+
+def _global_batch(run: 'Run', iterator, step_index: int):
+    """The next batch of the run's loader, on the mesh, encoded (frozen encoders, with the
+    step's key), with the run's constants (unconditional contexts)."""
+    host = run.host_prep(next(iterator))
+    batch = shd.global_batch(host, run.mesh, run.sc.rules)
+    if run.encoders is not None:
+        batch = run.encoders(batch, jax.random.fold_in(
+            jax.random.PRNGKey(int(run.cfg.seed) + 1), step_index))
+    return dict(batch, **run.consts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,7 +555,6 @@ def train(cfg, workdir: str, *, data_source=None,
 
     writer = MetricWriter(workdir, is_main, bool(cfg.tensorboard))
     history: Dict[int, Dict[str, float]] = {}
-    enc_key = jax.random.PRNGKey(int(cfg.seed) + 1)
     log_every, ckpt_every = int(cfg.log_every), int(cfg.checkpoint.every)
     val_every = int((cfg.get('validation', {}) or {}).get('every', 0) or 0)
     input_clock = observe.InputClock()
@@ -538,11 +568,7 @@ def train(cfg, workdir: str, *, data_source=None,
             return _next_batch(step_index)
 
     def _next_batch(step_index: int):
-        host = run.host_prep(next(iterator))
-        batch = shd.global_batch(host, run.mesh, run.sc.rules)
-        if run.encoders is not None:
-            batch = run.encoders(batch, jax.random.fold_in(enc_key, step_index))
-        return dict(batch, **run.consts)
+        return _global_batch(run, iterator, step_index)
 
     def meta(step):
         return {'step': int(step), 'flows': [f[0] for f in run.flows],
@@ -664,18 +690,7 @@ def train(cfg, workdir: str, *, data_source=None,
             export_dir = final_export
             if batch is None:  # no step ran here: the latent-scale calibration needs a batch
                 batch = next_batch(step)
-            model_cfg = cfg.model
-            scales = {}
-            if type(run.sc.objective).latent_scales is not objectives.Objective.latent_scales:
-                scales = run.sc.objective.latent_scales(gather(state.ema_params), gather(batch))
-            if scales:  # a trained VAE records the factor that gives unit-variance latents
-                model_cfg = cfg.model.copy_and_resolve_references()
-                for m, v in scales.items():
-                    model_cfg.latent_scale_factor[m] = round(v, 6)
-                logger.info('latent_scale_factor %s (1 / std of the latents of the last batch)',
-                            dict(model_cfg.latent_scale_factor))
-            export_ema(cfg, state.ema_params, export_dir, step, encoders=run.frozen,
-                       objective=run.sc.objective, model_cfg=model_cfg)
+            export_run(run, state.ema_params, batch, export_dir, step)
     finally:
         profiler.stop()
         input_clock.close()
