@@ -36,7 +36,7 @@ def sections():
     """The VAE and context-encoder sections of VD-mini (family name -> section)."""
     autokl = dict(embed_dim=4, double_z=True, z_channels=4, resolution=IMAGE_SIZE, in_channels=3,
                   out_ch=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
-                  dropout=0.0)
+                  dropout=0.0, norm_groups=8)  # 4 channels per group (see AutoKLConfig)
     clip_text = dict(vocab_size=49408, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=24,
                      hidden_act='quick_gelu', layer_norm_eps=1e-5, projection_dim=CONTEXT_DIM,

@@ -41,9 +41,9 @@ def _nchw(a):
     return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
 
 
-def _diffusers_vae(attn_level1=False, seed=0):
+def _diffusers_vae(attn_level1=False, seed=0, groups=32):
     """diffusers AutoencoderKL matching `autokl(tiny=True)` (optionally with attention at
-    level 1, i.e. `attn_resolutions=[16]` at resolution 32)."""
+    level 1, i.e. `attn_resolutions=[16]` at resolution 32; `groups`: norm_num_groups)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     torch.manual_seed(seed)
     down = ('DownEncoderBlock2D', 'AttnDownEncoderBlock2D' if attn_level1 else 'DownEncoderBlock2D')
@@ -51,7 +51,7 @@ def _diffusers_vae(attn_level1=False, seed=0):
     up = ('AttnUpDecoderBlock2D' if attn_level1 else 'UpDecoderBlock2D', 'UpDecoderBlock2D')
     m = DiffusersAutoencoderKL(in_channels=3, out_channels=3, down_block_types=down,
                                up_block_types=up, block_out_channels=(32, 64), layers_per_block=1,
-                               latent_channels=4, norm_num_groups=32, sample_size=32)
+                               latent_channels=4, norm_num_groups=groups, sample_size=32)
     with torch.no_grad():
         for p in m.parameters():
             if p.ndim == 1:  # norm affines and biases off their defaults
@@ -131,6 +131,28 @@ def test_parity_with_level_attention():
     ldm = export_part(params, {'vae': {'image': vcfg}}, 'vae_image', 'ldm-autokl')
     assert 'encoder.down.1.attn.0.q.weight' in ldm and ldm['decoder.up.1.attn.1.q.weight'].ndim == 4
     _assert_same_params(convert_checkpoint(ldm, {'vae': {'image': vcfg}})['vae_image'], params)
+
+
+def test_parity_with_fewer_norm_groups():
+    """`norm_groups` (not in the original code; VD-mini's AutoKL uses 8) is diffusers'
+    `norm_num_groups`, in every GroupNorm of both halves (8 groups of 4 and 8 channels)."""
+    m = _diffusers_vae(attn_level1=True, seed=4, groups=8)
+    vcfg = dict(autokl(tiny=True), attn_resolutions=[16], norm_groups=8)
+    params = convert_checkpoint({f'vae.{k}': v for k, v in m.state_dict().items()},
+                                {'vae': {'image': vcfg}})['vae_image']
+    g = torch.Generator().manual_seed(5)
+    x, z = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        post, dec = m.encode(x).latent_dist, m.decode(z).sample
+    for groups, close in ((8, True), (32, False)):  # the same weights with 32 groups differ
+        model = AutoencoderKL(dict(vcfg, norm_groups=groups))
+        mean, _ = model.apply({'params': params}, _nhwc(x), method='encode')
+        out = model.apply({'params': params}, _nhwc(z), method='decode')
+        err = max(float(jnp.abs(mean - _nhwc(post.mean)).max()),
+                  float(jnp.abs(out - _nhwc(dec)).max()))
+        assert (err < TOL) == close, (groups, err)
+    with pytest.raises(ValueError, match='norm_groups=24'):
+        AutoKLConfig.from_dict(dict(autokl(tiny=True), norm_groups=24))
 
 
 # ----------------------------------------------------------------------------------------

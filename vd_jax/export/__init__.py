@@ -90,6 +90,12 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
     parts = available_parts(ckpt)
     if not parts:
         raise ExportError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
+    groups = int(((model_cfg.get('vae') or {}).get('image') or {}).get('norm_groups', 32))
+    if layout != 'diffusers' and 'vae_image' in parts and groups != 32:
+        raise ExportError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups={groups}; "
+                          f"the original code's GroupNorms have 32 groups, so a {layout} file "
+                          "would run wrongly there. Export with --layout diffusers "
+                          '(its AutoencoderKL has norm_num_groups)')
     if layout == 'diffusers':
         kind = 'folder'
     else:

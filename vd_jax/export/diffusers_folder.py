@@ -126,7 +126,7 @@ def vae_config(autokl, scaling_factor: float) -> Dict[str, Any]:
         up_block_types=['AttnUpDecoderBlock2D' if x else 'UpDecoderBlock2D'
                         for x in reversed(attn)],
         block_out_channels=[a.ch * m for m in a.ch_mult], layers_per_block=a.num_res_blocks,
-        act_fn='silu', latent_channels=a.z_channels, norm_num_groups=32,
+        act_fn='silu', latent_channels=a.z_channels, norm_num_groups=a.norm_groups,
         sample_size=a.resolution, scaling_factor=float(scaling_factor),
         force_upcast=True, mid_block_add_attention=True, use_quant_conv=True,
         use_post_quant_conv=True)

@@ -69,6 +69,11 @@ class AutoKLConfig:
     num_res_blocks: int = 2                # per encoder level (the decoder has one more)
     attn_resolutions: Tuple[int, ...] = ()  # levels (by resolution) with self-attention
     resolution: int = 256                  # only used to place `attn_resolutions`
+    # GroupNorm groups of every norm (`Normalize()`: 32). Not an argument of the original
+    # code; small widths need fewer: with 1 channel per group (ch=32) GroupNorm is instance
+    # norm, which maps a flat two-colour image to the same values whatever its colours
+    # (VD-mini v1's AutoKL lost colour that way). ~4 channels per group, as 128 / 32.
+    norm_groups: int = NUM_GROUPS
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'AutoKLConfig':
@@ -95,9 +100,9 @@ class AutoKLConfig:
             d['attn_resolutions'] = tuple(int(r) for r in d['attn_resolutions'])
         cfg = cls(**d)
         for w in {cfg.ch * m for m in cfg.ch_mult}:
-            if w % NUM_GROUPS:
+            if w % cfg.norm_groups:
                 raise ValueError(f'AutoKL config: width {w} (ch * ch_mult) is not a multiple of '
-                                 f'{NUM_GROUPS} (GroupNorm groups)')
+                                 f'norm_groups={cfg.norm_groups} (GroupNorm groups)')
         return cfg
 
     @property
@@ -128,12 +133,13 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    groups: int = NUM_GROUPS      # GroupNorm groups (AutoKLConfig.norm_groups)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm1 = GroupNorm(NUM_GROUPS, NORM_EPS, **kw)
+        self.norm1 = GroupNorm(self.groups, NORM_EPS, **kw)
         self.conv1 = Conv(self.out_channels, 3, 1, 1, **kw)
-        self.norm2 = GroupNorm(NUM_GROUPS, NORM_EPS, **kw)
+        self.norm2 = GroupNorm(self.groups, NORM_EPS, **kw)
         self.conv2 = Conv(self.out_channels, 3, 1, 1, **kw)
         if self.in_channels != self.out_channels:
             # a 1x1 conv (LDM `nin_shortcut`, diffusers `conv_shortcut`)
@@ -151,10 +157,11 @@ class AttnBlock(nn.Module):
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    groups: int = NUM_GROUPS      # GroupNorm groups (AutoKLConfig.norm_groups)
 
     def setup(self):
         kw = dict(kernel_axes=_CONV1X1_AXES, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm = GroupNorm(NUM_GROUPS, NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = GroupNorm(self.groups, NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
         self.q = Dense(self.channels, **kw)
         self.k = Dense(self.channels, **kw)
         self.v = Dense(self.channels, **kw)
@@ -200,13 +207,15 @@ class Level(nn.Module):
     resample: Optional[str]      # 'down' | 'up' | None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    groups: int = NUM_GROUPS      # GroupNorm groups (AutoKLConfig.norm_groups)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         cins = [self.in_channels] + [self.out_channels] * (self.num_blocks - 1)
-        self.block = [ResnetBlock(c, self.out_channels, **kw) for c in cins]
+        g = self.groups
+        self.block = [ResnetBlock(c, self.out_channels, groups=g, **kw) for c in cins]
         if self.with_attn:
-            self.attn = [AttnBlock(self.out_channels, **kw) for _ in cins]
+            self.attn = [AttnBlock(self.out_channels, groups=g, **kw) for _ in cins]
         if self.resample == 'down':
             self.downsample = Downsample(self.out_channels, **kw)
         elif self.resample == 'up':
@@ -229,12 +238,14 @@ class Mid(nn.Module):
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    groups: int = NUM_GROUPS      # GroupNorm groups (AutoKLConfig.norm_groups)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.block_1 = ResnetBlock(self.channels, self.channels, **kw)
-        self.attn_1 = AttnBlock(self.channels, **kw)
-        self.block_2 = ResnetBlock(self.channels, self.channels, **kw)
+        g = self.groups
+        self.block_1 = ResnetBlock(self.channels, self.channels, groups=g, **kw)
+        self.attn_1 = AttnBlock(self.channels, groups=g, **kw)
+        self.block_2 = ResnetBlock(self.channels, self.channels, groups=g, **kw)
 
     def __call__(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -248,13 +259,14 @@ class Encoder(nn.Module):
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        g = cfg.norm_groups
         n = cfg.num_levels
         self.conv_in = Conv(cfg.ch, 3, 1, 1, **kw)
         widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]  # (1,) + ch_mult, times ch
         self.down = [Level(widths[i], widths[i + 1], cfg.num_res_blocks, cfg.level_has_attn(i),
-                           'down' if i != n - 1 else None, **kw) for i in range(n)]
-        self.mid = Mid(widths[-1], **kw)
-        self.norm_out = GroupNorm(NUM_GROUPS, NORM_EPS, **kw)
+                           'down' if i != n - 1 else None, groups=g, **kw) for i in range(n)]
+        self.mid = Mid(widths[-1], groups=g, **kw)
+        self.norm_out = GroupNorm(g, NORM_EPS, **kw)
         self.conv_out = Conv(2 * cfg.z_channels, 3, 1, 1, **kw)  # double_z
 
     def __call__(self, x):
@@ -273,17 +285,18 @@ class Decoder(nn.Module):
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        g = cfg.norm_groups
         n = cfg.num_levels
         top = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = Conv(top, 3, 1, 1, **kw)
-        self.mid = Mid(top, **kw)
+        self.mid = Mid(top, groups=g, **kw)
         # `up[i]` is the level at resolution / 2**i (the original prepends while walking
         # from the bottom, so index i is the same level as the encoder's `down[i]`); it is
         # entered from level i+1 (or the mid block) and has one block more than the encoder.
         self.up = [Level(cfg.ch * cfg.ch_mult[min(i + 1, n - 1)], cfg.ch * cfg.ch_mult[i],
                          cfg.num_res_blocks + 1, cfg.level_has_attn(i),
-                         'up' if i != 0 else None, **kw) for i in range(n)]
-        self.norm_out = GroupNorm(NUM_GROUPS, NORM_EPS, **kw)
+                         'up' if i != 0 else None, groups=g, **kw) for i in range(n)]
+        self.norm_out = GroupNorm(g, NORM_EPS, **kw)
         self.conv_out = Conv(cfg.out_ch, 3, 1, 1, **kw)
 
     def __call__(self, z):
