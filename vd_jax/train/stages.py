@@ -103,9 +103,10 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     return record
 
 
-def release(workdir: str, out: str) -> str:
+def release(workdir: str, out: str, name: Optional[str] = None) -> str:
     """Copy `<workdir>/final` (every part) into `out` with float16 storage; the manifest
-    records the stages (exports, wall times, final losses). Overwrites `out`."""
+    records the stages (exports, wall times, final losses) and `name` (e.g. 'VD-mini v2').
+    Overwrites `out`."""
     import numpy as np
     from vd_jax.checkpoint import (CheckpointError, available_parts, load_part, read_config,
                                    write_checkpoint)
@@ -121,6 +122,8 @@ def release(workdir: str, out: str) -> str:
     manifest.pop('parts', None)
     manifest.update(storage='float16 (cast to the compute dtype on load)',
                     released_from=src, stages=stages)
+    if name:
+        manifest['name'] = name
     return write_checkpoint(out, read_config(src), parts, manifest=manifest, overwrite=True,
                             dtype=np.float16)
 
@@ -134,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--stages', default=','.join(STAGE0 + VD_STAGES))
     p.add_argument('--release', metavar='OUT', help='write the final export with float16 '
                    'storage into OUT (no training)')
+    p.add_argument('--name', help="the release's name in its manifest (with --release)")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith('--') or '=' not in o]
     if bad:
@@ -149,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.release:
         from vd_jax.checkpoint import CheckpointError
         try:
-            print(release(args.workdir, args.release))
+            print(release(args.workdir, args.release, args.name))
         except (CheckpointError, OSError) as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
