@@ -15,7 +15,8 @@
 
     python benchmarks/bench_fullsize.py [--workdir /tmp/vd_fullsize] [--smoke]
 
-`--smoke` runs the same code on the tiny config (CI). Needs ~60 GB of disk for the files.
+`--smoke` runs the same code on the tiny config (CI). The full run needs ~21 GB of disk (the
+float16 source and the float32 checkpoint), 20 GiB of RAM and ~18 minutes on 2 cores.
 """
 from __future__ import annotations
 
