@@ -10,7 +10,7 @@ import sys
 
 import streamlit as st
 
-from vd_jax.demo import model, options, tabs_apps, tabs_flows, ui
+from vd_jax.demo import inputs, model, options, tabs_apps, tabs_flows, ui
 
 # Streamlit puts the script's folder first on sys.path (for scripts that import their
 # neighbours); this package is imported as vd_jax.demo.*, and its module names (model,
@@ -51,6 +51,11 @@ def main() -> None:
                 'pipeline, but the outputs are noise. Start without `--config` for the shipped '
                 'VD-mini, or with `--ckpt DIR` for a converted or trained model.',
                 icon=':material/science:')
+    elif served.examples is inputs.SHAPES_EXAMPLES:
+        st.info('This model was trained only on a world of **single coloured shapes** (64×64 '
+                'px; VD-mini, docs/vd-mini.md): ask for a shape (circle, square, triangle, '
+                'cross), a colour, a size, a position and a background, as in the examples. '
+                'Anything else is outside what it has seen.', icon=':material/category:')
     titles = [title if served.reason(task) is None else f'{title} (unavailable)'
               for title, _, task, _ in TABS]
     limits = options.limits(args)

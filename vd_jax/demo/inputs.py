@@ -7,9 +7,10 @@ hands a browser upload to its Ghostscript or other external decoders). Any failu
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -113,11 +114,58 @@ def _stripes(size: int) -> np.ndarray:
 _EXAMPLES = {'sunset': _sunset, 'checkerboard': _checker, 'rings': _rings, 'stripes': _stripes}
 EXAMPLE_IMAGES = tuple(_EXAMPLES)
 
+# A model trained on the shapes world (VD-mini) knows nothing else: its examples are captions
+# and renders of held-out attribute combinations (vd_jax.data.shapes), named by attributes.
+SHAPES_PROMPTS = (
+    'a large red circle at the center on a white background',
+    'green triangle, large, right, black background',
+    'a small cyan triangle at the top right on a white background',
+)
+_SHAPES_IMAGES = {
+    'blue cross (shapes)': ('cross', 'blue', 'black', 'large', 'left'),
+    'yellow square (shapes)': ('square', 'yellow', 'black', 'large', 'center'),
+    'orange circle (shapes)': ('circle', 'orange', 'gray', 'large', 'bottom left'),
+    'pink triangle (shapes)': ('triangle', 'pink', 'white', 'large', 'right'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """The example prompts and image names a tab offers (`example_image` makes the images)."""
+    prompts: Tuple[str, ...]
+    images: Tuple[str, ...]
+
+
+GENERAL_EXAMPLES = Examples(EXAMPLE_PROMPTS, EXAMPLE_IMAGES)
+SHAPES_EXAMPLES = Examples(SHAPES_PROMPTS, tuple(_SHAPES_IMAGES))
+
+
+def examples_for(source: str) -> Examples:
+    """The examples for the model loaded from `source`: the shapes world's when the
+    checkpoint's manifest says it was trained on it (`data: shapes`, written by training's
+    export), else the general ones."""
+    import json
+    import os
+    path = os.path.join(source, 'manifest.json')
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                if json.load(f).get('data') == 'shapes':
+                    return SHAPES_EXAMPLES
+        except (OSError, ValueError):
+            pass  # an unreadable manifest only loses the tailored examples
+    return GENERAL_EXAMPLES
+
 
 def example_image(name: str, size: int = 128) -> np.ndarray:
-    """A named example image, uint8 (size, size, 3), the same on every machine."""
+    """A named example image, uint8 (size, size, 3), the same on every machine (a shapes
+    world render is 64 x 64 whatever `size`: the pipeline resizes its inputs)."""
+    if name in _SHAPES_IMAGES:
+        from vd_jax.data import shapes
+        return shapes.render(shapes.Attributes(*_SHAPES_IMAGES[name]))
     if name not in _EXAMPLES:
-        raise KeyError(f"no example image '{name}'; examples: {list(_EXAMPLES)}")
+        raise KeyError(f"no example image '{name}'; examples: "
+                       f'{list(_EXAMPLES) + list(_SHAPES_IMAGES)}')
     a = np.clip(_EXAMPLES[name](size), 0, 1)
     return (a * 255 + 0.5).astype(np.uint8)
 

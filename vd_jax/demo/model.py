@@ -48,10 +48,14 @@ class Served:
     dtype: str = 'float32'    # the compute dtype it was loaded with (recorded in settings)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     unavailable: Dict[str, str] = dataclasses.field(default_factory=dict)
+    examples: object = None   # demo.inputs.Examples: the prompts/images the tabs offer
 
     def __post_init__(self):
+        from vd_jax.demo.inputs import examples_for
         self.unavailable = {t: r for t in TAB_TASKS + ('dual_guided_text',)
                             if (r := task_unavailable(self.vd, t))}
+        if self.examples is None:
+            self.examples = examples_for(self.vd.source)
 
     def reason(self, task: str) -> Optional[str]:
         """None if the model serves `task`, else the pipeline's message naming what lacks."""

@@ -15,7 +15,7 @@ MULTI_SLOTS = 4
 
 def dual_guided(tab: ui.Tab) -> None:
     ui.unavailable_notice(tab)
-    ui.prompt_examples(tab, inp.EXAMPLE_PROMPTS[:2])
+    ui.prompt_examples(tab, tab.examples.prompts[:2])
     with st.form(tab.k('form'), border=False):
         left, right = st.columns(2)
         with left:
@@ -23,7 +23,7 @@ def dual_guided(tab: ui.Tab) -> None:
             focus = st.slider('Focus (Semantic -- Style)', 0.0, 1.0, 0.5, 0.02, key=tab.k('focus'),
                               disabled=tab.off)
         with right:
-            prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', inp.EXAMPLE_PROMPTS[1]),
+            prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', tab.examples.prompts[1]),
                                   disabled=tab.off)
             mix = st.slider('Text Domination (NoEffect -- TextOnly)', 0.0, 1.0, 0.5, 0.02,
                             key=tab.k('mix'), disabled=tab.off)
@@ -50,7 +50,7 @@ def multi_context(tab: ui.Tab) -> None:
         for i, slot_tab in enumerate(st.tabs([f'Image {i + 1}' for i in range(MULTI_SLOTS)])):
             with slot_tab:
                 use = st.checkbox('Use this image', i < 2, key=tab.k(f'use{i}'), disabled=tab.off)
-                choice = ui.image_input(tab, f'image{i}', default=i % len(inp.EXAMPLE_IMAGES))
+                choice = ui.image_input(tab, f'image{i}', default=i % len(tab.examples.images))
                 c1, c2 = st.columns(2)
                 weight = c1.slider('Weight', 0.0, 1.0, 1.0, 0.02, key=tab.k(f'weight{i}'),
                                    disabled=tab.off)

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vd_jax.demo import inputs as inp
 from vd_jax.demo import ui
 
 
 def text_to_image(tab: ui.Tab) -> None:
     ui.unavailable_notice(tab)
-    ui.prompt_examples(tab, inp.EXAMPLE_PROMPTS)
+    ui.prompt_examples(tab, tab.examples.prompts)
     with st.form(tab.k('form'), border=False):
-        prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', inp.EXAMPLE_PROMPTS[0]),
+        prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', tab.examples.prompts[0]),
                               disabled=tab.off)
         negative = st.text_input('Negative prompt (optional)', key=tab.k('negative'),
                                  disabled=tab.off)
@@ -65,9 +64,9 @@ def image_to_text(tab: ui.Tab) -> None:
 
 def text_variation(tab: ui.Tab) -> None:
     ui.unavailable_notice(tab)
-    ui.prompt_examples(tab, inp.EXAMPLE_PROMPTS)
+    ui.prompt_examples(tab, tab.examples.prompts)
     with st.form(tab.k('form'), border=False):
-        prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', inp.EXAMPLE_PROMPTS[2]),
+        prompt = st.text_area('Text input', key=ui.initial(tab, 'prompt', tab.examples.prompts[2]),
                               disabled=tab.off)
         s = ui.sampling_controls(tab, image_out=False, text_out=True)
         go = ui.run_button(tab)

@@ -45,6 +45,11 @@ class Tab:
     def vd(self):
         return self.served.vd
 
+    @property
+    def examples(self):
+        """The served model's example prompts and images (demo.inputs.Examples)."""
+        return self.served.examples
+
     def k(self, name: str) -> str:
         return f'{self.key}_{name}'
 
@@ -115,7 +120,7 @@ def image_input(tab: Tab, name: str = 'image', label: str = 'Image input',
     up = st.file_uploader(f'{label} (PNG, JPEG, WebP, BMP, GIF; at most {mb} MB)',
                           type=inp.EXTENSIONS, key=tab.k(f'{name}_upload'),
                           max_upload_size=mb, disabled=tab.off)
-    ex = st.selectbox('... or an example image (used when nothing is uploaded)', inp.EXAMPLE_IMAGES,
+    ex = st.selectbox('... or an example image (used when nothing is uploaded)', tab.examples.images,
                       index=default, key=tab.k(f'{name}_example'), disabled=tab.off)
     return ImageChoice(up, ex)
 

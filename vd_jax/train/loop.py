@@ -421,6 +421,7 @@ def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
         manifest = {'source': 'vd_jax training (EMA weights)', 'step': int(step),
                     'objective': str(cfg.get('objective', 'diffusion')),
                     'ema_decay': float(cfg.ema.decay), 'flows': [f[0] for f in flows],
+                    'data': str(cfg.data.kind),  # e.g. 'shapes': the demo offers its examples
                     'frozen_parts_from': {p: encoders.ckpt for p in frozen} if frozen else None}
         write_checkpoint(out, model_cfg if model_cfg is not None else cfg.model,
                          {**parts, **frozen}, manifest=manifest, overwrite=overwrite)

@@ -124,6 +124,9 @@ def release(workdir: str, out: str, name: Optional[str] = None) -> str:
                     released_from=src, stages=stages)
     if name:
         manifest['name'] = name
+    if 'data' not in manifest:  # exports made before training recorded it
+        with open(os.path.join(workdir, VD_STAGES[-1], 'config.json')) as f:
+            manifest['data'] = str(json.load(f)['data']['kind'])
     return write_checkpoint(out, read_config(src), parts, manifest=manifest, overwrite=True,
                             dtype=np.float16)
 
