@@ -4,14 +4,17 @@ The app runs in a subprocess on a free localhost port with the random tiny model
 (`--config tiny --seed-model 0`); Debian's Chromium, driven by Playwright, fills prompts,
 uploads a file and clicks "Run". The images the page shows (the PNG files it serves) must
 equal, within 1/255, what `VersatileDiffusion.random('tiny', 0)` in this process returns for
-the same seed and settings, and the texts must be equal exactly. Screenshots go to a
-temporary folder (printed); with VD_DEMO_DOCS=1 also to docs/demo/ (the README's).
+the same seed and settings, and the texts must be equal exactly. One more server runs as a
+newcomer starts it (no arguments: the shipped VD-mini), checked the same way against
+`VersatileDiffusion.default()`. Screenshots go to a temporary folder (printed); with
+VD_DEMO_DOCS=1 also to docs/demo/ (the README's).
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`; .ci/run installs it) or
 VD_CHROMIUM=path; without it the test fails with that message. Playwright's own browser
 download (`playwright install`) is never used.
 """
 import concurrent.futures
+import contextlib
 import importlib.util
 import io
 import json
@@ -124,14 +127,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(tmp_path_factory, model_args):
+    """`python -m vd_jax.demo <model_args>` on a free localhost port; yields its URL once it
+    answers (its log is printed at the end)."""
     port = _free_port()
     log_path = str(tmp_path_factory.mktemp('server') / 'server.log')
     log = open(log_path, 'w')
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'vd_jax.demo', '--config', 'tiny', '--seed-model', '0',
+        [sys.executable, '-m', 'vd_jax.demo', *model_args,
          '--host', '127.0.0.1', '--port', str(port), '--max-pixels', str(MAX_PIXELS)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
@@ -149,14 +154,30 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f'the demo did not answer on {url} in 120 s:\n{open(log_path).read()[-3000:]}')
         time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    print(f'\ndemo server log: {log_path}')
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        print(f'\ndemo server log: {log_path}')
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    """The demo with the random tiny model (what the reference computes)."""
+    with _serve(tmp_path_factory, ['--config', 'tiny', '--seed-model', '0']) as url:
+        yield url
+
+
+@pytest.fixture(scope='module')
+def default_server(tmp_path_factory):
+    """The demo as a newcomer starts it: no model arguments, the shipped VD-mini."""
+    with _serve(tmp_path_factory, []) as url:
+        yield url
 
 
 @pytest.fixture(scope='module')
@@ -203,8 +224,8 @@ def browser(chromium, server):
             viewport=VIEWPORT, accept_downloads=True)
         ctx.set_default_timeout(TIMEOUT_MS)
         outside = []
-        ctx.on('request', lambda r: outside.append(r.url)
-               if not r.url.startswith((server, 'data:', 'blob:')) else None)
+        ctx.on('request', lambda r: outside.append(r.url)  # this test's servers only
+               if not r.url.startswith(('http://127.0.0.1:', 'data:', 'blob:')) else None)
         yield ctx, outside
         ctx.close()
         shutil.rmtree(profile, ignore_errors=True)
@@ -438,6 +459,34 @@ def test_bad_uploads_give_messages(page, server, tmp_path):
         page.locator('.st-key-i2t_run button').click()
         _alert(page, message).wait_for()
     assert page.locator('.st-key-i2t_outputs').count() == 1  # the earlier result stays
+
+
+def test_default_model_serves_vd_mini_with_its_examples(browser, default_server, shots):
+    """`python -m vd_jax.demo` without arguments serves VD-mini: the page says what it knows,
+    offers held-out shapes prompts, and its outputs for the first example are the library's
+    (VersatileDiffusion.default(), same seed and settings, within 1/255)."""
+    from vd_jax.demo.inputs import SHAPES_PROMPTS
+    from vd_jax.pipeline import VersatileDiffusion
+    ctx, _ = browser
+    pg = ctx.new_page()
+    try:
+        pg.goto(default_server)
+        pg.get_by_role('tab', name='Text-to-Image').wait_for()
+        _alert(pg, 'single coloured shapes').wait_for()
+        assert pg.locator('.st-key-t2i_prompt textarea').input_value() == SHAPES_PROMPTS[0]
+        _set(pg, 't2i_seed', 0)
+        _set(pg, 't2i_n', 4)
+        _set(pg, 't2i_steps', 50)
+        _run(pg, 't2i')
+        shown = _shown_images(pg, default_server, 't2i')
+        vd = VersatileDiffusion.default()
+        ref = vd.text_to_image([SHAPES_PROMPTS[0]], 4, negative_prompt='', height=vd.image_size,
+                               width=vd.image_size, steps=50, scale=7.5, sampler='ddim',
+                               eta=0.0, seed=0)
+        _assert_images_match(shown, ref, 'text->image with VD-mini')
+        shots(pg, 'vd_mini_text_to_image')
+    finally:
+        pg.close()
 
 
 def test_no_request_left_localhost(browser):
