@@ -36,6 +36,7 @@ def test_shipped_weights_fit_the_budget():
         manifest = json.load(fh)
     assert set(manifest['stages']) == {'autokl', 'clip', 'optimus', 'basic', 'dc', 'four_flow'}
     assert manifest['flows'] == ['t2i', 'i2i', 'i2t', 't2t']
+    assert manifest['name'] == 'VD-mini v2' and manifest['data'] == 'shapes'
 
 
 @pytest.fixture(scope='module')
@@ -60,12 +61,14 @@ def test_shipped_model_reduced_gate(vd_mini):
     t2i = rec['flows']['t2i']['accuracy']
     i2t = rec['flows']['i2t']['accuracy']
     i2i = rec['flows']['i2i']['preserved']
-    # measured for this release: n=32 here (n=200 in docs/vd-mini.md) / chance
-    assert t2i['shape'] >= 0.55, t2i         # 0.81 (0.73) / 0.25
-    assert t2i['size'] >= 0.75, t2i          # 0.94 (0.89) / 0.5
-    assert i2t['colour'] >= 0.3, i2t         # 0.47 (0.65) / 0.125
-    assert i2t['position'] >= 0.2, i2t       # 0.41 (0.39) / 0.11
-    assert i2i['size'] >= 0.7, i2i           # 0.94 (0.85) / 0.5
+    # measured for this release (v2): n=32 here (n=200 in docs/vd-mini.md) / chance
+    assert t2i['shape'] >= 0.55, t2i         # 0.72 (0.745) / 0.25
+    assert t2i['colour'] >= 0.35, t2i        # 0.56 (0.58) / 0.125
+    assert t2i['size'] >= 0.75, t2i          # 0.875 (0.92) / 0.5
+    assert i2t['colour'] >= 0.3, i2t         # 0.47 (0.61) / 0.125
+    assert i2t['position'] >= 0.2, i2t       # 0.31 (0.305) / 0.11
+    assert i2i['colour'] >= 0.25, i2i        # 0.44 (0.405) / 0.125
+    assert i2i['size'] >= 0.7, i2i           # 0.81 (0.89) / 0.5
 
 
 # The whole recipe on a reduced budget: a few hundred steps per stage.
