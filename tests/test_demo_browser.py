@@ -473,7 +473,8 @@ def test_default_model_serves_vd_mini_with_its_examples(browser, default_server,
         pg.goto(default_server)
         pg.get_by_role('tab', name='Text-to-Image').wait_for()
         _alert(pg, 'single coloured shapes').wait_for()
-        assert pg.locator('.st-key-t2i_prompt textarea').input_value() == SHAPES_PROMPTS[0]
+        from playwright.sync_api import expect
+        expect(pg.locator('.st-key-t2i_prompt textarea')).to_have_value(SHAPES_PROMPTS[0])
         _set(pg, 't2i_seed', 0)
         _set(pg, 't2i_n', 4)
         _set(pg, 't2i_steps', 50)
