@@ -283,6 +283,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ck, tmp_path, capsys):
     write_checkpoint(str(tmp_path / 'dc'), dc, jax.tree.map(np.asarray, dc_params))
     _fails(capsys, [str(tmp_path / 'dc'), str(tmp_path / 'dcout'), '--layout', 'diffusers'],
            "stream 'text'", "['context']")
+    # an AutoKL with fewer GroupNorm groups (VD-mini's): the original code hard-codes 32, so
+    # only the diffusers layout (norm_num_groups) may carry it
+    g8 = tmp_path / 'g8'
+    g8.mkdir()
+    for f in os.listdir(ckpt):
+        (g8 / f).write_bytes(open(os.path.join(ckpt, f), 'rb').read())
+    cfg = json.load(open(os.path.join(ckpt, 'config.json')))
+    cfg['vae']['image']['norm_groups'] = 8
+    json.dump(cfg, open(g8 / 'config.json', 'w'))
+    _fails(capsys, [str(g8), str(tmp_path / 'g8.pth')], 'norm_groups=8', '--layout diffusers')
+    export_checkpoint(str(g8), str(tmp_path / 'g8_diffusers'), layout='diffusers')
+    vae_cfg = json.load(open(tmp_path / 'g8_diffusers' / 'vae' / 'config.json'))
+    assert vae_cfg['norm_num_groups'] == 8
     with pytest.raises(ExportError, match='already exists'):
         export_checkpoint(ckpt, str(tmp_path / 'taken.pth'))
     export_checkpoint(ckpt, str(tmp_path / 'taken.pth'), overwrite=True)
