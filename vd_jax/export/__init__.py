@@ -90,10 +90,11 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
     parts = available_parts(ckpt)
     if not parts:
         raise ExportError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
-    groups = int(((model_cfg.get('vae') or {}).get('image') or {}).get('norm_groups', 32))
-    if layout != 'diffusers' and 'vae_image' in parts and groups != 32:
+    from vd_jax.models.vae import NUM_GROUPS
+    groups = int(((model_cfg.get('vae') or {}).get('image') or {}).get('norm_groups', NUM_GROUPS))
+    if layout != 'diffusers' and 'vae_image' in parts and groups != NUM_GROUPS:
         raise ExportError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups={groups}; "
-                          f"the original code's GroupNorms have 32 groups, so a {layout} file "
+                          f"the original code's GroupNorms have {NUM_GROUPS} groups, so a {layout} file "
                           "would run wrongly there. Export with --layout diffusers "
                           '(its AutoencoderKL has norm_num_groups)')
     if layout == 'diffusers':

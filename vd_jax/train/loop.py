@@ -464,19 +464,23 @@ def export_from_workdir(cfg, workdir: str, out: Optional[str] = None,
     iterator = iter(run.loader)
     state, _ = ckpt.restore(step, run.abstract, iterator)
     ckpt.close()
-    batch = _global_batch(run, iterator, step)
+    batch = _global_batch(run, iterator, step, _encoder_key(cfg))
     out = out or os.path.join(workdir, 'export', f'step_{step}')
     return export_run(run, state.ema_params, batch, out, step)
 
 
-def _global_batch(run: 'Run', iterator, step_index: int):
-    """The next batch of the run's loader, on the mesh, encoded (frozen encoders, with the
-    step's key), with the run's constants (unconditional contexts)."""
+def _encoder_key(cfg):
+    """The key the frozen encoders' draws (VAE posterior samples) fold each step into."""
+    return jax.random.PRNGKey(int(cfg.seed) + 1)
+
+
+def _global_batch(run: 'Run', iterator, step_index: int, enc_key):
+    """The next batch of the run's loader, on the mesh, encoded (frozen encoders, with
+    `enc_key` folded with the step), with the run's constants (unconditional contexts)."""
     host = run.host_prep(next(iterator))
     batch = shd.global_batch(host, run.mesh, run.sc.rules)
     if run.encoders is not None:
-        batch = run.encoders(batch, jax.random.fold_in(
-            jax.random.PRNGKey(int(run.cfg.seed) + 1), step_index))
+        batch = run.encoders(batch, jax.random.fold_in(enc_key, step_index))
     return dict(batch, **run.consts)
 
 
@@ -556,6 +560,7 @@ def train(cfg, workdir: str, *, data_source=None,
 
     writer = MetricWriter(workdir, is_main, bool(cfg.tensorboard))
     history: Dict[int, Dict[str, float]] = {}
+    enc_key = _encoder_key(cfg)
     log_every, ckpt_every = int(cfg.log_every), int(cfg.checkpoint.every)
     val_every = int((cfg.get('validation', {}) or {}).get('every', 0) or 0)
     input_clock = observe.InputClock()
@@ -569,7 +574,7 @@ def train(cfg, workdir: str, *, data_source=None,
             return _next_batch(step_index)
 
     def _next_batch(step_index: int):
-        return _global_batch(run, iterator, step_index)
+        return _global_batch(run, iterator, step_index, enc_key)
 
     def meta(step):
         return {'step': int(step), 'flows': [f[0] for f in run.flows],
