@@ -80,8 +80,20 @@ def ddim_sigma(alpha_t, alpha_prev, eta):
     return eta * jnp.sqrt((1. - alpha_prev) / (1. - alpha_t) * (1. - alpha_t / alpha_prev))
 
 
+def ddim_update(pred_x0, eps, alpha_prev, sigma, noise=None) -> jnp.ndarray:
+    """The DDIM move to alpha_bar_prev from a (pred_x0, eps) pair (DDIM eq. 12):
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise."""
+    # 1 - a_prev - sigma^2 >= 0 in exact arithmetic for eta <= 1; the clamp only replaces the NaN
+    # the original would produce from a rounding-negative value.
+    dir_xt = jnp.sqrt(jnp.maximum(1. - alpha_prev - sigma ** 2, 0.)) * eps
+    x_prev = jnp.sqrt(alpha_prev) * pred_x0 + dir_xt
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
 def ddim_step(x_t, eps, alpha_t, alpha_prev, sigma, noise=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
-    """One DDIM update (`DDIMSampler.p_sample_ddim`, after guidance).
+    """One DDIM update of an eps prediction (`DDIMSampler.p_sample_ddim`, after guidance).
 
     Args:
       x_t: (B, ...) float32 current latents.
@@ -93,13 +105,7 @@ def ddim_step(x_t, eps, alpha_t, alpha_prev, sigma, noise=None) -> Tuple[jnp.nda
       (x_prev, pred_x0), both like x_t.
     """
     pred_x0 = (x_t - jnp.sqrt(1. - alpha_t) * eps) / jnp.sqrt(alpha_t)
-    # 1 - a_prev - sigma^2 >= 0 in exact arithmetic for eta <= 1; the clamp only replaces the NaN
-    # the original would produce from a rounding-negative value.
-    dir_xt = jnp.sqrt(jnp.maximum(1. - alpha_prev - sigma ** 2, 0.)) * eps
-    x_prev = jnp.sqrt(alpha_prev) * pred_x0 + dir_xt
-    if noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, pred_x0
+    return ddim_update(pred_x0, eps, alpha_prev, sigma, noise), pred_x0
 
 
 def fidelity_start(num_steps: int, k: int, off_by_one: bool = True) -> Tuple[int, int]:

@@ -46,8 +46,16 @@ def schedule_posterior(schedule: Schedule, t) -> Tuple[jnp.ndarray, jnp.ndarray,
             jnp.where(t > 0, std, 0.))
 
 
+def posterior_sample(x_t, pred_x0, coef_x0, coef_xt, std, noise=None):
+    """x_prev = coef_x0 x0_pred + coef_xt x_t (+ std * noise)."""
+    x_prev = coef_x0 * pred_x0 + coef_xt * x_t
+    if noise is not None:
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
 def ddpm_step(x_t, eps, alpha_t, coef_x0, coef_xt, std, noise=None):
-    """One ancestral step: x_prev = coef_x0 x0_pred + coef_xt x_t + std * noise.
+    """One ancestral step of an eps prediction: x_prev = coef_x0 x0_pred + coef_xt x_t + std * noise.
 
     Args:
       x_t, eps: (B, ...) float32 latents and (guided) noise prediction.
@@ -58,7 +66,4 @@ def ddpm_step(x_t, eps, alpha_t, coef_x0, coef_xt, std, noise=None):
       (x_prev, pred_x0).
     """
     pred_x0 = (x_t - jnp.sqrt(1. - alpha_t) * eps) / jnp.sqrt(alpha_t)
-    x_prev = coef_x0 * pred_x0 + coef_xt * x_t
-    if noise is not None:
-        x_prev = x_prev + std * noise
-    return x_prev, pred_x0
+    return posterior_sample(x_t, pred_x0, coef_x0, coef_xt, std, noise), pred_x0

@@ -21,6 +21,11 @@ def is_static_one(scale) -> bool:
     return isinstance(scale, (int, float)) and not isinstance(scale, bool) and float(scale) == 1.0
 
 
+def is_static_zero(x) -> bool:
+    """True when `x` is a Python number equal to 0 (then the option is compiled out)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) == 0.0
+
+
 def concat_contexts(uncond_context, context):
     """Leaf-wise `concatenate([uncond, cond], axis=0)` of two context pytrees of equal structure."""
     u_def, c_def = jax.tree.structure(uncond_context), jax.tree.structure(context)
@@ -34,7 +39,19 @@ def concat_contexts(uncond_context, context):
     return jax.tree.map(cat, uncond_context, context)
 
 
-def cfg_denoise(denoise_fn: DenoiseFn, scale) -> Callable[..., jnp.ndarray]:
+def rescale_guided(guided, cond, phi):
+    """Guidance rescale (Lin et al. 2023 §3.4, diffusers' `guidance_rescale`): scale the guided
+    output to the per-sample standard deviation of the conditional one, then mix
+    phi * rescaled + (1 - phi) * guided. Fights the over-exposure that large scales give with
+    zero terminal SNR. Per sample: std over every axis but the batch."""
+    axes = tuple(range(1, guided.ndim))
+    std_c = jnp.std(cond, axis=axes, keepdims=True)
+    std_g = jnp.std(guided, axis=axes, keepdims=True)
+    phi = jnp.asarray(phi, jnp.float32)
+    return phi * (guided * (std_c / std_g)) + (1. - phi) * guided
+
+
+def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.ndarray]:
     """Wrap `denoise_fn` with classifier-free guidance.
 
     Args:
@@ -42,6 +59,8 @@ def cfg_denoise(denoise_fn: DenoiseFn, scale) -> Callable[..., jnp.ndarray]:
       scale: guidance scale s (Python float or traced scalar). A Python 1 / 1.0 skips the
         unconditional pass entirely (the original's `if scale == 1.` branch); any other value,
         including a traced 1.0, runs the batched two-pass formula.
+      rescale: guidance rescale phi (`rescale_guided`); a Python 0 skips it (VD's default).
+        The guidance acts on whatever the denoiser outputs (eps, v or x0), as in diffusers.
     Returns:
       guided(x_t, t, context, uncond_context=None) -> eps, with
       eps = e_u + s (e_c - e_u) computed in float32 from ONE call
@@ -65,5 +84,8 @@ def cfg_denoise(denoise_fn: DenoiseFn, scale) -> Callable[..., jnp.ndarray]:
             raise ValueError(f'denoise_fn returned batch {eps.shape[0]} for a guided batch of {2 * b}')
         eps = eps.astype(jnp.float32)
         e_u, e_c = eps[:b], eps[b:]
-        return e_u + jnp.asarray(scale, jnp.float32) * (e_c - e_u)
+        out = e_u + jnp.asarray(scale, jnp.float32) * (e_c - e_u)
+        if is_static_zero(rescale):
+            return out
+        return rescale_guided(out, e_c, rescale)
     return guided

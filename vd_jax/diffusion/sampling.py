@@ -1,5 +1,7 @@
-"""The sampling loop shared by DDIM, DDPM and DPM-Solver++(2M): one `lax.scan` over the steps
-inside `jit`, randomness only from explicit per-sample keys.
+"""The sampling loop shared by every sampler (`vd_jax.diffusion.samplers`: DDIM, DDPM,
+DPM-Solver++(2M), Euler, Euler ancestral): one `lax.scan` over the steps inside `jit`,
+randomness only from explicit per-sample keys. The loop knows no sampler by name: each one is
+a `Solver` (its grid default, its tables, its step, whether it draws noise).
 
 Pieces, from the bottom up:
   * `Plan` / `make_plan`: the static step grid (hashable; a `jit` static argument). Position p
@@ -7,8 +9,9 @@ Pieces, from the bottom up:
     alpha_bar[prev[p]] (prev = -1 means clean data, alpha_bar = 1).
   * `init_state` / `run_steps`: pure and traceable; `run_steps` scans any slice of positions,
     so a whole run and a run in chunks execute the same step program.
-  * `sample`: the pure one-call API over a `denoise_fn(x_t, t, ctx) -> eps` closure (use it
-    inside your own `jit`).
+  * `sample`: the pure one-call API over a `denoise_fn(x_t, t, ctx) -> model output` closure
+    (use it inside your own `jit`). The output is what the schedule's `prediction_type` says
+    (eps for VD; v or x0 for models trained so), guidance is applied to it as is.
   * `Sampler`: the jitted API over `apply_fn(params, x_t, t, ctx) -> eps`; params are an
     argument of the compiled program (never constant-folded), and calling it again with new
     params/contexts/keys/guidance scale/eta of the same shapes reuses the compiled program.
@@ -30,15 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from vd_jax.diffusion import ddim, ddpm, dpm_solver
-from vd_jax.diffusion.guidance import cfg_denoise, is_static_one
+from vd_jax.diffusion import ddim, ddpm, dpm_solver, samplers
+from vd_jax.diffusion.guidance import cfg_denoise, is_static_one, is_static_zero
 from vd_jax.diffusion.schedule import Schedule, q_sample
 
-SAMPLERS = ('ddim', 'ddpm', 'dpm++')
-SPACINGS = ('auto', 'uniform', 'leading', 'linspace', 'full')
-# What 'auto' prefers: DDIM/DDPM the original VD grid (arange(0, T, T//S) + 1); DPM++ diffusers'
-# default `timestep_spacing='linspace'`, so it equals `DPMSolverMultistepScheduler()` as is.
-DEFAULT_SPACING = {'ddim': 'uniform', 'ddpm': 'uniform', 'dpm++': 'linspace'}
+SAMPLERS = samplers.names()
+SPACINGS = ('auto', 'uniform', 'leading', 'linspace', 'trailing', 'full')
+# What 'auto' prefers: the original VD grid (arange(0, T, T//S) + 1) for every sampler but
+# DPM++, which takes diffusers' default `timestep_spacing='linspace'`, so it equals
+# `DPMSolverMultistepScheduler()` as is.
+DEFAULT_SPACING = {name: samplers.get(name).default_spacing for name in SAMPLERS}
 DEFAULT_STEPS = 50
 
 
@@ -53,14 +57,21 @@ class StepGridNotice(UserWarning):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A sampler's static step grid, in execution order (noisy -> clean)."""
-    sampler: str                      # 'ddim' | 'ddpm' | 'dpm++'
-    spacing: str                      # resolved: 'uniform' | 'leading' | 'linspace' | 'full'
+    sampler: str                      # a name of `SAMPLERS`
+    spacing: str                      # resolved: 'uniform' | 'leading' | 'linspace' | 'trailing' | 'full'
     timesteps: Tuple[int, ...]        # t fed to the model at position p (descending)
     prev: Tuple[int, ...]             # alpha_bar index of position p's target; -1 = alpha_bar 1
     num_timesteps: int                # T of the schedule
     start: int = 0                    # first executed position (> 0 for a fidelity start)
     x0_noise_t: Optional[int] = None  # q_sample level of a given x0 (fidelity start)
     second_order: Tuple[bool, ...] = ()  # DPM++: positions that use the 2M update
+    # Karras grid: alpha_bar of every position and of the final target (S + 1 entries), which
+    # are not the schedule's values at `timesteps` (empty: read them from the schedule)
+    alpha_bars: Tuple[float, ...] = ()
+
+    @property
+    def solver(self) -> samplers.Solver:
+        return samplers.get(self.sampler)
 
     @property
     def num_steps(self) -> int:
@@ -81,8 +92,7 @@ def _is_int(x) -> bool:
 def _grid(sampler: str, steps: Optional[int], spacing: Optional[str], num_timesteps: int):
     """(resolved spacing, ascending grid, notice or None); errors name sampler, steps, spacing."""
     T = num_timesteps
-    if sampler not in SAMPLERS:
-        raise ValueError(f'unknown sampler {sampler!r}; choose one of {SAMPLERS}')
+    samplers.get(sampler)   # unknown sampler: an error listing the choices
     spacing = 'auto' if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f'{sampler}: unknown spacing {spacing!r}; choose one of {SPACINGS}')
@@ -98,6 +108,8 @@ def _grid(sampler: str, steps: Optional[int], spacing: Optional[str], num_timest
             raise ValueError(f'{where}: the full grid runs all {T} timesteps; pass steps={T} '
                              "(or None), or another spacing ('auto', 'leading', 'linspace')")
         return 'full', ddpm.full_timesteps(T), None
+    if spacing == 'trailing':
+        return 'trailing', trailing_timesteps(steps, T), None
     usual = DEFAULT_SPACING[sampler] if spacing == 'auto' else spacing
     full_notice = (f"{sampler}: steps={T} runs every timestep (spacing='full', t = {T - 1}..0): "
                    f"the {'original VD' if usual == 'uniform' else usual} grid is not defined "
@@ -132,6 +144,16 @@ def _grid(sampler: str, steps: Optional[int], spacing: Optional[str], num_timest
                      'timesteps')
 
 
+def trailing_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
+    """diffusers' `timestep_spacing='trailing'` (Lin et al. 2023 §3.3), ascending:
+    `round(arange(T, 0, -T/S)) - 1`, so the first step is always t = T - 1 (with zero
+    terminal SNR: pure noise, the very point sampling starts from) and exactly S steps."""
+    ts = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1).astype(np.int64)[::-1]
+    if len(ts) != steps or np.any(np.diff(ts) <= 0):  # not reached for 1 <= S <= T
+        raise ValueError(f'trailing spacing with steps={steps} does not give {steps} distinct timesteps')
+    return ts.copy()
+
+
 def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str] = 'auto', *,
                 num_timesteps: int = 1000) -> Tuple[str, Optional[str]]:
     """Validate a (sampler, steps, spacing) choice without any model: call it before loading one.
@@ -144,11 +166,14 @@ def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str
                  'leading' with steps_offset=1); the original grid's first S entries.
       'linspace' `linspace(0, T-1, S+1).round()[1:]`: exactly S steps for S < T (diffusers'
                  default, DPM-Solver++'s usual grid).
+      'trailing' `round(arange(T, 0, -T/S)) - 1`: exactly S steps, the first at t = T - 1
+                 (Lin et al. 2023; use it with zero terminal SNR).
       'full'     every t in T-1..0 (S must be T or None).
-      'auto'     (default) ddim/ddpm: 'uniform' where defined, else 'leading' (with a notice);
-                 dpm++: 'linspace'; for S = T every sampler: 'full' (with a notice).
+      'auto'     (default) ddim/ddpm/euler/euler_a: 'uniform' where defined, else 'leading'
+                 (with a notice); dpm++: 'linspace'; for S = T every sampler: 'full' (with a
+                 notice).
     Args:
-      sampler: 'ddim' | 'ddpm' | 'dpm++'.
+      sampler: a name of `SAMPLERS`.
       steps: S in [1, T]; None = 50 (T for 'full').
       spacing: one of `SPACINGS`; None = 'auto'.
     Returns:
@@ -166,33 +191,52 @@ def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str
 def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timesteps: int = 1000,
               spacing: Optional[str] = None, set_alpha_to_one: Optional[bool] = None,
               start_step: Optional[int] = None, fidelity_off_by_one: bool = True,
-              lower_order_final: bool = True) -> Plan:
+              lower_order_final: bool = True, karras: bool = False,
+              schedule: Optional[Schedule] = None) -> Plan:
     """Build the step grid of a sampler (pure numpy, no model).
 
     Args:
-      sampler: 'ddim' | 'ddpm' | 'dpm++'.
+      sampler: a name of `SAMPLERS` ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a').
       steps: number of grid steps (default 50; must be None or T for spacing 'full').
-      spacing: 'auto' (None) | 'uniform' | 'leading' | 'linspace' | 'full', see `check_steps`.
-        'auto' keeps the original VD grid (ddim/ddpm) or diffusers' linspace grid (dpm++)
-        wherever it is defined and otherwise warns (`StepGridNotice`) and uses a grid of
-        exactly `steps` steps; `plan.spacing` is the resolved one.
+      spacing: 'auto' (None) | 'uniform' | 'leading' | 'linspace' | 'trailing' | 'full', see
+        `check_steps`. 'auto' keeps the original VD grid (linspace for dpm++) wherever it is
+        defined and otherwise warns (`StepGridNotice`) and uses a grid of exactly `steps`
+        steps; `plan.spacing` is the resolved one.
       set_alpha_to_one: target of the last step. False = alpha_bar[0] (the original DDIM;
         diffusers `set_alpha_to_one=False`); True = clean data, alpha_bar 1 (diffusers'
-        DDPMScheduler and DPM-Solver `final_sigmas_type='zero'`). Default: False for ddim
-        unless the grid is 'full', True otherwise ('full' requires True: it ends at t=0).
+        DDPMScheduler, DPM-Solver and Euler `final_sigmas_type='zero'`). Default: False for
+        ddim unless the grid is 'full', True otherwise ('full' requires True: it ends at t=0).
       start_step: start from a clean x0 at ascending grid index k (image-variation fidelity,
         `ddim.fidelity_start`); None starts from pure noise at the top of the grid.
       fidelity_off_by_one: reproduce the original's start one step below the noise level.
       lower_order_final: DPM++ only: first-order last step when S < 15 (diffusers default).
+      karras: the Karras et al. sigma grid between the schedule's sigma_max and sigma_min
+        (diffusers' `use_karras_sigmas=True`; dpm++ only); needs `schedule`.
+      schedule: the schedule (only read for the Karras grid).
     """
+    solver = samplers.get(sampler)
     spacing, asc, notice = _grid(sampler, steps, spacing, num_timesteps)
     if notice is not None:
         warnings.warn(notice, StepGridNotice, stacklevel=2)
     if set_alpha_to_one is None:
-        set_alpha_to_one = sampler != 'ddim' or spacing == 'full'
+        set_alpha_to_one = solver.ends_at_clean_data or spacing == 'full'
     if spacing == 'full' and not set_alpha_to_one:
         raise ValueError(f"{sampler}: spacing='full' (steps={len(asc)}) ends at t=0, whose target "
                          'must be clean data (set_alpha_to_one=True)')
+    alpha_bars = ()
+    if karras:
+        if not solver.supports_karras:
+            with_karras = tuple(n for n in SAMPLERS if samplers.get(n).supports_karras)
+            raise ValueError(f'{sampler}: the Karras sigma grid is for {with_karras} only')
+        if schedule is None:
+            raise ValueError(f'{sampler}: the Karras grid needs the schedule (make_plan(schedule=...))')
+        if not set_alpha_to_one:
+            raise ValueError(f'{sampler}: the Karras grid ends at sigma 0 (set_alpha_to_one=True)')
+        ac = np.asarray(schedule.alphas_cumprod, np.float64)
+        desc, bars = dpm_solver.karras_alpha_bars(np.where(ac == 0, samplers.ZERO_SNR_ALPHA_BAR, ac),
+                                                  len(asc))
+        asc = desc[::-1]
+        alpha_bars = tuple(float(a) for a in bars)
     # Each step targets the next lower grid entry; the lowest one targets alpha_bar[0] (the
     # original's `alphas_prev = [alpha_bar[0]] + ...`) or clean data (-1).
     prev_asc = np.concatenate([[-1 if set_alpha_to_one else 0], asc[:-1]])
@@ -201,15 +245,25 @@ def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timeste
     if start_step is not None:
         k, start = ddim.fidelity_start(n, start_step, fidelity_off_by_one)
         x0_noise_t = int(asc[k])
-    second = ()
-    if sampler == 'dpm++':
-        # diffusers: last step first order when it lands on clean data or (lower_order_final
-        # and fewer than 15 steps); the first executed step has no history.
-        final_first = set_alpha_to_one or (lower_order_final and n < 15)
-        second = tuple(bool(p > start and not (p == n - 1 and final_first)) for p in range(n))
     return Plan(sampler=sampler, spacing=spacing, timesteps=tuple(int(t) for t in asc[::-1]),
                 prev=tuple(int(t) for t in prev_asc[::-1]), num_timesteps=num_timesteps,
-                start=start, x0_noise_t=x0_noise_t, second_order=second)
+                start=start, x0_noise_t=x0_noise_t, alpha_bars=alpha_bars,
+                **solver.plan_fields(n, start, set_alpha_to_one, lower_order_final))
+
+
+def step_alphas(schedule: Schedule, plan: Plan):
+    """(a_t, a_prev) (S,) float32: alpha_bar at each position and at its target, from the plan's
+    Karras grid or the (traced) schedule; alpha_bar_T = 0 becomes `ZERO_SNR_ALPHA_BAR` for the
+    samplers that divide by it, as diffusers does."""
+    if plan.alpha_bars:
+        bars = jnp.asarray(plan.alpha_bars, jnp.float32)
+        return bars[:-1], bars[1:]
+    ac = schedule.alphas_cumprod
+    if plan.solver.clamps_zero_snr:
+        ac = jnp.where(ac == 0, jnp.float32(samplers.ZERO_SNR_ALPHA_BAR), ac)
+    t = jnp.asarray(plan.timesteps, jnp.int32)
+    prev = jnp.asarray(plan.prev, jnp.int32)
+    return ac[t], jnp.where(prev < 0, 1., ac[jnp.maximum(prev, 0)])
 
 
 def step_tables(schedule: Schedule, plan: Plan, eta=0.0) -> dict:
@@ -217,25 +271,26 @@ def step_tables(schedule: Schedule, plan: Plan, eta=0.0) -> dict:
     if schedule.num_timesteps != plan.num_timesteps:
         raise ValueError(f'schedule has {schedule.num_timesteps} timesteps but the plan was '
                          f'built for {plan.num_timesteps}')
-    ac = schedule.alphas_cumprod
-    t = jnp.asarray(plan.timesteps, jnp.int32)
-    prev = jnp.asarray(plan.prev, jnp.int32)
-    a_t = ac[t]
-    a_prev = jnp.where(prev < 0, 1., ac[jnp.maximum(prev, 0)])
-    tab = dict(t=t, a_t=a_t, a_prev=a_prev)
-    if plan.sampler == 'ddim':
-        tab['sigma'] = ddim.ddim_sigma(a_t, a_prev, jnp.asarray(eta, jnp.float32))
-    elif plan.sampler == 'ddpm':
-        if np.array_equal(np.asarray(plan.prev), np.asarray(plan.timesteps) - 1):
-            # the unstrided chain: LDM's own posterior buffers
-            tab['coef_x0'], tab['coef_xt'], tab['std'] = ddpm.schedule_posterior(schedule, t)
-        else:
-            tab['coef_x0'], tab['coef_xt'], tab['std'] = ddpm.posterior_coefficients(a_t, a_prev)
-    else:
-        lam = dpm_solver.log_snr(a_t)
-        tab['lambda_s1'] = jnp.concatenate([lam[:1], lam[:-1]])  # lambda of position p - 1
-        tab['second_order'] = jnp.asarray(plan.second_order, bool)
-    return tab
+    a_t, a_prev = step_alphas(schedule, plan)
+    tab = dict(t=jnp.asarray(plan.timesteps, jnp.int32), a_t=a_t, a_prev=a_prev)
+    return plan.solver.tables(tab, plan, schedule, eta)
+
+
+def check_prediction(schedule: Schedule, plan: Plan) -> None:
+    """Refuse a run that asks an eps model for x0 where alpha_bar = 0 (zero terminal SNR at
+    t = T - 1, e.g. the 'trailing' grid): x0 is undefined there (diffusers returns NaN).
+    Skipped when the schedule is traced (the check needs its values)."""
+    if schedule.prediction_type != 'epsilon' or plan.solver.clamps_zero_snr or plan.alpha_bars:
+        return
+    if isinstance(schedule.alphas_cumprod, jax.core.Tracer):
+        return
+    executed = plan.timesteps[plan.start:]
+    if executed and executed[0] == plan.num_timesteps - 1 and schedule.zero_terminal_snr:
+        raise ValueError(
+            f'{plan.sampler}: an epsilon-prediction model cannot denoise t={executed[0]}, where this '
+            'zero-terminal-SNR schedule has no signal left (x0 = (x - sqrt(1 - a) eps) / sqrt(a) '
+            "divides by 0); train with prediction_type='v_prediction', or use a grid that does not "
+            "start at t = T - 1 (spacing 'leading'/'uniform'), or the dpm++/euler samplers")
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,7 +338,7 @@ def step_noise(step_keys, position, sample_shape) -> jnp.ndarray:
 @struct.dataclass
 class SamplerState:
     """The loop carry; always float32 whatever the denoiser computes in."""
-    x: jnp.ndarray        # (B, ...) current latents x_t
+    x: jnp.ndarray        # (B, ...) the sampler's state (x_t; x_t / sqrt(a) for Euler); x0 at the end
     pred_x0: jnp.ndarray  # (B, ...) last data prediction (DPM++ history; zeros before step 1)
     keys: Any             # (B,) typed keys for step noise, or None for a deterministic run
 
@@ -293,15 +348,17 @@ def init_state(schedule: Schedule, plan: Plan, *, x_T=None, keys=None, shape=Non
     """The state before the first executed position.
 
     Exactly one start: `x0` (clean latents, noised with q_sample to `plan.x0_noise_t` using the
-    per-sample initial noise; needs a plan with `start_step`), `x_T` (injected noisy latents,
-    e.g. from a torch golden run), or `shape` (B, ...) with `keys` (per-sample initial noise).
-    `keys` (B,) is also needed for stochastic steps (DDPM, DDIM with eta != 0).
+    per-sample initial noise; needs a plan with `start_step`), `x_T` (the initial N(0, I) noise
+    given, e.g. from a torch golden run), or `shape` (B, ...) with `keys` (per-sample initial
+    noise). Samplers that work in sigma space (Euler) scale the noise to their state.
+    `keys` (B,) is also needed for stochastic steps (DDPM, DDIM with eta != 0, Euler ancestral).
     """
     if keys is not None:
         keys = as_keys(keys)
     given = [n for n, v in (('x0', x0), ('x_T', x_T)) if v is not None]
     if len(given) > 1:
         raise ValueError('pass at most one of x0 and x_T')
+    solver = plan.solver
     if x0 is not None:
         if plan.x0_noise_t is None:
             raise ValueError('x0 given but the plan has no start_step (the DDIM index to noise x0 to)')
@@ -311,14 +368,17 @@ def init_state(schedule: Schedule, plan: Plan, *, x_T=None, keys=None, shape=Non
         b = x0.shape[0]
         noise = per_sample_normal(fold_keys(keys, 0), x0.shape[1:])
         x = q_sample(schedule, x0, jnp.full((b,), plan.x0_noise_t, jnp.int32), noise)
-    elif x_T is not None:
-        x = jnp.asarray(x_T, jnp.float32)
+        x = solver.from_vp(x, schedule.alphas_cumprod[plan.x0_noise_t])
     else:
-        if shape is None or keys is None:
-            raise ValueError('pass x_T, or x0, or shape=(B, ...) together with keys/seeds')
-        x = per_sample_normal(fold_keys(keys, 0), tuple(shape[1:]))
-        if x.shape[0] != shape[0]:
-            raise ValueError(f'shape {tuple(shape)} has batch {shape[0]} but {x.shape[0]} keys were given')
+        if x_T is not None:
+            x = jnp.asarray(x_T, jnp.float32)
+        else:
+            if shape is None or keys is None:
+                raise ValueError('pass x_T, or x0, or shape=(B, ...) together with keys/seeds')
+            x = per_sample_normal(fold_keys(keys, 0), tuple(shape[1:]))
+            if x.shape[0] != shape[0]:
+                raise ValueError(f'shape {tuple(shape)} has batch {shape[0]} but {x.shape[0]} keys were given')
+        x = solver.init_noise(x, step_tables(schedule, plan), plan)
     if keys is not None and keys.shape[0] != x.shape[0]:
         raise ValueError(f'{keys.shape[0]} keys for a batch of {x.shape[0]}')
     return SamplerState(x=x, pred_x0=jnp.zeros_like(x),
@@ -326,22 +386,18 @@ def init_state(schedule: Schedule, plan: Plan, *, x_T=None, keys=None, shape=Non
 
 
 def is_stochastic(plan: Plan, eta) -> bool:
-    """Whether the steps draw noise: always for DDPM, for DDIM unless eta is a static 0."""
-    if plan.sampler == 'ddpm':
-        return True
-    if plan.sampler == 'ddim':
-        return not (isinstance(eta, (int, float)) and float(eta) == 0.0)
-    if not (isinstance(eta, (int, float)) and float(eta) == 0.0):
-        raise ValueError(f'eta={eta} is not used by the deterministic {plan.sampler} solver; leave it 0')
-    return False
+    """Whether the steps draw noise: always for DDPM and Euler ancestral, for DDIM unless eta is
+    a static 0; the deterministic solvers refuse an eta != 0."""
+    return plan.solver.draws_noise(eta)
 
 
-def run_steps(eps_fn: Callable, schedule: Schedule, plan: Plan, state: SamplerState, positions,
+def run_steps(model_fn: Callable, schedule: Schedule, plan: Plan, state: SamplerState, positions,
               *, eta=0.0) -> SamplerState:
     """Run the plan's steps at `positions` (int array, ascending, consecutive) with `lax.scan`.
 
     Args:
-      eps_fn: (x_t float32 (B, ...), t int32 (B,)) -> eps (B, ...) float32, guidance included.
+      model_fn: (x_t float32 (B, ...), t int32 (B,)) -> the model output (B, ...) float32,
+        guidance included: eps, v or x0 as `schedule.prediction_type` says.
       eta: DDIM noise scale; a Python 0 makes DDIM deterministic (no noise drawn), anything
         else (Python or traced) draws per-sample noise.
     """
@@ -350,22 +406,16 @@ def run_steps(eps_fn: Callable, schedule: Schedule, plan: Plan, state: SamplerSt
         raise ValueError(f'{plan.sampler} with eta={eta} draws noise: pass keys (or seeds)')
     tab = step_tables(schedule, plan, eta if stochastic else 0.0)
     b, sample_shape = state.x.shape[0], state.x.shape[1:]
+    solver = plan.solver
 
     def body(st: SamplerState, pos):
-        t = jnp.full((b,), tab['t'][pos], jnp.int32)
-        eps = eps_fn(st.x, t).astype(jnp.float32)
-        if eps.shape != st.x.shape:
-            raise ValueError(f'denoise_fn returned eps {eps.shape} for x_t {st.x.shape}')
+        tp = {k: v[pos] for k, v in tab.items()}
+        t = jnp.full((b,), tp['t'], jnp.int32)
+        out = model_fn(solver.model_input(st.x, tp), t).astype(jnp.float32)
+        if out.shape != st.x.shape:
+            raise ValueError(f'denoise_fn returned {out.shape} for x_t {st.x.shape}')
         noise = step_noise(st.keys, pos, sample_shape) if stochastic else None
-        a_t, a_prev = tab['a_t'][pos], tab['a_prev'][pos]
-        if plan.sampler == 'ddim':
-            x, x0 = ddim.ddim_step(st.x, eps, a_t, a_prev, tab['sigma'][pos], noise)
-        elif plan.sampler == 'ddpm':
-            x, x0 = ddpm.ddpm_step(st.x, eps, a_t, tab['coef_x0'][pos], tab['coef_xt'][pos],
-                                   tab['std'][pos], noise)
-        else:
-            x, x0 = dpm_solver.dpmpp_2m_step(st.x, eps, st.pred_x0, a_t, a_prev,
-                                             tab['lambda_s1'][pos], tab['second_order'][pos])
+        x, x0 = solver.step(st.x, out, st.pred_x0, tp, noise, schedule.prediction_type)
         return SamplerState(x=x, pred_x0=x0, keys=st.keys), None
 
     state, _ = jax.lax.scan(body, state, jnp.asarray(positions, jnp.int32))
@@ -380,11 +430,12 @@ def _cast_floating(tree, dtype):
 
 
 def make_eps_fn(denoise_fn: Callable, context, *, uncond_context=None, guidance_scale=7.5,
-                compute_dtype=None) -> Callable:
+                compute_dtype=None, guidance_rescale=0.0) -> Callable:
     """Close a `denoise_fn(x_t, t, ctx)` over its contexts, guidance and compute dtype:
-    -> eps_fn(x_t, t) -> float32 eps. The denoiser sees x_t and the floating context leaves
-    in `compute_dtype` (e.g. bfloat16) while the sampler state stays float32."""
-    guided = cfg_denoise(denoise_fn, guidance_scale)
+    -> model_fn(x_t, t) -> float32 model output (eps for VD). The denoiser sees x_t and the
+    floating context leaves in `compute_dtype` (e.g. bfloat16) while the sampler state stays
+    float32. `guidance_rescale` phi: see `vd_jax.diffusion.guidance.rescale_guided`."""
+    guided = cfg_denoise(denoise_fn, guidance_scale, guidance_rescale)
     ctx = _cast_floating(context, compute_dtype)
     uctx = _cast_floating(uncond_context, compute_dtype)
 
@@ -399,17 +450,20 @@ def sample(denoise_fn: Callable, schedule: Schedule, context=None, *, uncond_con
            x_T=None, keys=None, shape=None, x0=None, start_step: Optional[int] = None,
            fidelity_off_by_one: bool = True, spacing: Optional[str] = None,
            set_alpha_to_one: Optional[bool] = None, lower_order_final: bool = True,
-           compute_dtype=None, plan: Optional[Plan] = None) -> jnp.ndarray:
+           compute_dtype=None, plan: Optional[Plan] = None, karras: bool = False,
+           guidance_rescale=0.0) -> jnp.ndarray:
     """Sample latents with classifier-free guidance; pure and traceable (wrap it in `jit`, or
     use `Sampler` for a ready jitted version taking params).
 
     Args:
-      denoise_fn: (x_t (B, ...), t int32 (B,), ctx pytree with batch-leading leaves) -> eps.
+      denoise_fn: (x_t (B, ...), t int32 (B,), ctx pytree with batch-leading leaves) -> model
+        output (eps, v or x0: `schedule.prediction_type`).
       schedule: `make_schedule(cfg.model.schedule)`.
       context / uncond_context: pytrees of equal structure, leaves (B, ...).
       guidance_scale: s; a Python 1.0 runs only the conditional pass (uncond may be None).
       sampler, steps, spacing, set_alpha_to_one, start_step, fidelity_off_by_one,
-        lower_order_final: the grid, see `make_plan` (or pass `plan`).
+        lower_order_final, karras: the grid, see `make_plan` (or pass `plan`).
+      guidance_rescale: phi of `vd_jax.diffusion.guidance.rescale_guided` (0: off).
       eta: DDIM noise scale (Python or traced); ignored by ddpm, must be 0 for dpm++.
       x_T / shape+keys / x0: the start, see `init_state`. keys: typed keys (B,), raw (B, 2)
         or int seeds (B,).
@@ -420,9 +474,12 @@ def sample(denoise_fn: Callable, schedule: Schedule, context=None, *, uncond_con
     plan = plan or make_plan(sampler, steps, num_timesteps=schedule.num_timesteps,
                              spacing=spacing, set_alpha_to_one=set_alpha_to_one,
                              start_step=start_step, fidelity_off_by_one=fidelity_off_by_one,
-                             lower_order_final=lower_order_final)
+                             lower_order_final=lower_order_final, karras=karras,
+                             schedule=schedule)
+    check_prediction(schedule, plan)
     eps_fn = make_eps_fn(denoise_fn, context, uncond_context=uncond_context,
-                         guidance_scale=guidance_scale, compute_dtype=compute_dtype)
+                         guidance_scale=guidance_scale, compute_dtype=compute_dtype,
+                         guidance_rescale=guidance_rescale)
     state = init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
     return run_steps(eps_fn, schedule, plan, state, plan.positions(), eta=eta).x
 
@@ -433,20 +490,24 @@ def sample(denoise_fn: Callable, schedule: Schedule, context=None, *, uncond_con
 
 # Static arguments are the Python-level choices that change the program: the model function,
 # the plan, whether CFG runs (a Python 1.0 skips it), whether steps draw noise (a Python eta 0
-# skips it), the compute dtype and the output shape. Everything else is traced.
-_STATIC = ('apply_fn', 'plan', 'guided', 'stochastic', 'compute_dtype')
+# skips it), whether guidance is rescaled (a Python 0 skips it), the compute dtype and the
+# output shape. Everything else is traced (a new scale, eta or rescale reuses the program).
+_STATIC = ('apply_fn', 'plan', 'guided', 'stochastic', 'compute_dtype', 'rescaled')
 
 
-def _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype):
+def _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype,
+            rescale=0.0):
     def denoise_fn(x_t, t, ctx):
         return apply_fn(params, x_t, t, ctx)
     return make_eps_fn(denoise_fn, context, uncond_context=uncond_context,
-                       guidance_scale=scale if guided else 1.0, compute_dtype=compute_dtype)
+                       guidance_scale=scale if guided else 1.0, compute_dtype=compute_dtype,
+                       guidance_rescale=rescale)
 
 
-def _sample_impl(params, schedule, context, uncond_context, scale, eta, x_T, keys, x0, *,
-                 apply_fn, plan, guided, stochastic, compute_dtype, shape):
-    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype)
+def _sample_impl(params, schedule, context, uncond_context, scale, eta, x_T, keys, x0, rescale, *,
+                 apply_fn, plan, guided, stochastic, compute_dtype, shape, rescaled):
+    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype,
+                     rescale if rescaled else 0.0)
     state = init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
     return run_steps(eps_fn, schedule, plan, state, plan.positions(),
                      eta=eta if stochastic else 0.0).x
@@ -456,9 +517,10 @@ def _init_impl(schedule, x_T, keys, x0, *, plan, shape):
     return init_state(schedule, plan, x_T=x_T, keys=keys, shape=shape, x0=x0)
 
 
-def _steps_impl(params, schedule, state, positions, context, uncond_context, scale, eta, *,
-                apply_fn, plan, guided, stochastic, compute_dtype):
-    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype)
+def _steps_impl(params, schedule, state, positions, context, uncond_context, scale, eta, rescale, *,
+                apply_fn, plan, guided, stochastic, compute_dtype, rescaled):
+    eps_fn = _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dtype,
+                     rescale if rescaled else 0.0)
     return run_steps(eps_fn, schedule, plan, state, positions, eta=eta if stochastic else 0.0)
 
 
@@ -468,14 +530,16 @@ _steps_jit = jax.jit(_steps_impl, static_argnames=_STATIC)
 
 
 class Sampler:
-    """A jitted sampler for one flow: `apply_fn(params, x_t, t, ctx) -> eps`.
+    """A jitted sampler for one flow: `apply_fn(params, x_t, t, ctx) -> model output` (eps for
+    VD; what the schedule's `prediction_type` says).
 
     Build it once per (flow, sampler, steps) and call it many times: one compiled program per
-    (flow, shapes, steps, guided?, stochastic?), reused for new params, contexts, keys,
-    guidance scales and etas. `apply_fn` must be a stable function object (e.g. defined once
+    (flow, shapes, steps, guided?, stochastic?, rescaled?), reused for new params, contexts,
+    keys, guidance scales, guidance rescales and etas. `apply_fn` must be a stable function object (e.g. defined once
     at module or pipeline level), since it is a static `jit` argument. The grid arguments are
-    those of `make_plan` (spacing 'auto' | 'uniform' | 'leading' | 'linspace' | 'full'); the
-    plan is `self.plan`, its length `self.plan.num_steps`.
+    those of `make_plan` (spacing 'auto' | 'uniform' | 'leading' | 'linspace' | 'trailing' |
+    'full'; `karras=True` needs `schedule=`); the plan is `self.plan`, its length
+    `self.plan.num_steps`.
 
     Example:
       sampler = Sampler(lambda p, x, t, c: unet.apply(p, x, t, c), steps=50)
@@ -487,21 +551,26 @@ class Sampler:
                  num_timesteps: int = 1000, spacing: Optional[str] = None,
                  set_alpha_to_one: Optional[bool] = None, start_step: Optional[int] = None,
                  fidelity_off_by_one: bool = True, lower_order_final: bool = True,
-                 compute_dtype=None):
+                 compute_dtype=None, karras: bool = False, schedule: Optional[Schedule] = None):
         self.apply_fn = apply_fn
         self.plan = make_plan(sampler, steps, num_timesteps=num_timesteps, spacing=spacing,
                               set_alpha_to_one=set_alpha_to_one, start_step=start_step,
                               fidelity_off_by_one=fidelity_off_by_one,
-                              lower_order_final=lower_order_final)
+                              lower_order_final=lower_order_final, karras=karras,
+                              schedule=schedule)
         self.compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
 
-    def _static(self, guidance_scale, eta):
+    def _static(self, guidance_scale, eta, guidance_rescale=0.0, schedule=None):
+        if schedule is not None:
+            check_prediction(schedule, self.plan)
         guided = not is_static_one(guidance_scale)
         stochastic = is_stochastic(self.plan, eta)
+        rescaled = guided and not is_static_zero(guidance_rescale)
         return (dict(apply_fn=self.apply_fn, plan=self.plan, guided=guided,
-                     stochastic=stochastic, compute_dtype=self.compute_dtype),
+                     stochastic=stochastic, compute_dtype=self.compute_dtype, rescaled=rescaled),
                 jnp.asarray(guidance_scale if guided else 1.0, jnp.float32),
-                jnp.asarray(eta, jnp.float32))
+                jnp.asarray(eta, jnp.float32),
+                jnp.asarray(guidance_rescale if rescaled else 0.0, jnp.float32))
 
     @staticmethod
     def _keys(keys, seeds):
@@ -511,23 +580,24 @@ class Sampler:
 
     def __call__(self, params, schedule: Schedule, context, *, uncond_context=None,
                  guidance_scale=7.5, eta=0.0, x_T=None, keys=None, seeds=None, shape=None,
-                 x0=None) -> jnp.ndarray:
+                 x0=None, guidance_rescale=0.0) -> jnp.ndarray:
         """Run all steps in one compiled call; arguments as in `sample` (seeds: int (B,)).
         Returns x_0 latents (B, ...) float32."""
-        static, scale, eta = self._static(guidance_scale, eta)
+        static, scale, eta, rescale = self._static(guidance_scale, eta, guidance_rescale, schedule)
         return _sample_jit(params, schedule, context, uncond_context if static['guided'] else None,
-                           scale, eta, x_T, self._keys(keys, seeds), x0,
+                           scale, eta, x_T, self._keys(keys, seeds), x0, rescale,
                            shape=None if shape is None else tuple(shape), **static)
 
     def iterate(self, params, schedule: Schedule, context, *, chunk: int = 10,
                 uncond_context=None, guidance_scale=7.5, eta=0.0, x_T=None, keys=None,
-                seeds=None, shape=None, x0=None) -> Iterator[Tuple[int, int, SamplerState]]:
+                seeds=None, shape=None, x0=None,
+                guidance_rescale=0.0) -> Iterator[Tuple[int, int, SamplerState]]:
         """Run the steps `chunk` at a time (one compiled chunk program, plus one for a shorter
         last chunk), yielding (steps_done, steps_total, state) after each chunk; the final
         state's x equals `__call__`'s result."""
         if chunk < 1:
             raise ValueError(f'chunk must be >= 1, got {chunk}')
-        static, scale, eta = self._static(guidance_scale, eta)
+        static, scale, eta, rescale = self._static(guidance_scale, eta, guidance_rescale, schedule)
         uncond_context = uncond_context if static['guided'] else None
         state = _init_jit(schedule, x_T, self._keys(keys, seeds), x0, plan=self.plan,
                           shape=None if shape is None else tuple(shape))
@@ -537,7 +607,7 @@ class Sampler:
         for lo in range(first, total, chunk):
             hi = min(lo + chunk, total)
             state = _steps_jit(params, schedule, state, self.plan.positions(lo, hi), context,
-                               uncond_context, scale, eta, **static)
+                               uncond_context, scale, eta, rescale, **static)
             yield hi - first, total - first, state
 
     def sample_chunked(self, params, schedule: Schedule, context, *, chunk: int = 10,
