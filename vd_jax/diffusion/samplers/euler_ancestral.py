@@ -16,7 +16,10 @@ class EulerAncestral(Euler):
     order: int = 4
 
     def draws_noise(self, eta) -> bool:
-        super().draws_noise(eta)   # eta must be 0: the noise scale is the sampler's own
+        # the noise scale is the sampler's own: a Python eta must be 0 (a traced one comes from
+        # the jitted Sampler, which checked the Python value already)
+        if isinstance(eta, (int, float)):
+            super().draws_noise(eta)
         return True
 
     def tables(self, tab, plan, schedule, eta):
