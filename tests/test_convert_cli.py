@@ -170,11 +170,13 @@ def test_progress_off_a_terminal_is_whole_lines_without_carriage_returns(tmp_pat
     """stderr into a pipe (a log file): the converter's progress is the command lines' line
     display (`vd_jax.outputs.progress_bar`), not carriage-return updates piling up in one line."""
     from safetensors.numpy import save_file
+    from vd_jax.components import Components
+    from vd_jax.config import load_config
     from vd_jax.convert import export_part
-    from vd_jax.pipeline import VersatileDiffusion
-    vd = VersatileDiffusion.random('tiny')
-    sd = {k: np.asarray(v) for k, v in export_part(vd.params['vae_image'], vd.config,
-                                                    'vae_image', 'vd-v1.0').items()}
+    from vd_jax.models.init import random_params
+    cfg = load_config('tiny')['model']
+    params = random_params(Components(cfg, {}).abstract_params(['vae_image'])['vae_image'])
+    sd = {k: np.asarray(v) for k, v in export_part(params, cfg, 'vae_image', 'vd-v1.0').items()}
     save_file(sd, str(tmp_path / 'vae.safetensors'))
     # bytes: text mode would turn every carriage return into a newline
     r = subprocess.run([sys.executable, '-m', 'vd_jax.convert', str(tmp_path / 'vae.safetensors'),
