@@ -28,6 +28,7 @@ SCRIPTS = {
     'bench_attention': [],
     'bench_compile_cache': [],
     'bench_fullsize': [],
+    'bench_bf16_cpu': [],
 }
 TOL = 1e-4
 
@@ -157,3 +158,16 @@ def test_fullsize_smoke(records):
     d = r['bf16_distance']
     # one step in bf16 stays close to fp32 (bf16 keeps 8 bits of mantissa: 2**-8 = 0.4%)
     assert 0 < d['1_steps']['relative'] < 0.02, d
+
+
+def test_bf16_cpu_smoke(records):
+    """Both streams, the four variants, the once-per-call cast timed, and outputs that agree:
+    the weights cast once give float32's output (an exact cast), bfloat16 compute is close."""
+    r = records['bench_bf16_cpu']
+    assert sorted(r['streams']) == ['image', 'text'] and r['machine']['cpu']
+    for stream, s in r['streams'].items():
+        assert set(s['step']) == {'float32', 'bfloat16', 'bf16 cast/step', 'bf16 cast/call'}
+        assert s['cast_once']['median'] > 0
+        d = s['max_abs_diff']
+        assert d['bf16 cast/call vs float32'] <= 0.02 * d['float32 output max'], (stream, d)
+        assert 0 < d['bfloat16 vs float32'] <= 0.05 * d['float32 output max'], (stream, d)

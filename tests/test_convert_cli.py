@@ -164,3 +164,27 @@ def test_real_checkpoint_files_still_open(tmp_path):
         for k, v in sd.items():
             np.testing.assert_array_equal(src.get(k), v.numpy())
             assert src.shape(k) == tuple(v.shape)
+
+
+def test_progress_off_a_terminal_is_whole_lines_without_carriage_returns(tmp_path):
+    """stderr into a pipe (a log file): the converter's progress is the command lines' line
+    display (`vd_jax.outputs.progress_bar`), not carriage-return updates piling up in one line."""
+    from safetensors.numpy import save_file
+    from vd_jax.components import Components
+    from vd_jax.config import load_config
+    from vd_jax.convert import export_part
+    from vd_jax.models.init import random_params
+    cfg = load_config('tiny')['model']
+    params = random_params(Components(cfg, {}).abstract_params(['vae_image'])['vae_image'])
+    sd = {k: np.asarray(v) for k, v in export_part(params, cfg, 'vae_image', 'vd-v1.0').items()}
+    save_file(sd, str(tmp_path / 'vae.safetensors'))
+    # bytes: text mode would turn every carriage return into a newline
+    r = subprocess.run([sys.executable, '-m', 'vd_jax.convert', str(tmp_path / 'vae.safetensors'),
+                        str(tmp_path / 'ckpt'), '--config', 'tiny'], capture_output=True, env=ENV)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, err
+    assert '\r' not in err and '\x1b' not in err, repr(err[-500:])
+    lines = err.splitlines()
+    assert f'converting vae_image: {len(sd)}/{len(sd)} tensors (100%)' in '\n'.join(lines), err
+    assert max(map(len, lines)) < 200, err
+    assert out.strip() == f"wrote {tmp_path / 'ckpt'}"

@@ -49,3 +49,28 @@ def test_this_jaxlib_starts_with_the_flag():
     # 24 edge pixels 6 taps, 4 corners 4 taps; times 4 output channels
     assert flags == '--xla_cpu_experimental_ynn_fusion_type='
     assert float(total) == 4 * (36 * 36 + 24 * 24 + 4 * 16)
+
+
+def test_bfloat16_on_cpu_says_so_once_before_loading_and_in_the_help():
+    """bfloat16 compute on a CPU backend: one warning line when the model is made (before any
+    weights load: `from_checkpoint` builds the model first), naming the measured slowdown;
+    none for float32. sample.py's --help carries the same numbers."""
+    import warnings
+    import jax
+    from vd_jax.config import load_config
+    from vd_jax.pipeline import VersatileDiffusion
+    from vd_jax.sample_cli import build_parser
+    assert jax.default_backend() == 'cpu'
+    cfg = load_config('tiny')
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        VersatileDiffusion(cfg, {}, dtype='float32')
+        VersatileDiffusion(cfg, {}, dtype='bfloat16')
+    notices = [w for w in seen if issubclass(w.category, UserWarning)
+               and 'bfloat16' in str(w.message)]
+    assert len(notices) == 1, [str(w.message) for w in seen]
+    text = str(notices[0].message)
+    assert notices[0].category.__name__ == 'CpuBfloat16Warning'
+    assert '\n' not in text and 'slower than float32' in text
+    assert 'i2t 0.29 -> 3.19 s' in text and 't2i 5.20 -> 7.91 s' in text
+    assert 'i2t 0.29 -> 3.19 s' in ' '.join(build_parser().format_help().split())

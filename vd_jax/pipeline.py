@@ -50,6 +50,7 @@ class VersatileDiffusion:
       params: {part: params} for the parts available ('diffuser', 'vae_image', 'vae_text',
         'ctx_image', 'ctx_text'); tasks that need a missing part raise a clear error.
       dtype: compute dtype ('float32' | 'bfloat16'); sampler state and outputs stay float32.
+        bfloat16 on a CPU backend warns (`vd_jax.platform.CpuBfloat16Warning`): slower there.
       uncond: unconditional-context convention, one of `UNCOND_CONVENTIONS`.
       source: where the weights came from (recorded by `sample.py`).
       mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh`, {axis: size} or
@@ -66,6 +67,8 @@ class VersatileDiffusion:
             raise TaskError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
         self.components = Components(model_config, params, dtype=dtype, mesh=as_mesh(mesh),
                                      rules=rules)
+        from vd_jax.platform import warn_cpu_bfloat16
+        warn_cpu_bfloat16(self.components.dtype, self.components.mesh)
         self.config, self.uncond, self.source = self.components.config, uncond, source
 
     @property

@@ -163,3 +163,37 @@ def stderr_is_tty() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream
         return False
+
+
+# ------------------------------------------------------------------------------------------------
+# bfloat16 on the CPU backend
+# ------------------------------------------------------------------------------------------------
+
+# Seconds per guided step, float32 -> bfloat16, the full-size four-flow model at 512 px, batch
+# 1, AMD EPYC (2 cores, avx512_bf16): BENCHMARKS.md §9 (benchmarks/results/bench_fullsize.json)
+CPU_BFLOAT16_MEASURED = ('full size, 512 px, per step: text 11-15x the float32 time (i2t 0.29 -> '
+                         '3.19 s), image 1.2-1.5x (t2i 5.20 -> 7.91 s)')
+CPU_BFLOAT16_NOTICE = (
+    'bfloat16 compute on a CPU backend is slower than float32, not faster: XLA:CPU converts '
+    f'the bfloat16 weights to float32 at every step (measured, {CPU_BFLOAT16_MEASURED}; '
+    'BENCHMARKS.md); it only halves the memory of the weights. '
+    'Use float32 on CPU unless that memory is the limit.')
+
+
+class CpuBfloat16Warning(UserWarning):
+    """bfloat16 compute was chosen on a CPU backend (`CPU_BFLOAT16_NOTICE`)."""
+
+
+def warn_cpu_bfloat16(dtype, mesh=None) -> bool:
+    """One `CpuBfloat16Warning` when `dtype` is bfloat16 and the devices (the mesh's, else
+    JAX's default backend) are CPUs: said before any weights load, not discovered 10x later.
+    Returns whether it warned."""
+    import jax
+    import jax.numpy as jnp
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return False
+    kind = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if kind != 'cpu':
+        return False
+    warnings.warn(CPU_BFLOAT16_NOTICE, CpuBfloat16Warning, stacklevel=3)
+    return True

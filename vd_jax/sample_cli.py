@@ -97,7 +97,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vd_jax.platform import exit_codes_epilog
+    from vd_jax.platform import CPU_BFLOAT16_MEASURED, exit_codes_epilog
     p = argparse.ArgumentParser(prog='sample.py', description=__doc__, epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
            "'leading' with a note; dpm++: linspace)")
     a('--eta', type=float, default=0.0, help='DDIM eta (>= 0)')
     a('--seed', type=int, default=0, help='sample i uses seed + i (0 <= seed < 2^32)')
-    a('--dtype', default='float32', help='compute dtype: float32 (default) or bfloat16')
+    a('--dtype', default='float32', help='compute dtype: float32 (default) or bfloat16 (on a '
+      f'CPU backend bfloat16 is slower, measured {CPU_BFLOAT16_MEASURED})')
     a('--height', type=int)
     a('--width', type=int)
     a('--batch-size', type=int, default=8, help='samples per compiled call')
@@ -332,10 +333,12 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     """Call the pipeline; returns (a label per output, images or None, texts or None, the
     global sample index of each output).
 
-    share = (process index, process count): batched tasks run the process's contiguous block
-    of the batches (the same batches and seeds as one process runs), the others a contiguous
-    block of the n samples (sample i keeps seed + i). preview(tag, first seed) -> a
-    callback(step, latents) for the denoising runs of one call (`--preview-every`)."""
+    share = (process index, process count): every process runs an even contiguous block of
+    the samples (inputs x n for batched tasks, in batches of --batch-size or of the largest
+    share if smaller; the n samples otherwise); sample i keeps seed + i wherever it runs.
+    preview(tag, first seed) -> a callback(step, latents) for the denoising runs of one call
+    (`--preview-every`)."""
+    from vd_jax.batching import process_share
     from vd_jax.image_io import load_image
     call = getattr(vd, t.method)
     kw = dict(t.kwargs(args), steps=args.steps, scale=args.scale, sampler=args.sampler,
@@ -349,30 +352,32 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     progress.last = 0
     from vd_jax.diffusion.sampling import make_plan
     steps = make_plan(args.sampler, args.steps, spacing=args.spacing).num_steps
-    if t.batched:  # inputs x n in batches of --batch-size; seeds continue across batches
+    if t.batched:  # inputs x n, split evenly over the processes, then batched on each
+        from vd_jax.batching import batch_size_for, consecutive_batches, pad_batch
         inputs, names = (prompts, prompts) if 'prompt' in t.needs else (images, paths)
         items = [(x, str(name)) for x, name in zip(inputs, names) for _ in range(args.n)]
+        size = batch_size_for(len(items), args.batch_size, count)  # one shape: no recompile
+        shares = [consecutive_batches(process_share(len(items), k, count), size)
+                  for k in range(count)]
+        nb, first = sum(map(len, shares)), sum(map(len, shares[:me]))  # numbered over all
         outs, labels, index = [], [], []
-        nb = -(-len(items) // args.batch_size)
-        mine = range(me * nb // count, (me + 1) * nb // count)
-        bar.reset(total=len(mine) * steps)
-        for k in mine:
-            lo = k * args.batch_size
-            chunk = items[lo:lo + args.batch_size]
-            pad = args.batch_size - len(chunk) if nb > 1 else 0  # same shapes: no recompile
-            xs = [x for x, _ in chunk] + [chunk[-1][0]] * pad
+        bar.reset(total=len(shares[me]) * steps)
+        for k, chunk in enumerate(shares[me], start=first):
+            lo = chunk[0]  # seeds continue across batches and processes: sample i, seed + i
             progress.last = 0
             bar.set_description(f'{args.task} batch {k + 1}/{nb}')
             extra = {} if preview is None else dict(
                 callback=preview(f'batch{k + 1:03d}_' if nb > 1 else '', args.seed + lo))
+            xs = pad_batch([items[i][0] for i in chunk], size)
             outs.extend(list(call(xs, 1, seed=args.seed + lo, progress=progress, **kw,
                                   **extra))[:len(chunk)])
-            labels.extend(name for _, name in chunk)
-            index.extend(range(lo, lo + len(chunk)))
+            labels.extend(items[i][1] for i in chunk)
+            index.extend(chunk)
         texts = bool(outs) and isinstance(outs[0], str)
         arr = None if texts or not outs else np.stack(outs)
         return labels, arr, (outs if texts else None), index
-    lo, hi = me * args.n // count, (me + 1) * args.n // count
+    mine = process_share(args.n, me, count)
+    lo, hi = mine.start, mine.stop
     if hi == lo:
         return [], None, None, []
     bar.reset(total=steps * (2 if args.task == 'i2t2i' else 1))

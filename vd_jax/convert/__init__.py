@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -122,23 +120,24 @@ def plan_conversion(source: TensorSource, config, parts: Optional[Sequence[str]]
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, enabled: bool):
-        self.total, self.done, self.t0, self.enabled = total_bytes, 0, time.time(), enabled
-        self._last = 0.0
+    """The conversion's progress in tensors, through the command lines' one progress display
+    (`vd_jax.outputs.progress_bar`: a bar on a terminal, else a whole line at most every 30 s
+    and at the end, no carriage returns in a log); nothing when not enabled."""
 
-    def update(self, nbytes: int, label: str):
-        self.done += nbytes
-        now = time.time()
-        if not self.enabled or (now - self._last < 1.0 and self.done < self.total):
-            return
-        self._last = now
-        el = now - self.t0
-        eta = el / max(self.done, 1) * (self.total - self.done)
-        print(f'\r  converting {self.done / 2**20:9.1f} / {self.total / 2**20:.1f} MiB '
-              f'({100 * self.done / max(self.total, 1):5.1f}%)  {el:6.1f}s elapsed, '
-              f'ETA {eta:6.1f}s  [{label[:40]:<40}]', end='', file=sys.stderr, flush=True)
-        if self.done >= self.total:
-            print(file=sys.stderr)
+    def __init__(self, total_tensors: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from vd_jax.outputs import progress_bar
+            self.bar = progress_bar('converting', unit='tensor', total=total_tensors)
+
+    def update(self, part: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f'converting {part}')
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_flow',
@@ -172,9 +171,7 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     model_cfg = _model_config(config)
     layout, plans, targets, record = plan_conversion(source, model_cfg, parts, skip_parts)
     dtype = np.dtype(dtype)
-    total = sum(int(np.prod(targets[p][e.path])) * dtype.itemsize
-                for p, plan in plans.items() for e in plan.entries)
-    prog = _Progress(total, progress)
+    prog = _Progress(sum(len(plan.entries) for plan in plans.values()), progress)
 
     if out is None:
         result = {}
@@ -182,8 +179,9 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
             flat = {}
             for path, a in run_plan(plan, source.get, dtype):
                 flat[path] = a
-                prog.update(a.nbytes, path)
+                prog.update(part)
             result[part] = unflatten(flat)
+        prog.close()
         return result
 
     with atomic_dir(out, overwrite) as tmp:
@@ -198,7 +196,7 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
                                   {'part': part, 'source_layout': layout.name})
             for path, a in run_plan(plan, source.get, dtype):
                 w.write(path, a)
-                prog.update(a.nbytes, path)
+                prog.update(part)
             w.close()
             manifest['parts'][part] = dict(
                 tensors=len(plan.entries),
@@ -210,6 +208,7 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
                                    else {}))
         with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
             json.dump(manifest, f, indent=1)
+    prog.close()
     return out
 
 

@@ -28,6 +28,7 @@ GRID_MAX = 64
 
 
 def _model_args(p):
+    from vd_jax.platform import CPU_BFLOAT16_MEASURED
     p.add_argument('--ckpt', help='vd_jax checkpoint folder (default: the shipped vd-mini model)')
     p.add_argument('--model', default=None,
                    help="a shipped model instead of --ckpt: 'vd-mini' (default) or 'tiny' (random "
@@ -38,7 +39,8 @@ def _model_args(p):
     p.add_argument('--seed', type=int, default=0, help='sample i uses seed + i')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--out', default='evals', help='output root; each run gets a new folder')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                   help=f'compute dtype (on a CPU backend bfloat16 is slower: {CPU_BFLOAT16_MEASURED})')
 
 
 def _sample_args(p):

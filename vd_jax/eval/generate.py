@@ -164,17 +164,6 @@ def missing_samples(folder: str, n: int) -> List[int]:
     return [i for i in range(n) if not os.path.isfile(sample_path(folder, i))]
 
 
-def _batches(indices: Sequence[int], size: int) -> List[List[int]]:
-    """Consecutive runs of `indices` cut into chunks of at most `size` (one seed range each)."""
-    out: List[List[int]] = []
-    for i in indices:
-        if out and out[-1][-1] == i - 1 and len(out[-1]) < size:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 def _save_png(path: str, image: np.ndarray, meta: dict) -> None:
     """Write atomically (temporary name, then rename): an interrupted write leaves no PNG
     that a resumed run would take for a finished sample."""
@@ -196,6 +185,7 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
     progress(k) is called after each batch with the samples written. Returns
     {'generated', 'reused', 'seconds'}.
     """
+    from vd_jax.batching import batch_size_for, consecutive_batches, pad_batch
     if spec.task not in TASKS:
         raise GenerationError(f'task must be one of {sorted(TASKS)}, got {spec.task!r}')
     os.makedirs(os.path.join(folder, SAMPLES), exist_ok=True)
@@ -204,14 +194,13 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
     reused = n - len(todo)
     log(f'{folder}: {reused} of {n} samples already there (reused), {len(todo)} to generate')
     t0 = time.time()
-    size = min(int(batch_size), n)
+    size = batch_size_for(n, batch_size)
     call = getattr(vd, TASKS[spec.task])
     kw = dict(steps=spec.steps, scale=spec.scale, sampler=spec.sampler, eta=spec.eta,
               height=spec.height, width=spec.width)
     p = len(inputs)
-    for chunk in _batches(todo, size):
-        xs = [inputs[i % p] for i in chunk]
-        xs += [xs[-1]] * (size - len(xs))
+    for chunk in consecutive_batches(todo, size):
+        xs = pad_batch([inputs[i % p] for i in chunk], size)
         images = call(xs, 1, seed=spec.seed + chunk[0], **kw)
         for j, i in enumerate(chunk):
             _save_png(sample_path(folder, i), images[j],
