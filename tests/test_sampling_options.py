@@ -1,0 +1,112 @@
+"""The pipeline reads the checkpoint's schedule (`model.schedule`: betas, zero terminal SNR,
+prediction type) and passes the sampling options (sampler, spacing, Karras grid, guidance
+rescale) through to the sampler.
+
+Reference: `vd_jax.diffusion.sampling.sample` (the pure one-call API) on the same tiny random
+diffuser, contexts and seeds, jitted on its own. Both run the same float32 arithmetic, so the
+decoded images agree to 1e-5 (summation-order noise); a mis-read option (e.g. the wrong
+prediction type) changes the latents by O(0.1-1), which the second comparison checks.
+"""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vd_jax.config import load_config
+from vd_jax.diffusion.sampling import sample
+from vd_jax.diffusion.schedule import make_schedule
+from vd_jax.pipeline import TaskError, VersatileDiffusion
+from vd_jax.tasks.common import SamplingOptions
+
+STEPS = 4
+PROMPT = 'a red circle'
+
+
+def _tiny(**schedule):
+    cfg = copy.deepcopy(load_config('tiny').model)
+    for k, v in schedule.items():
+        cfg.schedule[k] = v
+    return VersatileDiffusion.random(cfg, seed=1)
+
+
+@pytest.fixture(scope='module')
+def v_zero_snr():
+    """A model as one trains it for zero terminal SNR: v-prediction on linear betas."""
+    return _tiny(prediction_type='v_prediction', rescale_zero_terminal_snr=True,
+                 beta_schedule='linear')
+
+
+@pytest.fixture(scope='module')
+def v_vd_schedule():
+    """v-prediction on VD's own schedule."""
+    return _tiny(prediction_type='v_prediction')
+
+
+def _reference(vd, schedule, *, seed, n, **options):
+    """Text->image latents by `sampling.sample` with the pipeline's contexts and seeds."""
+    comps = vd.components
+    c = comps.encode_context('text', [PROMPT] * n)
+    u = comps.uncond_context('text', 'image', 'v1.0', c)
+    d = comps.module('diffuser')
+    shape = comps.latent_shape('image', n, (vd.image_size, vd.image_size))
+    keys = jnp.asarray(seed + np.arange(n), jnp.uint32)
+
+    @jax.jit
+    def run(p, c, u):
+        return sample(lambda x, t, ctx: d.apply({'params': p}, x, t, ctx, 'image', 'text'),
+                      schedule, c, uncond_context=u, keys=keys, shape=shape, steps=STEPS,
+                      **options)
+    return comps.decode_latent('image', run(vd.params['diffuser'], c, u))
+
+
+CASES = {
+    # zero terminal SNR needs the trailing grid (its first step is t = T - 1, pure noise);
+    # guidance rescale is what Lin et al. pair with it
+    'ddim trailing rescale': ('v_zero_snr', 'sample',
+                              dict(sampler='ddim', spacing='trailing', guidance_rescale=0.7)),
+    'dpm++ karras': ('v_vd_schedule', 'epsilon', dict(sampler='dpm++', karras=True)),
+    'euler_a': ('v_vd_schedule', 'epsilon', dict(sampler='euler_a')),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_pipeline_samples_with_the_checkpoint_schedule(case, request):
+    model, wrong, options = CASES[case]
+    vd = request.getfixturevalue(model)
+    got = vd.text_to_image(PROMPT, n=2, steps=STEPS, seed=5, **options)
+    schedule = make_schedule(vd.config['schedule'])
+    assert schedule.prediction_type == 'v_prediction'
+    np.testing.assert_allclose(got, _reference(vd, schedule, seed=5, n=2, **options), atol=1e-5)
+    # the config is really read: another prediction type gives another result
+    other = make_schedule(vd.config['schedule'], prediction_type=wrong)
+    assert np.abs(got - _reference(vd, other, seed=5, n=2, **options)).max() > 1e-2
+    if options.get('guidance_rescale'):  # and the rescale reaches the sampler
+        plain = dict(options, guidance_rescale=0.0)
+        assert np.abs(got - _reference(vd, schedule, seed=5, n=2, **plain)).max() > 1e-3
+
+
+def test_options_are_refused_with_a_message_naming_them():
+    with pytest.raises(TaskError, match=r'guidance_rescale must be in \[0, 1\].*got -0.1'):
+        SamplingOptions(guidance_rescale=-0.1)
+    with pytest.raises(TaskError, match='guidance_rescale must be in'):
+        SamplingOptions(guidance_rescale=1.5)
+    with pytest.raises(TaskError, match=r"karras .* is for the samplers \('dpm\+\+',\), not 'ddim'"):
+        SamplingOptions(sampler='ddim', karras=True)
+    with pytest.raises(TaskError, match="sampler must be one of .*'euler_a'"):
+        SamplingOptions(sampler='heun')
+    SamplingOptions(sampler='dpm++', karras=True, guidance_rescale=0.7)
+    for name in ('euler', 'euler_a'):
+        SamplingOptions(sampler=name)
+
+
+def test_the_pipeline_refuses_before_sampling(v_zero_snr):
+    vd = v_zero_snr
+    with pytest.raises(TaskError, match='karras'):
+        vd.text_to_image(PROMPT, steps=STEPS, sampler='euler', karras=True)
+    # an epsilon model cannot denoise the zero-SNR step the trailing grid starts at
+    eps = _tiny(rescale_zero_terminal_snr=True)
+    with pytest.raises(TaskError, match='epsilon-prediction model cannot denoise t=999'):
+        eps.text_to_image(PROMPT, steps=STEPS, spacing='trailing')
