@@ -137,3 +137,40 @@ def test_sample_py_runs_a_v_model_and_records_the_schedule(v_zero_snr, tmp_path,
             settings['karras']) == ('ddim', 'trailing', 0.7, False)
     assert settings['schedule']['prediction_type'] == 'v_prediction'
     assert settings['schedule']['rescale_zero_terminal_snr'] is True
+
+
+@pytest.mark.slow
+def test_demo_controls_reach_the_pipeline(v_vd_schedule):
+    """The demo's sampler select (with the new samplers), step grid, Karras checkbox and
+    guidance-rescale slider: the page's result equals the Python API with those options."""
+    import os
+    from streamlit.testing.v1 import AppTest
+    from vd_jax.demo import model, options
+    vd = v_vd_schedule
+    model.set_served(model.Served(vd, untrained=True))
+    options.set_current(options.parse([]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        at = AppTest.from_file(os.path.join(root, 'vd_jax', 'demo', 'app.py'), default_timeout=600)
+        at.run()
+        assert 'euler_a' in at.selectbox(key='t2i_sampler').options
+        at.text_area(key='t2i_prompt').set_value(PROMPT)
+        at.number_input(key='t2i_steps').set_value(STEPS)
+        at.number_input(key='t2i_n').set_value(1)
+        at.selectbox(key='t2i_sampler').set_value('dpm++')
+        at.selectbox(key='t2i_spacing').set_value('trailing')
+        at.checkbox(key='t2i_karras').check()
+        at.slider(key='t2i_guidance_rescale').set_value(0.5)
+        at.button(key='t2i_run').click()
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        res = at.session_state['t2i_result']
+    finally:
+        model.set_served(None)
+        options.set_current(None)
+    s = res.settings
+    assert (s['sampler'], s['spacing'], s['karras'], s['guidance_rescale']) == \
+        ('dpm++', 'trailing', True, 0.5)
+    want = vd.text_to_image([PROMPT], 1, steps=STEPS, seed=s['seed'], sampler='dpm++',
+                            spacing='trailing', karras=True, guidance_rescale=0.5)
+    np.testing.assert_array_equal(res.images, want)
