@@ -174,3 +174,13 @@ def test_demo_controls_reach_the_pipeline(v_vd_schedule):
     want = vd.text_to_image([PROMPT], 1, steps=STEPS, seed=s['seed'], sampler='dpm++',
                             spacing='trailing', karras=True, guidance_rescale=0.5)
     np.testing.assert_array_equal(res.images, want)
+
+
+def test_eval_runs_recorded_before_these_options_still_resume():
+    from vd_jax.eval.generate import GenerationSpec
+    spec = GenerationSpec('tiny', 't2i', 'ddim', 2, 7.5, 0.0, 0, None, None, 'float32', 3, 'abc')
+    old = {k: v for k, v in spec.to_dict().items()
+           if k not in ('spacing', 'karras', 'guidance_rescale')}
+    assert spec.mismatch(old) == []
+    karras = GenerationSpec(**dict(spec.to_dict(), sampler='dpm++', karras=True))
+    assert sorted(m.split(':')[0] for m in karras.mismatch(old)) == ['karras', 'sampler']
