@@ -109,6 +109,10 @@ def cases(d):
         # steps: errors name the sampler actually chosen (the default, ddim, too)
         'steps 0': (['--steps', '0'], ['--sampler ddim --steps 0', 'ddim: steps must be']),
         'ddpm 2000': (['--sampler', 'ddpm', '--steps', '2000'], ['--sampler ddpm', 'ddpm: steps']),
+        # the Karras grid and guidance rescale: the Python API's messages, named by their flag
+        'karras with ddim': (['--karras'], ['--karras', "is for the samplers ('dpm++',), not 'ddim'"]),
+        'negative guidance rescale': (['--guidance-rescale', '-0.2'],
+                                      ['--guidance-rescale', 'must be in [0, 1]', 'got -0.2']),
         # the output location
         'out is a file': (['--out', d / 'a_file'], ["--out '", "a_file' is a file, not a folder"]),
         'out under a file': (['--out', d / 'a_file' / 'sub'],

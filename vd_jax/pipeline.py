@@ -13,8 +13,10 @@ reuse it. Sample i of a call is seeded with `seed + i` and does not depend on th
 in. Images are float32 arrays (B, H, W, 3) in [0, 1], channels-last.
 
 Sampling keywords of every task: steps (50), scale (7.5), sampler ('ddim' | 'ddpm' |
-'dpm++'), eta, seed, spacing, dtype (`vd_jax.tasks.SamplingOptions`); plus progress (True or
-a callable(done, total)), callback(step, latents) and latents (initial x_T).
+'dpm++' | 'euler' | 'euler_a'), eta, seed, spacing, karras, guidance_rescale, dtype
+(`vd_jax.tasks.SamplingOptions`); plus progress (True or a callable(done, total)),
+callback(step, latents) and latents (initial x_T). The schedule and what the model predicts
+come from the checkpoint's config (`model.schedule`).
 
 Unconditional (negative) contexts follow the v1.0 demo by default (`uncond='v1.0'`): the
 empty prompt for text, a zero context for image contexts of image outputs, and the CLIP

@@ -33,7 +33,7 @@ UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the out
 # flags every task uses; the others belong to the tasks that list them in `CliTask.flags`
 COMMON = {'ckpt', 'model', 'config', 'task', 'n', 'steps', 'scale', 'sampler', 'eta', 'seed', 'dtype',
           'batch_size', 'out', 'uncond', 'spacing', 'no_compile_cache', 'mesh', 'distributed',
-          'coordinator', 'num_processes', 'process_id', 'preview_every'}
+          'coordinator', 'num_processes', 'process_id', 'preview_every', 'karras', 'guidance_rescale'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     a('--n', type=int, default=4, help='samples per input (default 4)')
     a('--steps', type=int, default=50)
     a('--scale', type=float, default=7.5, help='classifier-free guidance scale (>= 0; 1 = off)')
-    a('--sampler', default='ddim', choices=['ddim', 'ddpm', 'dpm++'])
-    a('--spacing', default='auto', choices=['auto', 'uniform', 'leading', 'linspace', 'full'],
-      help="timestep grid (default auto: the original DDIM grid where it is defined, else "
-           "'leading' with a note; dpm++: linspace)")
+    from vd_jax.sampling_flags import add_sampler_flags
+    add_sampler_flags(p)  # --sampler, --spacing, --karras, --guidance-rescale
     a('--eta', type=float, default=0.0, help='DDIM eta (>= 0)')
     a('--seed', type=int, default=0, help='sample i uses seed + i (0 <= seed < 2^32)')
     a('--dtype', default='float32', help='compute dtype: float32 (default) or bfloat16 (on a '
@@ -231,11 +229,8 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
             print(f"warning: --{name.replace('_', '-')} is ignored by --task {args.task}",
                   file=sys.stderr)
     _check_values(args)
-    from vd_jax.diffusion.sampling import check_steps
-    try:
-        args.spacing, notice = check_steps(args.sampler, args.steps, args.spacing or 'auto')
-    except ValueError as e:
-        raise UsageError(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
+    from vd_jax.sampling_flags import check_sampler_flags
+    args.spacing, notice = check_sampler_flags(args, UsageError)
     if notice:
         print(f'note: {notice}', file=sys.stderr)
     prompts = list(args.prompt) + (_read_list(args.prompts, '--prompts') if args.prompts else [])
@@ -342,7 +337,8 @@ def run_task(vd, t: CliTask, args, prompts, images, paths, bar, share: Tuple[int
     from vd_jax.image_io import load_image
     call = getattr(vd, t.method)
     kw = dict(t.kwargs(args), steps=args.steps, scale=args.scale, sampler=args.sampler,
-              eta=args.eta, spacing=args.spacing)
+              eta=args.eta, spacing=args.spacing, karras=args.karras,
+              guidance_rescale=args.guidance_rescale)
     me, count = share
 
     def progress(done, total):  # done restarts at each denoising run (i2t2i runs two)
@@ -522,6 +518,13 @@ def _merge_shares(out_dir, settings, share, inputs) -> Tuple[dict, Optional[List
     return dict(written, images=files, grid=grid), texts
 
 
+def _schedule_record(vd) -> dict:
+    """The checkpoint's schedule (what the model predicts, zero terminal SNR, betas), for
+    settings.json: it is read from the config, not chosen by a flag."""
+    from vd_jax.diffusion.schedule import ScheduleConfig
+    return ScheduleConfig.coerce(vd.components.config['schedule']).to_dict()
+
+
 def _load_model(args, mesh, share, t0):
     """The model `--ckpt`/`--config`/`--model` names, on `mesh`; says where it runs."""
     import jax
@@ -627,7 +630,7 @@ def main(argv=None) -> int:
                     jax_version=jax.__version__, backend=jax.default_backend(),
                     compile_cache=cache, seconds=round(time.time() - t0, 2),
                     mesh=None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
-                    processes=share[1])
+                    processes=share[1], schedule=_schedule_record(vd))
     written, out_texts = _write(args, settings, share, run_dir, images, labels, out_images,
                                 out_texts, index, previews)
     if written is None:

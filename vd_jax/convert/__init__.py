@@ -151,6 +151,8 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
         folder, a `TensorSource`, or a mapping of name -> tensor.
       config: a config name ('vd_four_flow', 'vd_dc:tiny', ...), a file path, or a
         ConfigDict (whole run config or its `model` section).
+        A diffusers folder's `scheduler/scheduler_config.json` replaces its `schedule`
+        (`vd_jax.convert.diffusers_scheduler`).
       out: checkpoint folder to write (atomically; never over an existing path unless
         `overwrite`). If None, the params are returned in memory instead.
       parts: convert only these parts (default: every part in the source).
@@ -169,6 +171,10 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     else:
         source = open_source(src)
     model_cfg = _model_config(config)
+    # a diffusers folder's scheduler config says how its model was trained (betas, zero
+    # terminal SNR, prediction type): the checkpoint's config records it
+    from vd_jax.convert.diffusers_scheduler import with_folder_schedule
+    model_cfg = with_folder_schedule(model_cfg, src)
     layout, plans, targets, record = plan_conversion(source, model_cfg, parts, skip_parts)
     dtype = np.dtype(dtype)
     prog = _Progress(sum(len(plan.entries) for plan in plans.values()), progress)

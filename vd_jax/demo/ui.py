@@ -19,10 +19,10 @@ from vd_jax.demo import inputs as inp
 from vd_jax.demo.model import Served
 from vd_jax.demo.options import Limits
 from vd_jax.demo.results import Result
+from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
 
 log = logging.getLogger('vd_jax.demo')
 
-SAMPLERS = ('ddim', 'ddpm', 'dpm++')
 DECODE_METHODS = ('sample', 'greedy', 'beam')
 # The original demo's settings: seed 20, two samples, 50 DDIM steps, guidance 7.5.
 DEFAULT_SEED, DEFAULT_N, DEFAULT_STEPS, DEFAULT_SCALE = 20, 2, 50, 7.5
@@ -68,7 +68,9 @@ def unavailable_notice(tab: Tab) -> None:
 
 def sampling_controls(tab: Tab, *, image_out: bool, text_out: bool = False,
                       n: bool = True) -> Dict[str, Any]:
-    """Seed, samples, steps, guidance scale, sampler, eta (+ size or text decoding)."""
+    """Seed, samples, steps, guidance scale, sampler, eta, step grid, Karras grid, guidance
+    rescale (+ size or text decoding). The model's schedule and prediction type come from its
+    checkpoint config, not from the page."""
     c1, c2, c3, c4 = st.columns(4)
     s = dict(seed=int(c1.number_input('Seed', 0, 2 ** 31 - 1 - 64, DEFAULT_SEED, key=tab.k('seed'),
                                       disabled=tab.off)))
@@ -94,12 +96,24 @@ def sampling_controls(tab: Tab, *, image_out: bool, text_out: bool = False,
                                        disabled=tab.off, help='Optimus decoding; the original samples')
             s['temperature'] = float(a4.number_input('Temperature', 0.05, 5.0, 1.0, 0.05,
                                                      key=tab.k('temperature'), disabled=tab.off))
+        b1, b2, b3 = st.columns([1, 1, 2])
+        s['spacing'] = b1.selectbox(
+            'Step grid', SPACINGS, key=tab.k('spacing'), disabled=tab.off,
+            help="auto: the original DDIM grid (dpm++: linspace); trailing starts at the last "
+                 'timestep, for models trained with zero terminal SNR')
+        s['karras'] = bool(b2.checkbox('Karras sigmas', False, key=tab.k('karras'),
+                                       disabled=tab.off, help='the Karras et al. grid (dpm++ only)'))
+        s['guidance_rescale'] = float(b3.slider(
+            'Guidance rescale', 0.0, 1.0, 0.0, 0.05, key=tab.k('guidance_rescale'),
+            disabled=tab.off, help='phi of Lin et al. 2023 (0 = off); ~0.7 against the '
+                                   'over-exposure of high guidance with zero terminal SNR'))
     return s
 
 
 def common_kwargs(s: Dict[str, Any]) -> Dict[str, Any]:
     """The pipeline keywords every task takes."""
-    return {k: s[k] for k in ('steps', 'scale', 'sampler', 'eta', 'seed')}
+    return {k: s[k] for k in ('steps', 'scale', 'sampler', 'eta', 'seed', 'spacing', 'karras',
+                              'guidance_rescale')}
 
 
 @dataclasses.dataclass

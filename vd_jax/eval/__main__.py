@@ -35,7 +35,8 @@ def _model_args(p):
                         'weights: a smoke test)')
     p.add_argument('--steps', type=int, default=50)
     p.add_argument('--scale', type=float, default=7.5, help='guidance scale')
-    p.add_argument('--sampler', default='ddim', choices=['ddim', 'ddpm', 'dpm++'])
+    from vd_jax.sampling_flags import add_sampler_flags
+    add_sampler_flags(p)  # --sampler, --spacing, --karras, --guidance-rescale
     p.add_argument('--seed', type=int, default=0, help='sample i uses seed + i')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--out', default='evals', help='output root; each run gets a new folder')
@@ -194,6 +195,8 @@ def _check(args, parser, argv):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.scale < 0 or args.seed < 0:
         raise UsageError('--scale and --seed must be >= 0')
+    from vd_jax.sampling_flags import check_sampler_flags
+    check_sampler_flags(args, UsageError)
     if args.ckpt and args.model:
         raise UsageError('give one of --ckpt and --model')
     if args.ckpt and not os.path.isfile(os.path.join(args.ckpt, 'config.json')):
@@ -224,11 +227,6 @@ def _check_sampling(args) -> dict:
     for flag in ('height', 'width'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f'--{flag} must be >= 1')
-    from vd_jax.diffusion.sampling import check_steps
-    try:
-        check_steps(args.sampler, args.steps, 'auto')
-    except ValueError as e:
-        raise UsageError(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
     try:
         if args.task == 't2i':
             if not args.prompts:
@@ -294,6 +292,8 @@ def _spec(args, prep):
     from vd_jax.eval.generate import GenerationSpec, inputs_digest
     return GenerationSpec(model=_model_id(args), task=args.task, sampler=args.sampler,
                           steps=int(args.steps), scale=float(args.scale), eta=float(args.eta),
+                          spacing=args.spacing, karras=bool(args.karras),
+                          guidance_rescale=float(args.guidance_rescale),
                           seed=int(args.seed), height=args.height, width=args.width,
                           dtype=args.dtype, num_inputs=len(prep['inputs']),
                           inputs_sha256=inputs_digest(prep['inputs']))
@@ -541,6 +541,8 @@ def main(argv=None) -> int:
     out = new_run_dir(args.out, args.command)
     from vd_jax.eval.shapes_eval import EvalSettings, evaluate
     settings = EvalSettings(n=args.n, steps=args.steps, scale=args.scale, sampler=args.sampler,
+                            spacing=args.spacing, karras=args.karras,
+                            guidance_rescale=args.guidance_rescale,
                             seed=args.seed, batch_size=args.batch_size, decode=args.decode,
                             flows=tuple(args.flows.split(',')))
     record = evaluate(vd, settings, out, log=_log)

@@ -7,9 +7,10 @@ already there is reused and only the missing ones are generated, so an interrupt
 30k-sample run continues where it stopped; metrics are always computed from the PNG files,
 so a resumed run gives the same numbers as an uninterrupted one.
 
-What decides sample i (the model, task, sampler, steps, scale, eta, seed, size, inputs) is
-recorded in `<run>/generation.json` and must match when resuming; the batch size and the
-number of samples may change (a 1k-sample run can be extended to 30k).
+What decides sample i (the model, task, sampler, steps, spacing, Karras grid, scale, guidance
+rescale, eta, seed, size, inputs) is recorded in `<run>/generation.json` and must match when
+resuming; the batch size and the number of samples may change (a 1k-sample run can be
+extended to 30k).
 
 Prompts: a text file with one prompt per line (blank lines skipped), or a COCO captions
 file (`captions_val2014.json`): one caption per image, the one with the lowest annotation id,
@@ -118,15 +119,22 @@ class GenerationSpec:
     dtype: str
     num_inputs: int
     inputs_sha256: str
+    spacing: str = 'auto'
+    karras: bool = False
+    guidance_rescale: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def mismatch(self, other: dict) -> List[str]:
-        """'field: recorded X, now Y' for every field that differs from a recorded spec."""
+        """'field: recorded X, now Y' for every field that differs from a recorded spec (a
+        field a spec of an older version lacks counts as its default)."""
         mine = self.to_dict()
-        return [f'{k}: recorded {other.get(k)!r}, now {v!r}' for k, v in mine.items()
-                if other.get(k) != v]
+        was = {f.name: f.default for f in dataclasses.fields(self)
+               if f.default is not dataclasses.MISSING}
+        was.update(other)
+        return [f'{k}: recorded {was.get(k)!r}, now {v!r}' for k, v in mine.items()
+                if was.get(k) != v]
 
 
 def check_resume(folder: str, spec: GenerationSpec) -> None:
@@ -197,6 +205,7 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
     size = batch_size_for(n, batch_size)
     call = getattr(vd, TASKS[spec.task])
     kw = dict(steps=spec.steps, scale=spec.scale, sampler=spec.sampler, eta=spec.eta,
+              spacing=spec.spacing, karras=spec.karras, guidance_rescale=spec.guidance_rescale,
               height=spec.height, width=spec.width)
     p = len(inputs)
     for chunk in consecutive_batches(todo, size):

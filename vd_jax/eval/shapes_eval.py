@@ -42,6 +42,9 @@ class EvalSettings:
     steps: int = 50
     scale: float = 7.5
     sampler: str = 'ddim'
+    spacing: str = 'auto'
+    karras: bool = False
+    guidance_rescale: float = 0.0
     seed: int = 0
     batch_size: int = 100
     decode: str = 'greedy'       # Optimus decoding of text outputs
@@ -91,7 +94,8 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
     prompts = [d.caption for d in data]
     truth = [d.attrs for d in data]
     images = np.stack([W.render(a) for a in truth]).astype(np.float32) / 255.0
-    kw = dict(steps=s.steps, sampler=s.sampler)
+    kw = dict(steps=s.steps, sampler=s.sampler, spacing=s.spacing, karras=s.karras,
+              guidance_rescale=s.guidance_rescale)
     rec: Dict = {'settings': dataclasses.asdict(s), 'model': vd.source, 'flows': {}}
     rec['settings']['scales'] = list(s.scales)
     rec['settings']['mixes'] = list(s.mixes)

@@ -9,8 +9,9 @@ Each model sub-folder gets the config.json its diffusers/transformers class read
   text_encoder/   `CLIPTextModelWithProjection`
   image_encoder/  `CLIPVisionModelWithProjection`
 and, as diffusers' VersatileDiffusion folder has them, `model_index.json`, `scheduler/`
-(DDIM on VD's schedule), `tokenizer/` (the CLIP BPE files bundled in `vd_jax/vocab`) and
-`image_feature_extractor/` (CLIPImageProcessor at the vision tower's resolution).
+(DDIM on the model's schedule and prediction type), `tokenizer/` (the CLIP BPE files bundled
+in `vd_jax/vocab`) and `image_feature_extractor/` (CLIPImageProcessor at the vision tower's
+resolution).
 
 diffusers' attention-block naming quirk: its UNets' `attention_head_dim` is the number of
 heads (diffusers issue #2011), which is what VD's `num_heads` is.
@@ -150,14 +151,20 @@ def clip_vision_config(ctx_image) -> Dict[str, Any]:
 
 
 def scheduler_config(schedule: Mapping) -> Dict[str, Any]:
-    """DDIM on VD's schedule: betas = linspace(sqrt(start), sqrt(end), T)^2, which diffusers
-    calls 'scaled_linear' (`vd_jax.diffusion.schedule.schedule_arrays`)."""
+    """`scheduler/scheduler_config.json`: DDIM on the model's schedule (`model.schedule`; VD's
+    betas = linspace(sqrt(start), sqrt(end), T)^2 are diffusers' 'scaled_linear'), with what
+    the model predicts. With zero terminal SNR the grid is 'trailing' (its first step is the
+    pure-noise t = T - 1, Lin et al. 2023), else diffusers' 'leading' with steps_offset 1 (VD's
+    original grid). `vd_jax.convert.diffusers_scheduler` reads it back."""
+    from vd_jax.diffusion.schedule import ScheduleConfig
+    sc = ScheduleConfig.coerce(schedule)
     return dict(_class_name='DDIMScheduler', _diffusers_version=DIFFUSERS_VERSION,
-                num_train_timesteps=int(schedule['timesteps']),
-                beta_start=float(schedule['beta_linear_start']),
-                beta_end=float(schedule['beta_linear_end']), beta_schedule='scaled_linear',
+                num_train_timesteps=int(sc.timesteps), beta_start=float(sc.beta_linear_start),
+                beta_end=float(sc.beta_linear_end), beta_schedule=sc.beta_schedule,
                 trained_betas=None, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                prediction_type='epsilon')
+                prediction_type=sc.prediction_type,
+                rescale_betas_zero_snr=bool(sc.rescale_zero_terminal_snr),
+                timestep_spacing='trailing' if sc.rescale_zero_terminal_snr else 'leading')
 
 
 def model_index(folders: List[str], extras: List[str]) -> Dict[str, Any]:

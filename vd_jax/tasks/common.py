@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.diffusion.sampling import SAMPLERS, Sampler
+from vd_jax.diffusion import samplers
+from vd_jax.diffusion.sampling import SAMPLERS, Sampler, check_prediction
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.image_io import as_list
 
@@ -21,11 +22,16 @@ class TaskError(ValueError):
 class SamplingOptions:
     """How to sample, for every task.
 
-    sampler: 'ddim' | 'ddpm' | 'dpm++'; steps: grid steps; scale: classifier-free guidance
-    (1 = conditional only); eta: DDIM noise; seed: sample i of a call uses seed + i;
-    spacing: the step grid (None = the sampler's default, see `vd_jax.diffusion.sampling`);
-    dtype: compute dtype of the diffuser ('float32' | 'bfloat16'; None = the model's);
-    uncond: the unconditional-context convention (`vd_jax.modalities.CONVENTIONS`).
+    sampler: one of `vd_jax.diffusion.sampling.SAMPLERS` ('ddim', 'ddpm', 'dpm++', 'euler',
+    'euler_a'); steps: grid steps; scale: classifier-free guidance (1 = conditional only);
+    eta: DDIM noise; seed: sample i of a call uses seed + i; spacing: the step grid (None =
+    the sampler's default, see `vd_jax.diffusion.sampling`); dtype: compute dtype of the
+    diffuser ('float32' | 'bfloat16'; None = the model's); uncond: the unconditional-context
+    convention (`vd_jax.modalities.CONVENTIONS`); karras: the Karras sigma grid (samplers
+    that support it: dpm++); guidance_rescale: phi in [0, 1] of guidance rescale (Lin et al.
+    2023; 0 = off, VD's default).
+    What the model predicts (eps, v, x0) and its schedule come from the checkpoint's config
+    (`model.schedule`), never from these options.
     """
     sampler: str = 'ddim'
     steps: int = 50
@@ -35,8 +41,11 @@ class SamplingOptions:
     spacing: Optional[str] = None
     dtype: Optional[str] = None
     uncond: str = 'v1.0'
+    karras: bool = False
+    guidance_rescale: float = 0.0
 
-    FIELDS = ('sampler', 'steps', 'scale', 'eta', 'seed', 'spacing', 'dtype', 'uncond')
+    FIELDS = ('sampler', 'steps', 'scale', 'eta', 'seed', 'spacing', 'dtype', 'uncond', 'karras',
+              'guidance_rescale')
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -48,6 +57,15 @@ class SamplingOptions:
             raise TaskError(f'scale (guidance) must be >= 0, got {self.scale}')
         if not float(self.eta) >= 0:
             raise TaskError(f'eta must be >= 0, got {self.eta}')
+        if not 0 <= float(self.guidance_rescale) <= 1:
+            raise TaskError(f'guidance_rescale must be in [0, 1] (the fraction phi of the '
+                            f'rescaled guidance; 0 = off), got {self.guidance_rescale}')
+        if not isinstance(self.karras, (bool, np.bool_)):
+            raise TaskError(f'karras must be True or False, got {self.karras!r}')
+        if self.karras and not samplers.get(self.sampler).supports_karras:
+            with_karras = tuple(n for n in SAMPLERS if samplers.get(n).supports_karras)
+            raise TaskError(f'karras (the Karras sigma grid) is for the samplers {with_karras}, '
+                            f'not {self.sampler!r}')
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or not 0 <= int(self.seed) < 2 ** 32:
             raise TaskError(f'seed must be an integer in [0, 2^32), got {self.seed!r}')
@@ -153,22 +171,30 @@ def load_mask(mask, hw) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def schedule_of(comps):
+    """The checkpoint's schedule (`model.schedule`: betas and what the model predicts)."""
     return make_schedule(comps.config['schedule'])
 
 
 def sampler_for(comps, cond, opts: SamplingOptions, start_step: Optional[int] = None) -> Sampler:
-    """The Sampler of (conditioning, sampler, steps, spacing, start, dtype), cached on the
-    components (`comps.samplers`): equal settings reuse one compiled program."""
-    key = (cond, opts.sampler, int(opts.steps), opts.spacing, start_step, opts.dtype)
+    """The Sampler of (conditioning, sampler, steps, spacing, karras, start, dtype) on the
+    checkpoint's schedule, cached on the components (`comps.samplers`): equal settings reuse
+    one compiled program. A grid the model cannot denoise (an eps model asked for x0 where the
+    schedule has zero SNR) is a TaskError here, before any sampling."""
+    key = (cond, opts.sampler, int(opts.steps), opts.spacing, bool(opts.karras), start_step,
+           opts.dtype)
     if key not in comps.samplers:
         dtype = jnp.dtype(opts.dtype) if opts.dtype else comps.dtype
+        schedule = schedule_of(comps)
         try:
-            comps.samplers[key] = Sampler(
+            sampler = Sampler(
                 cond, sampler=opts.sampler, steps=int(opts.steps), spacing=opts.spacing,
-                num_timesteps=int(comps.config['schedule']['timesteps']),
-                start_step=start_step, compute_dtype=None if dtype == jnp.float32 else dtype)
+                num_timesteps=schedule.num_timesteps, start_step=start_step,
+                compute_dtype=None if dtype == jnp.float32 else dtype,
+                karras=bool(opts.karras), schedule=schedule)
+            check_prediction(schedule, sampler.plan)
         except ValueError as e:
             raise TaskError(str(e)) from None
+        comps.samplers[key] = sampler
     return comps.samplers[key]
 
 
@@ -225,7 +251,8 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
     args = dict(ctx=ctx, uctx=uctx, seeds=jnp.asarray(seeds), x0=x0, latents=latents)
     args = comps.shard_batch(_pad({k: v for k, v in args.items() if v is not None}, b, padded))
     kw = dict(uncond_context=args.get('uctx'), guidance_scale=float(opts.scale),
-              eta=float(opts.eta), seeds=args['seeds'], x0=args.get('x0'),
+              eta=float(opts.eta), guidance_rescale=float(opts.guidance_rescale),
+              seeds=args['seeds'], x0=args.get('x0'),
               x_T=args.get('latents'),
               shape=None if (x0 is not None or latents is not None) else
               (padded,) + tuple(shape[1:]))

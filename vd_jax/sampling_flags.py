@@ -1,0 +1,49 @@
+"""The sampling flags the command lines share (`sample.py`, `python -m vd_jax.eval`): the
+sampler, its step grid, the Karras grid and guidance rescale, with their checks (run before
+any model loads; the messages are the Python API's own, `vd_jax.tasks.SamplingOptions` and
+`vd_jax.diffusion.sampling.check_steps`).
+
+What the model predicts (eps, v, x0) and its noise schedule are not flags: they are read from
+the checkpoint's config (`model.schedule`).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional, Tuple
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler, --spacing, --karras, --guidance-rescale."""
+    from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
+    p.add_argument('--sampler', default='ddim', choices=list(SAMPLERS),
+                   help='ddim (the original), ddpm, dpm++ (DPM-Solver++ 2M), euler, euler_a '
+                        '(Euler ancestral); default ddim')
+    p.add_argument('--spacing', default='auto', choices=list(SPACINGS),
+                   help="timestep grid (default auto: the original DDIM grid where it is "
+                        "defined, else 'leading' with a note; dpm++: linspace). 'trailing' "
+                        'starts at t = T-1: use it with models trained with zero terminal SNR')
+    p.add_argument('--karras', action='store_true',
+                   help='the Karras et al. sigma grid (dpm++ only)')
+    p.add_argument('--guidance-rescale', type=float, default=0.0, metavar='PHI',
+                   help='guidance rescale phi in [0, 1] (Lin et al. 2023; 0 = off, the '
+                        'default; ~0.7 with zero-terminal-SNR models at high --scale)')
+
+
+def check_sampler_flags(args, error: Callable[[str], Exception],
+                        spacing: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """Check the flags of `add_sampler_flags` with `args.steps` (`spacing` overrides
+    args.spacing); raises error(message) naming the flag. Returns `check_steps`'s
+    (resolved spacing, notice or None)."""
+    from vd_jax.diffusion.sampling import check_steps
+    from vd_jax.tasks.common import SamplingOptions, TaskError
+    for flag, check in (
+            ('guidance-rescale', lambda: SamplingOptions(guidance_rescale=args.guidance_rescale)),
+            ('karras', lambda: SamplingOptions(sampler=args.sampler, karras=args.karras))):
+        try:
+            check()
+        except TaskError as e:
+            raise error(f'--{flag}: {e}') from None
+    try:
+        return check_steps(args.sampler, args.steps, spacing or args.spacing or 'auto')
+    except ValueError as e:
+        raise error(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
