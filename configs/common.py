@@ -96,7 +96,10 @@ def optimus(tiny=False):
 
 def schedule():
     """`vd_base` (configs/model/vd.yaml): the DDPM schedule of every VD model."""
-    return dict(beta_linear_start=0.00085, beta_linear_end=0.012, timesteps=1000)
+    return dict(beta_linear_start=0.00085, beta_linear_end=0.012, timesteps=1000,
+                # the options of models trained here (vd_jax.diffusion.schedule); VD's values
+                beta_schedule='scaled_linear', rescale_zero_terminal_snr=False,
+                prediction_type='epsilon')
 
 
 # Default sizes of each model family's config section (family names: `vd_jax.models`).

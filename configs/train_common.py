@@ -69,7 +69,11 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     )
     cfg.ema = dict(decay=0.9999,         # LitEma's default in the original code
                    use_num_updates=True)  # decay = min(decay, (1+n)/(10+n)) as LitEma
-    cfg.noise = dict(fixed=False)        # True: (t, eps) per batch position, not per step (tests)
+    cfg.noise = dict(fixed=False,        # True: (t, eps) per batch position, not per step (tests)
+                     offset=0.0)         # offset noise s: eps + s N(0, 1) per (sample, channel)
+    # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off (VD). 5 is the paper's value.
+    # What the model predicts (eps / v / x0) is the model's: model.schedule.prediction_type.
+    cfg.loss = dict(snr_gamma=0.0)
 
     cfg.mesh = dict(data=-1, fsdp=1, model=1)  # -1: all remaining devices
     cfg.logical_axis_rules = list(DEFAULT_RULES)

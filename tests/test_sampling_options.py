@@ -71,16 +71,8 @@ CASES = {
 }
 
 
-# Known defect of the jitted `Sampler` (vd_jax/diffusion, not this module's code): it passes
-# eta traced, and EulerAncestral.draws_noise refuses any eta that is not a Python 0. Strict:
-# this fails (as a reminder to drop the mark) once that is fixed.
-EULER_A_BUG = pytest.mark.xfail(strict=True, raises=ValueError,
-                                reason='Sampler passes a traced eta that euler_a refuses')
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize('case', [pytest.param(c, marks=EULER_A_BUG) if c == 'euler_a' else c
-                                  for c in sorted(CASES)])
+@pytest.mark.parametrize('case', sorted(CASES))
 def test_pipeline_samples_with_the_checkpoint_schedule(case, request):
     model, wrong, options = CASES[case]
     vd = request.getfixturevalue(model)

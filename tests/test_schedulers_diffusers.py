@@ -191,6 +191,7 @@ MATRIX = [(case, spacing, pred, zero)
           for spacing in (('trailing',) if case == 'dpm++_karras' else ('leading', 'trailing'))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case,spacing,prediction_type,zero_snr', MATRIX,
                          ids=['-'.join(map(str, m)) for m in MATRIX])
 def test_sampler_matches_diffusers_on_analytic_model(case, spacing, prediction_type, zero_snr,
@@ -232,6 +233,7 @@ def tiny_diffuser(tiny_config):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(SAMPLER_CASES))
 @pytest.mark.parametrize('prediction_type,zero_snr,spacing',
                          [('epsilon', False, 'leading'), ('v_prediction', True, 'trailing')])

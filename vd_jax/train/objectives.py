@@ -25,7 +25,8 @@ import numpy as np
 import flax.linen as nn
 
 from vd_jax import modalities as M
-from vd_jax.diffusion.schedule import eps_loss, make_schedule
+from vd_jax.diffusion.losses import diffusion_loss, offset_noise
+from vd_jax.diffusion.schedule import ScheduleConfig, make_schedule
 
 
 def per_record_keys(key, index):
@@ -110,13 +111,22 @@ class Diffusion(Objective):
     per-flow gradients are summed. With `cfg_dropout` p > 0 each record's context is replaced,
     per flow, with probability p by the flow's unconditional context (the batch field
     `uncond_key(flow)`, exactly what the pipeline samples with), so that classifier-free
-    guidance has an unconditional model to extrapolate from."""
+    guidance has an unconditional model to extrapolate from.
+
+    The target is the schedule's prediction type (eps for VD; v or x0); `snr_gamma` > 0
+    weights examples by min-SNR-gamma, `noise_offset` > 0 adds offset noise to the image-like
+    (spatial) latents' eps (`vd_jax.diffusion.losses`)."""
     model: Any                                   # vd_jax.models.unet.Diffuser
     flows: Tuple[Tuple[str, str, str, float], ...]
-    schedule: Tuple[float, float, int]           # beta_linear_start, beta_linear_end, T
+    schedule: Any                                # ScheduleConfig (or a legacy (start, end, T))
     fixed_noise: bool = False
     cfg_dropout: float = 0.0
     parts: Tuple[str, ...] = ('diffuser',)
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
 
     def modules(self):
         return {'diffuser': self.model}
@@ -144,9 +154,14 @@ class Diffusion(Objective):
 
             def one(k, shape=x0.shape[1:]):
                 k_t, k_n = jax.random.split(k)
-                return (jax.random.randint(k_t, (), 0, self.schedule[2]),
+                return (jax.random.randint(k_t, (), 0, self.schedule.timesteps),
                         jax.random.normal(k_n, shape, jnp.float32))
-            out.append(jax.vmap(one)(per_record_keys(jax.random.fold_in(key, i), batch['index'])))
+            keys = per_record_keys(jax.random.fold_in(key, i), batch['index'])
+            t, eps = jax.vmap(one)(keys)
+            if self.noise_offset > 0 and x0.ndim >= 3:   # spatial latents only (not 0-D text)
+                eps = eps + jax.vmap(lambda k, s=eps.shape[1:]: offset_noise(
+                    jax.random.fold_in(k, 2), (1,) + s, self.noise_offset)[0])(keys)
+            out.append((t, eps))
         return out
 
     def dropped_context(self, key, batch, i: int, name: str, ctx):
@@ -161,8 +176,7 @@ class Diffusion(Objective):
 
     def loss_and_grads(self, params, batch, key, step, noise=None):
         del step
-        schedule = make_schedule(beta_linear_start=self.schedule[0],
-                                 beta_linear_end=self.schedule[1], timesteps=self.schedule[2])
+        schedule = make_schedule(self.schedule)
         noise = self.draw_noise(key, batch) if noise is None else noise
         metrics, grads, total = {}, None, 0.0
         for i, ((name, xtype, ctype, w), (t, eps)) in enumerate(zip(self.flows, noise)):
@@ -172,7 +186,7 @@ class Diffusion(Objective):
             def loss_fn(p, x0=x0, ctx=ctx, t=t, eps=eps, xtype=xtype, ctype=ctype):
                 def denoise(x_t, tt):
                     return self.model.apply({'params': p}, x_t, tt, ctx, xtype, ctype)
-                return eps_loss(denoise, schedule, x0, jax.random.PRNGKey(0), t=t, noise=eps)[0]
+                return diffusion_loss(denoise, schedule, x0, t, eps, snr_gamma=self.snr_gamma)[0]
 
             if w == 0.0:  # logged, not trained
                 metrics[f'loss/{name}'] = loss_fn(params)
@@ -364,7 +378,12 @@ def from_config(cfg, model=None, flows=(), schedule=None) -> Objective:
         p = float(d.get('p', 0.0))
         if not 0.0 <= p < 1.0:
             raise ConfigError(f'cfg_dropout.p must be in [0, 1), got {p}')
-        return Diffusion(model, tuple(flows), schedule, bool(cfg.noise.fixed), p)
+        gamma = float((cfg.get('loss', {}) or {}).get('snr_gamma', 0.0) or 0.0)
+        offset = float(cfg.noise.get('offset', 0.0) or 0.0)
+        if gamma < 0 or offset < 0:
+            raise ConfigError(f'loss.snr_gamma and noise.offset must be >= 0, got {gamma}, {offset}')
+        return Diffusion(model, tuple(flows), schedule, bool(cfg.noise.fixed), p,
+                         snr_gamma=gamma, noise_offset=offset)
     mc = cfg.model
     sec = dict(cfg.get(name, {}) or {})
     try:

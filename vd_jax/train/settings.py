@@ -209,7 +209,7 @@ class StepConfig:
     derived from model / flows / schedule / fixed_noise when not given."""
     model: Any                                   # vd_jax.models.unet.Diffuser (or None)
     flows: Tuple[Tuple[str, str, str, float], ...]
-    schedule: Tuple[float, float, int]           # beta_linear_start, beta_linear_end, T
+    schedule: Any                                # ScheduleConfig (a legacy (start, end, T) is coerced)
     optim: OptimConfig
     ema_decay: float = 0.9999
     ema_use_num_updates: bool = True
@@ -220,6 +220,8 @@ class StepConfig:
     objective: Any = None
 
     def __post_init__(self):
+        from vd_jax.diffusion.schedule import ScheduleConfig
+        object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
         if self.objective is None:
             from vd_jax.train.objectives import Diffusion
             object.__setattr__(self, 'objective', Diffusion(self.model, self.flows, self.schedule,
@@ -238,7 +240,11 @@ class StepConfig:
             raise ConfigError(f'microbatches must be >= 1, got {mb}')
         diffusion = str(cfg.get('objective', 'diffusion')) == 'diffusion'
         flows = parse_flows(cfg) if diffusion else ()
-        schedule = (float(s.beta_linear_start), float(s.beta_linear_end), int(s.timesteps))
+        from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
+        try:
+            schedule = ScheduleConfig.coerce(s)
+        except ScheduleError as e:
+            raise ConfigError(f'model.{e}') from None
         return cls(model=model, flows=flows, schedule=schedule,
                    optim=OptimConfig.from_config(cfg), ema_decay=float(ema.decay),
                    ema_use_num_updates=bool(ema.use_num_updates), microbatches=mb,
