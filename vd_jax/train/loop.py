@@ -105,6 +105,8 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     inputs.adopt_encoder_scales(cfg)
     model = make_model(cfg)
     sc = StepConfig.from_config(cfg, model)
+    # the config's rules name all three mesh axes; a given mesh may have fewer (any order)
+    sc = dataclasses.replace(sc, rules=shd.rules_for_mesh(sc.rules, mesh))
     obj = sc.objective
     with jax.set_mesh(mesh):
         boxed = abstract_boxed_params(sc, 1)
