@@ -52,7 +52,8 @@ class VersatileDiffusion:
       dtype: compute dtype ('float32' | 'bfloat16'); sampler state and outputs stay float32.
       uncond: unconditional-context convention, one of `UNCOND_CONVENTIONS`.
       source: where the weights came from (recorded by `sample.py`).
-      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh`, {axis: size} or
+      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh` with any of the axes
+        data / fsdp / model in any order, {axis: size} or
         'data=2,fsdp=4' over this process's devices): every batch is split over its data
         axes (padded to a multiple of them and trimmed), parameters are replicated, or
         sharded over fsdp/model by `rules`, for chips that cannot hold the whole model.
