@@ -136,4 +136,4 @@ def test_user_meshes_sample_and_train_like_one_device(eight_devices, tmp_path):
         assert np.quantile(np.concatenate(diffs), 0.999) < 1e-5, name
     assert info['train']['data']['kernel_spec'] == []
     assert info['train']['fsdp_data']['kernel_spec'] == ['fsdp']
-    assert info['train']['data_fsdp_model']['kernel_spec'] == ['fsdp', 'model']
+    assert info['train']['fsdp_data_model1']['kernel_spec'] == ['fsdp', 'model']
