@@ -94,7 +94,10 @@ def test_stage_pipeline_learns_from_nothing(tmp_path):
         assert 'dc' in json.dumps(json.load(f))
     with open(os.path.join(record['four_flow']['export'], 'manifest.json')) as f:
         frozen = json.load(f)['frozen_parts_from']
-    assert any(record['autokl']['export'] in v for v in frozen.values()), frozen
+    # (recorded relative to the stage's run folder: the manifest names no folder of this machine)
+    from vd_jax.train.manifest_paths import resolved_from
+    assert any(os.path.abspath(record['autokl']['export']) in
+               resolved_from(v, os.path.join(work, 'four_flow')) for v in frozen.values()), frozen
     vd = VersatileDiffusion.from_checkpoint(os.path.join(work, 'final'))
     rec = evaluate(vd, EvalSettings(n=64, steps=20, batch_size=64, flows=('t2i',)), None,
                    log=lambda s: None)

@@ -38,8 +38,9 @@ class Components:
       params: {part: params} for the parts available ('diffuser', 'vae_image', ...).
       dtype: compute dtype of the networks ('float32' | 'bfloat16'); outputs stay float32.
       mesh: optional `jax.sharding.Mesh`; parameters are then placed on it by `rules`.
-      rules: logical-axis rules (default `vd_jax.sharding.DEFAULT_RULES`); with a mesh whose
-        fsdp/model axes are 1, parameters are replicated.
+      rules: logical-axis rules (default `vd_jax.sharding.DEFAULT_RULES`), resolved against
+        the axes the mesh has (`vd_jax.sharding.rules_for_mesh`); with a mesh whose
+        fsdp/model axes are 1 or absent, parameters are replicated.
 
     Explicit caches, each holding one kind of thing: `jitted` (name -> jitted function),
     `samplers` (settings -> `Sampler`, filled by `vd_jax.tasks`), `tokenizers` (name ->
@@ -57,6 +58,8 @@ class Components:
         self.mesh = mesh
         from vd_jax import sharding as shd
         self.rules = shd.normalize_rules(shd.DEFAULT_RULES if rules is None else rules)
+        if mesh is not None:  # a user's mesh may have any subset of the axes, in any order
+            self.rules = shd.rules_for_mesh(self.rules, mesh)
         self.params: Dict[str, Any] = {}
         self._modules: Dict[str, Any] = {}
         self.jitted: Dict[str, Callable] = {}

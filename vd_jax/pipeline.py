@@ -55,7 +55,8 @@ class VersatileDiffusion:
         bfloat16 on a CPU backend warns (`vd_jax.platform.CpuBfloat16Warning`): slower there.
       uncond: unconditional-context convention, one of `UNCOND_CONVENTIONS`.
       source: where the weights came from (recorded by `sample.py`).
-      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh`, {axis: size} or
+      mesh: optional device mesh (see `as_mesh`: a `jax.sharding.Mesh` with any of the axes
+        data / fsdp / model in any order, {axis: size} or
         'data=2,fsdp=4' over this process's devices): every batch is split over its data
         axes (padded to a multiple of them and trimmed), parameters are replicated, or
         sharded over fsdp/model by `rules`, for chips that cannot hold the whole model.

@@ -140,6 +140,51 @@ def normalize_rules(rules) -> Tuple[Tuple[str, Any], ...]:
     return tuple(out)
 
 
+_WARNED_IDLE: set = set()
+
+
+def rules_for_mesh(rules, mesh) -> Tuple[Tuple[str, Any], ...]:
+    """`rules` restricted to the axes `mesh` really has (any order, any subset of
+    `MESH_AXES`), so a user's own `Mesh(devices, ('data',))` works like the full mesh.
+
+    A rule's mesh axes the mesh lacks are dropped (('batch', ('data', 'fsdp')) on a
+    ('data',) mesh becomes ('batch', 'data')); a rule left with none is dropped, and a logical
+    name that lost every rule is mapped to None at the end (replicated, as on a size-1 axis).
+    Mesh axes named outside `MESH_AXES` are refused when larger than 1 (no rule could ever use
+    them: the user meant them for something else, e.g. 'dp' for 'data'); size-1 ones are
+    harmless and ignored. A known axis no rule uses (e.g. 'model' with rules that never name
+    it) only replicates, which is logged. Idempotent.
+    """
+    rules = normalize_rules(rules)
+    have = tuple(mesh.axis_names)
+    unknown = {a: int(mesh.shape[a]) for a in have if a not in MESH_AXES and mesh.shape[a] > 1}
+    if unknown:
+        raise ShardingError(f'mesh axes {unknown} are not vd_jax mesh axes {MESH_AXES}: the '
+                            "logical-axis rules place arrays only on those (name the axes e.g. "
+                            "Mesh(devices, ('data',)) for data parallelism, ('fsdp',) to also "
+                            "shard parameters, ('data', 'fsdp', 'model'))")
+    out, lost = [], []
+    for name, mesh_axes in rules:
+        if mesh_axes is None:
+            out.append((name, None))
+            continue
+        kept = tuple(a for a in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
+                     if a in have)
+        if kept:
+            out.append((name, kept if len(kept) > 1 else kept[0]))
+        elif name not in lost:
+            lost.append(name)
+    out += [(name, None) for name in lost if all(n != name for n, _ in out)]
+    used = {a for _, m in out for a in (m if isinstance(m, tuple) else (m,)) if a}
+    idle = [a for a in have if a in MESH_AXES and a not in used and mesh.shape[a] > 1]
+    said = (tuple(mesh.shape.items()), tuple(idle))
+    if idle and said not in _WARNED_IDLE:  # once per mesh, not per batch
+        _WARNED_IDLE.add(said)
+        logger.warning('mesh axes %s are used by no logical-axis rule: everything is '
+                       'replicated along them', idle)
+    return tuple(out)
+
+
 def _axis_size(mesh: Mesh, mesh_axes) -> int:
     if mesh_axes is None:
         return 1
@@ -174,7 +219,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     `rules`; unboxed leaves are replicated. The result has the structure of the *unboxed*
     tree (what `nn.unbox` gives), so it can be an `out_shardings` of a jitted init.
     """
-    rules = normalize_rules(rules)
+    rules = rules_for_mesh(rules, mesh)
     specs = nn.get_partition_spec(abstract_boxed)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     values = nn.unbox(abstract_boxed)
@@ -196,12 +241,12 @@ def batch_spec(rules, ndim: int = 1) -> P:
 
 def batch_shards(mesh: Mesh, rules) -> int:
     """How many ways the batch dimension is split (data x fsdp with the default rules)."""
-    spec = batch_spec(rules)
+    spec = batch_spec(rules_for_mesh(rules, mesh))
     return _axis_size(mesh, spec[0] if len(spec) else None)
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(rules, ndim))
+    return NamedSharding(mesh, batch_spec(rules_for_mesh(rules, mesh), ndim))
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> Dict[str, jax.Array]:

@@ -13,7 +13,9 @@ holds at top level and the v1.0 four-flow checkpoint under `vae.text.`):
 Source layouts: `vd-v1.0` (prefix `vae.text.`), `vd-legacy` (prefix `optimus.`: the
 Nov-2022 `VD.optimus`, an `optimus_vae` with the same names) and the stand-alone `optimus` layout of
 `optimus-vae.pth` (no prefix; detected by `decoder.transformer.wte.weight`, which the
-`encoder.`/`decoder.` keys of `kl-f8.pth` never have).
+`encoder.`/`decoder.` keys of `kl-f8.pth` never have). In a diffusers folder (which has no
+Optimus class) the part is `vae_text.safetensors` beside the sub-folders, in the v1.0 names;
+`vd_jax.convert.sources` reads its keys as `vae_text.<canonical name>`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from vd_jax.convert.parts import Layout, PartConverter, register, register_layou
 from vd_jax.convert.transforms import IDENTITY, LINEAR
 
 PART = 'vae_text'
-PREFIX = {'vd-v1.0': 'vae.text.', 'vd-legacy': 'optimus.', 'optimus': ''}
+PREFIX = {'vd-v1.0': 'vae.text.', 'vd-legacy': 'optimus.', 'optimus': '',
+          'diffusers': 'vae_text.'}
 TIED = ('decoder.lm_head.weight', 'decoder.transformer.wte.weight')
 # keys of other model families: a file holding any of these is not a stand-alone Optimus file
 _FOREIGN = ('diffuser.', 'model.diffusion_model.', 'vae.', 'ctx.', 'quant_conv.',
@@ -127,5 +130,5 @@ register_layout(Layout(
     '`decoder.transformer.*` GPT-2, `decoder.lm_head.weight`)', _detect_optimus), first=True)
 
 register(PartConverter(PART, {'vd-v1.0': ('vae.text.',), 'vd-legacy': ('optimus.',),
-                              'optimus': ('encoder.', 'decoder.')},
+                              'optimus': ('encoder.', 'decoder.'), 'diffusers': ('vae_text.',)},
                        lambda cfg: _section(cfg) is not None, _target, _tables, export_names))

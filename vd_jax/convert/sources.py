@@ -3,7 +3,8 @@
 `.pth`/`.bin`/`.ckpt` go through `torch.load(mmap=True, weights_only=True)` (the optional
 `convert` extra); `.safetensors` is memory-mapped without torch; a diffusers pipeline or
 model folder becomes one source whose keys carry the sub-folder as prefix
-(`image_unet.`, `text_unet.`, `vae.`, `text_encoder.`, `image_encoder.`).
+(`image_unet.`, `text_unet.`, `vae.`, `text_encoder.`, `image_encoder.`), plus `vae_text.`
+for the text VAE `vd_jax.export` writes beside them (`vae_text.safetensors`).
 """
 from __future__ import annotations
 
@@ -261,6 +262,24 @@ _WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'model.safetensors',
                  'diffusion_pytorch_model.bin', 'pytorch_model.bin')
 
 
+# diffusers has no Optimus class: `vd_jax.export` writes the text VAE beside the sub-folders,
+# in the v1.0 names (`vae.text.*`). A pipeline folder gives its keys as `vae_text.*` (the
+# `diffusers` prefix of part vae_text in `vd_jax.convert.optimus_rules`).
+DIFFUSERS_TEXT_VAE = ('vae_text.safetensors', 'vae.text.')
+
+
+class _StrippedSource(MergedSource):
+    """`source` with `prefix` taken off every key (each key must have it)."""
+
+    def __init__(self, source: TensorSource, prefix: str):
+        super().__init__({}, source.path)
+        for k in source.keys():
+            if not k.startswith(prefix):
+                raise SourceError(f"'{source.path}': key '{k}' does not start with '{prefix}' "
+                                  '(the text VAE of a diffusers folder keeps the v1.0 names)')
+            self._index[k[len(prefix):]] = (source, k)
+
+
 def _model_folder_source(folder: str) -> TensorSource:
     for name in _WEIGHT_NAMES:
         p = os.path.join(folder, name)
@@ -330,6 +349,9 @@ def open_source(path: str) -> TensorSource:
             if any(os.path.isfile(os.path.join(folder, n)) for n in _WEIGHT_NAMES) or \
                     glob.glob(os.path.join(folder, '*.index.json')):
                 parts[d + '.'] = _model_folder_source(folder)
+        name, prefix = DIFFUSERS_TEXT_VAE
+        if os.path.isfile(os.path.join(path, name)):
+            parts['vae_text.'] = _StrippedSource(open_file(os.path.join(path, name)), prefix)
         if not parts:
             raise SourceError(f"diffusers folder '{path}' has sub-folders {subs} but no weights")
         return MergedSource(parts, path)

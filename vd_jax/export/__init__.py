@@ -29,8 +29,8 @@ CKPT is a vd_jax checkpoint folder (`vd_jax.checkpoint`: config.json, manifest.j
   safetensors weights), `model_index.json`, `scheduler/`, `tokenizer/`,
   `image_feature_extractor/` (see `vd_jax.export.diffusers_folder`). diffusers has no
   Optimus class: the text VAE is written beside them as `vae_text.safetensors` in the v1.0
-  names (`vae.text.*`; `python -m vd_jax.convert OUT/vae_text.safetensors CK --parts vae_text`
-  reads it back).
+  names (`vae.text.*`); `python -m vd_jax.convert OUT CK` reads it back with the other parts
+  (so does `python -m vd_jax.convert OUT/vae_text.safetensors CK`).
 
 Weights go through the converter's own tables read backwards (`vd_jax.convert.export_stream`),
 so converting the export gives back the same parameters, bit for bit in float32. Every input

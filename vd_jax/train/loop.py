@@ -105,6 +105,8 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     inputs.adopt_encoder_scales(cfg)
     model = make_model(cfg)
     sc = StepConfig.from_config(cfg, model)
+    # the config's rules name all three mesh axes; a given mesh may have fewer (any order)
+    sc = dataclasses.replace(sc, rules=shd.rules_for_mesh(sc.rules, mesh))
     obj = sc.objective
     with jax.set_mesh(mesh):
         boxed = abstract_boxed_params(sc, 1)
@@ -401,12 +403,15 @@ class Preemption:
 
 def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
                encoders: Optional[inputs.FrozenEncoders] = None, objective=None,
-               model_cfg=None) -> str:
+               model_cfg=None, run_dir: Optional[str] = None) -> str:
     """Write the EMA weights as a vd_jax checkpoint folder `sample.py --ckpt` loads: the
     objective's parts (the diffuser; or a stage-0 network) plus, for the diffuser, every
     frozen part the trained flows need (the encoders the run trained with, whatever their
     origin: a converted or trained checkpoint, or random weights for smoke runs).
-    `model_cfg`: the model config to record (default `cfg.model`)."""
+    `model_cfg`: the model config to record (default `cfg.model`). The manifest's
+    `frozen_parts_from` is relative to `run_dir` (the run folder; default: `out`'s parent), so
+    it names no folder of this machine (`vd_jax.train.manifest_paths`)."""
+    from vd_jax.train.manifest_paths import relative_to  # noqa: PLC0415
     from vd_jax.checkpoint import write_checkpoint  # noqa: PLC0415
     if objective is None:
         objective = StepConfig.from_config(cfg, make_model(cfg)).objective
@@ -422,7 +427,8 @@ def export_ema(cfg, ema_params, out: str, step: int, overwrite: bool = True,
                     'objective': str(cfg.get('objective', 'diffusion')),
                     'ema_decay': float(cfg.ema.decay), 'flows': [f[0] for f in flows],
                     'data': str(cfg.data.kind),  # e.g. 'shapes': the demo offers its examples
-                    'frozen_parts_from': {p: encoders.ckpt for p in frozen} if frozen else None}
+                    'frozen_parts_from': {p: relative_to(encoders.ckpt, run_dir or os.path.dirname(
+                        os.path.abspath(out))) for p in frozen} if frozen else None}
         write_checkpoint(out, model_cfg if model_cfg is not None else cfg.model,
                          {**parts, **frozen}, manifest=manifest, overwrite=overwrite)
         logger.info('exported EMA weights of step %d to %s (parts %s)', step, out,
@@ -447,7 +453,7 @@ def export_run(run: 'Run', ema_params, batch, out: str, step: int) -> str:
         logger.info('latent_scale_factor %s (1 / std of the latents of the last batch)',
                     dict(model_cfg.latent_scale_factor))
     return export_ema(run.cfg, ema_params, out, step, encoders=run.frozen, objective=objective,
-                      model_cfg=model_cfg)
+                      model_cfg=model_cfg, run_dir=run.workdir)
 
 
 def export_from_workdir(cfg, workdir: str, out: Optional[str] = None,

@@ -105,11 +105,12 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
 
 def release(workdir: str, out: str, name: Optional[str] = None) -> str:
     """Copy `<workdir>/final` (every part) into `out` with float16 storage; the manifest
-    records the stages (exports, wall times, final losses) and `name` (e.g. 'VD-mini v2').
-    Overwrites `out`."""
+    records the stages (exports, wall times, final losses) and `name` (e.g. 'VD-mini v2'),
+    every path relative to `workdir`. Overwrites `out`."""
     import numpy as np
     from vd_jax.checkpoint import (CheckpointError, available_parts, load_part, read_config,
                                    write_checkpoint)
+    from vd_jax.train.manifest_paths import relative_to, resolved_from
     final = os.path.join(workdir, 'final')
     if not os.path.isdir(final):
         raise CheckpointError(f"'{final}' does not exist: the last stage has not finished")
@@ -120,8 +121,18 @@ def release(workdir: str, out: str, name: Optional[str] = None) -> str:
         stages = json.load(f)
     parts = {p: load_part(src, p) for p in available_parts(src)}
     manifest.pop('parts', None)
+    # every path relative to `workdir`: the manifest ships with the weights (the final
+    # export's are relative to its stage's run folder, <workdir>/<stage>/export/step_N/../..)
+    stage_dir = os.path.dirname(os.path.dirname(src))
+    if manifest.get('frozen_parts_from'):
+        manifest['frozen_parts_from'] = {
+            p: relative_to(resolved_from(v, stage_dir), workdir)
+            for p, v in manifest['frozen_parts_from'].items()}
+    stages = {s: dict(r, export=relative_to(r['export'], workdir)) if r.get('export') else r
+              for s, r in stages.items()}
     manifest.update(storage='float16 (cast to the compute dtype on load)',
-                    released_from=src, stages=stages)
+                    released_from=relative_to(src, workdir), stages=stages,
+                    paths_relative_to='the stages work folder (--workdir)')
     if name:
         manifest['name'] = name
     if 'data' not in manifest:  # exports made before training recorded it
