@@ -201,7 +201,7 @@ def test_diffuser_attention_field_reaches_every_context_block(cfg, spy):
     for attention, n in (('auto', 0), ('dense', 0), ('blockwise', 0), ('fused', None)):
         m = Diffuser(cfg.diffuser, attention=attention)
         spy.clear()
-        jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, t, c, 'image', 'text'))
+        jax.eval_shape(lambda m=m: m.init(jax.random.PRNGKey(0), x, t, c, 'image', 'text'))
         # tiny image stream: 4 context blocks (2 down, 1 middle, 2 up...), self + cross each
         assert (len(spy) == n) if n is not None else len(spy) >= 8, (attention, len(spy))
 

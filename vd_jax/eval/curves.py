@@ -9,6 +9,7 @@ VD stages: basic, then dc, then four_flow, each counted from 0 in its own folder
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -18,6 +19,14 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 Series = List[Tuple[float, float]]
 
+
+
+def _to_panel(x, y, *, box, ranges):
+    """Data (x, y) -> pixel position in a panel box (left, right, upper, lower)."""
+    left, right, upper, lower = box
+    xmin, xmax, ymin, ymax = ranges
+    return (left + (x - xmin) / (xmax - xmin) * (right - left),
+            lower - (y - ymin) / (ymax - ymin) * (lower - upper))
 
 def read_metrics(run_dir: str) -> List[dict]:
     """The rows of `run_dir/metrics.jsonl` (one dict per logged step)."""
@@ -53,10 +62,8 @@ def plot(panels: Dict[str, Dict[str, Series]], out: str, title: str = '',
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
         ymin, ymax = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-        def at(x, y):
-            return (left + (x - xmin) / (xmax - xmin) * (right - left),
-                    lower - (y - ymin) / (ymax - ymin) * (lower - upper))
+        at = functools.partial(_to_panel, box=(left, right, upper, lower),
+                               ranges=(xmin, xmax, ymin, ymax))
         for y, anchor in ((ymax, upper), (ymin, lower - 10)):
             d.text((x0 + 2, anchor), f'{y:.3g}', fill=(90, 90, 90))
         d.text((left, lower + 4), f'{xmin:.0f}', fill=(90, 90, 90))
