@@ -16,7 +16,7 @@ networks (`register`, `vd_jax.models.register_family`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -300,12 +300,16 @@ class TextModality(Modality):
 MODALITIES: Dict[str, Modality] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class Flow:
-    """Generate modality `xtype` conditioned on modality `ctype` (name: 't2i', ...)."""
+class Flow(NamedTuple):
+    """Generate modality `xtype` conditioned on modality `ctype` (name: 't2i', ...).
+
+    A NamedTuple, so code that unpacks `(name, xtype, ctype, weight)` keeps working; new code
+    reads the attributes. `weight` scales the flow's loss in training (1 in `FLOWS`; a run's
+    weights come from `flow_weights`, `f._replace(weight=w)`)."""
     name: str
     xtype: str
     ctype: str
+    weight: float = 1.0
 
     @property
     def parts(self) -> Tuple[str, ...]:
@@ -357,9 +361,11 @@ def get(name: str) -> Modality:
 
 
 def flow(name_or_pair) -> Flow:
-    """A flow by name ('t2i') or by (xtype, ctype)."""
+    """A flow by name ('t2i'), by (xtype, ctype), or a (name, xtype, ctype, weight) tuple."""
     if isinstance(name_or_pair, Flow):
         return name_or_pair
+    if isinstance(name_or_pair, tuple) and len(name_or_pair) == 4:
+        return Flow(*name_or_pair)
     if isinstance(name_or_pair, str):
         if name_or_pair not in FLOWS:
             raise KeyError(f"unknown flow '{name_or_pair}' (flows: {sorted(FLOWS)})")
