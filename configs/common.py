@@ -129,8 +129,9 @@ def model_config(streams, global_layer_ptr='image', name='vd', tiny=False, image
             if part in s['parts']:
                 sec[m] = dict((sections or {}).get(fam) or SECTIONS[fam](tiny))
     cfg.schedule = schedule()
-    # vd.yaml: latent_scale_factor {image: 0.18215}; text latents are used unscaled.
-    cfg.latent_scale_factor = {'image': 0.18215, 'text': 1.0}
+    # vd.yaml latent_scale_factor: each modality's default (image 0.18215, text 1)
+    cfg.latent_scale_factor = {n: m.latent_scale for n, m in modalities.MODALITIES.items()
+                               if m.latent_scale is not None}
     return cfg
 
 

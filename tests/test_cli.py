@@ -275,7 +275,7 @@ def test_float16_is_rejected_with_the_command_lines_message(vd, capsys, no_model
 def test_a_long_prompt_repeated_n_times_warns_once_with_the_users_index(vd):
     import warnings
 
-    from vd_jax.tasks.common import text_contexts
+    from vd_jax.tasks.contexts import text_contexts
     from vd_jax.tokenizers import PromptTruncatedWarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

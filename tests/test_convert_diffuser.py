@@ -25,8 +25,7 @@ import torch
 
 from vd_jax.checkpoint import flatten, load_part, read_config
 from vd_jax.config import load_config
-from vd_jax.convert import (ConversionError, SourceError, convert_checkpoint, export_part,
-                            plan_conversion)
+from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
 from vd_jax.convert.diffuser_rules import diffuser_rows
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.models.unet import Diffuser
@@ -376,7 +375,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(refs, tmp_path):
     torch.save(sd, full)
     bad.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     full.unlink()
-    fails(str(bad), SourceError, 'truncated.pth')
+    fails(str(bad), ConversionError, 'truncated.pth')
     bad.unlink()
     # an existing output is never overwritten unless asked
     out.mkdir()

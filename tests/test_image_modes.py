@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vd_jax.image_io import (ALPHA_BACKGROUND, ImageReadError, _to_uint8_rgb, clip_preprocess,
+from vd_jax.image_io import (ALPHA_BACKGROUND, ImageReadError, to_uint8_rgb, clip_preprocess,
                              load_image, pil_to_rgb)
 
 H, W = 48, 256
@@ -162,14 +162,14 @@ def test_exif_rotated_jpeg_comes_out_upright(tmp_path, orientation, rotate):
 
 def test_array_and_pil_inputs_scale_the_same(tmp_path):
     im16 = Image.fromarray(RAMP8.astype(np.uint16) * 257)
-    np.testing.assert_array_equal(_to_uint8_rgb(im16, 0), _grey3(RAMP8))
-    np.testing.assert_array_equal(_to_uint8_rgb(RAMP8.astype(np.uint16) * 257, 0), _grey3(RAMP8))
+    np.testing.assert_array_equal(to_uint8_rgb(im16, 0), _grey3(RAMP8))
+    np.testing.assert_array_equal(to_uint8_rgb(RAMP8.astype(np.uint16) * 257, 0), _grey3(RAMP8))
     rgba = Image.fromarray(np.dstack([_smooth_rgb(H, W), np.zeros((H, W), np.uint8)]))
-    np.testing.assert_array_equal(_to_uint8_rgb(rgba, 0), 255)
+    np.testing.assert_array_equal(to_uint8_rgb(rgba, 0), 255)
     # the CLIP input of a 16-bit image equals that of its 8-bit version
     np.testing.assert_array_equal(clip_preprocess(im16), clip_preprocess(_grey3(RAMP8)))
     with pytest.raises(ValueError, match='image 0: dtype int64 is not supported'):
-        _to_uint8_rgb(RAMP8.astype(np.int64), 0)
+        to_uint8_rgb(RAMP8.astype(np.int64), 0)
 
 
 def test_unreadable_files_name_the_file(tmp_path):

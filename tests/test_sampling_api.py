@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vd_jax.pipeline import TaskError, VersatileDiffusion
-from vd_jax.tasks.common import load_images
+from vd_jax.image_io import load_images
 
 STEPS = 2
 IMG = np.random.default_rng(0).uniform(size=(40, 56, 3)).astype(np.float32)

@@ -80,9 +80,9 @@ class Components:
         if part not in self._modules:
             kw = {}
             if part.startswith('vae_'):  # VD's latent_scale_factor of that modality
-                lsf = dict(self.config.get('latent_scale_factor', {}) or {})
-                if lsf.get(part[4:]) is not None:
-                    kw['latent_scale'] = float(lsf[part[4:]])
+                scale = M.get(part[4:]).latent_scale_of(self.config)
+                if scale is not None:
+                    kw['latent_scale'] = scale
             self._modules[part] = family(M.part_family(part)).build(
                 M.part_section(self.config, part), dtype=self.dtype, **kw)
         return self._modules[part]
@@ -120,33 +120,25 @@ class Components:
         return self.jitted[name]
 
     def tokenizer(self, name: str):
-        """'clip' (prompts -> ids), 'bert' / 'gpt2' (Optimus), checked against the model."""
+        """A tokenizer a modality's encoders use (text: 'clip' prompts -> ids, 'bert' / 'gpt2'
+        for Optimus), built by its modality and checked against the model."""
         if name not in self.tokenizers:
-            from vd_jax import tokenizers as T
-            if name == 'clip':
-                tok = T.clip_tokenizer()
-                c = self.config['ctx']['text']
-                tok.max_length = int(c['max_position_embeddings'])
-                if len(tok) > int(c['vocab_size']):
-                    raise ValueError(f"the CLIP tokenizer has {len(tok)} tokens but the model's "
-                                     f"text encoder has a {c['vocab_size']}-token vocabulary")
-            elif name in ('bert', 'gpt2'):
-                from vd_jax.text_io import check_vocabularies
-                tok = T.bert_tokenizer() if name == 'bert' else T.gpt2_tokenizer()
-                cfg = self.module('vae_text').config
-                check_vocabularies(cfg, **{name: tok})
-            else:
+            owner = next((m for m in M.MODALITIES.values()
+                          if name in m.context_tokenizers + m.latent_tokenizers), None)
+            if owner is None:
                 raise KeyError(f"unknown tokenizer '{name}'")
-            self.tokenizers[name] = tok
+            self.tokenizers[name] = owner.tokenizer(self, name)
         return self.tokenizers[name]
 
     def check_tokenizers(self, flows) -> None:
-        """Build the tokenizers `flows` use (CLIP for text contexts, BERT and GPT-2 for text
-        outputs): a tokenizer that does not fit the model's vocabulary raises ValueError."""
+        """Build the tokenizers `flows` use (the context tokenizers of their context
+        modalities, then the latent ones of their outputs: CLIP for text contexts, BERT and
+        GPT-2 for text outputs): one that does not fit the model's vocabulary raises
+        ValueError."""
         flows = [M.flow(f) for f in flows]
-        names = (['clip'] if any(f.ctype == 'text' for f in flows) else []) + \
-            (['bert', 'gpt2'] if any(f.xtype == 'text' for f in flows) else [])
-        for name in names:
+        names = [t for f in flows for t in M.get(f.ctype).context_tokenizers] + \
+            [t for f in flows for t in M.get(f.xtype).latent_tokenizers]
+        for name in dict.fromkeys(names):
             self.tokenizer(name)
 
     # -- modalities -----------------------------------------------------------------------------------

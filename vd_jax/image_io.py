@@ -176,7 +176,7 @@ def resize_bicubic(img: np.ndarray, size: Tuple[int, int], pillow13_order: bool 
     return img
 
 
-def _to_uint8_rgb(image, index: int) -> np.ndarray:
+def to_uint8_rgb(image, index: int) -> np.ndarray:
     """One image (file path, PIL image, or array) -> uint8 (H, W, 3).
 
     Arrays: channels last, (H, W, 3), (H, W, 1) or (H, W); uint8 as is, uint16 scaled from
@@ -215,6 +215,40 @@ def _to_uint8_rgb(image, index: int) -> np.ndarray:
                      'in [0, 1])')
 
 
+def load_images(images, hw: Tuple[int, int]) -> np.ndarray:
+    """Input images -> (B, h, w, 3) float32 in [0, 1], resized bicubically (as the demo) to hw.
+
+    images: one image or a list / (B, H, W, C) batch of files, PIL images or arrays (any of
+    `to_uint8_rgb`'s forms). Raises ImageReadError for an unreadable file, ValueError for a
+    malformed array or no image at all."""
+    items = as_list(images)
+    if not items:
+        raise ValueError('no input image given')
+    out = []
+    for i, im in enumerate(items):
+        a = to_uint8_rgb(im, i)
+        if a.shape[:2] != tuple(hw):
+            a = resize_bicubic(a, tuple(hw))
+        out.append(a.astype(np.float32) / 255.0)
+    return np.stack(out)
+
+
+def load_mask(mask, hw: Tuple[int, int]) -> np.ndarray:
+    """A keep-mask (file, or (H, W) / (H, W, C) array in [0, 1] or uint8) -> (h, w) float32
+    in [0, 1], resized bilinearly (the demo resizes masks with PIL's BILINEAR). Raises
+    ValueError for an array of another rank."""
+    from PIL import Image
+    m = load_image(mask) if isinstance(mask, str) else np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f'a mask must be (H, W) or an image file, got shape {m.shape}')
+    m = m.astype(np.float32) / (255.0 if m.dtype == np.uint8 or m.max() > 1 else 1.0)
+    if m.shape != tuple(hw):
+        m = np.asarray(Image.fromarray(m, mode='F').resize((hw[1], hw[0]), Image.BILINEAR))
+    return np.clip(m, 0, 1)
+
+
 def as_list(images) -> List:
     """One item, a list/tuple, or a (B, H, W, C) array -> a list of items (one per image or
     prompt); a single (H, W, C) image stays one item."""
@@ -244,7 +278,7 @@ def clip_preprocess(images, size: int = 224, mean: Sequence[float] = CLIP_MEAN,
     std32 = np.asarray(std, np.float32)
     out = np.empty((len(items), size, size, 3), np.float32)
     for i, image in enumerate(items):
-        a = _to_uint8_rgb(image, i)
+        a = to_uint8_rgb(image, i)
         h, w = a.shape[:2]
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(size * long / short)

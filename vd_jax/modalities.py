@@ -12,11 +12,19 @@ networks (`register`, `vd_jax.models.register_family`).
   modality  stream  VAE part (family)        context part (family)     raw input
   image     '2d'    vae_image (autokl)       ctx_image (clip_vision)   images in [0, 1]
   text      '0d'    vae_text  (optimus)      ctx_text  (clip_text)     strings (or token ids)
+
+A modality also owns the facts the rest of the code asks it for: the width of its contexts
+(`context_dim`), its default latent scale (`latent_scale`, VD's `latent_scale_factor`) and
+the tokenizers its encoders need (`context_tokenizers`, `latent_tokenizers`, `tokenizer`).
+
+The networks (`vd_jax.models`, `vd_jax.text_io`, `vd_jax.image_io`) are imported inside the
+methods that use them: importing them here would add ~0.6 s to the ~3.6 s of
+`import vd_jax.modalities` (measured on the 2-core CPU build host), which configs import.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +54,10 @@ class Modality:
       kind: the diffuser stream kind ('2d' image ResBlocks / '0d' text FCBlocks).
       vae_family / ctx_family: model families (`vd_jax.models.FAMILIES`).
       raw_field: the training record field holding the raw data ('image', 'caption').
+      latent_scale: the default factor of VD's latents (`latent_scale_factor`: latents =
+        factor x the VAE's own); None for a VAE family that takes no scale.
+      context_tokenizers / latent_tokenizers: names of the tokenizers the context encoder /
+        the VAE (encoding and decoding) need, built by `tokenizer`.
     """
     name: str = ''
     letter: str = ''
@@ -53,6 +65,9 @@ class Modality:
     vae_family: str = ''
     ctx_family: str = ''
     raw_field: str = ''
+    latent_scale: Optional[float] = None
+    context_tokenizers: Tuple[str, ...] = ()
+    latent_tokenizers: Tuple[str, ...] = ()
 
     # -- derived names -------------------------------------------------------------------------
     @property
@@ -87,6 +102,26 @@ class Modality:
     def context_length(self, model_cfg) -> int:
         """Tokens L of this modality's contexts (B, L, D)."""
         raise NotImplementedError
+
+    def context_dim(self, model_cfg) -> Optional[int]:
+        """Width D of this modality's contexts (B, L, D): the `context_dim` of the diffuser
+        stream whose context layers read them (None if the diffuser has no such stream)."""
+        streams = model_cfg['diffuser']['streams']
+        if self.name not in streams:
+            return None
+        from vd_jax.models import StreamConfig
+        return StreamConfig.from_dict(self.name, streams[self.name]).context_dim
+
+    def latent_scale_of(self, model_cfg) -> Optional[float]:
+        """The model's latent scale of this modality: its `latent_scale_factor` entry, else
+        the modality's default `latent_scale`."""
+        given = dict(model_cfg.get('latent_scale_factor', {}) or {}).get(self.name)
+        return self.latent_scale if given is None else float(given)
+
+    def tokenizer(self, comps, name: str):
+        """Build tokenizer `name` (one of this modality's `*_tokenizers`), checked against the
+        networks of `comps`; raises ValueError if it does not fit the model's vocabulary."""
+        raise KeyError(f"modality '{self.name}' has no tokenizer '{name}'")
 
     # -- host side (sampling) ----------------------------------------------------------------------
     def context_inputs(self, comps, raw, **kw) -> Dict[str, np.ndarray]:
@@ -151,6 +186,12 @@ def _clip_pixels_on_device(images01, size: int):
 class ImageModality(Modality):
     name, letter, kind = 'image', 'i', '2d'
     vae_family, ctx_family, raw_field = 'autokl', 'clip_vision', 'image'
+
+    @property
+    def latent_scale(self) -> float:
+        """vd.yaml `latent_scale_factor.image`: SD's kl-f8 factor (`vd_jax.models.vae`)."""
+        from vd_jax.models.vae import LATENT_SCALE
+        return LATENT_SCALE
 
     def latent_shape(self, model_cfg, batch, hw=None):
         from vd_jax.models.vae import AutoKLConfig
@@ -219,6 +260,26 @@ class ImageModality(Modality):
 class TextModality(Modality):
     name, letter, kind = 'text', 't', '0d'
     vae_family, ctx_family, raw_field = 'optimus', 'clip_text', 'caption'
+    latent_scale = 1.0  # vd.yaml: text latents are used unscaled
+    context_tokenizers = ('clip',)           # prompts -> CLIP token ids
+    latent_tokenizers = ('bert', 'gpt2')     # Optimus: BERT encoder in, GPT-2 decoder out
+
+    def tokenizer(self, comps, name):
+        from vd_jax import tokenizers as T
+        if name == 'clip':
+            tok = T.clip_tokenizer()
+            c = comps.config['ctx'][self.name]
+            tok.max_length = int(c['max_position_embeddings'])
+            if len(tok) > int(c['vocab_size']):
+                raise ValueError(f"the CLIP tokenizer has {len(tok)} tokens but the model's "
+                                 f"text encoder has a {c['vocab_size']}-token vocabulary")
+            return tok
+        if name in self.latent_tokenizers:
+            from vd_jax.text_io import check_vocabularies
+            tok = T.bert_tokenizer() if name == 'bert' else T.gpt2_tokenizer()
+            check_vocabularies(comps.module(self.vae_part).config, **{name: tok})
+            return tok
+        return super().tokenizer(comps, name)
 
     def latent_shape(self, model_cfg, batch, hw=None):
         del hw
@@ -300,12 +361,16 @@ class TextModality(Modality):
 MODALITIES: Dict[str, Modality] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class Flow:
-    """Generate modality `xtype` conditioned on modality `ctype` (name: 't2i', ...)."""
+class Flow(NamedTuple):
+    """Generate modality `xtype` conditioned on modality `ctype` (name: 't2i', ...).
+
+    A NamedTuple, so code that unpacks `(name, xtype, ctype, weight)` keeps working; new code
+    reads the attributes. `weight` scales the flow's loss in training (1 in `FLOWS`; a run's
+    weights come from `flow_weights`, `f._replace(weight=w)`)."""
     name: str
     xtype: str
     ctype: str
+    weight: float = 1.0
 
     @property
     def parts(self) -> Tuple[str, ...]:
@@ -357,9 +422,11 @@ def get(name: str) -> Modality:
 
 
 def flow(name_or_pair) -> Flow:
-    """A flow by name ('t2i') or by (xtype, ctype)."""
+    """A flow by name ('t2i'), by (xtype, ctype), or a (name, xtype, ctype, weight) tuple."""
     if isinstance(name_or_pair, Flow):
         return name_or_pair
+    if isinstance(name_or_pair, tuple) and len(name_or_pair) == 4:
+        return Flow(*name_or_pair)
     if isinstance(name_or_pair, str):
         if name_or_pair not in FLOWS:
             raise KeyError(f"unknown flow '{name_or_pair}' (flows: {sorted(FLOWS)})")

@@ -567,7 +567,7 @@ def _write(args, settings, share, run_dir, images, labels, out_images, out_texts
     """Write this process's outputs (merged into one run folder by process 0 when
     distributed); returns what `write_results` wrote, or None on processes other than 0."""
     from vd_jax.outputs import write_results
-    from vd_jax.tasks.common import load_images
+    from vd_jax.image_io import load_images
     inputs = None  # hw -> the input image beside the outputs in grid.png
     if images and args.task in ('i2i', 'disentangle', 'dual'):
         inputs = functools.partial(load_images, images[:1])

@@ -247,6 +247,42 @@ def clip_tokenizer(path: Optional[str] = None) -> CLIPPromptTokenizer:
     return CLIPPromptTokenizer(_clip_cached() if path is None else _clip_build(os.path.abspath(path)))
 
 
+def _is_array(x) -> bool:
+    """A numpy or jax array (duck-typed: this module does not import jax); numpy scalars are
+    not arrays here."""
+    return isinstance(x, np.ndarray) or (
+        hasattr(x, '__array__') and hasattr(x, 'shape') and hasattr(x, 'dtype')
+        and not isinstance(x, np.generic))
+
+
+def token_ids(prompts) -> Optional[np.ndarray]:
+    """Prompts given as CLIP token ids -> (P, L) int array; None for strings (or None).
+
+    Token ids are an integer array (P, L) or (L,), or a list of equal-length integer
+    sequences. Raises ValueError for a non-integer array, a mix of strings and ids, or ids of
+    unequal lengths."""
+    if isinstance(prompts, str) or prompts is None:
+        return None
+    if _is_array(prompts):
+        a = np.asarray(prompts)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f'prompts given as an array must be integer CLIP token ids, got '
+                             f'dtype {a.dtype}')
+        return a[None] if a.ndim == 1 else a
+    items = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+    seqs = [x for x in items if isinstance(x, (list, tuple)) or _is_array(x)]
+    if not seqs:
+        return None
+    if len(seqs) != len(items) or not all(
+            np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) == 1 for x in seqs):
+        raise ValueError('prompts must be strings or CLIP token ids (integer sequences of '
+                         'equal length), not a mix')
+    if len({len(x) for x in seqs}) > 1:
+        raise ValueError('token-id prompts must have equal lengths, got '
+                         f'{sorted({len(x) for x in seqs})}')
+    return np.asarray([np.asarray(x) for x in seqs])
+
+
 # ----------------------------------------------------------------------------------------
 # BERT (Optimus encoder) and GPT-2 (Optimus decoder)
 # ----------------------------------------------------------------------------------------

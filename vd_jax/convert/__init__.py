@@ -22,7 +22,7 @@ from vd_jax.convert.engine import (ConversionError, ConversionPlan, Ignore, Rule
                                    invert_rules, run_export, run_plan)
 from vd_jax.convert.parts import (LAYOUTS, REGISTRY, Layout,  # noqa: F401
                                   detect_layout)
-from vd_jax.convert.sources import DictSource, SourceError, TensorSource, open_source  # noqa: F401
+from vd_jax.convert.sources import DictSource, TensorSource, open_source  # noqa: F401
 
 # Converters of the other model families register themselves on import.
 for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):

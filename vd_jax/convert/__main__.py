@@ -79,8 +79,7 @@ def main(argv=None):
         return EXIT_USAGE
 
     import numpy as np
-    from vd_jax.convert import ConversionError, SourceError, convert_checkpoint, open_source, \
-        plan_conversion
+    from vd_jax.convert import ConversionError, convert_checkpoint, open_source, plan_conversion
     from vd_jax.checkpoint import CheckpointError
     try:
         if args.dtype == 'bfloat16':
@@ -106,7 +105,7 @@ def main(argv=None):
                                  progress=True)
         print(f'wrote {out}')
         return EXIT_OK
-    except (ConversionError, SourceError, CheckpointError, OSError, ValueError) as e:
+    except (ConversionError, CheckpointError, OSError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
 

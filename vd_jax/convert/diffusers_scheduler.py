@@ -19,7 +19,7 @@ import json
 import os
 from typing import Mapping, Optional
 
-from vd_jax.convert.sources import SourceError
+from vd_jax.convert.engine import ConversionError
 
 SCHEDULER_CONFIG = os.path.join('scheduler', 'scheduler_config.json')
 # diffusers' defaults of the scheduler classes above
@@ -30,10 +30,10 @@ DIFFUSERS_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=
 
 def schedule_from_scheduler_config(cfg: Mapping, where: str = 'scheduler config') -> dict:
     """A diffusers scheduler config (the JSON object) -> a `model.schedule` section (dict).
-    Raises SourceError naming `where` and the option vd_jax cannot express."""
+    Raises ConversionError naming `where` and the option vd_jax cannot express."""
     c = dict(DIFFUSERS_DEFAULTS, **cfg)
     if c['trained_betas'] is not None:
-        raise SourceError(f'{where}: trained_betas (an explicit list of betas) is not a schedule '
+        raise ConversionError(f'{where}: trained_betas (an explicit list of betas) is not a schedule '
                           "vd_jax builds; it knows beta_schedule 'linear', 'scaled_linear' and "
                           "'squaredcos_cap_v2'")
     from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
@@ -44,7 +44,7 @@ def schedule_from_scheduler_config(cfg: Mapping, where: str = 'scheduler config'
             rescale_zero_terminal_snr=c['rescale_betas_zero_snr'],
             prediction_type=c['prediction_type']).to_dict()
     except (ScheduleError, TypeError, ValueError) as e:
-        raise SourceError(f'{where}: {e}') from None
+        raise ConversionError(f'{where}: {e}') from None
 
 
 def read_folder_schedule(folder: str) -> Optional[dict]:
@@ -57,9 +57,9 @@ def read_folder_schedule(folder: str) -> Optional[dict]:
         with open(path) as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read '{path}' as JSON: {e}") from None
+        raise ConversionError(f"cannot read '{path}' as JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise SourceError(f"'{path}' is not a scheduler config (a JSON object)")
+        raise ConversionError(f"'{path}' is not a scheduler config (a JSON object)")
     return schedule_from_scheduler_config(cfg, f"'{path}'")
 
 

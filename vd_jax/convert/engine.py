@@ -28,7 +28,9 @@ from vd_jax.convert.transforms import Transform
 
 
 class ConversionError(ValueError):
-    """The source does not map onto the model; the message names every offending key."""
+    """A source checkpoint cannot be converted: it cannot be read (missing, truncated, not a
+    state dict, an option vd_jax cannot express), or it does not map onto the model. The
+    message names the file, or every offending key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,10 +45,6 @@ FLAT_SECOND_DIM = 4
 SAMPLE_SIZE = 64
 
 
-class FolderError(ValueError):
-    """The config has something diffusers' classes cannot express."""
-
-
 def _per_level(values):
     values = [int(v) for v in values]
     return values[0] if len(set(values)) == 1 else values
@@ -70,7 +66,7 @@ def _unet_common(s) -> Dict[str, Any]:
 def _check_stream(s, need=('data', 'context')) -> None:
     missing = [p for p in need if p not in s.parts]
     if missing:
-        raise FolderError(f"diffuser stream '{s.name}' has parts {list(s.parts)}; a diffusers "
+        raise ValueError(f"diffuser stream '{s.name}' has parts {list(s.parts)}; a diffusers "
                           f'{s.name}_unet needs its {missing} layers too (export the v1.0 '
                           'or legacy layout instead)')
 
@@ -83,11 +79,11 @@ def unet_config(stream, global_stream) -> Dict[str, Any]:
     s = stream
     want = {'image': '2d', 'text': '0d'}
     if want.get(s.name) != s.kind:
-        raise FolderError(f"diffuser stream '{s.name}' ({s.kind}): diffusers' VersatileDiffusion "
+        raise ValueError(f"diffuser stream '{s.name}' ({s.kind}): diffusers' VersatileDiffusion "
                           "folder has an 'image' stream of kind 2d and a 'text' stream of kind 0d")
     _check_stream(s)
     if s.time_embed_dim != global_stream.time_embed_dim:
-        raise FolderError(f"diffuser stream '{s.name}' has model_channels {s.model_channels} but "
+        raise ValueError(f"diffuser stream '{s.name}' has model_channels {s.model_channels} but "
                           f"the time MLP (stream '{global_stream.name}') is built for "
                           f'{global_stream.model_channels}; diffusers UNets own their time MLP')
     attn = [bool(a) for a in s.attn_levels]
@@ -97,7 +93,7 @@ def unet_config(stream, global_stream) -> Dict[str, Any]:
         io = dict(sample_size=SAMPLE_SIZE, in_channels=s.in_channels, out_channels=s.out_channels)
     else:
         if s.second_dim != FLAT_SECOND_DIM:
-            raise FolderError(f"diffuser stream '{s.name}' has second_dim {s.second_dim}; "
+            raise ValueError(f"diffuser stream '{s.name}' has second_dim {s.second_dim}; "
                               f"diffusers' UNetFlatConditionModel only has {FLAT_SECOND_DIM}")
         cls, down, up, mid = ('UNetFlatConditionModel', ('CrossAttnDownBlockFlat', 'DownBlockFlat'),
                               ('CrossAttnUpBlockFlat', 'UpBlockFlat'), 'UNetMidBlockFlatCrossAttn')
@@ -114,10 +110,10 @@ def vae_config(autokl, scaling_factor: float) -> Dict[str, Any]:
     from vd_jax.models.vae import as_autokl_config
     a = as_autokl_config(autokl)
     if a.z_channels != a.embed_dim:
-        raise FolderError(f'AutoKL z_channels={a.z_channels} != embed_dim={a.embed_dim}: '
+        raise ValueError(f'AutoKL z_channels={a.z_channels} != embed_dim={a.embed_dim}: '
                           "diffusers' AutoencoderKL has one latent_channels for both")
     if a.ch_mult[0] != 1:
-        raise FolderError(f"AutoKL ch_mult[0]={a.ch_mult[0]}: diffusers' AutoencoderKL widens "
+        raise ValueError(f"AutoKL ch_mult[0]={a.ch_mult[0]}: diffusers' AutoencoderKL widens "
                           'only between levels (needs ch_mult[0] == 1)')
     attn = [a.level_has_attn(i) for i in range(a.num_levels)]
     return dict(

@@ -1,6 +1,11 @@
-"""What every task shares: sampling options, the denoising run, inputs and seeds."""
+"""What every task shares: sampling options, argument checks, seeds and the denoising run.
+
+The contexts a task conditions on (prompts, images, ready contexts, negatives) are built in
+`vd_jax.tasks.contexts`.
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -8,14 +13,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.diffusion import samplers
+from vd_jax.diffusion import conditioning, samplers
 from vd_jax.diffusion.sampling import SAMPLERS, Sampler, check_prediction
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.image_io import as_list
+from vd_jax.modalities import CONVENTIONS
 
 
 class TaskError(ValueError):
     """A task cannot run with this model/checkpoint or these arguments."""
+
+
+@contextlib.contextmanager
+def task_errors(passthrough=()):
+    """Re-raise a ValueError of the block as a TaskError with its message (the error of a
+    task's arguments), except the classes in `passthrough` (e.g. `ImageReadError`, whose own
+    class names the concern: a file that is not an image)."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except ValueError as e:
+        raise TaskError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +90,6 @@ class SamplingOptions:
             raise TaskError(f'seed must be an integer in [0, 2^32), got {self.seed!r}')
         if self.dtype not in (None, 'float32', 'bfloat16'):
             raise TaskError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        from vd_jax.modalities import CONVENTIONS
         if self.uncond not in CONVENTIONS:
             raise TaskError(f'uncond must be one of {CONVENTIONS}, got {self.uncond!r}')
 
@@ -129,43 +147,6 @@ def image_hw(comps, height=None, width=None) -> Tuple[int, int]:
     return h, w
 
 
-def load_images(images, hw) -> np.ndarray:
-    """Files / arrays / PIL images -> (B, h, w, 3) float32 in [0, 1], resized bicubically
-    (as the demo) to hw."""
-    from vd_jax.image_io import ImageReadError, _to_uint8_rgb, resize_bicubic
-    items = as_list(images)
-    if not items:
-        raise TaskError('no input image given')
-    out = []
-    for i, im in enumerate(items):
-        try:
-            a = _to_uint8_rgb(im, i)
-        except ImageReadError:
-            raise
-        except ValueError as e:
-            raise TaskError(str(e)) from None
-        if a.shape[:2] != tuple(hw):
-            a = resize_bicubic(a, tuple(hw))
-        out.append(a.astype(np.float32) / 255.0)
-    return np.stack(out)
-
-
-def load_mask(mask, hw) -> np.ndarray:
-    """A keep-mask (file, or (H, W) / (H, W, C) array in [0, 1] or uint8) -> (h, w) float
-    in [0, 1], resized bilinearly (the demo resizes masks with PIL's BILINEAR)."""
-    from PIL import Image
-    from vd_jax.image_io import load_image
-    m = load_image(mask) if isinstance(mask, str) else np.asarray(mask)
-    if m.ndim == 3:
-        m = m[..., 0]
-    if m.ndim != 2:
-        raise TaskError(f'a mask must be (H, W) or an image file, got shape {m.shape}')
-    m = m.astype(np.float32) / (255.0 if m.dtype == np.uint8 or m.max() > 1 else 1.0)
-    if m.shape != tuple(hw):
-        m = np.asarray(Image.fromarray(m, mode='F').resize((hw[1], hw[0]), Image.BILINEAR))
-    return np.clip(m, 0, 1)
-
-
 # ------------------------------------------------------------------------------------------------
 # The denoising run
 # ------------------------------------------------------------------------------------------------
@@ -185,15 +166,13 @@ def sampler_for(comps, cond, opts: SamplingOptions, start_step: Optional[int] = 
     if key not in comps.samplers:
         dtype = jnp.dtype(opts.dtype) if opts.dtype else comps.dtype
         schedule = schedule_of(comps)
-        try:
+        with task_errors():
             sampler = Sampler(
                 cond, sampler=opts.sampler, steps=int(opts.steps), spacing=opts.spacing,
                 num_timesteps=schedule.num_timesteps, start_step=start_step,
                 compute_dtype=None if dtype == jnp.float32 else dtype,
                 karras=bool(opts.karras), schedule=schedule)
             check_prediction(schedule, sampler.plan)
-        except ValueError as e:
-            raise TaskError(str(e)) from None
         comps.samplers[key] = sampler
     return comps.samplers[key]
 
@@ -287,135 +266,22 @@ def repeat(x, n: int):
     return jnp.repeat(x, n, axis=0)
 
 
-def token_ids(prompts) -> Optional[np.ndarray]:
-    """Prompts given as CLIP token ids -> (P, L) int array; None for strings. Token ids are
-    an integer array (P, L) or (L,), or a list of equal-length integer sequences."""
-    if isinstance(prompts, str) or prompts is None:
-        return None
-    if isinstance(prompts, (np.ndarray, jax.Array)):
-        a = np.asarray(prompts)
-        if not np.issubdtype(a.dtype, np.integer):
-            raise TaskError(f'prompts given as an array must be integer CLIP token ids, got '
-                            f'dtype {a.dtype}')
-        return a[None] if a.ndim == 1 else a
-    items = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-    seqs = [x for x in items if isinstance(x, (list, tuple, np.ndarray, jax.Array))]
-    if not seqs:
-        return None
-    if len(seqs) != len(items) or not all(
-            np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) == 1 for x in seqs):
-        raise TaskError('prompts must be strings or CLIP token ids (integer sequences of '
-                        'equal length), not a mix')
-    if len({len(x) for x in seqs}) > 1:
-        raise TaskError('token-id prompts must have equal lengths, got '
-                        f'{sorted({len(x) for x in seqs})}')
-    return np.asarray([np.asarray(x) for x in seqs])
-
-
-def ready_context(comps, context, modality: str, what: str = 'context') -> jnp.ndarray:
-    """Ready contexts (P, L, D) of `modality` (e.g. from `comps.encode_context`; one (L, D)
-    is P = 1), checked against the model: L the modality's context length, D the diffuser's
-    context width."""
-    from vd_jax import modalities as M
-    c = jnp.asarray(context, jnp.float32)
-    if c.ndim == 2:
-        c = c[None]
-    length = M.get(modality).context_length(comps.config)
-    dim = int(comps.config['diffuser']['streams'][modality].get('context_dim', 768)) \
-        if modality in comps.config['diffuser']['streams'] else None
-    if c.ndim != 3 or c.shape[0] < 1 or c.shape[1] != length or (dim and c.shape[2] != dim):
-        raise TaskError(f'{what}: ready {modality} contexts must be (P, {length}, {dim}) float '
-                        f'arrays (as comps.encode_context({modality!r}, ...) gives), got shape '
-                        f'{tuple(c.shape)}')
-    return c
-
-
-def text_contexts(comps, prompts, n: int, context=None):
-    """CLIP text contexts of prompts (strings, or token ids: see `token_ids`), each repeated
-    n times prompt-major; or ready contexts (P, L, D) given as `context`."""
-    if context is not None:
-        return repeat(ready_context(comps, context, 'text'), check_n(n))
-    ids = token_ids(prompts)
-    if ids is not None:
-        try:
-            return repeat(comps.encode_context('text', ids), check_n(n))
-        except ValueError as e:
-            raise TaskError(str(e)) from None
-    n = check_n(n)
-    # each prompt encoded once, then repeated: a truncation warning names the user's index
-    return repeat(comps.encode_context('text', prompts_list(prompts, 1)), n)
-
-
-def negative_text_context(comps, negative, like, prompts: int, n: int, output: str, convention: str):
-    """The unconditional text context: the convention's, or negative prompts (one, or one
-    per prompt; strings or token ids) each repeated n times."""
-    if negative is None or (isinstance(negative, str) and negative == ''):
-        return comps.uncond_context('text', output, convention, like)
-    ids = token_ids(negative)
-    if ids is not None:
-        rows = per_prompt(list(ids), prompts, 'negative prompts')
-        return repeat(comps.encode_context('text', np.stack(rows)), n)
-    neg = [str(x) for x in per_prompt(negative, prompts, 'negative prompts')]
-    return repeat(comps.encode_context('text', neg), n)
-
-
-def negative_image_context(comps, negative, like, images: int, n: int, output: str, convention: str,
-                           hw):
-    """The unconditional image context: the convention's, or negative images (one, or one
-    per input) each repeated n times."""
-    if negative is None:
-        return comps.uncond_context('image', output, convention, like)
-    neg = per_prompt(negative, images, 'negative images')
-    u = repeat(comps.encode_context('image', list(load_images(neg, hw))), n)
-    if u.shape[1] != like.shape[1]:
-        u = jnp.tile(u, (1, like.shape[1] // u.shape[1], 1))
-    return u
-
-
 def mixed(comps, level: str, contexts: Sequence, unconds: Sequence, ctypes: Sequence[str],
           ratios, xtype: str, opts: SamplingOptions, *, shape, latents=None, progress=None,
           callback=None, seed_offset: int = 0):
     """Sample with several contexts mixed at `level` (attention / layer / model)."""
-    from vd_jax.diffusion import conditioning
-    try:
+    with task_errors():
         cond = conditioning.mixing(level, conditioning_dtype(comps, opts), xtype, ctypes)
         b = shape[0]
         seeds = seeds_for(opts.seed + seed_offset, b)
         plan = sampler_for(comps, cond, opts).plan
         kw = dict(ratios=ratios, seeds=seeds, plan=plan)
         ctx, uctx = cond.pack(contexts, b, **kw), cond.pack(unconds, b, **kw)
-    except ValueError as e:
-        raise TaskError(str(e)) from None
     return denoise(comps, cond, ctx, uctx, opts, shape=shape, seeds=seeds, latents=latents,
                    progress=progress, callback=callback)
 
 
 def single(comps, xtype: str, ctype: str, ctx, uctx, opts: SamplingOptions, **kw):
     """Sample one flow (ctype -> xtype)."""
-    from vd_jax.diffusion.conditioning import Single
-    return denoise(comps, Single(conditioning_dtype(comps, opts), xtype, ctype), ctx, uctx,
+    return denoise(comps, conditioning.Single(conditioning_dtype(comps, opts), xtype, ctype), ctx, uctx,
                    opts, **kw)
-
-
-def image_contexts(comps, images01: np.ndarray, focus=None, masks=None, context=None):
-    """CLIP contexts (B, 257, D) of images, or the ready contexts `context` (B, 257, D);
-    `focus` (one value, or one per image) applies the v1.0 style/semantic disentanglement to
-    the patch tokens (the global CLS token is kept); `masks`: keep-masks per image (None
-    entries: whole image)."""
-    from vd_jax import applications as apps
-    if context is not None:
-        c = ready_context(comps, context, 'image')
-    else:
-        c = comps.encode_context('image', list(images01), masks=masks)
-    focus = list(focus) if isinstance(focus, (list, tuple, np.ndarray)) else [focus] * len(c)
-    if len(focus) != len(c):
-        raise TaskError(f'{len(focus)} focus values for {len(c)} images')
-    if any(f is not None and float(f) != 0.5 for f in focus):
-        try:
-            rows = [c[i:i + 1] if f is None or float(f) == 0.5 else jnp.concatenate(
-                [c[i:i + 1, :1], apps.adjust_rank(c[i:i + 1, 1:], f)], axis=1)
-                for i, f in enumerate(focus)]
-        except ValueError as e:
-            raise TaskError(str(e)) from None
-        c = jnp.concatenate(rows, axis=0)
-    return c

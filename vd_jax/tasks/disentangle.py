@@ -8,8 +8,8 @@ import numpy as np
 
 from vd_jax import applications as apps
 from vd_jax.tasks import image_variation
-from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, image_contexts, image_hw,
-                                 load_images, negative_image_context, repeat, single)
+from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, repeat, single
+from vd_jax.tasks.contexts import image_contexts, input_images, negative_image_context
 
 PARTS_FLOWS = ('i2i',)
 
@@ -34,7 +34,7 @@ def run(comps, image, n: int = 1, *, options: SamplingOptions, focus: Optional[f
         raise TaskError(f'disentangle level must be one of -2, -1, 0, 1, 2; got {level!r}')
     hw = image_hw(comps, height, width)
     c = image_contexts(comps, None, context=context)[:1] if context is not None else \
-        image_contexts(comps, load_images(image, hw)[:1])
+        image_contexts(comps, input_images(image, hw)[:1])
     u = negative_image_context(comps, negative_image, c, 1, 1, 'image', options.uncond, hw)
     c, u = apps.legacy_disentangle(c, level), apps.legacy_disentangle(u, level)
     z = single(comps, 'image', 'image', repeat(c, n), repeat(u, n), options,

@@ -7,9 +7,9 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, image_contexts, image_hw,
-                                 load_images, mixed, negative_image_context, negative_text_context,
-                                 ready_context, repeat, text_contexts)
+from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, mixed, repeat
+from vd_jax.tasks.contexts import (image_contexts, input_images, negative_image_context,
+                                   negative_text_context, ready_context, text_contexts)
 
 PARTS_FLOWS = ('t2i', 'i2i')
 TEXT_FLOWS = ('t2t', 'i2t')
@@ -22,7 +22,7 @@ def run(comps, prompt, image, n: int = 1, *, options: SamplingOptions, mix: floa
     """Prompt(s) + image(s) -> n outputs per pair: images, or sentences with output='text'.
 
     prompt / image: one each, or equal-length lists (pairs; a single one is broadcast).
-      Prompts are strings or CLIP token ids (`vd_jax.tasks.common.token_ids`).
+      Prompts are strings or CLIP token ids (`vd_jax.tokenizers.token_ids`).
     context: ready contexts (text (P, 77, D), image (P, 257, D)) instead of prompt and image
       (pass None for those); either entry may be None to encode that side as usual.
     mix: the text strength in [0, 1] (1 = text only, 0 = image only).
@@ -54,7 +54,7 @@ def run(comps, prompt, image, n: int = 1, *, options: SamplingOptions, mix: floa
     if ctx_image is not None:
         ci_raw = ready_context(comps, ctx_image, 'image', 'context[1]')
     else:
-        ci_raw = load_images(image, hw)
+        ci_raw = input_images(image, hw)
     pairs = max(len(ct1), len(ci_raw))
     if {len(ct1), len(ci_raw)} - {1, pairs}:
         raise TaskError(f'{len(ct1)} prompts and {len(ci_raw)} images: give equal numbers '

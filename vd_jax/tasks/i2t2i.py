@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax import applications as apps
-from vd_jax.tasks.common import (SamplingOptions, check_n, image_contexts, image_hw, load_images,
-                                 mixed, negative_image_context, negative_text_context, repeat,
-                                 single)
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, mixed, repeat, single
+from vd_jax.tasks.contexts import (image_contexts, input_images, negative_image_context,
+                                   negative_text_context)
 from vd_jax.tokenizers import PromptTruncatedWarning
 
 PARTS_FLOWS = ('i2t', 't2i', 'i2i')
@@ -38,7 +38,7 @@ def run(comps, image, positive: str = '', negative: str = '', n: int = 1, *,
     if context is not None:
         cim1 = image_contexts(comps, None, context=context)[:1]
     else:
-        cim1 = comps.encode_context('image', list(load_images(image, image_hw(comps))[:1]))
+        cim1 = comps.encode_context('image', list(input_images(image, image_hw(comps))[:1]))
     cim = repeat(cim1, n)
     uim = negative_image_context(comps, negative_image, cim, 1, n, 'text', options.uncond,
                                  image_hw(comps))

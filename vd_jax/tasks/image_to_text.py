@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
-from vd_jax.tasks.common import (SamplingOptions, check_n, image_contexts, image_hw, load_images,
-                                 negative_image_context, repeat, single)
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, repeat, single
+from vd_jax.tasks.contexts import image_contexts, input_images, negative_image_context
 
 PARTS_FLOWS = ('i2t',)
 
@@ -23,7 +23,7 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, negative_image=N
     if context is not None:
         c = repeat(image_contexts(comps, None, context=context), n)
     else:
-        c = repeat(image_contexts(comps, load_images(images, hw)), n)
+        c = repeat(image_contexts(comps, input_images(images, hw)), n)
     b = c.shape[0]
     u = negative_image_context(comps, negative_image, c, b // n, n, 'text', options.uncond, hw)
     z = single(comps, 'text', 'image', c, u, options, shape=comps.latent_shape('text', b),

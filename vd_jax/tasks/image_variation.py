@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from vd_jax import applications as apps
-from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, context_seeds, image_contexts,
-                                 image_hw, load_images, negative_image_context, repeat, single)
+from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, context_seeds, image_hw,
+                                 repeat, single)
+from vd_jax.tasks.contexts import image_contexts, input_images, negative_image_context
 
 PARTS_FLOWS = ('i2i',)
 
@@ -47,7 +48,7 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, height=None, wid
                             'ready contexts')
         c, x_in = repeat(image_contexts(comps, None, focus, context=context), n), None
     else:
-        inputs = load_images(images, hw)
+        inputs = input_images(images, hw)
         x_in = np.repeat(inputs, n, axis=0)
         if float(fidelity) == 1.0:
             return x_in.copy()

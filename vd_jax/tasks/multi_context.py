@@ -8,10 +8,10 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.image_io import as_list
-from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, image_contexts, image_hw,
-                                 load_images, load_mask, mixed, negative_image_context,
-                                 negative_text_context, repeat, single, text_contexts, token_ids)
+from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, mixed, repeat, single
+from vd_jax.tasks.contexts import (image_contexts, input_images, input_masks,
+                                   negative_image_context, negative_text_context, prompt_token_ids,
+                                   text_contexts)
 
 PARTS_FLOWS = ('t2i', 'i2i')
 
@@ -36,9 +36,9 @@ def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
             raise TaskError('masks need the input images, not ready contexts')
         c_each = image_contexts(comps, None, focus, context=context)
     else:
-        imgs = load_images(images, hw)
+        imgs = input_images(images, hw)
         if masks is not None:
-            masks = [None if m is None else load_mask(m, hw) for m in as_list(masks)]
+            masks = input_masks(masks, hw)
         c_each = image_contexts(comps, imgs, focus, masks=masks)
     k = len(c_each)
     strengths = [1.0] * k if strengths is None else [float(s) for s in strengths]
@@ -48,7 +48,7 @@ def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
     ui = negative_image_context(comps, negative_image, ci, 1, n, 'image', options.uncond, hw)
     shape = comps.latent_shape('image', n, hw)
     kw = dict(shape=shape, latents=latents, progress=progress, callback=callback)
-    ids = token_ids(prompt)
+    ids = prompt_token_ids(prompt)
     if (ids is None and not prompt) or float(text_strength) == 0:
         return comps.decode_latent('image', single(comps, 'image', 'image', ci, ui, options, **kw))
     if not 0.0 <= float(text_strength) <= 1.0:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vd_jax.tasks.common import (SamplingOptions, check_n, image_hw, negative_text_context, single,
-                                 text_contexts)
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, single
+from vd_jax.tasks.contexts import negative_text_context, text_contexts
 
 PARTS_FLOWS = ('t2i',)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
-from vd_jax.tasks.common import (SamplingOptions, check_n, negative_text_context, single,
-                                 text_contexts)
+from vd_jax.tasks.common import SamplingOptions, check_n, single
+from vd_jax.tasks.contexts import negative_text_context, text_contexts
 
 PARTS_FLOWS = ('t2t',)
 

@@ -117,8 +117,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
 # Flows
 # ----------------------------------------------------------------------------------------
 
-def parse_flows(cfg) -> Tuple[Tuple[str, str, str, float], ...]:
-    """(name, xtype, ctype, weight) for every flow in `cfg.flows`, checked against the model."""
+def parse_flows(cfg) -> Tuple[M.Flow, ...]:
+    """A `Flow` (name, xtype, ctype, weight) per flow in `cfg.flows`, checked against the model."""
     names = cfg.flows
     if isinstance(names, str):
         names = [n.strip() for n in names.split(',') if n.strip()]
@@ -144,7 +144,7 @@ def parse_flows(cfg) -> Tuple[Tuple[str, str, str, float], ...]:
         w = float(weights.get(n, 1.0))
         if not w >= 0:
             raise ConfigError(f"flow_weights.{n} = {w}: weights must be >= 0")
-        out.append((n, xtype, ctype, w))
+        out.append(M.FLOWS[n]._replace(weight=w))
     return tuple(out)
 
 
