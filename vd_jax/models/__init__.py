@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict
 import jax.numpy as jnp
 
 from vd_jax.models import clip, optimus, unet, vae
-from vd_jax.models.unet import Diffuser, DiffuserConfig, StreamConfig, plan_stream  # noqa: F401
+from vd_jax.models.diffuser_config import DiffuserConfig, StreamConfig, plan_stream  # noqa: F401
+from vd_jax.models.unet import Diffuser  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
