@@ -17,7 +17,7 @@ model code are prototyped by patching the module at import, never by editing mod
   eigen        --xla_cpu_experimental_ynn_fusion_type=  (YNNPACK off: XLA's Eigen conv/dot)
   ynn_graph    --xla_cpu_experimental_ynn_fusion_type=+dot,+eltwise,+reduce (bigger YNN graphs)
   fast_math    --xla_cpu_enable_fast_math=true
-  dpa          attention through jax.nn.dot_product_attention (patched into vd_jax.models.unet)
+  dpa          attention through jax.nn.dot_product_attention (patched into vd_jax.models.attention)
   chunked      exact attention one block of 256 queries at a time (lax.map; patched likewise)
   flash        Diffuser(attention='blockwise'): online softmax over 512-key blocks (model code
                since this study; 'auto' uses it above 1024 keys)
@@ -122,12 +122,12 @@ ATTENTION = {'dpa': dpa_attention, 'chunked': chunked_attention}  # patched in; 
 
 
 def apply_patches(attention: str | None):
-    """Swap the attention function the diffuser's CrossAttention calls (vd_jax.models.unet
+    """Swap the attention function the diffuser's CrossAttention calls (vd_jax.models.attention
     imports `attention` by name; patching the module global changes only this process).
     Values that are model options ('dense', 'blockwise', 'auto') need no patch."""
     if attention in ATTENTION:
-        import vd_jax.models.unet as unet_mod
-        unet_mod.attention = ATTENTION[attention]
+        import vd_jax.models.attention as attention_mod
+        attention_mod.attention = ATTENTION[attention]
 
 
 # ----------------------------------------------------------------------------------------

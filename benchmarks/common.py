@@ -310,19 +310,19 @@ def torch_flops(fn: Callable[[], object]) -> dict:
 
 
 def xla_cost(compiled) -> dict:
-    """XLA's cost analysis of a compiled executable: flops (all ops, incl. elementwise),
-    transcendentals, bytes accessed."""
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    ca = ca or {}
+    """XLA's cost analysis of a compiled executable (`vd_jax.train.observe.cost_analysis`, what
+    the trainer's MFU uses): flops (all ops, incl. elementwise), transcendentals, bytes
+    accessed."""
+    from vd_jax.train import observe  # not at module level: it imports jax (see the docstring)
+    ca = observe.cost_analysis(compiled)
     return {k: float(ca[k]) for k in ('flops', 'transcendentals', 'bytes accessed') if k in ca}
 
 
 def hlo_dot_conv_flops(compiled) -> int:
     """2 x MACs of every dot and convolution in the optimised HLO (the same quantity torch's
     counter reports), by parsing the HLO text. Cross-checks `xla_cost`, which also counts
-    elementwise ops."""
+    elementwise ops but leaves out the products with a convolution's zero padding; XLA's API
+    gives no per-op FLOP count, so no library function yields this number."""
     import re
     text = compiled.as_text()
     shapes = {}
@@ -364,32 +364,35 @@ def hlo_dot_conv_flops(compiled) -> int:
     return total
 
 
+def _repeat(fn: Callable[[], object], reps: int, warmup: int) -> List[float]:
+    """Seconds of `reps` timed calls of fn after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return [timed(fn) for _ in range(reps)]
+
+
 def gemm_peak(sizes: Sequence[int] = (2048, 4096), libs: Sequence[str] = ('numpy', 'torch', 'jax'),
               reps: int = 5, warmup: int = 2, log: Callable[[str], None] = print) -> dict:
-    """Square f32 GEMM throughput (GFLOP/s = 2 n^3 / t) per library and size, measured now.
-    Returns {lib: {n: stats + gflops_median/min/max}} and the best median per size."""
+    """Square f32 GEMM throughput (GFLOP/s = 2 n^3 / t) per library and size, measured now
+    (jax: `vd_jax.train.observe.matmul_seconds`, the timer of the trainer's CPU peak; numpy
+    and torch multiply the same matrices). Returns {lib: {n: stats + gflops_median/min/max}}."""
     import numpy as np
+    from vd_jax.train import observe  # not at module level: it imports jax (see the docstring)
     out: Dict[str, dict] = {}
     for n in sizes:
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-        fns = {}
+        seconds: Dict[str, List[float]] = {}
         if 'numpy' in libs:
-            fns['numpy'] = lambda: a @ b
+            seconds['numpy'] = _repeat(lambda: a @ b, reps, warmup)
         if 'torch' in libs:
             import torch
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            fns['torch'] = lambda: torch.mm(ta, tb)
+            seconds['torch'] = _repeat(lambda: torch.mm(ta, tb), reps, warmup)
         if 'jax' in libs:
-            import jax
-            import jax.numpy as jnp
-            ja, jb = jnp.asarray(a), jnp.asarray(b)
-            mm = jax.jit(jnp.matmul)
-            fns['jax'] = lambda: mm(ja, jb).block_until_ready()
-        for lib, fn in fns.items():
-            for _ in range(warmup):
-                fn()
-            ts = [timed(fn) for _ in range(reps)]
+            seconds['jax'] = observe.matmul_seconds('float32', n, min_seconds=0.0,
+                                                    min_reps=reps, warmup=warmup)
+        for lib, ts in seconds.items():
             st = stats(ts)
             fl = 2.0 * n ** 3
             st.update(gflops_median=fl / st['median'] / 1e9, gflops_min=fl / st['max'] / 1e9,

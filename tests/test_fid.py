@@ -295,6 +295,22 @@ def test_table_covers_full_key_list(full_shapes):
     print(f'{len(target)} tensors, {n_params / 1e6:.2f}M parameters (+ fc, ignored)')
 
 
+def test_fid_inception_is_a_model_family():
+    from vd_jax.models import family
+    from vd_jax.models.init import abstract_params as family_abstract_params
+    fam = family('fid_inception')
+    assert fam.make_config({'resize_input': False}) == InceptionConfig(resize_input=False)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['resize'\]"):
+        fam.make_config({'resize': True})
+    model = fam.build({})
+    (images,) = fam.example_inputs(model.config, batch=2)
+    assert images.shape == (2, FID_INPUT_SIZE, FID_INPUT_SIZE, 3)
+    params = family_abstract_params(model)
+    assert len(flatten(params)) == 470
+    out = jax.eval_shape(lambda p, x: model.apply({'params': p}, x), params, images)
+    assert out.shape == (2, 2048)
+
+
 def test_converter_is_strict(full_shapes):
     bad = dict(full_shapes)
     del bad['Mixed_6c.branch7x7dbl_3.conv.weight']                       # missing

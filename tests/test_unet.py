@@ -10,8 +10,9 @@ import pytest
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.models.init import init_params as init_module, random_params
-from vd_jax.models.unet import (Diffuser, DiffuserConfig, FCBlock, ResBlock, SpatialTransformer,
-                                plan_stream)
+from vd_jax.models.attention import SpatialTransformer
+from vd_jax.models.diffuser_config import DiffuserConfig, plan_stream
+from vd_jax.models.unet import Diffuser, FCBlock, ResBlock
 from vd_jax.models.init import abstract_params
 
 

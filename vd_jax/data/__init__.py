@@ -14,9 +14,10 @@
 Record formats are documented on `VdImageText` and `VdEncoded`; a batch is a dict of stacked
 numpy arrays (see `make_loader`).
 """
-from vd_jax.data.builder import (DataSourceError, Filters, ImageTextConfig, VdImageText,
-                                 build_image_text, check_sources, normalize_image_bytes,
-                                 open_dataset, prepare_stats)
+from vd_jax.data.builder import (DataSourceError, ImageTextConfig, VdImageText, build_image_text,
+                                 check_sources, normalize_image_bytes, open_dataset,
+                                 prepare_stats)
+from vd_jax.data.filters import Filters
 from vd_jax.data.loader import (Preprocess, SyntheticImageSource, as_source, make_loader,
                                 resize_and_crop)
 from vd_jax.data.preencode import EncodedConfig, VdEncoded, preencode

@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vd_jax.data.loader import Preprocess, as_source
+from vd_jax.data.local_builder import LocalBuilder, prepare_locally
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +36,15 @@ class EncodedConfig(tfds.core.BuilderConfig):
     image_size: int = 0
 
 
-class VdEncoded(tfds.core.GeneratorBasedBuilder):
+class VdEncoded(LocalBuilder):
     """tfds builder of pre-encoded records; written only by `preencode`.
 
     Record: every `encode_fn` output (its per-record shape and dtype), caption bytes, id bytes.
     """
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First version.'}
-
     def __init__(self, *, examples: Optional[Iterator[Tuple[str, Dict[str, Any]]]] = None,
                  **kwargs):
         self._examples = iter(()) if examples is None else examples
         super().__init__(**kwargs)
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        # see VdImageText.code_path
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = self.builder_config.spec
@@ -115,7 +106,7 @@ def preencode(dataset, encode_fn: Callable[[Dict[str, np.ndarray]], Mapping[str,
     builder = VdEncoded(examples=examples, config=config, data_dir=out_dir,
                         file_format='array_record')
     builder.info.metadata.update(num_records=n, image_size=image_size)
-    builder.download_and_prepare()
+    prepare_locally(builder, out_dir)
     return builder
 
 

@@ -21,18 +21,15 @@ import dataclasses
 import functools
 import io
 import itertools
-import logging
 import re
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 
+from vd_jax.data.local_builder import LocalBuilder, prepare_locally
 from vd_jax.platform import quiet_tfds
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 8   # render with SUPERSAMPLE x SUPERSAMPLE samples per pixel
@@ -229,7 +226,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+class ShapesWorld(LocalBuilder):
     """tfds builder of the shapes world, splits 'train' and 'heldout'. See `build_shapes`.
 
     Record (`as_data_source()[split][i]`):
@@ -239,15 +236,6 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       template  int32, the caption's template number
       shape, colour, background, size, position   int64 label: index in VOCAB[field]
     """
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First version.'}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        # see VdImageText.code_path
-        return epath.Path(__file__)
-
     def _info(self) -> tfds.core.DatasetInfo:
         labels = {f: tfds.features.ClassLabel(names=VOCAB[f]) for f in FIELDS}
         return tfds.core.DatasetInfo(
@@ -271,12 +259,11 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             yield uid, {'image': buf.getvalue(), 'caption': s.caption, 'id': uid,
                         'template': np.int32(s.template), **dict(zip(FIELDS, s.attrs.labels()))}
 
-    # tfds prints these with termcolor; a generated dataset has nothing to announce
-    def _log_download_bytes(self) -> None:
-        logger.info('generating the shapes world in %s', self.data_dir)
+    def build_message(self) -> str:
+        return f'generating the shapes world in {self.data_dir}'
 
-    def _log_download_done(self) -> None:
-        logger.info('shapes world ready in %s', self.data_dir)
+    def done_message(self) -> str:
+        return f'shapes world ready in {self.data_dir}'
 
 
 def build_shapes(data_dir: str, num_train: int = 10_000, num_heldout: Optional[int] = None,
@@ -300,6 +287,7 @@ def build_shapes(data_dir: str, num_train: int = 10_000, num_heldout: Optional[i
                           num_heldout=num_heldout, seed=seed)
     with quiet_tfds():
         builder = ShapesWorld(config=config, data_dir=data_dir, file_format='array_record')
-        if not builder.is_prepared():
-            builder.download_and_prepare()
+        prepared = builder.is_prepared()
+    if not prepared:
+        prepare_locally(builder, data_dir)
     return builder

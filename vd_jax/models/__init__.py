@@ -15,6 +15,8 @@ and `vd_jax.models.init.abstract_params(module)` (shapes, no allocation), `init_
   optimus       OptimusConfig      Optimus           the text VAE (BERT -> latent -> GPT-2)
   clip_text     CLIPTextConfig     CLIPTextContext   CLIP text tower -> all-token context
   clip_vision   CLIPVisionConfig   CLIPImageContext  CLIP vision tower -> all-token context
+  fid_inception InceptionConfig    InceptionV3       the FID network (pool3 features); used by
+                                                    `vd_jax.eval.fid`, never a checkpoint part
 Which family serves which checkpoint part is decided by `vd_jax.modalities`.
 """
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any, Callable, Dict
 
 import jax.numpy as jnp
 
-from vd_jax.models import clip, optimus, unet, vae
-from vd_jax.models.unet import Diffuser, DiffuserConfig, StreamConfig, plan_stream  # noqa: F401
+from vd_jax.models import clip, inception, optimus, unet, vae
+from vd_jax.models.diffuser_config import DiffuserConfig, StreamConfig, plan_stream  # noqa: F401
+from vd_jax.models.unet import Diffuser  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family('clip_text', clip.CLIPTextConfig, clip.CLIPTextContext, clip.text_example_inputs),
     Family('clip_vision', clip.CLIPVisionConfig, clip.CLIPImageContext,
            clip.vision_example_inputs),
+    Family('fid_inception', inception.InceptionConfig, inception.InceptionV3,
+           inception.example_inputs),
 )}
 
 

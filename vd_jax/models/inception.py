@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from vd_jax.models import init
+from vd_jax.models.common import config_from_dict
+
 Dtype = Any
 
 # The input side of the TF graph ("Mul:0" takes 299 x 299 images).
@@ -53,6 +56,11 @@ class InceptionConfig:
     """
     resize_input: bool = True
     normalize_input: bool = True
+
+    @classmethod
+    def from_dict(cls, d) -> 'InceptionConfig':
+        """From a dict (or ConfigDict) of the two switches; unknown keys are an error."""
+        return config_from_dict(cls, d, 'FID Inception config')
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,13 +334,18 @@ class InceptionV3(nn.Module):
         # AdaptiveAvgPool2d((1, 1)) + flatten, accumulated in (at least) float32
         return jnp.mean(x.astype(jnp.promote_types(self.dtype, jnp.float32)), axis=(1, 2))
 
-    def example_input(self, batch: int = 1) -> jnp.ndarray:
-        """Zeros of the network's nominal input, for `init` / `jax.eval_shape`."""
-        return jnp.zeros((batch, FID_INPUT_SIZE, FID_INPUT_SIZE, 3), jnp.float32)
+    def init_all(self, batch: int = 1):
+        """Touch every parameter (the model-family interface, `vd_jax.models.FAMILIES`)."""
+        return self(*example_inputs(self.config, batch))
+
+
+def example_inputs(config: InceptionConfig, batch: int = 1):
+    """(images (B, 299, 299, 3) zeros,) for `InceptionV3.__call__`: the nominal input."""
+    del config  # every config takes the same input
+    return (jnp.zeros((batch, FID_INPUT_SIZE, FID_INPUT_SIZE, 3), jnp.float32),)
 
 
 def abstract_params(model: Optional[InceptionV3] = None):
-    """Parameter shapes (ShapeDtypeStructs) of the FID InceptionV3, via `jax.eval_shape`."""
-    model = model or InceptionV3()
-    v = jax.eval_shape(lambda k: model.init(k, model.example_input()), jax.random.PRNGKey(0))
-    return v['params']
+    """Parameter shapes (ShapeDtypeStructs) of the FID InceptionV3 (default config), through
+    the one `vd_jax.models.init.abstract_params`."""
+    return init.abstract_params(model or InceptionV3())

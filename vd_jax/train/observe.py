@@ -25,7 +25,7 @@ import queue
 import re
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -71,29 +71,38 @@ def table_peak(device_kind: str, dtype: str) -> Optional[float]:
     return None
 
 
-def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, min_seconds: float = 1.0,
-                        min_reps: int = 3) -> float:
-    """TFLOP/s of a jitted square (n x n) matmul in `dtype` on the default device, measured
-    now: the median of at least `min_reps` timed calls (and `min_seconds` of them) after two
-    warm-up calls; 2 n^3 FLOPs a call. Cached per (dtype, n) for the process."""
+def matmul_seconds(dtype: str = 'float32', n: int = 2048, min_seconds: float = 1.0,
+                   min_reps: int = 3, warmup: int = 2) -> List[float]:
+    """Seconds of each timed call of a jitted square (n x n) matmul in `dtype` on the default
+    device (standard-normal inputs from seeds 0 and 1; 2 n^3 FLOPs a call): at least
+    `min_reps` calls and `min_seconds` in all, after `warmup` untimed calls."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    key = (str(dtype), int(n))
-    if key in _MEASURED:
-        return _MEASURED[key]
     dt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32), dt)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32), dt)
     mm = jax.jit(jnp.matmul)
-    for _ in range(2):
+    for _ in range(warmup):
         mm(a, b).block_until_ready()
     times, t_all = [], time.perf_counter()
     while len(times) < min_reps or time.perf_counter() - t_all < min_seconds:
         t0 = time.perf_counter()
         mm(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    _MEASURED[key] = 2.0 * n ** 3 / float(np.median(times)) / 1e12
+    return times
+
+
+def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, min_seconds: float = 1.0,
+                        min_reps: int = 3) -> float:
+    """TFLOP/s of a jitted square (n x n) matmul in `dtype` on the default device, measured
+    now: the median of `matmul_seconds` (at least `min_reps` timed calls and `min_seconds` of
+    them, after two warm-up calls). Cached per (dtype, n) for the process."""
+    import numpy as np
+    key = (str(dtype), int(n))
+    if key not in _MEASURED:
+        times = matmul_seconds(dtype, n, min_seconds, min_reps)
+        _MEASURED[key] = 2.0 * n ** 3 / float(np.median(times)) / 1e12
     return _MEASURED[key]
 
 
@@ -127,11 +136,18 @@ def step_flops(step_fn, state, batch, sc, mesh) -> Optional[float]:
     import jax
     with jax.set_mesh(mesh):
         compiled = step_fn.jitted.lower(state, batch, sc).compile()
+    flops = cost_analysis(compiled).get('flops')
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def cost_analysis(compiled) -> Dict[str, float]:
+    """XLA's cost analysis of a compiled executable (`jitted.lower(...).compile()`) as one
+    dict: 'flops' (all ops, elementwise included), 'transcendentals', 'bytes accessed', ...;
+    {} when the backend gives none."""
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
-    flops = (ca or {}).get('flops')
-    return float(flops) if flops is not None and flops > 0 else None
+    return dict(ca or {})
 
 
 def speed_limits(step_fn, state, batch, sc, mesh, dtype: str, override: float = 0.0
