@@ -18,7 +18,7 @@ encoders) and returns a record `{'gate', 'threshold', 'numbers', 'passed', 'fail
 are fractions in [0, 1]; `failed` lists the numbers below `THRESHOLDS[gate]` (empty: passed).
 `run_gates(ckpt)` runs the gates whose parts a checkpoint folder holds;
 `python -m vd_jax.eval gates [--ckpt DIR]` prints them (default: the shipped VD-mini) and exits
-non-zero when one fails.
+with `EXIT_GATE_FAILED` (4) when one fails.
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ def components_of(ckpt: str, parts: Sequence[str], dtype: str = 'float32'):
 
 def gates_of(ckpt: str) -> tuple:
     """The gates whose parts the checkpoint folder holds (a stage-0 export holds one gate's)."""
-    from vd_jax.checkpoint import available_parts
+    from vd_jax.checkpoint import available_parts, read_config
+    read_config(ckpt)   # a clear CheckpointError if this is not a checkpoint folder
     have = set(available_parts(ckpt))
     return tuple(g for g in GATES if set(GATE_PARTS[g]) <= have)
 
@@ -242,7 +243,7 @@ def run_gates(ckpt: str, gates: Optional[Sequence[str]] = None,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m vd_jax.eval gates [--ckpt DIR] [--gates autokl,clip,optimus] [--out FILE]`:
-    exit 0 if every gate passed, 1 if one failed, 2 on a usage error."""
+    exit 0 if every gate passed, 4 (EXIT_GATE_FAILED) if one failed, 2 on a usage error."""
     p = argparse.ArgumentParser(prog='python -m vd_jax.eval gates',
                                 description='Stage-0 gates on held-out combinations of the '
                                             'shapes world (thresholds: '
@@ -255,6 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     from vd_jax.checkpoint import CheckpointError
     from vd_jax.pipeline import MODELS
+    from vd_jax.platform import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
     ckpt = args.ckpt or MODELS['vd-mini']
     gates = None
     if args.gates:
@@ -262,17 +264,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bad = [g for g in gates if g not in GATES]
         if bad:
             print(f'error: unknown gates {bad}; gates: {list(GATES)}', file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     try:
         have = gates_of(ckpt)
     except CheckpointError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     missing = [g for g in (gates or ()) if g not in have]
     if missing or not have:
         print(f"error: checkpoint '{ckpt}' lacks the parts of gates {missing or list(GATES)} "
               f'(needs {GATE_PARTS})', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from vd_jax.platform import configure_xla
     configure_xla()
     records = run_gates(ckpt, gates, log=lambda s: print(s, file=sys.stderr))
@@ -281,4 +283,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.out, 'w') as f:
             f.write(text)
     print(text)
-    return 0 if all(r['passed'] for r in records.values()) else 1
+    return EXIT_OK if all(r['passed'] for r in records.values()) else EXIT_GATE_FAILED
