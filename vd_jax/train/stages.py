@@ -210,8 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(json.dumps({s: {k: v for k, v in r.items() if k != 'final'} for s, r in rec.items()},
-                     indent=1))
+    print(json.dumps({s: {k: (v['passed'] if k == 'gate' else v) for k, v in r.items()
+                          if k != 'final'} for s, r in rec.items()}, indent=1))
     return 0
 
 
