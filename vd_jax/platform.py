@@ -59,6 +59,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1      # an unexpected failure (a bug): Python's own code, with a traceback
 EXIT_USAGE = 2       # a flag, input file or output location that cannot be used (argparse's code)
 EXIT_DIVERGED = 3    # train.py: the loss became NaN/inf; the last good checkpoint is kept
+EXIT_GATE_FAILED = 4  # a stage-0 gate failed (vd_jax.eval.gates): the numbers are printed
 EXIT_PREEMPTED = 75  # train.py: stopped by SIGTERM/SIGINT after saving (EX_TEMPFAIL): run it again
 
 _EXIT_MEANINGS = {
@@ -67,6 +68,8 @@ _EXIT_MEANINGS = {
                 "as one 'error: ...' line before any model loads; nothing is written",
     EXIT_FAILED: 'an unexpected failure (please report it with the traceback)',
     EXIT_DIVERGED: 'training diverged (NaN/inf loss); the last good checkpoint is kept',
+    EXIT_GATE_FAILED: 'a stage-0 gate failed (its numbers are printed); the stage runner stops '
+                      'before the next stage (--ignore-gates goes on)',
     EXIT_PREEMPTED: 'stopped by SIGTERM or Ctrl-C after saving a checkpoint; run the same command '
                     'again to resume',
 }

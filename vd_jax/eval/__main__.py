@@ -7,6 +7,7 @@
   clip       CLIP score of t2i samples with their prompts, or (--task i2i) CLIP image
              similarity of image variations with their source images
   fid-stats  FID statistics (.npz) of an image folder, to compute once and reuse (--ref-stats)
+  gates      the stage-0 gates (AutoKL, CLIP, Optimus) on held-out shapes (vd_jax.eval.gates)
 
 fid and clip write into a new `--out/<command>-NNN/` folder: samples/<index>.png (sample i
 from input i mod P with seed + i, whatever the batch size), grid.png, metrics.json (the
@@ -511,6 +512,9 @@ def main(argv=None) -> int:
     from vd_jax.platform import EXIT_OK, EXIT_USAGE, quiet_libraries
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['gates']:  # its own small parser (vd_jax/eval/gates.py)
+        from vd_jax.eval import gates
+        return gates.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from vd_jax.sample_cli import UsageError

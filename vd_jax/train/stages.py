@@ -16,6 +16,12 @@ apply to every stage (a `<stage>.` prefix limits one to that stage, e.g. `basic.
 `<workdir>/stages.json` records each stage's export, wall time and final metrics;
 `<workdir>/final` is the last stage's export (every part of the model).
 
+Stage-0 gates (`vd_jax.eval.gates`): after each stage-0 stage's export, and before the next
+stage starts, its gate runs on held-out combinations of the shapes world; the numbers go into
+`stages.json` (`<stage>.gate`). A failed gate stops the run with its numbers (exit code 4); a
+re-run checks the recorded result again, so it stops again until the stage is retrained (remove
+`<workdir>/<stage>` and its stages.json entry) or `--ignore-gates` is given, which goes on.
+
     python -m vd_jax.train.stages --workdir runs/vd_mini --release vd_jax/weights/vd_mini
 
 writes the final export with float16 storage (half the bytes; loading casts back to the compute
@@ -57,9 +63,32 @@ def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str
     return out
 
 
+def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = False) -> None:
+    """The stage-0 gate of `stage` on its export: computed once (saved into `record` and the
+    stages.json at `path`), then held: raises `gates.GateFailed` unless it passed or `ignore`."""
+    from vd_jax.eval import gates
+    rec = record[stage]
+    if 'gate' not in rec:
+        logger.info('stage %s: checking its gate on held-out combinations', stage)
+        result = gates.run_gate(stage, rec['export'])
+        rec['gate'] = {k: result[k] for k in ('passed', 'threshold', 'failed', 'numbers',
+                                              'seconds')}
+        with open(path, 'w') as f:
+            json.dump(record, f, indent=1)
+    result = dict(gate=stage, **rec['gate'])
+    if result['passed']:
+        logger.info(gates.describe(result))
+    elif ignore:
+        logger.warning('%s; going on (--ignore-gates)', gates.describe(result))
+    else:
+        raise gates.GateFailed(result)
+
+
 def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str] = STAGE0 + VD_STAGES,
-               recipe: str = RECIPE) -> Dict[str, dict]:
-    """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record."""
+               recipe: str = RECIPE, ignore_gates: bool = False) -> Dict[str, dict]:
+    """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record.
+    Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
+    `vd_jax.eval.gates.GateFailed` before the next stage starts, unless `ignore_gates`."""
     from vd_jax.config import load_config
     from vd_jax.train.loop import train
     from vd_jax.train.settings import apply_overrides
@@ -71,6 +100,8 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     for stage in stages:
         if record.get(stage, {}).get('export') and os.path.isdir(record[stage]['export']):
             logger.info('stage %s: done (%s)', stage, record[stage]['export'])
+            if stage in STAGE0:
+                check_gate(stage, record, path, ignore_gates)
             continue
         cfg = load_config(f'{recipe}:{stage}')
         apply_overrides(cfg, [f'data.path={data}'] + stage_overrides(stage, overrides, exports))
@@ -93,6 +124,8 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
         exports[stage] = record[stage]['export']
         with open(path, 'w') as f:
             json.dump(record, f, indent=1)
+        if stage in STAGE0:
+            check_gate(stage, record, path, ignore_gates)
     final = exports.get(VD_STAGES[-1])
     if final:
         link = os.path.join(workdir, 'final')
@@ -152,6 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--release', metavar='OUT', help='write the final export with float16 '
                    'storage into OUT (no training)')
     p.add_argument('--name', help="the release's name in its manifest (with --release)")
+    p.add_argument('--ignore-gates', action='store_true',
+                   help='go on to the next stage when a stage-0 gate fails (the numbers are '
+                        'still recorded in stages.json)')
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith('--') or '=' not in o]
     if bad:
@@ -172,13 +208,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f'error: {e}', file=sys.stderr)
             return 2
         return 0
+    from vd_jax.eval.gates import GateFailed
+    from vd_jax.platform import EXIT_GATE_FAILED
     try:
-        rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe)
+        rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe,
+                         ignore_gates=args.ignore_gates)
+    except GateFailed as e:
+        print(json.dumps(e.result['numbers'], indent=1), file=sys.stderr)
+        print(f'error: {e}; stopped before the next stage (stages.json has the numbers; '
+              '--ignore-gates goes on)', file=sys.stderr)
+        return EXIT_GATE_FAILED
     except (ConfigError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(json.dumps({s: {k: v for k, v in r.items() if k != 'final'} for s, r in rec.items()},
-                     indent=1))
+    print(json.dumps({s: {k: (v['passed'] if k == 'gate' else v) for k, v in r.items()
+                          if k != 'final'} for s, r in rec.items()}, indent=1))
     return 0
 
 
