@@ -72,7 +72,9 @@ def get_config(arg=None):
             # posterior noise kept token accuracy at 72% (a deterministic one reaches 90% in
             # 400 steps); a small beta with 1 free nat per dimension and a KL warm-up over half
             # the run lets the autoencoder form first and still bounds the latents' scale.
-            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1000)
+            # v3: 500 steps of a plain autoencoder first; with posterior noise from step 0 the
+            # encoder never wrote shape/background/size into z (docs/vd-mini.md, Diagnosis)
+            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1000, deterministic_steps=500)
             # the loss sums over a sentence's tokens: gradient norms of 5-15, which a clip at
             # 1 turned into a 10x smaller learning rate (token accuracy stalled at 72%)
             cfg.optimizer.grad_clip_norm = 50.0

@@ -177,3 +177,25 @@ def test_export_from_workdir_records_the_vae_latent_scale(tmp_path):
     model = family('autokl').build(load_config('vd_mini').model.vae.image)
     mean, _ = model.apply({'params': params}, images, method='encode')
     assert abs(scales[1] * float(jnp.std(mean)) - 1.0) < 0.25, (scales, float(jnp.std(mean)))
+
+
+def test_optimus_deterministic_steps_train_a_plain_autoencoder_first():
+    """Before `deterministic_steps`: z = mu (the key does not matter) and no KL term; from then
+    on: a posterior sample and the KL with its warm-up counted from there."""
+    from vd_jax.components import Components
+    model = load_config('vd_mini').model
+    caps, _ = _captions(4)
+    op = O.Optimus(family('optimus').build(model.vae.text), beta=0.5, free_bits=0.1,
+                   warmup_steps=10, deterministic_steps=5)
+    comps = Components(model, {})
+    batch = {'index': jnp.arange(4, dtype=jnp.uint32),
+             **{k: jnp.asarray(v) for k, v in op.host_fields(comps, {'caption': np.asarray(caps)}).items()}}
+    params = op.init(jax.random.PRNGKey(0))
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    early1, m1 = op.loss(params, batch, k1, jnp.int32(4))
+    early2, _ = op.loss(params, batch, k2, jnp.int32(4))
+    assert float(early1) == float(early2) == float(m1['loss/recon']) and float(m1['beta']) == 0.0
+    late1, m = op.loss(params, batch, k1, jnp.int32(5))
+    late2, _ = op.loss(params, batch, k2, jnp.int32(5))
+    assert float(late1) != float(late2)                   # a posterior sample
+    assert abs(float(m['beta']) - 0.5 * 1 / 10) < 1e-7    # warm-up counted from step 5

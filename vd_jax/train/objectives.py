@@ -273,12 +273,19 @@ class Optimus(Objective):
     (summed over a sentence's tokens, averaged over the batch) + beta x KL, where each latent
     dimension's batch-mean KL counts at least `free_bits` nats (Optimus' dimension-wise
     thresholding, so the decoder cannot ignore z) and beta rises linearly from 0 over
-    `warmup_steps` (KL annealing)."""
+    `warmup_steps` (KL annealing).
+
+    `deterministic_steps` N > 0 first trains a plain autoencoder (z = mu, no KL) for N steps,
+    then the VAE above with the KL warm-up counted from N. Measured on the shapes world
+    (docs/vd-mini.md, Diagnosis for v3): with posterior noise from step 0 the encoder never
+    writes shape, background or size into z (read back at chance); 500 deterministic steps
+    first give all five attributes back."""
     model: Any                                   # vd_jax.models.optimus.Optimus
     beta: float = 0.5
     free_bits: float = 0.1
     warmup_steps: int = 1000
     parts: Tuple[str, ...] = ('vae_text',)
+    deterministic_steps: int = 0
 
     def modules(self):
         return {'vae_text': self.model}
@@ -300,7 +307,8 @@ class Optimus(Objective):
         mu, logvar = self.model.apply({'params': params}, enc, method='encode')
         eps = jax.vmap(lambda k: jax.random.normal(k, mu.shape[1:]))(
             per_record_keys(key, batch['index']))
-        z = mu + jnp.exp(0.5 * logvar) * eps
+        stochastic = jnp.asarray(step >= self.deterministic_steps, jnp.float32)
+        z = mu + stochastic * jnp.exp(0.5 * logvar) * eps
         logits = self.model.apply({'params': params}, dec[:, :-1], z, method='decode_logits')
         target = dec[:, 1:]
         mask = (target != c.pad_id).astype(jnp.float32)
@@ -309,7 +317,8 @@ class Optimus(Objective):
         rec = jnp.sum(nll * mask, axis=1).mean()
         kl_dim = 0.5 * (mu ** 2 + jnp.exp(logvar) - 1.0 - logvar).mean(0)   # (latent,)
         kl = jnp.sum(jnp.maximum(kl_dim, self.free_bits))
-        beta = self.beta * jnp.minimum(1.0, (step + 1.0) / max(self.warmup_steps, 1))
+        beta = stochastic * self.beta * jnp.minimum(
+            1.0, (step - self.deterministic_steps + 1.0) / max(self.warmup_steps, 1))
         acc = jnp.sum((jnp.argmax(logits, -1) == target) * mask) / jnp.maximum(mask.sum(), 1)
         return rec + beta * kl, {'loss/recon': rec, 'loss/kl': jnp.sum(kl_dim),
                                  'token_accuracy': acc, 'beta': beta, 'mu_std': jnp.std(mu)}
@@ -392,7 +401,8 @@ def from_config(cfg, model=None, flows=(), schedule=None) -> Objective:
                           str(sec.get('recon', 'l1')), int(sec.get('crop', 0)))
         if name == 'optimus':
             return Optimus(family('optimus').build(mc.vae.text), float(sec.get('beta', 0.5)),
-                           float(sec.get('free_bits', 0.1)), int(sec.get('warmup_steps', 1000)))
+                           float(sec.get('free_bits', 0.1)), int(sec.get('warmup_steps', 1000)),
+                           deterministic_steps=int(sec.get('deterministic_steps', 0)))
         return CLIP(family('clip_text').build(mc.ctx.text),
                     family('clip_vision').build(mc.ctx.image))
     except (KeyError, AttributeError) as e:
