@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from vd_jax import sample_cli
+from vd_jax.cli.sample_run import run_task
+from vd_jax.cli.sample_tasks import TaskInputs
 from vd_jax.batching import batch_size_for, consecutive_batches, pad_batch, process_share
 from vd_jax.outputs import LineProgress
 
@@ -56,9 +58,8 @@ def _run(argv, share, tmp_path):
     t, prompts, paths = sample_cli.validate(args, parser)
     vd = FakePipeline(prompts)
     bar = LineProgress(file=io.StringIO())
-    labels, images, texts, index = sample_cli.run_task(vd, t, args, prompts, [], paths, bar,
-                                                       share=share)
-    return dict(labels=labels, images=images, texts=texts, index=index, calls=vd.calls,
+    r = run_task(vd, t, args, TaskInputs(prompts, [], paths), bar, share=share)
+    return dict(labels=r.labels, images=r.images, texts=r.texts, index=r.index, calls=vd.calls,
                 log=bar.file.getvalue())
 
 
