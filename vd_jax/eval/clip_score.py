@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.batching import pad_rows
 from vd_jax.eval.reference import iter_images, load_fitted
 from vd_jax.models.clip import CLIPImageContext, CLIPTextContext, CLIPTextConfig, CLIPVisionConfig
 
@@ -60,9 +61,7 @@ def _pad_run(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start:start + batch_size]
         k = chunk.shape[0]
-        if k < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - k, axis=0)])
-        outs.append(np.asarray(fn(params, chunk))[:k])
+        outs.append(np.asarray(fn(params, pad_rows(chunk, k, batch_size)))[:k])
     return np.concatenate(outs)
 
 
