@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from vd_jax.cli.model_flags import add_model_flags, load_model
 from vd_jax.cli.usage import UsageError, compile_cache, report
 from vd_jax.eval.checks import EVAL_MODEL_FLAGS, check
@@ -142,7 +144,6 @@ def _grid(folder, paths, task, inputs, hw):
         for i, im in enumerate(ims):
             pairs += [fit(load_image(inputs[i % len(inputs)]), tuple(hw)).astype('float32') / 255, im]
         ims, cols = pairs, 8
-    import numpy as np
     out = os.path.join(folder, 'grid.png')
     if os.path.exists(out):
         os.remove(out)
