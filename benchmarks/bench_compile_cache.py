@@ -1,7 +1,7 @@
 """The persistent XLA compilation cache of sample.py: compile time of a second process vs the first.
 
-sample.py turns jax's persistent compilation cache on by default (`vd_jax.sample_cli.
-_compile_cache`: `$XDG_CACHE_HOME/vd_jax/xla`, `--no-compile-cache` opts out). Here the same
+sample.py turns jax's persistent compilation cache on by default (`vd_jax.cli.usage.
+compile_cache`: `$XDG_CACHE_HOME/vd_jax/xla`, `--no-compile-cache` opts out). Here the same
 text->image job runs in fresh processes one after the other, all with one new cache folder:
 
   off    the cache disabled (what every process paid before the cache),
@@ -54,7 +54,7 @@ def child(args) -> dict:
     import numpy as np
     import jax
     from jax import monitoring
-    from vd_jax.sample_cli import _compile_cache
+    from vd_jax.cli.usage import compile_cache
     events = {'backend_compile_s': 0.0, 'cache_hits': 0, 'cache_misses': 0,
               'compile_time_saved_s': 0.0, 'cache_retrieval_s': 0.0}
 
@@ -72,7 +72,7 @@ def child(args) -> dict:
             events[key] += 1
     monitoring.register_event_duration_secs_listener(on_duration)
     monitoring.register_event_listener(on_event)
-    cache = _compile_cache(argparse.Namespace(no_compile_cache=args.mode == 'off'))
+    cache = compile_cache(args.mode != 'off')
     from vd_jax.config import load_config
     from vd_jax.models.init import random_params
     from vd_jax.pipeline import VersatileDiffusion

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from vd_jax import sample_cli
-from vd_jax.batching import batch_size_for, consecutive_batches, pad_batch, process_share
+from vd_jax.cli.sample_run import run_task
+from vd_jax.cli.sample_tasks import TaskInputs
+from vd_jax.batching import (batch_size_for, consecutive_batches, map_batched, pad_batch, pad_rows,
+                             padded_batches, process_share, round_up, trim_rows)
 from vd_jax.outputs import LineProgress
 
 
@@ -56,9 +59,8 @@ def _run(argv, share, tmp_path):
     t, prompts, paths = sample_cli.validate(args, parser)
     vd = FakePipeline(prompts)
     bar = LineProgress(file=io.StringIO())
-    labels, images, texts, index = sample_cli.run_task(vd, t, args, prompts, [], paths, bar,
-                                                       share=share)
-    return dict(labels=labels, images=images, texts=texts, index=index, calls=vd.calls,
+    r = run_task(vd, t, args, TaskInputs(prompts, [], paths), bar, share=share)
+    return dict(labels=r.labels, images=r.images, texts=r.texts, index=r.index, calls=vd.calls,
                 log=bar.file.getvalue())
 
 
@@ -99,3 +101,69 @@ def test_uneven_shares_differ_by_one_sample_and_every_call_has_one_shape(tmp_pat
     parts = [_run(argv, (k, 2), tmp_path) for k in range(2)]
     assert [p['index'] for p in parts] == [[0, 1], [2, 3, 4]]
     assert [p['calls'] for p in parts] == [[(3, 10)], [(3, 12)]]  # padded to one shape
+
+
+# ------------------------------------------------------------------------------------------
+# The one "pad the last batch, continue the seeds, trim" helper
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('batch_size', [1, 2, 3, 7, 8])
+def test_map_batched_gives_item_i_seed_plus_i_in_one_shape_whatever_the_batch_size(batch_size):
+    calls = []
+
+    def fn(xs, seed):  # row j: (the item, seed + j)
+        calls.append(len(xs))
+        return [(x, seed + j) for j, x in enumerate(xs)]
+    items = ['a', 'b', 'c', 'd', 'e', 'f', 'g']
+    out = map_batched(fn, items, batch_size, 100)
+    assert out == [(x, 100 + i) for i, x in enumerate(items)]  # repeats' outputs dropped
+    assert set(calls) == {min(batch_size, len(items))}  # every call: one shape
+
+
+def test_padded_batches_continue_the_seeds_over_gaps_and_trim_the_padding():
+    batches = padded_batches(lambda i: f'x{i}', [0, 1, 2, 5], 2, seed=10)
+    assert [(b.indices, b.inputs, b.seed) for b in batches] == [
+        ([0, 1], ['x0', 'x1'], 10), ([2], ['x2', 'x2'], 12), ([5], ['x5', 'x5'], 15)]
+    assert batches[1].trim(np.array([7, 8])) == [7]
+
+
+def test_pad_rows_repeats_the_last_row_of_every_leaf_and_trim_rows_undoes_it():
+    import jax.numpy as jnp
+    tree = {'a': np.arange(6).reshape(3, 2), 'b': jnp.arange(3.0)}
+    padded = pad_rows(tree, 3, 5)
+    assert isinstance(padded['a'], np.ndarray)  # numpy stays numpy (host-side inputs)
+    np.testing.assert_array_equal(padded['a'], [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(padded['b'], [0, 1, 2, 2, 2])
+    back = trim_rows(padded, 3)
+    np.testing.assert_array_equal(back['a'], tree['a'])
+    assert trim_rows(['s0', 's1', 's1'], 2) == ['s0', 's1']
+    assert pad_rows(tree, 3, 3) is tree and round_up(5, 4) == 8 and round_up(8, 4) == 8
+
+
+def test_run_task_runs_any_task_of_the_table_without_knowing_its_name(tmp_path):
+    """A task called once with n (as dual / multi / disentangle / i2t2i) that is not in
+    TASKS: run_task follows its `call` and `outputs`, and labels the outputs by the input."""
+    import dataclasses
+    parser = sample_cli.build_parser()
+    args = parser.parse_args(['--prompt', 'p', '--n', '3', '--steps', '2', '--seed', '5',
+                              '--out', str(tmp_path)])
+    sample_cli.validate(args, parser)
+    seen = {}
+
+    def call(method, inputs, n, kw):
+        seen.update(prompt=inputs.prompts[0], n=n, seed=kw['seed'])
+        return method(n)
+
+    def outputs(out):
+        return out[1], out[0]  # (texts, images) -> images, texts
+    task = dataclasses.replace(sample_cli.TASKS['t2i'], method='made_up', call=call,
+                               outputs=outputs, runs=2)
+
+    class Made:
+        def made_up(self, n):
+            return [f's{i}' for i in range(n)], np.zeros((n, 1, 1, 3), np.float32)
+    bar = LineProgress(file=io.StringIO())
+    r = run_task(Made(), task, args, TaskInputs(['p'], [], ['in.png']), bar)
+    assert seen == {'prompt': 'p', 'n': 3, 'seed': 5}
+    assert r.texts == ['s0', 's1', 's2'] and r.images.shape == (3, 1, 1, 3)
+    assert r.index == [0, 1, 2] and r.labels == ['in.png'] * 3

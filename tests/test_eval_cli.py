@@ -268,15 +268,16 @@ def test_resume_with_other_settings_is_refused(data, tmp_path, capsys, no_model)
 
 def test_eval_coco_config_gives_the_defaults(data, capsys, no_model):
     """configs/eval_coco.py: the protocol's settings become the defaults, flags override."""
-    from vd_jax.eval.__main__ import _apply_config, _check, build_parser
+    from vd_jax.eval.__main__ import build_parser
+    from vd_jax.eval.checks import apply_config, check
     argv = ['fid', '--config', os.path.join(ROOT, 'configs', 'eval_coco.py'), '--model', 'tiny',
             '--prompts', str(data / 'prompts.txt'), '--ref-images', str(data / 'ref'),
             '--inception', 'unused', '--steps', '3']
     parser = build_parser()
-    from vd_jax.sample_cli import UsageError
+    from vd_jax.cli.usage import UsageError
     with pytest.raises(UsageError, match="--inception 'unused' does not exist"):
-        _check(parser.parse_args(argv), parser, argv)
-    args = _apply_config(parser.parse_args(argv), parser, argv)
+        check(parser.parse_args(argv), parser, argv)
+    args = apply_config(parser.parse_args(argv), parser, argv)
     assert (args.n, args.height, args.width, args.sampler, args.scale) == (30000, 512, 512,
                                                                            'ddim', 7.5)
     assert args.steps == 3 and args.batch_size == 16  # the flag wins; the config's default

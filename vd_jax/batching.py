@@ -1,14 +1,18 @@
-"""Splitting sample indices over processes and into padded batches (sample.py, eval).
+"""Splitting sample indices over processes and into padded batches: the one helper for "pad
+the last batch, continue the seeds, trim" (sample.py, the eval commands, the pipeline's mesh).
 
 Sample i of a run always uses seed + i, whatever the batch or process it is made in, so the
 indices can be cut up freely: `process_share` gives each process an even contiguous block,
-`consecutive_batches` cuts a process's indices into calls (one seed range each), and
-`pad_batch` repeats the last input so every call of a run has one shape (one compiled
-program; the outputs of the repeats are dropped by the caller).
+`padded_batches` cuts a process's indices into calls (one seed range each) whose inputs are
+padded by repeating the last one, so every call of a run has one shape (one compiled
+program), and `Batch.trim` drops the outputs of the repeats. `map_batched` does all of it for
+a list of inputs. `pad_rows` / `trim_rows` are the same for a pytree of batch-leading arrays
+(a batch split over a mesh's data axes).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, TypeVar
+import dataclasses
+from typing import Callable, Generic, List, Sequence, TypeVar
 
 T = TypeVar('T')
 
@@ -44,3 +48,66 @@ def pad_batch(xs: Sequence[T], size: int) -> List[T]:
     """`xs` followed by repeats of its last item up to `size` items."""
     xs = list(xs)
     return xs + [xs[-1]] * (size - len(xs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch(Generic[T]):
+    """One call of a batched run.
+
+    indices: the consecutive global sample indices it makes; inputs: their inputs, padded to
+    the run's batch size with repeats of the last; seed: the seed of its first sample (sample
+    i uses the run's seed + i, so the call's per-row seeds continue across batches)."""
+    indices: List[int]
+    inputs: List[T]
+    seed: int
+
+    def trim(self, outputs) -> list:
+        """The call's outputs (batch-leading) without those of the padding."""
+        return list(outputs)[:len(self.indices)]
+
+
+def padded_batches(input_of: Callable[[int], T], indices: Sequence[int], size: int,
+                   seed: int) -> List[Batch[T]]:
+    """The calls that make the samples `indices` in batches of `size`: input_of(i) is the
+    input of sample i, `seed` the run's seed (sample i: seed + i)."""
+    return [Batch(chunk, pad_batch([input_of(i) for i in chunk], size), seed + chunk[0])
+            for chunk in consecutive_batches(indices, size)]
+
+
+def map_batched(fn: Callable[[List[T], int], Sequence], items: Sequence[T], batch_size: int,
+                seed: int) -> list:
+    """fn(inputs, seed) over `items` in padded batches of min(batch_size, len(items)); the
+    outputs, one per item, in order (item i made with seed + i whatever the batching)."""
+    size = batch_size_for(len(items), batch_size)
+    out: list = []
+    for b in padded_batches(items.__getitem__, range(len(items)), size, seed):
+        out.extend(b.trim(fn(b.inputs, b.seed)))
+    return out
+
+
+def round_up(b: int, k: int) -> int:
+    """The smallest multiple of k that is >= b (a batch split evenly over k shards)."""
+    return -(-b // k) * k
+
+
+def pad_rows(tree, b: int, to: int):
+    """Batch-leading leaves (numpy or jax arrays) padded from b to `to` rows by repeating the
+    last row (numpy stays numpy)."""
+    if to == b:
+        return tree
+    import jax  # here, not at the top: sample.py imports this module before JAX loads
+    import jax.numpy as jnp
+    import numpy as np
+
+    def pad(a):
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[-1:], to - b, axis=0)], axis=0)
+    return jax.tree_util.tree_map(pad, tree)
+
+
+def trim_rows(out, b: int):
+    """The first b rows of batch-leading outputs: a list (sentences) or a pytree of arrays."""
+    if isinstance(out, list):
+        return out[:b]
+    import jax  # as pad_rows
+    return jax.tree_util.tree_map(lambda x: x[:b], out)

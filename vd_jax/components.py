@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax import modalities as M
+from vd_jax.batching import pad_rows, round_up, trim_rows
 from vd_jax.models import family
 
 
@@ -261,29 +262,10 @@ class Components:
         if not self.splits_batches:  # no mesh, or a multi-process one: as given
             return fn(batch)
         b = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
-        padded = _round_up(b, self.data_shards)
+        padded = round_up(b, self.data_shards)
         with self.on_mesh():
-            out = fn(self.shard_batch(_pad_rows(batch, b, padded)))
-        if padded == b:
-            return out
-        if isinstance(out, list):  # sentences
-            return out[:b]
-        return jax.tree_util.tree_map(lambda x: x[:b], out)
-
-
-def _round_up(b: int, k: int) -> int:
-    return -(-b // k) * k
-
-
-def _pad_rows(tree, b: int, to: int):
-    """Batch-leading leaves padded from b to `to` rows by repeating the last row."""
-    if to == b:
-        return tree
-
-    def pad(a):
-        xp = np if isinstance(a, np.ndarray) else jnp
-        return xp.concatenate([a, xp.repeat(a[-1:], to - b, axis=0)], axis=0)
-    return jax.tree_util.tree_map(pad, tree)
+            out = fn(self.shard_batch(pad_rows(batch, b, padded)))
+        return out if padded == b else trim_rows(out, b)
 
 
 # Compiled functions shared by every `Components` of equal networks (networks are hashable):

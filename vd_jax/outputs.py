@@ -62,7 +62,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(images, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _png_info(settings: Optional[Mapping[str, Any]]):
+def png_info(settings: Optional[Mapping[str, Any]]):
+    """PNG text metadata holding `settings` as JSON under the key 'vd_jax' (none if empty)."""
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     if settings:
@@ -75,7 +76,7 @@ def save_png(path: str, image: np.ndarray, settings: Optional[Mapping[str, Any]]
     from PIL import Image
     if os.path.exists(path):
         raise FileExistsError(f"refusing to overwrite '{path}'")
-    Image.fromarray(to_uint8(image)).save(path, pnginfo=_png_info(settings))
+    Image.fromarray(to_uint8(image)).save(path, pnginfo=png_info(settings))
 
 
 def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -9,13 +9,11 @@ import argparse
 import os
 import sys
 
+from vd_jax.cli.usage import UsageError
+
 # What marks a folder as a vd_jax checkpoint (written by `convert_checkpoint`), the only kind
 # of existing folder --overwrite may replace.
 _CHECKPOINT_MARKERS = ('manifest.json', 'config.json')
-
-
-class UsageError(ValueError):
-    """The command line cannot work (checked before anything is read or converted)."""
 
 
 def check_output(out: str, overwrite: bool) -> None:

@@ -5,8 +5,8 @@ multi-context with masks, disentanglement, I2T2I), each calling the public metho
 `vd_jax.pipeline.VersatileDiffusion`. Needs the `demo` extra: `pip install -e '.[demo]'`
 (Streamlit; Gradio cannot be installed with this project's pillow pin).
 
-Modules: `model` (the model choice, in `load_model`, and the shared instance), `options`
-(command line, upload limits), `inputs` (safe upload decoding, examples), `results`
+Modules: `model` (the shared instance of the model `vd_jax.cli.model_flags.load_model`
+chooses), `options` (command line), `inputs` (upload limits, safe decoding, examples), `results`
 (PNGs, the zip), `ui` (shared widgets, the queued run), `tabs_flows`, `tabs_apps`, `app`
 (the page).
 """

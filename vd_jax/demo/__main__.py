@@ -32,6 +32,7 @@ def streamlit_flags(args) -> dict:
 def main(argv=None) -> int:
     from vd_jax.platform import configure_xla
     configure_xla()  # before JAX starts, as sample.py: XLA's own CPU kernels, same results
+    from vd_jax.cli.model_flags import load_model
     from vd_jax.demo import model, options
     argv = list(sys.argv[1:] if argv is None else argv)
     args = options.parse(argv)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     try:
-        vd = model.load_model(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)
+        vd = load_model(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)
     except (OSError, ValueError, KeyError) as e:  # CheckpointError, missing files, bad config
         print(f'error: cannot load the model: {e}', file=sys.stderr)
         return 2

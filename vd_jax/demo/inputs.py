@@ -14,7 +14,6 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from vd_jax.demo.options import Limits
 
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'BMP', 'GIF')
 EXTENSIONS = ['png', 'jpg', 'jpeg', 'webp', 'bmp', 'gif']
@@ -28,6 +27,13 @@ EXAMPLE_PROMPTS = (
 
 class UploadError(ValueError):
     """An uploaded file is rejected; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What an uploaded file may be (checked before it is decoded)."""
+    max_bytes: int = 10 * 2 ** 20
+    max_pixels: int = 4096 * 4096
 
 
 def decode_image(data: bytes, name: str, limits: Limits, *, grey: bool = False) -> np.ndarray:

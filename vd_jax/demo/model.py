@@ -1,4 +1,4 @@
-"""The model the demo serves: chosen in one place (`load_model`), shared by every request.
+"""The model the demo serves (`vd_jax.cli.model_flags.load_model`), shared by every request.
 
 One `VersatileDiffusion` instance serves every browser session, so each (task, shapes,
 steps, sampler) compiles once and is reused by later requests; `Served.lock` makes requests
@@ -10,34 +10,13 @@ import dataclasses
 import threading
 from typing import Dict, Optional
 
-# Without --ckpt the package's default model (`VersatileDiffusion.default()`: VD-mini);
-# `--config NAME` instead asks for that config with random (untrained) weights.
-DEFAULT_CONFIG = None
-DEFAULT_MODEL_SEED = 0
+from vd_jax.cli.model_flags import DEFAULT_MODEL_SEED, load_model
+from vd_jax.demo.inputs import examples_for
 
 # Tab -> the pipeline task `check_task` is asked about (dual-guided text output is checked
 # separately when chosen, see `Served.reason`).
 TAB_TASKS = ('text_to_image', 'image_variation', 'image_to_text', 'text_variation',
              'dual_guided', 'multi_context', 'disentangle', 'i2t2i')
-
-
-def load_model(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
-               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32'):
-    """The demo's model: a vd_jax checkpoint folder, or without one the default model.
-
-    Args:
-      ckpt: a folder made by `python -m vd_jax.convert` or by training (`export/step_N`).
-      config, seed: without `ckpt`, the config and seed of a random-weight model; neither:
-        the shipped default model (VD-mini, docs/vd-mini.md).
-      dtype: compute dtype, 'float32' or 'bfloat16'.
-    Returns a `vd_jax.pipeline.VersatileDiffusion`.
-    """
-    from vd_jax.pipeline import VersatileDiffusion
-    if ckpt:
-        return VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
-    if config:
-        return VersatileDiffusion.random(config, seed, dtype=dtype)
-    return VersatileDiffusion.default(dtype=dtype)
 
 
 @dataclasses.dataclass
@@ -51,7 +30,6 @@ class Served:
     examples: object = None   # demo.inputs.Examples: the prompts/images the tabs offer
 
     def __post_init__(self):
-        from vd_jax.demo.inputs import examples_for
         self.unavailable = {t: r for t in TAB_TASKS + ('dual_guided_text',)
                             if (r := task_unavailable(self.vd, t))}
         if self.examples is None:
@@ -82,7 +60,7 @@ def set_served(served: Served) -> None:
     _SERVED = served
 
 
-def get_served(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
+def get_served(ckpt: Optional[str] = None, *, config: Optional[str] = None,
                seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32') -> Served:
     """The installed model; loaded here on first use when the app runs without the launcher
     (e.g. `streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""

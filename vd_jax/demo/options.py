@@ -2,18 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 from typing import Optional, Sequence
 
-from vd_jax.demo.model import DEFAULT_CONFIG, DEFAULT_MODEL_SEED
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What an uploaded file may be (checked before it is decoded)."""
-    max_bytes: int = 10 * 2 ** 20
-    max_pixels: int = 4096 * 4096
+from vd_jax.cli.model_flags import add_model_flags
+from vd_jax.demo.inputs import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         description='Versatile Diffusion web demo: one tab per task, served on this machine. '
                     'It never opens a public share link or tunnel: it listens on --host only '
                     '(127.0.0.1 by default) and sends no usage statistics.')
-    p.add_argument('--ckpt', help='vd_jax checkpoint folder; omit for the shipped default '
-                                  'model (VD-mini, trained on the shapes world)')
-    p.add_argument('--config', default=DEFAULT_CONFIG,
-                   help="without --ckpt: a config with random (untrained) weights, e.g. 'tiny'")
-    p.add_argument('--seed-model', type=int, default=DEFAULT_MODEL_SEED,
-                   help='without --ckpt: the seed of the random weights')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    # --ckpt, --config (random weights), --seed-model, --dtype
+    add_model_flags(p, ('ckpt', 'config'), random_seed=True)
     p.add_argument('--host', default='127.0.0.1',
                    help='address to listen on (default 127.0.0.1: this machine only)')
     p.add_argument('--port', type=int, default=7860)
@@ -68,6 +56,7 @@ def current() -> argparse.Namespace:
 
 
 def limits(args: argparse.Namespace) -> Limits:
+    """The upload limits the options set."""
     return Limits(max_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=int(args.max_pixels))
 
 

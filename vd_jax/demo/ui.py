@@ -16,8 +16,8 @@ import numpy as np
 import streamlit as st
 
 from vd_jax.demo import inputs as inp
+from vd_jax.demo.inputs import Limits
 from vd_jax.demo.model import Served
-from vd_jax.demo.options import Limits
 from vd_jax.demo.results import Result
 from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
 

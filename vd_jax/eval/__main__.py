@@ -24,25 +24,24 @@ import os
 import sys
 import time
 
-SAMPLE_COMMANDS = ('fid', 'clip')
+import numpy as np
+
+from vd_jax.cli.model_flags import add_model_flags, load_model
+from vd_jax.cli.usage import UsageError, compile_cache, report
+from vd_jax.eval.checks import EVAL_MODEL_FLAGS, check
+from vd_jax.sampling_flags import add_sampler_flags
+
 GRID_MAX = 64
 
 
 def _model_args(p):
-    from vd_jax.platform import CPU_BFLOAT16_MEASURED
-    p.add_argument('--ckpt', help='vd_jax checkpoint folder (default: the shipped vd-mini model)')
-    p.add_argument('--model', default=None,
-                   help="a shipped model instead of --ckpt: 'vd-mini' (default) or 'tiny' (random "
-                        'weights: a smoke test)')
+    add_model_flags(p, EVAL_MODEL_FLAGS)  # --ckpt, --model, --dtype
     p.add_argument('--steps', type=int, default=50)
     p.add_argument('--scale', type=float, default=7.5, help='guidance scale')
-    from vd_jax.sampling_flags import add_sampler_flags
     add_sampler_flags(p)  # --sampler, --spacing, --karras, --guidance-rescale
     p.add_argument('--seed', type=int, default=0, help='sample i uses seed + i')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--out', default='evals', help='output root; each run gets a new folder')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
-                   help=f'compute dtype (on a CPU backend bfloat16 is slower: {CPU_BFLOAT16_MEASURED})')
 
 
 def _sample_args(p):
@@ -117,200 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------
-# Checks before any model loads
-# ------------------------------------------------------------------------------------------
-
-def _apply_config(args, parser, argv):
-    """--config FILE: its keys become the defaults of the command's flags; flags given win."""
-    from vd_jax.sample_cli import UsageError
-    from vd_jax.config import load_config
-    try:
-        cfg = load_config(args.config)
-    except (ValueError, FileNotFoundError, SyntaxError) as e:
-        raise UsageError(f'--config {args.config}: {e}') from None
-    sub = parser.commands[args.command]
-    known = {a.dest for a in sub._actions}
-    every = set().union(*({a.dest for a in parser.commands[c]._actions} for c in SAMPLE_COMMANDS))
-    bad = sorted(set(cfg.keys()) - every - {'help'})
-    if bad:
-        raise UsageError(f'--config {args.config}: unknown keys {bad} (keys are flag names with '
-                         "'_', e.g. ref_images)")
-    sub.set_defaults(**{k: v for k, v in cfg.items() if k in known})
-    return parser.parse_args(argv)
-
-
-def _model_id(args) -> str:
-    from vd_jax.pipeline import DEFAULT_MODEL
-    return os.path.abspath(args.ckpt) if args.ckpt else (args.model or DEFAULT_MODEL)
-
-
-def _check_inception(path):
-    from vd_jax.sample_cli import UsageError
-    if not path:
-        raise UsageError('--inception is required: the FID Inception weights (a converted folder, '
-                         'inception.safetensors, or pt_inception-2015-12-05-6726825d.pth)')
-    if not os.path.exists(path):
-        raise UsageError(f"--inception '{path}' does not exist")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, 'inception.safetensors')):
-            raise UsageError(f"--inception '{path}' has no inception.safetensors (convert the "
-                             f'weights: python -m vd_jax.convert pt_inception-...pth {path})')
-    elif not path.endswith(('.safetensors', '.pth', '.pt')):
-        raise UsageError(f"--inception '{path}': expected a folder, .safetensors or .pth")
-
-
-def _check_stats_out(path):
-    from vd_jax.sample_cli import UsageError
-    if not path.endswith('.npz'):
-        raise UsageError(f"statistics output '{path}' must end in .npz")
-    if os.path.exists(path):
-        raise UsageError(f"statistics output '{path}' already exists (not overwritten)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"statistics output '{path}': folder '{folder}' is not writable")
-
-
-def _check(args, parser, argv):
-    """Validate everything that can be without a model; returns a dict of prepared inputs."""
-    from vd_jax.sample_cli import UsageError, _check_out
-    prep = {}
-    if args.command == 'fid-stats':
-        from vd_jax.eval.fid import FIDError
-        from vd_jax.eval.reference import list_images
-        _check_inception(args.inception)
-        _check_stats_out(args.stats_out)
-        for flag in ('inception_batch_size',) + (('n',) if args.n is not None else ()):
-            if getattr(args, flag) < 1:
-                raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-        if args.size < 0:
-            raise UsageError('--size must be >= 0')
-        try:
-            prep['paths'] = list_images(args.folder)[:args.n]
-        except FIDError as e:
-            raise UsageError(str(e)) from None
-        return args, prep
-    if args.command in SAMPLE_COMMANDS and args.config:
-        args = _apply_config(args, parser, argv)
-    for flag in ('steps', 'batch_size') + (('n',) if args.n is not None else ()):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.scale < 0 or args.seed < 0:
-        raise UsageError('--scale and --seed must be >= 0')
-    from vd_jax.sampling_flags import check_sampler_flags
-    check_sampler_flags(args, UsageError)
-    if args.ckpt and args.model:
-        raise UsageError('give one of --ckpt and --model')
-    if args.ckpt and not os.path.isfile(os.path.join(args.ckpt, 'config.json')):
-        raise UsageError(f"--ckpt '{args.ckpt}' is not a vd_jax checkpoint folder (no config.json)")
-    from vd_jax.pipeline import MODELS
-    if args.model is not None and args.model not in MODELS:
-        raise UsageError(f'--model {args.model!r}: shipped models are {sorted(MODELS)}')
-    if args.command == 'shapes':
-        from vd_jax.eval.shapes_eval import FLOWS, PARTS
-        bad = [f for f in args.flows.split(',') if f not in FLOWS + PARTS]
-        if bad:
-            raise UsageError(f'--flows: unknown {bad}; choose from {list(FLOWS + PARTS)}')
-        _check_out(args.out)
-        return args, prep
-    prep.update(_check_sampling(args))
-    if args.resume is None:
-        _check_out(args.out)
-    return args, prep
-
-
-def _check_sampling(args) -> dict:
-    from vd_jax.eval import generate as G
-    from vd_jax.eval.fid import FIDError
-    from vd_jax.sample_cli import UsageError
-    prep = {}
-    if args.eta < 0:
-        raise UsageError('--eta must be >= 0')
-    for flag in ('height', 'width'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f'--{flag} must be >= 1')
-    try:
-        if args.task == 't2i':
-            if not args.prompts:
-                raise UsageError(f'{args.command} --task t2i needs --prompts FILE')
-            inputs = G.read_prompts(args.prompts)
-        else:
-            if not args.images:
-                raise UsageError(f'{args.command} --task i2i needs --images FILE (one image '
-                                 'path per line)')
-            inputs = G.read_image_list(args.images)
-    except G.GenerationError as e:
-        raise UsageError(str(e)) from None
-    for flag, want in (('prompts', 't2i'), ('images', 'i2i')):
-        if getattr(args, flag) and args.task != want:
-            print(f'warning: --{flag} is ignored by --task {args.task}', file=sys.stderr)
-    n = args.n or len(inputs)
-    if args.seed + n + args.batch_size >= 2 ** 32:
-        raise UsageError('--seed + --n must stay below 2^32 (sample i uses seed + i)')
-    prep.update(inputs=inputs, n=n)
-    if args.command == 'fid':
-        from vd_jax.eval.reference import check_statistics, list_images
-        _check_inception(args.inception)
-        if args.inception_batch_size < 1:
-            raise UsageError('--inception-batch-size must be >= 1')
-        if bool(args.ref_images) == bool(args.ref_stats):
-            raise UsageError('fid needs exactly one of --ref-images FOLDER and --ref-stats FILE.npz')
-        if n < 2:
-            raise UsageError('FID needs at least 2 samples (--n)')
-        try:
-            if args.ref_stats:
-                if args.stats_out:
-                    raise UsageError('--stats-out saves the statistics of --ref-images; with '
-                                     '--ref-stats there is nothing to compute')
-                prep['ref'] = check_statistics(args.ref_stats)
-            else:
-                prep['ref_paths'] = list_images(args.ref_images)
-                if len(prep['ref_paths']) < 2:
-                    raise UsageError(f"--ref-images '{args.ref_images}' has 1 image; FID needs "
-                                     'at least 2')
-        except FIDError as e:
-            raise UsageError(str(e)) from None
-        if args.stats_out:
-            _check_stats_out(args.stats_out)
-        if args.ref_size is not None and args.ref_size < 0:
-            raise UsageError('--ref-size must be >= 0')
-    else:
-        if args.clip and not os.path.isfile(os.path.join(args.clip, 'config.json')):
-            raise UsageError(f"--clip '{args.clip}' is not a vd_jax checkpoint folder "
-                             '(no config.json)')
-        if args.clip_batch_size < 1:
-            raise UsageError('--clip-batch-size must be >= 1')
-    spec = _spec(args, prep)
-    prep['spec'] = spec
-    if args.resume is not None:
-        try:
-            G.check_resume(args.resume, spec)
-        except G.GenerationError as e:
-            raise UsageError(str(e)) from None
-    return prep
-
-
-def _spec(args, prep):
-    from vd_jax.eval.generate import GenerationSpec, inputs_digest
-    return GenerationSpec(model=_model_id(args), task=args.task, sampler=args.sampler,
-                          steps=int(args.steps), scale=float(args.scale), eta=float(args.eta),
-                          spacing=args.spacing, karras=bool(args.karras),
-                          guidance_rescale=float(args.guidance_rescale),
-                          seed=int(args.seed), height=args.height, width=args.width,
-                          dtype=args.dtype, num_inputs=len(prep['inputs']),
-                          inputs_sha256=inputs_digest(prep['inputs']))
-
-
-# ------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------
 
 def _load(args):
-    from vd_jax.pipeline import VersatileDiffusion
-    if args.ckpt:
-        return VersatileDiffusion.from_checkpoint(args.ckpt, dtype=args.dtype)
-    if args.model:
-        return VersatileDiffusion.default(args.model, dtype=args.dtype)
-    return VersatileDiffusion.default(dtype=args.dtype)
+    return load_model(args.ckpt, model=args.model, dtype=args.dtype)
 
 
 def _log(msg):
@@ -320,43 +130,6 @@ def _log(msg):
 def _bar(total, desc):
     from tqdm import tqdm
     return tqdm(total=total, unit='img', desc=desc, file=sys.stderr)
-
-
-def _reference(args, prep, extractor, hw, folder):
-    """(mu, sigma, record) of the reference: the --ref-stats file, or the --ref-images folder
-    (cached in the run folder as reference_stats.npz, so a resumed run does not recompute)."""
-    from vd_jax.eval.fid import load_statistics, save_statistics
-    from vd_jax.eval.reference import folder_statistics
-    if args.ref_stats:
-        mu, sigma = prep['ref']
-        return mu, sigma, {'kind': 'statistics', 'path': os.path.abspath(args.ref_stats)}
-    size = None if args.ref_size == 0 else ((args.ref_size, args.ref_size) if args.ref_size
-                                            else tuple(hw))
-    rec = {'kind': 'images', 'path': os.path.abspath(args.ref_images),
-           'num_images': len(prep['ref_paths']),
-           'preprocess': (f'centre crop + bicubic resize to {size[0]}x{size[1]}' if size
-                          else 'none (original sizes)'),
-           'inception': os.path.abspath(args.inception)}
-    cache, cache_rec = (os.path.join(folder, 'reference_stats.npz'),
-                        os.path.join(folder, 'reference.json'))
-    if os.path.isfile(cache) and os.path.isfile(cache_rec):
-        with open(cache_rec) as f:
-            if json.load(f) == rec:
-                _log(f'reference statistics: reusing {cache}')
-                mu, sigma = load_statistics(cache)
-                return mu, sigma, dict(rec, cached=cache)
-    t0 = time.time()
-    with _bar(len(prep['ref_paths']), 'reference features') as bar:
-        stats = folder_statistics(prep['ref_paths'], extractor, size, bar.update)
-    stats.save(cache)
-    with open(cache_rec, 'w') as f:
-        json.dump(rec, f, indent=1)
-    if args.stats_out:
-        save_statistics(args.stats_out, *stats.mu_sigma(), num_images=stats.n)
-        _log(f'wrote the reference statistics to {args.stats_out}')
-        rec['saved_to'] = os.path.abspath(args.stats_out)
-    rec['seconds'] = round(time.time() - t0, 1)
-    return stats.mu, stats.sigma, rec
 
 
 def _grid(folder, paths, task, inputs, hw):
@@ -372,7 +145,6 @@ def _grid(folder, paths, task, inputs, hw):
         for i, im in enumerate(ims):
             pairs += [fit(load_image(inputs[i % len(inputs)]), tuple(hw)).astype('float32') / 255, im]
         ims, cols = pairs, 8
-    import numpy as np
     out = os.path.join(folder, 'grid.png')
     if os.path.exists(out):
         os.remove(out)
@@ -380,29 +152,36 @@ def _grid(folder, paths, task, inputs, hw):
     return out
 
 
+def _metric(args, prep):
+    """The metric of a sampling command (`FIDMetric` or `CLIPMetric`: load, prepare, score)."""
+    if args.command == 'fid':
+        from vd_jax.eval.fid import FIDMetric
+        return FIDMetric(args.inception, args.inception_batch_size, _bar,
+                         ref_stats=prep.get('ref'), ref_stats_path=args.ref_stats,
+                         ref_paths=prep.get('ref_paths'), ref_images=args.ref_images,
+                         ref_size=args.ref_size, stats_out=args.stats_out, log=_log)
+    from vd_jax.eval.clip_score import CLIPMetric
+    return CLIPMetric(args.task, _bar, towers=args.clip, batch_size=args.clip_batch_size)
+
+
 def _run_sampling(args, prep) -> int:
     import jax
-    import numpy as np
     from vd_jax.checkpoint import CheckpointError
     from vd_jax.eval import generate as G
-    from vd_jax.eval.fid import FIDError, InceptionFeatureExtractor
+    from vd_jax.eval.fid import FIDError
     from vd_jax.image_io import ImageReadError
     from vd_jax.outputs import code_version, new_run_dir
     from vd_jax.pipeline import TaskError
-    from vd_jax.sample_cli import _compile_cache
     t0 = time.time()
-    cache = _compile_cache(args)
+    cache = compile_cache(not args.no_compile_cache)
     spec: G.GenerationSpec = prep['spec']
-    extractor = None
+    metric = _metric(args, prep)
     try:
-        if args.command == 'fid':  # the small network first: a bad weights file fails fast
-            extractor = InceptionFeatureExtractor.from_pretrained(
-                args.inception, batch_size=args.inception_batch_size)
+        metric.load()  # the small network first: a bad weights file fails fast
         vd = _load(args)
         vd.check_task(G.TASKS[args.task])
     except (FIDError, CheckpointError, TaskError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     untrained = vd.source.startswith('random:')
     if untrained:
         _log(f'note: {vd.source}: RANDOM weights, the metrics mean nothing (a smoke test)')
@@ -411,8 +190,7 @@ def _run_sampling(args, prep) -> int:
     record = {'command': args.command, 'task': args.task, 'run_dir': os.path.abspath(folder)}
     timing = {}
     try:
-        if args.command == 'fid':
-            mu_r, sigma_r, record['reference'] = _reference(args, prep, extractor, hw, folder)
+        record.update(metric.prepare(hw, folder))
         n, inputs = prep['n'], prep['inputs']
         with _bar(len(G.missing_samples(folder, n)), f'{args.command}: {args.task} samples') as bar:
             gen = G.generate(vd, spec, inputs, n, folder, args.batch_size, log=_log,
@@ -420,48 +198,12 @@ def _run_sampling(args, prep) -> int:
         timing['generation_s'] = gen['seconds']
         paths = G.sample_paths(folder, n)
         t_metric = time.time()
-        if args.command == 'fid':
-            from vd_jax.eval.fid import frechet_distance
-            from vd_jax.eval.reference import folder_statistics
-            with _bar(n, 'sample features') as bar:
-                stats = folder_statistics(paths, extractor, None, bar.update)
-            stats.save(os.path.join(folder, 'samples_stats.npz'))
-            record['fid'] = frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
-            record['inception'] = os.path.abspath(args.inception)
-            summary = f"fid = {record['fid']:.4f}"
-        else:
-            from vd_jax.eval.clip_score import CLIPScorer
-            from vd_jax.eval.reference import clip_scores, image_similarities
-            kw = dict(batch_size=args.clip_batch_size)
-            if args.clip:
-                scorer = CLIPScorer.from_checkpoint(args.clip, text=args.task == 't2i', **kw)
-            else:
-                p, ctx = vd.params, vd.config['ctx']
-                scorer = CLIPScorer(p['ctx_text'] if args.task == 't2i' else None,
-                                    p['ctx_image'], ctx['text'] if args.task == 't2i' else None,
-                                    ctx['image'], **kw)
-            expanded = [inputs[i % len(inputs)] for i in range(n)]
-            with _bar(n, 'CLIP') as bar:  # 100 * cos; the score clamps each pair at 0
-                cos = (clip_scores(scorer, expanded, paths, progress=bar.update, clamp=False)
-                       if args.task == 't2i' else
-                       image_similarities(scorer, expanded, paths, progress=bar.update,
-                                          clamp=False))
-            scores = np.maximum(cos, 0.0)
-            name = 'clip_score' if args.task == 't2i' else 'clip_image_similarity'
-            record[name] = float(np.mean(scores))
-            record[f'{name}_std'] = float(np.std(scores))
-            record[f'{name}_unclamped'] = float(np.mean(cos))  # tells untrained models apart
-            record['clip_towers'] = os.path.abspath(args.clip) if args.clip else 'the model\'s own'
-            with open(os.path.join(folder, 'scores.jsonl'), 'w') as f:
-                for i, (s, c) in enumerate(zip(scores, cos)):
-                    f.write(json.dumps({'index': i, 'input': expanded[i], name: float(s),
-                                        f'{name}_unclamped': float(c)}) + '\n')
-            summary = f'{name} = {record[name]:.4f} (std {record[name + "_std"]:.4f})'
+        scores, summary = metric.score(vd, paths, inputs, folder)
+        record.update(scores)
         timing['metric_s'] = round(time.time() - t_metric, 2)
         grid = _grid(folder, paths, args.task, inputs, hw)
     except (FIDError, TaskError, ImageReadError, G.GenerationError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     settings = {k: v for k, v in vars(args).items()}
     record.update(n=n, generated=gen['generated'], reused=gen['reused'],
                   samples=os.path.join(os.path.abspath(folder), G.SAMPLES), grid=grid,
@@ -483,8 +225,7 @@ def _run_sampling(args, prep) -> int:
 
 
 def _run_fid_stats(args, prep) -> int:
-    from vd_jax.eval.fid import FIDError, InceptionFeatureExtractor, save_statistics
-    from vd_jax.eval.reference import folder_statistics
+    from vd_jax.eval.fid import FIDError, InceptionFeatureExtractor, folder_statistics, save_statistics
     from vd_jax.image_io import ImageReadError
     from vd_jax.outputs import code_version
     t0 = time.time()
@@ -496,8 +237,7 @@ def _run_fid_stats(args, prep) -> int:
             stats = folder_statistics(prep['paths'], extractor, size, bar.update)
         save_statistics(args.stats_out, *stats.mu_sigma(), num_images=stats.n)
     except (FIDError, ImageReadError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     rec = {'folder': os.path.abspath(args.folder), 'num_images': stats.n,
            'preprocess': f'centre crop + bicubic resize to {args.size}x{args.size}' if size
            else 'none (original sizes)', 'inception': os.path.abspath(args.inception),
@@ -508,42 +248,20 @@ def _run_fid_stats(args, prep) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    from vd_jax.platform import EXIT_OK, EXIT_USAGE, quiet_libraries
-    quiet_libraries()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['gates']:  # its own small parser (vd_jax/eval/gates.py)
-        from vd_jax.eval import gates
-        return gates.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from vd_jax.sample_cli import UsageError
-    try:
-        args, prep = _check(args, parser, argv)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    from vd_jax.platform import configure_xla
-    configure_xla()
-    if args.command == 'fid-stats':
-        return _run_fid_stats(args, prep)
-    if args.command in SAMPLE_COMMANDS:
-        return _run_sampling(args, prep)
-    from vd_jax.outputs import code_version, new_run_dir
+def _run_shapes(args, prep) -> int:
     from vd_jax.checkpoint import CheckpointError
+    from vd_jax.eval.shapes_eval import EvalSettings, evaluate
+    from vd_jax.eval.shapes_reader import IMAGE_SIZE
+    from vd_jax.outputs import code_version, new_run_dir
     t0 = time.time()
     try:
         vd = _load(args)
     except CheckpointError as e:  # e.g. the shipped model is not installed
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    from vd_jax.eval.shapes_reader import IMAGE_SIZE
+        return report(e)
     if vd.image_size != IMAGE_SIZE:
-        print(f'error: shapes evaluates models of the shapes world ({IMAGE_SIZE} px images); '
-              f'{vd.source} makes {vd.image_size} px images', file=sys.stderr)
-        return EXIT_USAGE
+        return report(f'shapes evaluates models of the shapes world ({IMAGE_SIZE} px images); '
+                      f'{vd.source} makes {vd.image_size} px images')
     out = new_run_dir(args.out, args.command)
-    from vd_jax.eval.shapes_eval import EvalSettings, evaluate
     settings = EvalSettings(n=args.n, steps=args.steps, scale=args.scale, sampler=args.sampler,
                             spacing=args.spacing, karras=args.karras,
                             guidance_rescale=args.guidance_rescale,
@@ -555,7 +273,28 @@ def main(argv=None) -> int:
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
     print(f'wrote {out}/metrics.json')
-    return EXIT_OK
+    return 0
+
+
+RUNS = {'shapes': _run_shapes, 'fid': _run_sampling, 'clip': _run_sampling,
+        'fid-stats': _run_fid_stats}
+
+
+def main(argv=None) -> int:
+    from vd_jax.platform import configure_xla, quiet_libraries
+    quiet_libraries()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['gates']:  # its own small parser (vd_jax/eval/gates.py)
+        from vd_jax.eval import gates
+        return gates.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args, prep = check(args, parser, argv)
+    except UsageError as e:
+        return report(e)
+    configure_xla()
+    return RUNS[args.command](args, prep)
 
 
 if __name__ == '__main__':

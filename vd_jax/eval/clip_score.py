@@ -21,13 +21,17 @@ warning); images of any size, uint8 or float in [0, 1], go through
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.batching import pad_rows
+from vd_jax.eval.reference import iter_images, load_fitted
 from vd_jax.models.clip import CLIPImageContext, CLIPTextContext, CLIPTextConfig, CLIPVisionConfig
 
 SCALE = 100.0
@@ -57,9 +61,7 @@ def _pad_run(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start:start + batch_size]
         k = chunk.shape[0]
-        if k < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - k, axis=0)])
-        outs.append(np.asarray(fn(params, chunk))[:k])
+        outs.append(np.asarray(fn(params, pad_rows(chunk, k, batch_size)))[:k])
     return np.concatenate(outs)
 
 
@@ -149,3 +151,90 @@ class CLIPScorer:
             raise CLIPScoreError(f'{a.shape[0]} and {b.shape[0]} images; the similarity is per '
                                  'pair')
         return cosine_score(a, b, clamp)
+
+
+# ----------------------------------------------------------------------------------------
+# Image files, streamed
+# ----------------------------------------------------------------------------------------
+
+def clip_scores(scorer, prompts: Sequence[str], paths: Sequence[str], chunk: int = 256,
+                progress: Optional[Callable[[int], None]] = None, clamp: bool = True) -> np.ndarray:
+    """(N,) CLIPScore of prompts[i] with the image file paths[i] (float64; `clamp=False`:
+    100 * cos without the max(., 0))."""
+    out = []
+    for k, images in enumerate(iter_images(list(paths), None, chunk)):
+        out.append(scorer.clip_score(list(prompts[k * chunk:k * chunk + len(images)]), images,
+                                     clamp))
+        if progress:
+            progress(len(images))
+    return np.concatenate(out)
+
+
+def image_similarities(scorer, sources: Sequence[str], paths: Sequence[str], chunk: int = 256,
+                       progress: Optional[Callable[[int], None]] = None,
+                       clamp: bool = True) -> np.ndarray:
+    """(N,) CLIP image similarity of the image files paths[i] and sources[i] (float64)."""
+    out = []
+    for k, images in enumerate(iter_images(list(paths), None, chunk)):
+        src = [load_fitted(p, None) for p in sources[k * chunk:k * chunk + len(images)]]
+        out.append(scorer.image_similarity(images, src, clamp))
+        if progress:
+            progress(len(images))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------------------
+# The metric of `python -m vd_jax.eval clip`
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CLIPMetric:
+    """CLIP score of t2i samples with their prompts, or (task 'i2i') CLIP image similarity
+    of image variations with their source images.
+
+    task: 't2i' or 'i2i'; towers: a vd_jax checkpoint folder with the CLIP towers, or None
+    for the sampled model's own; batch_size: per CLIP call; bar(total, desc): a progress bar
+    (a context with update(k)).
+    """
+    task: str
+    bar: Callable
+    towers: Optional[str] = None
+    batch_size: int = 32
+
+    def load(self) -> None:
+        """Nothing to load before the model (the towers may be the model's own)."""
+
+    def prepare(self, hw, folder) -> dict:
+        """Nothing to compute before sampling."""
+        return {}
+
+    def scorer(self, vd) -> CLIPScorer:
+        text = self.task == 't2i'
+        kw = dict(batch_size=self.batch_size)
+        if self.towers:
+            return CLIPScorer.from_checkpoint(self.towers, text=text, **kw)
+        p, ctx = vd.params, vd.config['ctx']
+        return CLIPScorer(p['ctx_text'] if text else None, p['ctx_image'],
+                          ctx['text'] if text else None, ctx['image'], **kw)
+
+    def score(self, vd, paths: Sequence[str], inputs: List[str], folder: str
+              ) -> Tuple[dict, str]:
+        """Score sample i (paths[i]) with its input inputs[i % P]; writes scores.jsonl (one
+        line per sample). Returns (the record's entries, a one-line summary)."""
+        scorer = self.scorer(vd)
+        n = len(paths)
+        expanded = [inputs[i % len(inputs)] for i in range(n)]
+        with self.bar(n, 'CLIP') as bar:  # 100 * cos; the score clamps each pair at 0
+            cos = (clip_scores(scorer, expanded, paths, progress=bar.update, clamp=False)
+                   if self.task == 't2i' else
+                   image_similarities(scorer, expanded, paths, progress=bar.update, clamp=False))
+        scores = np.maximum(cos, 0.0)
+        name = 'clip_score' if self.task == 't2i' else 'clip_image_similarity'
+        rec = {name: float(np.mean(scores)), f'{name}_std': float(np.std(scores)),
+               f'{name}_unclamped': float(np.mean(cos)),  # tells untrained models apart
+               'clip_towers': os.path.abspath(self.towers) if self.towers else "the model's own"}
+        with open(os.path.join(folder, 'scores.jsonl'), 'w') as f:
+            for i, (s, c) in enumerate(zip(scores, cos)):
+                f.write(json.dumps({'index': i, 'input': expanded[i], name: float(s),
+                                    f'{name}_unclamped': float(c)}) + '\n')
+        return rec, f'{name} = {rec[name]:.4f} (std {rec[name + "_std"]:.4f})'

@@ -19,14 +19,18 @@ statistics files are interchangeable with pytorch-fid's (`--save-stats`) both wa
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
-from typing import Optional, Tuple, Union
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.eval.reference import iter_images
 from vd_jax.models.inception import FEATURE_DIM, InceptionConfig, InceptionV3, abstract_params
 
 PART = 'inception'
@@ -325,3 +329,114 @@ def fid_from_statistics(a, b) -> float:
         mu, sigma = s
         return mu, sigma
     return frechet_distance(*get(a), *get(b))
+
+
+def folder_statistics(paths: Sequence[str], extractor, hw: Optional[Tuple[int, int]],
+                      progress: Optional[Callable[[int], None]] = None) -> RunningStatistics:
+    """Inception statistics of image files (`fit` to hw unless None), streamed."""
+    stats = RunningStatistics()
+    chunk = max(1, extractor.batch_size) * 4
+    for images in iter_images(list(paths), hw, chunk):
+        same = len({im.shape for im in images}) == 1
+        stats.update(extractor(np.stack(images) if same else images))
+        if progress:
+            progress(len(images))
+    return stats
+
+
+
+def check_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a statistics `.npz`, which must be Inception pool3 statistics:
+    mu (2048,) and sigma (2048, 2048)."""
+    mu, sigma = load_statistics(path)
+    if mu.shape != (FEATURE_DIM,):
+        raise FIDError(f"statistics file '{path}': mu has shape {mu.shape}, sigma "
+                       f'{sigma.shape}; FID Inception statistics are ({FEATURE_DIM},) and '
+                       f'({FEATURE_DIM}, {FEATURE_DIM})')
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------------------
+# The metric of `python -m vd_jax.eval fid`
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FIDMetric:
+    """FID of generated samples against a reference: a statistics file or an image folder.
+
+    inception: the weights (`InceptionFeatureExtractor.from_pretrained`); batch_size: images
+    per Inception call; ref_stats: (mu, sigma) of a checked statistics file and its path, or
+    ref_paths: the reference images (from ref_images, a folder) brought to ref_size x
+    ref_size (None: the samples' size; 0: as they are); stats_out: also save the reference
+    folder's statistics there. bar(total, desc): a progress bar (a context with update(k)).
+    The metric protocol (as `vd_jax.eval.clip_score.CLIPMetric`): load() before the model,
+    prepare(hw, folder) before sampling, score(vd, paths, inputs, folder) after.
+    """
+    inception: str
+    batch_size: int
+    bar: Callable
+    ref_stats: Optional[Tuple[np.ndarray, np.ndarray]] = None
+    ref_stats_path: Optional[str] = None
+    ref_paths: Optional[List[str]] = None
+    ref_images: Optional[str] = None
+    ref_size: Optional[int] = None
+    stats_out: Optional[str] = None
+    log: Callable[[str], None] = print
+    extractor: Optional[InceptionFeatureExtractor] = None
+    reference_stats: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    def load(self) -> None:
+        """Load the Inception network (before the diffusion model: a bad file fails fast)."""
+        self.extractor = InceptionFeatureExtractor.from_pretrained(self.inception,
+                                                                   batch_size=self.batch_size)
+
+    def reference(self, hw: Tuple[int, int], folder: str) -> Tuple[np.ndarray, np.ndarray, dict]:
+        """(mu, sigma, record) of the reference: the statistics file, or the image folder
+        (cached in the run folder as reference_stats.npz, so a resumed run does not
+        recompute)."""
+        if self.ref_stats is not None:
+            mu, sigma = self.ref_stats
+            return mu, sigma, {'kind': 'statistics', 'path': os.path.abspath(self.ref_stats_path)}
+        size = None if self.ref_size == 0 else ((self.ref_size, self.ref_size) if self.ref_size
+                                                else tuple(hw))
+        rec = {'kind': 'images', 'path': os.path.abspath(self.ref_images),
+               'num_images': len(self.ref_paths),
+               'preprocess': (f'centre crop + bicubic resize to {size[0]}x{size[1]}' if size
+                              else 'none (original sizes)'),
+               'inception': os.path.abspath(self.inception)}
+        cache, cache_rec = (os.path.join(folder, 'reference_stats.npz'),
+                            os.path.join(folder, 'reference.json'))
+        if os.path.isfile(cache) and os.path.isfile(cache_rec):
+            with open(cache_rec) as f:
+                if json.load(f) == rec:
+                    self.log(f'reference statistics: reusing {cache}')
+                    mu, sigma = load_statistics(cache)
+                    return mu, sigma, dict(rec, cached=cache)
+        t0 = time.time()
+        with self.bar(len(self.ref_paths), 'reference features') as bar:
+            stats = folder_statistics(self.ref_paths, self.extractor, size, bar.update)
+        stats.save(cache)
+        with open(cache_rec, 'w') as f:
+            json.dump(rec, f, indent=1)
+        if self.stats_out:
+            save_statistics(self.stats_out, *stats.mu_sigma(), num_images=stats.n)
+            self.log(f'wrote the reference statistics to {self.stats_out}')
+            rec['saved_to'] = os.path.abspath(self.stats_out)
+        rec['seconds'] = round(time.time() - t0, 1)
+        return stats.mu, stats.sigma, rec
+
+    def prepare(self, hw: Tuple[int, int], folder: str) -> dict:
+        """Before sampling: the reference statistics; returns the record's entries."""
+        mu, sigma, rec = self.reference(hw, folder)
+        self.reference_stats = (mu, sigma)
+        return {'reference': rec}
+
+    def score(self, vd, paths: Sequence[str], inputs: Sequence[str], folder: str
+              ) -> Tuple[dict, str]:
+        """FID of the sample files against the reference (`prepare`); their statistics are
+        saved as samples_stats.npz. Returns (the record's entries, a one-line summary)."""
+        with self.bar(len(paths), 'sample features') as bar:
+            stats = folder_statistics(paths, self.extractor, None, bar.update)
+        stats.save(os.path.join(folder, 'samples_stats.npz'))
+        fid = frechet_distance(stats.mu, stats.sigma, *self.reference_stats)
+        return {'fid': fid, 'inception': os.path.abspath(self.inception)}, f'fid = {fid:.4f}'

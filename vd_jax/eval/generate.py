@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from vd_jax.batching import batch_size_for, padded_batches
+
 SAMPLES = 'samples'
 SPEC_FILE = 'generation.json'
 TASKS = {'t2i': 'text_to_image', 'i2i': 'image_variation'}
@@ -176,9 +178,9 @@ def _save_png(path: str, image: np.ndarray, meta: dict) -> None:
     """Write atomically (temporary name, then rename): an interrupted write leaves no PNG
     that a resumed run would take for a finished sample."""
     from PIL import Image
-    from vd_jax.outputs import _png_info, to_uint8
+    from vd_jax.outputs import png_info, to_uint8
     tmp = path + '.tmp'
-    Image.fromarray(to_uint8(image)).save(tmp, format='PNG', pnginfo=_png_info(meta))
+    Image.fromarray(to_uint8(image)).save(tmp, format='PNG', pnginfo=png_info(meta))
     os.replace(tmp, path)
 
 
@@ -193,7 +195,6 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
     progress(k) is called after each batch with the samples written. Returns
     {'generated', 'reused', 'seconds'}.
     """
-    from vd_jax.batching import batch_size_for, consecutive_batches, pad_batch
     if spec.task not in TASKS:
         raise GenerationError(f'task must be one of {sorted(TASKS)}, got {spec.task!r}')
     os.makedirs(os.path.join(folder, SAMPLES), exist_ok=True)
@@ -208,13 +209,12 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
               spacing=spec.spacing, karras=spec.karras, guidance_rescale=spec.guidance_rescale,
               height=spec.height, width=spec.width)
     p = len(inputs)
-    for chunk in consecutive_batches(todo, size):
-        xs = pad_batch([inputs[i % p] for i in chunk], size)
-        images = call(xs, 1, seed=spec.seed + chunk[0], **kw)
-        for j, i in enumerate(chunk):
-            _save_png(sample_path(folder, i), images[j],
+    for batch in padded_batches(lambda i: inputs[i % p], todo, size, spec.seed):
+        images = batch.trim(call(batch.inputs, 1, seed=batch.seed, **kw))
+        for i, image in zip(batch.indices, images):
+            _save_png(sample_path(folder, i), image,
                       {'index': i, 'seed': spec.seed + i, 'input': inputs[i % p],
                        'task': spec.task, 'model': spec.model})
         if progress:
-            progress(len(chunk))
+            progress(len(batch.indices))
     return {'generated': len(todo), 'reused': reused, 'seconds': round(time.time() - t0, 2)}

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from vd_jax.batching import map_batched
 from vd_jax.data import shapes as W
 from vd_jax.eval.shapes_reader import attribute_accuracy, parse_caption, read_images
 
@@ -56,17 +57,6 @@ class EvalSettings:
 def heldout(n: int, seed: int) -> List[W.Sample]:
     """The first n held-out samples (every held-out combination before any repeats)."""
     return W.sample('heldout', n, seed)
-
-
-def _batched(fn: Callable, items: Sequence, batch: int, seed: int):
-    """fn(chunk, seed) over chunks; sample i keeps seed + i whatever the chunking."""
-    out = []
-    for k in range(0, len(items), batch):
-        chunk = list(items[k:k + batch])
-        pad = batch - len(chunk) if len(items) > batch else 0   # one shape: one program
-        res = fn(chunk + [chunk[-1]] * pad, seed + k)
-        out.extend(list(res)[:len(chunk)])
-    return out
 
 
 def _acc(pred, true) -> Dict[str, float]:
@@ -111,7 +101,7 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         log(f'{name}: ' + json.dumps({k: v for k, v in r.items() if k != 'examples'}))
 
     def t2i(scale):
-        out = _batched(lambda p, sd: vd.text_to_image(p, 1, seed=sd, scale=scale, **kw),
+        out = map_batched(lambda p, sd: vd.text_to_image(p, 1, seed=sd, scale=scale, **kw),
                        prompts, s.batch_size, s.seed)
         return np.stack(out)
 
@@ -133,7 +123,7 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         timed('guidance', run)
     if 'i2t' in s.flows and 'image_to_text' in have:
         def run():
-            texts = _batched(lambda x, sd: vd.image_to_text(np.stack(x), 1, seed=sd, scale=s.scale,
+            texts = map_batched(lambda x, sd: vd.image_to_text(np.stack(x), 1, seed=sd, scale=s.scale,
                                                              decode=s.decode, **kw),
                              list(images), s.batch_size, s.seed)
             _grid(out_dir, 'i2t_inputs', images, dict(flow='i2t', captions=texts[:64]))
@@ -142,7 +132,7 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         timed('i2t', run)
     if 'i2i' in s.flows and 'image_variation' in have:
         def run():
-            out = np.stack(_batched(lambda x, sd: vd.image_variation(
+            out = np.stack(map_batched(lambda x, sd: vd.image_variation(
                 np.stack(x), 1, seed=sd, scale=s.scale, **kw), list(images), s.batch_size, s.seed))
             pred = read_images(out)
             _grid(out_dir, 'i2i', np.concatenate([images[:32], out[:32]]), dict(flow='i2i', **kw))
@@ -152,7 +142,7 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         timed('i2i', run)
     if 't2t' in s.flows and 'text_variation' in have:
         def run():
-            texts = _batched(lambda p, sd: vd.text_variation(p, 1, seed=sd, scale=s.scale,
+            texts = map_batched(lambda p, sd: vd.text_variation(p, 1, seed=sd, scale=s.scale,
                                                               decode=s.decode, **kw),
                              prompts, s.batch_size, s.seed)
             return dict(preserved=_acc([parse_caption(t) for t in texts], truth),
@@ -211,7 +201,7 @@ def _dual(vd, s: EvalSettings, data, images, kw, out_dir) -> Dict:
               data[(i + 1) % len(data)].attrs) for i in range(n)]
     res = {}
     for mix in s.mixes:
-        out = np.stack(_batched(lambda ps, sd: vd.dual_guided(
+        out = np.stack(map_batched(lambda ps, sd: vd.dual_guided(
             [p[1] for p in ps], np.stack([p[0] for p in ps]), 1, mix=mix,
             mix_level='attention', seed=sd, scale=s.scale, **kw), pairs, s.batch_size, s.seed))
         pred = read_images(out)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.batching import pad_rows, round_up
 from vd_jax.diffusion import conditioning, samplers
 from vd_jax.diffusion.sampling import SAMPLERS, Sampler, check_prediction
 from vd_jax.diffusion.schedule import make_schedule
@@ -185,13 +186,6 @@ def conditioning_dtype(comps, opts: SamplingOptions):
     return d
 
 
-def _pad(tree, b: int, to: int):
-    if to == b:
-        return tree
-    return jax.tree_util.tree_map(
-        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], to - b, axis=0)], axis=0), tree)
-
-
 def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=None,
             x0=None, start_step: Optional[int] = None, latents=None,
             progress: Any = None, callback: Optional[Callable] = None) -> jax.Array:
@@ -226,9 +220,9 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
         if tuple(latents.shape) != want:
             raise TaskError(f'latents must have shape {want}, got {tuple(latents.shape)}')
     shards = comps.data_shards
-    padded = -(-b // shards) * shards
+    padded = round_up(b, shards)
     args = dict(ctx=ctx, uctx=uctx, seeds=jnp.asarray(seeds), x0=x0, latents=latents)
-    args = comps.shard_batch(_pad({k: v for k, v in args.items() if v is not None}, b, padded))
+    args = comps.shard_batch(pad_rows({k: v for k, v in args.items() if v is not None}, b, padded))
     kw = dict(uncond_context=args.get('uctx'), guidance_scale=float(opts.scale),
               eta=float(opts.eta), guidance_rescale=float(opts.guidance_rescale),
               seeds=args['seeds'], x0=args.get('x0'),
