@@ -95,6 +95,8 @@ class LoraRun:
                               f"'diffusion', got {cfg.get('objective')!r}")
         spec = LoraSpec.from_config(cfg.lora)
         base_path = base_checkpoint(cfg)
+        from vd_jax.checkpoint import read_config
+        read_config(base_path)  # a missing / wrong folder fails before any tracing
         with jax.set_mesh(mesh):
             base_boxed = abstract_boxed_params(sc, 1)
         base_abs = nn.unbox(base_boxed)
