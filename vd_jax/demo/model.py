@@ -22,7 +22,7 @@ TAB_TASKS = ('text_to_image', 'image_variation', 'image_to_text', 'text_variatio
 
 
 def load_model(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
-               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32'):
+               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32', loras=()):
     """The demo's model: a vd_jax checkpoint folder, or without one the default model.
 
     Args:
@@ -30,14 +30,19 @@ def load_model(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CO
       config, seed: without `ckpt`, the config and seed of a random-weight model; neither:
         the shipped default model (VD-mini, docs/vd-mini.md).
       dtype: compute dtype, 'float32' or 'bfloat16'.
+      loras: (path, scale) LoRA adapters to load (`--lora`; the demo's LoRA panel).
     Returns a `vd_jax.pipeline.VersatileDiffusion`.
     """
     from vd_jax.pipeline import VersatileDiffusion
     if ckpt:
-        return VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
-    if config:
-        return VersatileDiffusion.random(config, seed, dtype=dtype)
-    return VersatileDiffusion.default(dtype=dtype)
+        vd = VersatileDiffusion.from_checkpoint(ckpt, dtype=dtype)
+    elif config:
+        vd = VersatileDiffusion.random(config, seed, dtype=dtype)
+    else:
+        vd = VersatileDiffusion.default(dtype=dtype)
+    for path, scale in loras:
+        vd.load_lora(path, scale=scale)
+    return vd
 
 
 @dataclasses.dataclass
@@ -49,6 +54,7 @@ class Served:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     unavailable: Dict[str, str] = dataclasses.field(default_factory=dict)
     examples: object = None   # demo.inputs.Examples: the prompts/images the tabs offer
+    lora_defaults: Dict[str, float] = dataclasses.field(default_factory=dict)  # name -> scale
 
     def __post_init__(self):
         from vd_jax.demo.inputs import examples_for
@@ -56,6 +62,8 @@ class Served:
                             if (r := task_unavailable(self.vd, t))}
         if self.examples is None:
             self.examples = examples_for(self.vd.source)
+        if not self.lora_defaults:
+            self.lora_defaults = dict(getattr(self.vd, 'loras', {}) or {})
 
     def reason(self, task: str) -> Optional[str]:
         """None if the model serves `task`, else the pipeline's message naming what lacks."""
@@ -83,12 +91,12 @@ def set_served(served: Served) -> None:
 
 
 def get_served(ckpt: Optional[str] = None, *, config: Optional[str] = DEFAULT_CONFIG,
-               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32') -> Served:
+               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32', loras=()) -> Served:
     """The installed model; loaded here on first use when the app runs without the launcher
     (e.g. `streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
     global _SERVED
     with _SERVED_LOCK:
         if _SERVED is None:
-            vd = load_model(ckpt, config=config, seed=seed, dtype=dtype)
+            vd = load_model(ckpt, config=config, seed=seed, dtype=dtype, loras=loras)
             _SERVED = Served(vd, untrained=vd.source.startswith('random:'), dtype=dtype)
         return _SERVED

@@ -148,6 +148,20 @@ class AdapterStack:
         return self._merged[1]
 
 
+def parse_lora_flag(spec: str):
+    """'PATH[:SCALE]' (sample.py --lora) -> (path, scale); the file must exist."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(':')
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    if not os.path.isfile(path):
+        raise LoraError(f"'{path}' does not exist (give PATH or PATH:SCALE, e.g. star.safetensors:0.8)")
+    return path, _check_scale(path, scale)
+
+
 def stack_of(comps) -> AdapterStack:
     """The components' adapter stack (created on first use)."""
     if getattr(comps, 'adapters', None) is None:
