@@ -49,7 +49,7 @@ class AdapterStack:
         self._mode = 'merge'
         self.mode = mode
         self._device = None     # [ {module: (down, up)} per adapter ] on the device(s)
-        self._merged = None     # (scales tuple, merged params) of the last merge
+        self._merged = None     # (scales, merged params, base) of the last merge
         self._merge_fn = None
 
     # -- state -----------------------------------------------------------------------------------
@@ -138,13 +138,14 @@ class AdapterStack:
         if self.mode == 'on_the_fly':
             return {'base': base, 'lora': {'weights': self._weights(), 'scales': self._scales()}}
         key = tuple(self.scales[n] for n in self.adapters)
-        if self._merged is None or self._merged[0] != key:
+        # new base weights (components.set_params) are merged again
+        if self._merged is None or self._merged[0] != key or self._merged[2] is not base:
             if self._merge_fn is None:
                 out_sh = None
                 if self.comps.mesh is not None:
                     out_sh = jax.tree_util.tree_map(lambda a: a.sharding, base)
                 self._merge_fn = jax.jit(merge, out_shardings=out_sh)
-            self._merged = (key, self._merge_fn(base, self._weights(), self._scales()))
+            self._merged = (key, self._merge_fn(base, self._weights(), self._scales()), base)
         return self._merged[1]
 
 
