@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 
 # every run of the LoRA tests (tests/test_lora_training.py) uses these settings
 LORA = ['lora.enabled=True', "flows=['t2i', 'i2i']", 'lora.rank.image=2', 'lora.rank.text=3',
-        'lora.alpha.text=6.0', 'total_steps=3', 'ema.decay=0.5', 'checkpoint.every=1000']
+        'lora.alpha.text=9.0', 'total_steps=3', 'ema.decay=0.5', 'checkpoint.every=1000']
 
 
 def overrides(base):

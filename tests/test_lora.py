@@ -34,8 +34,9 @@ def _inputs(d, xtype='image', b=2):
     return x, jnp.asarray([3, 500]), ctx
 
 
-def _adapter(params, spec=LoraSpec(), seed=1, zero_up=False):
+def _adapter(params, spec=None, seed=1, zero_up=False):
     """A random adapter on the spec's targets with a non-zero `up` (unless zero_up)."""
+    spec = spec or LoraSpec()
     tree = init_tree(select_targets(params, spec), spec, seed)
     rng = np.random.default_rng(seed + 100)
     flat = {k: (v if k.endswith('lora_down') or zero_up else
@@ -79,7 +80,7 @@ def _fly(d, params, adapters_scales, flow=('image', 'text')):
 
 
 def test_default_targets_are_the_attention_projections(model):
-    d, params = model
+    _, params = model
     targets = select_targets(params, LoraSpec())
     assert targets and all('/context_blocks_' in k and '/attn' in k for k in targets)
     names = {k.split('/')[-2] for k in targets}
@@ -235,8 +236,8 @@ def test_pipeline_load_scale_unload_without_recompiles(vd, tmp_path):
 
 def test_pipeline_refuses_what_does_not_fit(vd, tmp_path):
     a = _adapter(vd.params['diffuser'])
-    bad = Adapter({'image/context_blocks_0/transformer_blocks_0/attn1/to_zz':
-                   next(iter(a.weights.values()))}, {'image/context_blocks_0/transformer_blocks_0/attn1/to_zz': 1.0})
+    wrong = 'image/context_blocks_0/transformer_blocks_0/attn1/to_zz'
+    bad = Adapter({wrong: next(iter(a.weights.values()))}, {wrong: 1.0})
     p = save_adapter(str(tmp_path / 'bad.safetensors'), bad)
     with pytest.raises(LoraError, match='to_zz/kernel'):
         vd.load_lora(p)
