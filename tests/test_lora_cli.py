@@ -68,7 +68,7 @@ def test_sample_py_with_two_loras(adapter_file, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         run_dir = os.path.join(tmp_path, tag, 'run-001')
         from PIL import Image
-        outs[tag] = np.asarray(Image.open(os.path.join(run_dir, 'sample_000.png')))
+        outs[tag] = np.asarray(Image.open(os.path.join(run_dir, '0000.png')))
         settings = json.load(open(os.path.join(run_dir, 'settings.json')))
     assert "LoRA 'style' at scale 0.5" in r.stderr
     assert settings['lora'] == [[adapter_file, 0.5]]
