@@ -101,6 +101,14 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     cfg.init = dict(method='exact',      # 'exact' (modules' initialisers) | 'random' (numpy)
                     sources=init_sources or {})
 
+    # LoRA (vd_jax.lora.training): enabled=True trains only adapters on the frozen diffuser of
+    # the checkpoint folder `base` ('' = the shipped VD-mini) and exports one adapter file
+    # `export/step_<N>/<name>.safetensors`. targets: glob patterns over kernel paths ([] = the
+    # attention projections q/k/v/out of every context layer); rank / alpha per stream (rank 0:
+    # none on that stream).
+    cfg.lora = dict(enabled=False, base='', name='lora', description='', targets=[],
+                    rank={'image': 4, 'text': 4}, alpha={'image': 4.0, 'text': 4.0})
+
     # Sampling with the EMA weights during training (vd_jax.train.validation): every N steps
     # (0: never), n samples per trained flow, metrics 'shapes' and/or 'clip_score' (on
     # `prompts`), grids into <workdir>/validation/ and TensorBoard.

@@ -67,6 +67,7 @@ class Components:
         self.samplers: Dict[Tuple, Any] = {}
         self.tokenizers: Dict[str, Any] = {}
         self.uncond: Dict[Tuple[str, str, str], jax.Array] = {}
+        self.adapters = None  # LoRA adapters in use (`vd_jax.lora.stack.AdapterStack`)
         for part, tree in params.items():
             self.set_params(part, tree)
 

@@ -130,6 +130,45 @@ class VersatileDiffusion:
         """Shapes of every part the config defines, without allocating."""
         return self.components.abstract_params()
 
+    # -- LoRA adapters (vd_jax.lora) --------------------------------------------------------------
+    def load_lora(self, path: str, scale: float = 1.0, name: Optional[str] = None,
+                  **import_kw) -> str:
+        """Load a LoRA adapter of the diffuser and use it from the next call on; returns its
+        name (default: the file name without '.safetensors'). Several adapters add up, each
+        with its own scale. `path`: a vd_jax adapter file (train.py's LoRA export) or a
+        diffusers/PEFT LoRA file (`import_kw`: see `vd_jax.lora.import_peft`)."""
+        from vd_jax.lora.stack import read_any, stack_of
+        adapter = read_any(path, self.components, **import_kw)
+        name = name or os.path.basename(path)[:-len('.safetensors')]
+        return stack_of(self.components).add(name, adapter, scale, source=path)
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Unload one adapter by name, or every adapter (name None): the base model again."""
+        from vd_jax.lora.stack import stack_of
+        stack_of(self.components).remove(name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change an adapter's scale (0 = off); the compiled samplers are reused."""
+        from vd_jax.lora.stack import stack_of
+        stack_of(self.components).set_scale(name, scale)
+
+    @property
+    def loras(self) -> dict:
+        """{name: scale} of the loaded adapters, in load order."""
+        a = self.components.adapters
+        return {} if a is None else {n: a.scales[n] for n in a.adapters}
+
+    @property
+    def lora_mode(self) -> str:
+        """'merge' (adapters merged into the weights: the fast path) or 'on_the_fly'."""
+        a = self.components.adapters
+        return 'merge' if a is None else a.mode
+
+    @lora_mode.setter
+    def lora_mode(self, mode: str) -> None:
+        from vd_jax.lora.stack import stack_of
+        stack_of(self.components).mode = mode
+
     # -- checks -----------------------------------------------------------------------------------
     def check_task(self, task: str) -> None:
         """Raise `TaskError` naming what this model lacks for `task`."""

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     a('--preview-every', type=int, default=None, metavar='N',
       help='write the decoded intermediate latents every N steps into the run folder '
            '(preview_step_010.png; text outputs: .txt)')
+    a('--lora', action='append', default=[], metavar='PATH[:SCALE]',
+      help='a LoRA adapter of the diffuser (a vd_jax adapter file from train.py, or a '
+           'diffusers/PEFT file), scale 1 by default; repeatable: adapters add up')
     a('--mesh', default=None,
       help="device mesh over this process's devices, e.g. data=8 or data=2,fsdp=4 (axes data, "
            'fsdp, model; -1 = all remaining devices): batches split over data x fsdp, '
@@ -164,6 +167,11 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     check_model_flags(args)
     check_out(args.out)
     check_parallel(args)
+    from vd_jax.lora.stack import LoraError, parse_lora_flag
+    try:
+        args.lora = [parse_lora_flag(x) for x in args.lora]
+    except LoraError as e:
+        raise UsageError(f'--lora: {e}') from None
     return t, prompts, paths
 
 
@@ -178,6 +186,8 @@ def _load_model(args, mesh, share, t0):
                     uncond=args.uncond, mesh=mesh)
     if vd.source.startswith('random:') and share[0] == 0:
         print(UNTRAINED, file=sys.stderr)
+    for path, scale in args.lora:
+        print(f"LoRA '{vd.load_lora(path, scale=scale)}' at scale {scale:g}", file=sys.stderr)
     where = (f'process {share[0]}/{share[1]}, ' if args.distributed else '') + (
         f'mesh {dict(mesh.shape)} of {mesh.devices.size} device(s)' if mesh is not None
         else f'device {jax.local_devices()[0]}')
@@ -199,6 +209,7 @@ def main(argv=None) -> int:
     from vd_jax.checkpoint import CheckpointError
     from vd_jax.image_io import ImageReadError
     from vd_jax.outputs import code_version, new_run_dir
+    from vd_jax.lora import LoraError
     from vd_jax.pipeline import TaskError
     cache = compile_cache(not args.no_compile_cache)
     share = start_processes(args)
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
     try:
         vd = _load_model(args, mesh, share, t0)
         result = sample(vd, t, args, prompts, paths, share, run_dir)
-    except (TaskError, CheckpointError, ImageReadError) as e:
+    except (TaskError, CheckpointError, ImageReadError, LoraError) as e:
         return report(e)  # after the progress bar closed its line
     untrained = vd.source.startswith('random:')
     settings = dict(vars(args), task_name=t.method, prompts=prompts, image_files=paths,

@@ -74,19 +74,24 @@ def model_id(ckpt: Optional[str], model: Optional[str] = None) -> str:
 
 def load_model(ckpt: Optional[str] = None, *, model: Optional[str] = None,
                config: Optional[str] = None, seed: int = DEFAULT_MODEL_SEED,
-               dtype: str = 'float32', uncond: str = 'v1.0', mesh=None):
+               dtype: str = 'float32', uncond: str = 'v1.0', mesh=None, loras=()):
     """The model the flags name: the checkpoint folder `ckpt`, else random weights of
     `config` (seeded by `seed`), else the shipped model `model` (default: VD-mini).
 
     dtype: the compute dtype; uncond: the unconditional-context convention; mesh: a
-    `jax.sharding.Mesh` to shard the parameters and batches over (None: one device).
+    `jax.sharding.Mesh` to shard the parameters and batches over (None: one device);
+    loras: (path, scale) LoRA adapters of the diffuser to load (`--lora`).
     Returns a `vd_jax.pipeline.VersatileDiffusion`; a missing or broken checkpoint raises
     `vd_jax.checkpoint.CheckpointError`.
     """
     from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion
     kw = dict(dtype=dtype, uncond=uncond, mesh=mesh)
     if ckpt:
-        return VersatileDiffusion.from_checkpoint(ckpt, **kw)
-    if config:
-        return VersatileDiffusion.random(config, seed, **kw)
-    return VersatileDiffusion.default(model or DEFAULT_MODEL, **kw)
+        vd = VersatileDiffusion.from_checkpoint(ckpt, **kw)
+    elif config:
+        vd = VersatileDiffusion.random(config, seed, **kw)
+    else:
+        vd = VersatileDiffusion.default(model or DEFAULT_MODEL, **kw)
+    for path, scale in loras:
+        vd.load_lora(path, scale=scale)
+    return vd

@@ -16,7 +16,8 @@ import numpy as np
 # flags every task uses; the others belong to the tasks that list them in `CliTask.flags`
 COMMON = {'ckpt', 'model', 'config', 'task', 'n', 'steps', 'scale', 'sampler', 'eta', 'seed', 'dtype',
           'batch_size', 'out', 'uncond', 'spacing', 'no_compile_cache', 'mesh', 'distributed',
-          'coordinator', 'num_processes', 'process_id', 'preview_every', 'karras', 'guidance_rescale'}
+          'coordinator', 'num_processes', 'process_id', 'preview_every', 'karras', 'guidance_rescale',
+          'lora'}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ a coverage `alpha`, then `round(background * (1 - alpha) + colour * alpha)`.
 Geometry (pixel units, x to the right, y down, pixel (row i, column j) covers [j, j+1) x [i, i+1)):
 the shape's bounding box is `size` x `size` centred on the position's grid point; circle = the
 inscribed disc, square = the box, triangle = apex at the top middle, base along the bottom edge,
-cross = a plus sign whose arms are size/3 wide (fill ratio 5/9).
+cross = a plus sign whose arms are size/3 wide (fill ratio 5/9). The extra shapes (EXTRA_SHAPES,
+outside the world) are described where they are defined.
 
 Split rule: with `i_<field>` the value's index in its table, a combination is held out iff
     (i_shape + i_colour + 3 * i_background + 6 * i_size + i_position) % 10 == 0
@@ -35,6 +36,11 @@ IMAGE_SIZE = 64
 SUPERSAMPLE = 8   # render with SUPERSAMPLE x SUPERSAMPLE samples per pixel
 
 SHAPES = ('circle', 'square', 'triangle', 'cross')
+# Shapes outside the world (not in SHAPES, VOCAB, the splits or the dataset): renders for
+# teaching a trained model something new (docs/lora.md); `coverage` / `render_any` draw them.
+# star: five points on the box's inscribed circle, inner vertices at STAR_INNER of its radius.
+EXTRA_SHAPES = ('star',)
+STAR_INNER = 0.5
 COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220),
            'yellow': (240, 210, 40), 'purple': (140, 60, 180), 'orange': (245, 140, 30),
            'cyan': (40, 200, 210), 'pink': (240, 120, 180)}
@@ -133,8 +139,8 @@ def coverage(shape: str, cx: float, cy: float, width: float, height: float, *,
     Returns float32 (image_size, image_size) in [0, 1], from supersample^2 point samples per pixel.
     The reader also uses it with other centres and box sizes (generated shapes are not exact).
     """
-    if shape not in SHAPES:
-        raise ValueError(f'shape {shape!r} is not one of {SHAPES}')
+    if shape not in SHAPES + EXTRA_SHAPES:
+        raise ValueError(f'shape {shape!r} is not one of {SHAPES + EXTRA_SHAPES}')
     ticks = (np.arange(image_size * supersample, dtype=np.float64) + 0.5) / supersample
     u = ((ticks - cx) / (width / 2))[None, :]       # -1..1 across the box
     v = ((ticks - cy) / (height / 2))[:, None]
@@ -145,10 +151,29 @@ def coverage(shape: str, cx: float, cy: float, width: float, height: float, *,
         inside = (au <= 1) & (av <= 1)
     elif shape == 'triangle':
         inside = (av <= 1) & (au <= (v + 1) / 2)
+    elif shape == 'star':
+        inside = _inside_star(u, v)
     else:  # cross: arms one third of the width
         inside = ((au <= 1 / 3) & (av <= 1)) | ((av <= 1 / 3) & (au <= 1))
     n = image_size
     return inside.reshape(n, supersample, n, supersample).mean((1, 3), dtype=np.float32)
+
+
+def _inside_star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Points (u (1, N), v (N, 1), box units) inside the five-pointed star (even-odd rule over
+    its 10 edges), first point straight up."""
+    k = np.arange(10)
+    radius = np.where(k % 2 == 0, 1.0, STAR_INNER)
+    px, py = radius * np.sin(k * np.pi / 5), -radius * np.cos(k * np.pi / 5)
+    inside = np.zeros(np.broadcast_shapes(u.shape, v.shape), bool)
+    for i in range(10):
+        x0, y0, x1, y1 = px[i], py[i], px[(i + 1) % 10], py[(i + 1) % 10]
+        if y0 == y1:
+            continue
+        crosses = (v > min(y0, y1)) & (v <= max(y0, y1))
+        x_at = x0 + (v - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (u < x_at)
+    return inside
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +187,26 @@ def _alpha(shape: str, size: str, position: str) -> np.ndarray:
 def render(attrs: Attributes) -> np.ndarray:
     """The image of `attrs`: uint8 (64, 64, 3). Exact palette values where a pixel is fully
     inside the shape (colour) or fully outside (background)."""
-    shape, colour, background, size, position = attrs.check()
+    return _render(*attrs.check())
+
+
+def render_any(attrs: Attributes) -> np.ndarray:
+    """`render` that also draws the EXTRA_SHAPES (every other field checked as in the world)."""
+    if attrs.shape not in EXTRA_SHAPES:
+        return render(attrs)
+    attrs._replace(shape=SHAPES[0]).check()
+    return _render(*attrs)
+
+
+def caption_any(attrs: Attributes, template: int = 0) -> str:
+    """`caption` that also names the EXTRA_SHAPES."""
+    if attrs.shape not in EXTRA_SHAPES:
+        return caption(attrs, template)
+    text = caption(attrs._replace(shape=SHAPES[0]), template)
+    return re.sub(rf'\b{SHAPES[0]}\b', attrs.shape, text)
+
+
+def _render(shape, colour, background, size, position) -> np.ndarray:
     alpha = _alpha(shape, size, position)
     fg, bg = np.array(COLOURS[colour], np.float32), np.array(BACKGROUNDS[background], np.float32)
     return np.rint(bg + alpha * (fg - bg)).astype(np.uint8)

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     try:
-        vd = load_model(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)
+        vd = load_model(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype,
+                        loras=args.lora)
     except (OSError, ValueError, KeyError) as e:  # CheckpointError, missing files, bad config
         print(f'error: cannot load the model: {e}', file=sys.stderr)
         return 2

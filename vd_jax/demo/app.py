@@ -10,7 +10,7 @@ import sys
 
 import streamlit as st
 
-from vd_jax.demo import inputs, model, options, tabs_apps, tabs_flows, ui
+from vd_jax.demo import inputs, lora_panel, model, options, tabs_apps, tabs_flows, ui
 
 # Streamlit puts the script's folder first on sys.path (for scripts that import their
 # neighbours); this package is imported as vd_jax.demo.*, and its module names (model,
@@ -41,7 +41,9 @@ def main() -> None:
     args = options.current()
     st.set_page_config(page_title='Versatile Diffusion · vd_jax', layout='wide')
     st.html(_CSS)
-    served = model.get_served(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype)
+    served = model.get_served(args.ckpt, config=args.config, seed=args.seed_model, dtype=args.dtype,
+                              loras=args.lora)
+    lora_panel.sidebar(served)
     st.title('Versatile Diffusion')
     st.caption('Text, images and variations all in one diffusion model (Xu et al., '
                'arXiv 2211.08332), in JAX/Flax. Model: '

@@ -28,12 +28,15 @@ class Served:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     unavailable: Dict[str, str] = dataclasses.field(default_factory=dict)
     examples: object = None   # demo.inputs.Examples: the prompts/images the tabs offer
+    lora_defaults: Dict[str, float] = dataclasses.field(default_factory=dict)  # name -> scale
 
     def __post_init__(self):
         self.unavailable = {t: r for t in TAB_TASKS + ('dual_guided_text',)
                             if (r := task_unavailable(self.vd, t))}
         if self.examples is None:
             self.examples = examples_for(self.vd.source)
+        if not self.lora_defaults:
+            self.lora_defaults = dict(getattr(self.vd, 'loras', {}) or {})
 
     def reason(self, task: str) -> Optional[str]:
         """None if the model serves `task`, else the pipeline's message naming what lacks."""
@@ -61,12 +64,12 @@ def set_served(served: Served) -> None:
 
 
 def get_served(ckpt: Optional[str] = None, *, config: Optional[str] = None,
-               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32') -> Served:
+               seed: int = DEFAULT_MODEL_SEED, dtype: str = 'float32', loras=()) -> Served:
     """The installed model; loaded here on first use when the app runs without the launcher
     (e.g. `streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
     global _SERVED
     with _SERVED_LOCK:
         if _SERVED is None:
-            vd = load_model(ckpt, config=config, seed=seed, dtype=dtype)
+            vd = load_model(ckpt, config=config, seed=seed, dtype=dtype, loras=loras)
             _SERVED = Served(vd, untrained=vd.source.startswith('random:'), dtype=dtype)
         return _SERVED

@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
                     '(127.0.0.1 by default) and sends no usage statistics.')
     # --ckpt, --config (random weights), --seed-model, --dtype
     add_model_flags(p, ('ckpt', 'config'), random_seed=True)
+    p.add_argument('--lora', action='append', default=[], metavar='PATH[:SCALE]',
+                   help='a LoRA adapter to load (repeatable); the sidebar has a scale slider each')
     p.add_argument('--host', default='127.0.0.1',
                    help='address to listen on (default 127.0.0.1: this machine only)')
     p.add_argument('--port', type=int, default=7860)
@@ -36,6 +38,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--port must be in 1..65535, got {args.port}')
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         p.error('--max-upload-mb and --max-pixels must be positive')
+    from vd_jax.lora.stack import LoraError, parse_lora_flag
+    try:
+        args.lora = [parse_lora_flag(x) for x in args.lora]
+    except LoraError as e:
+        p.error(f'--lora: {e}')
     return args
 
 

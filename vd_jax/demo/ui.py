@@ -168,6 +168,10 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
                     icon=':material/hourglass_top:')
         lock.acquire()
     try:
+        from vd_jax.demo import lora_panel
+        loras = lora_panel.apply(tab.served)  # this session's adapter scales
+        if loras:
+            settings = dict(settings, lora=loras)
         status.info('Running (the first request of a new shape, step count or sampler also '
                     'compiles its sampler).', icon=':material/play_circle:')
         stage = {'n': 1, 'last': 0}

@@ -27,6 +27,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+import functools
+
 from vd_jax.data.shapes import (BACKGROUNDS, COLOURS, FIELDS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES,
                                 TEMPLATE_WORDS, Attributes, coverage)
 
@@ -42,13 +44,13 @@ MARGIN = 6            # px around the shape's box compared with the templates
 BLURS = (0.7, 1.4, 2.1)  # Gaussian sigmas (px) the templates are also tried with
 
 
+@functools.lru_cache(maxsize=None)
 def _moments(shape: str) -> Tuple[float, float]:
     """(area / box area, (centroid y - box centre y) / box height) of a shape, from its render."""
     a = coverage(shape, 64, 64, 96, 96, supersample=4, image_size=128)
     return float(a.sum() / 96 ** 2), float(((a.sum(1) * (np.arange(128) + 0.5)).sum() / a.sum() - 64) / 96)
 
 
-_SHAPE_MOMENTS = {s: _moments(s) for s in SHAPES}
 
 
 def _as_pixels(image) -> np.ndarray:
@@ -70,7 +72,7 @@ def _nearest(palette: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return np.argmin(((rgb[..., None, :] - palette) ** 2).sum(-1), -1)
 
 
-def read_image(image, return_confidence: bool = False
+def read_image(image, return_confidence: bool = False, shapes: Sequence[str] = SHAPES
                ) -> Union[Attributes, Tuple[Attributes, float]]:
     """Attributes of one shapes-world image.
 
@@ -79,6 +81,8 @@ def read_image(image, return_confidence: bool = False
       return_confidence: also return a confidence in [0, 1]: the IoU between the shape's
         alpha > 0.5 mask and the best template's (1 for an exact render; 0 when no shape is
         found, and then only `background` is set).
+      shapes: the shapes to tell apart; default the world's, add `shapes.EXTRA_SHAPES` to
+        read a model taught a new one (docs/lora.md).
     """
     x = _as_pixels(image)
     k, bg = _background(x)
@@ -97,7 +101,7 @@ def read_image(image, return_confidence: bool = False
         return (nothing, 0.0) if return_confidence else nothing
     alpha = _alpha(x, bg, fg)          # unsmoothed for the fit: noise there is zero-mean
     blob = labels == 1 + int(np.argmax(ndimage.sum_labels(alpha, labels, np.arange(1, n + 1))))
-    shape, (cx, cy, side), iou = _fit_shape(alpha, blob)
+    shape, (cx, cy, side), iou = _fit_shape(alpha, blob, shapes)
     gx, gy = (int(_GRID[np.argmin(np.abs(_GRID - c))]) for c in (cx, cy))
     attrs = Attributes(shape, _colour(fg, _BG[k]), nothing.background,
                        'large' if side >= _SIZE_SPLIT else 'small', _POSITION_AT[(gx, gy)])
@@ -114,7 +118,7 @@ def _background(x: np.ndarray) -> Tuple[int, np.ndarray]:
     return k, np.median(ring[votes == k], axis=0)
 
 
-def _fit_shape(alpha: np.ndarray, blob: np.ndarray):
+def _fit_shape(alpha: np.ndarray, blob: np.ndarray, shapes: Sequence[str] = SHAPES):
     """Best shape for the alpha map around `blob` (bool mask): (name, (cx, cy, side), IoU).
 
     Blur moves the alpha > 0.5 outline but keeps the alpha mass and its centroid, so each shape
@@ -130,7 +134,8 @@ def _fit_shape(alpha: np.ndarray, blob: np.ndarray):
     mass = max(float(window.sum()), 1.0)
     my, mx = float((window * ys).sum()) / mass + 0.5, float((window * xs).sum()) / mass + 0.5
     best = None
-    for shape, (fill, drop) in _SHAPE_MOMENTS.items():
+    for shape in shapes:
+        fill, drop = _moments(shape)
         side = np.sqrt(mass / fill)
         sharp = coverage(shape, mx - ox, my - drop * side - oy, side, side, supersample=4,
                          image_size=n)
@@ -168,12 +173,12 @@ def _alpha(x: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
     return ((x - bg) @ d) / max(float((fg - bg) @ d), 1e-6)
 
 
-def read_images(images) -> list:
+def read_images(images, shapes: Sequence[str] = SHAPES) -> list:
     """`read_image` of each of (B, 64, 64, 3) images (uint8 or float in [0, 1])."""
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f'expected a batch (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {images.shape}')
-    return [read_image(im) for im in images]
+    return [read_image(im, shapes=shapes) for im in images]
 
 # ------------------------------------------------------------------------------------------
 # captions

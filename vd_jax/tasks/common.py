@@ -183,7 +183,14 @@ def conditioning_dtype(comps, opts: SamplingOptions):
     d = comps.module('diffuser')
     if opts.dtype and jnp.dtype(opts.dtype) != d.dtype:
         d = d.clone(dtype=jnp.dtype(opts.dtype))
-    return d
+    return d if comps.adapters is None else comps.adapters.wrap(d)  # LoRA (vd_jax.lora)
+
+
+def diffuser_params(comps):
+    """The diffuser parameters the samplers run: the base, or with LoRA adapters loaded the
+    form `conditioning_dtype`'s diffuser reads (merged, or base + adapters on the fly)."""
+    base = comps.params['diffuser']
+    return base if comps.adapters is None else comps.adapters.sampling_params(base)
 
 
 def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=None,
@@ -229,7 +236,7 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
               x_T=args.get('latents'),
               shape=None if (x0 is not None or latents is not None) else
               (padded,) + tuple(shape[1:]))
-    params = comps.params['diffuser']
+    params = diffuser_params(comps)
     schedule = schedule_of(comps)
     # the mesh and the logical-axis rules while the sampler traces: the diffuser's activation
     # constraints (batch over the data axes) resolve against them

@@ -40,6 +40,7 @@ import flax.linen as nn
 
 from vd_jax import modalities as M
 from vd_jax import sharding as shd
+from vd_jax.lora import training as lora_training
 from vd_jax.train import init_from, inputs, objectives, observe
 from vd_jax.train.settings import ConfigError, StepConfig, parse_flows, to_plain
 from vd_jax.train.step import (TrainState, abstract_boxed_params, batch_shardings,
@@ -89,6 +90,7 @@ class Run:
     batch_sh: Dict[str, Any]
     consts: Dict[str, Any] = dataclasses.field(default_factory=dict)  # replicated batch fields
     frozen: Optional[inputs.FrozenEncoders] = None  # the encoders exported with the diffuser
+    lora: Any = None              # `vd_jax.lora.training.LoraRun` when training adapters
 
     @property
     def flows(self):
@@ -108,11 +110,16 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     # the config's rules name all three mesh axes; a given mesh may have fewer (any order)
     sc = dataclasses.replace(sc, rules=shd.rules_for_mesh(sc.rules, mesh))
     obj = sc.objective
-    with jax.set_mesh(mesh):
-        boxed = abstract_boxed_params(sc, 1)
-        abstract, state_sh = state_shardings(sc, mesh, boxed)
+    lora = None
+    if lora_training.enabled(cfg):  # only the adapters train (vd_jax.lora.training)
+        lora = lora_training.LoraRun.create(cfg, sc, mesh)
+        sc, boxed, abstract, state_sh = lora.sc, lora.boxed, lora.abstract, lora.shardings
+    else:
+        with jax.set_mesh(mesh):
+            boxed = abstract_boxed_params(sc, 1)
+            abstract, state_sh = state_shardings(sc, mesh, boxed)
     batch_sh = batch_shardings(obj.batch_ndims, mesh, sc.rules)
-    step_fn = jit_train_step(sc, state_sh, batch_sh, mesh)
+    step_fn = lora.step_fn(batch_sh) if lora else jit_train_step(sc, state_sh, batch_sh, mesh)
     source = data_source if data_source is not None else inputs.make_source(cfg, workdir, sc.flows)
     loader = inputs.make_data_loader(cfg, source, mesh)
     diffusion = isinstance(obj, objectives.Diffusion)
@@ -135,7 +142,7 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, sc=sc, abstract=abstract,
                shardings=state_sh, boxed=boxed, step_fn=step_fn, source=source, loader=loader,
                host_prep=prep, encoders=encoders if cfg.data.kind in ('images', 'shapes') else None,
-               batch_sh=batch_sh, consts=consts, frozen=encoders)
+               batch_sh=batch_sh, consts=consts, frozen=encoders, lora=lora)
 
 
 def _check_context_lengths(cfg, flows, encoders) -> None:
@@ -162,6 +169,8 @@ def initial_state(run: Run) -> TrainState:
     """A fresh state: `cfg.init.method` ('exact': the modules' initialisers, jitted into their
     shards; 'random': numpy fan-in weights, instant) then the configured init sources."""
     cfg, sc = run.cfg, run.sc
+    if run.lora is not None:
+        return run.lora.initial_state()
     params_sh = run.shardings.params
     method = str(cfg.init.method)
     sources = init_from.configured_sources(cfg)
@@ -441,6 +450,8 @@ def export_run(run: 'Run', ema_params, batch, out: str, step: int) -> str:
     """Export a run's EMA weights the way a finished run does: its frozen encoders, and for a
     stage-0 VAE the `latent_scale_factor` calibrated on `batch` (1 / std of its latents), so
     that diffusion trained on this export sees unit-variance latents."""
+    if run.lora is not None:  # one adapter file
+        return run.lora.export(ema_params, out, step)
     model_cfg = run.cfg.model
     objective = run.sc.objective
     scales = {}
@@ -613,7 +624,8 @@ def train(cfg, workdir: str, *, data_source=None,
             if val_every and s % val_every == 0 and s == now_step:
                 from vd_jax.train import validation  # noqa: PLC0415
                 t_val = time.time()
-                val, grids = validation.validate(cfg, state.ema_params, run.frozen, s, workdir)
+                ema = state.ema_params if run.lora is None else run.lora.merged(state.ema_params)
+                val, grids = validation.validate(cfg, ema, run.frozen, s, workdir)
                 hm.update(val)
                 writer.images(s, grids)
                 logger.info('validation at step %d (%.0fs): %s', s, time.time() - t_val,
