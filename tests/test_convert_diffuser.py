@@ -26,7 +26,6 @@ import torch
 from vd_jax.checkpoint import flatten, load_part, read_config
 from vd_jax.config import load_config
 from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
-from vd_jax.convert.diffuser_rules import diffuser_rows
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.models.unet import Diffuser
 
