@@ -278,7 +278,8 @@ def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
         np.testing.assert_array_equal(f10[k], fleg[k])
         np.testing.assert_array_equal(f10[k], f0[k])
     i = inputs
-    for xt, x, ct, c in [('image', i['x_img'], 'text', i['c_txt']), ('text', i['x_txt'], 'image', i['c_img'])]:
+    for xt, x, ct, c in [('image', i['x_img'], 'text', i['c_txt']),
+                         ('text', i['x_txt'], 'image', i['c_img'])]:
         np.testing.assert_array_equal(run(x, i['t'], c, xt, ct, p10), run(x, i['t'], c, xt, ct, pleg))
 
 
