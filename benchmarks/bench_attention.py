@@ -65,7 +65,7 @@ def main(argv=None):
                       for x in (q, k, v))
         jq, jk, jv = (jax.device_put(x) for x in (q, k, v))
 
-        def torch_fn():
+        def torch_fn(tq=tq, tk=tk, tv=tv):  # bound now: the loop rebinds the names
             with torch.inference_mode():
                 return F.scaled_dot_product_attention(tq, tk, tv)
         jits = {
@@ -78,7 +78,7 @@ def main(argv=None):
         for name, f in jits.items():
             out = np.asarray(f(jq, jk, jv))
             diffs[name] = float(np.abs(out - ref).max())
-            fns[name] = lambda f=f: jax.block_until_ready(f(jq, jk, jv))
+            fns[name] = lambda f=f, jq=jq, jk=jk, jv=jv: jax.block_until_ready(f(jq, jk, jv))
         times = common.interleaved(fns, reps, warmup, log=lambda s: None)
         run = dict(lq=lq, lk=lk, times=times, max_abs_diff_vs_torch=diffs)
         rec['runs'].append(run)

@@ -171,7 +171,7 @@ def bf16_distance(ckpt: str, steps: int, size: Optional[int]) -> dict:
                                                                            'ctx_text', 'vae_image'])
             cap = []
             vd.text_to_image('a red bicycle', 1, steps=n, seed=0, **hw,
-                             callback=lambda i, z: cap.append(np.asarray(z)))
+                             callback=lambda i, z, cap=cap: cap.append(np.asarray(z)))
             lat[dtype] = cap[-1]
             del vd
         d = np.abs(lat['float32'] - lat['bfloat16'])

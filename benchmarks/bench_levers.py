@@ -77,7 +77,6 @@ CTX_LEN = 77
 def dpa_attention(q, k, v, num_heads, bias=None, scale=None, dtype=None, **_):
     """`layers.attention` through `jax.nn.dot_product_attention` (same packed-head contract)."""
     import jax
-    import jax.numpy as jnp
     b, lq, inner = q.shape
     d = inner // num_heads
     q4 = q.reshape(b, lq, num_heads, d)
@@ -213,7 +212,6 @@ def xla_profile(fn, compiled_text: str, n: int = 2) -> dict:
 
 def torch_profile(fn) -> dict:
     """Self CPU time per aten op of one call, grouped like `classify_hlo` (ms)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     fn()
     t0 = time.perf_counter()
@@ -256,14 +254,14 @@ def conv_micro(side: str, shapes, reps: int) -> dict:
             import torch
             tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
-            fn = lambda: torch.nn.functional.conv2d(tx, tw, padding=1)  # noqa: E731
+            fn = lambda tx=tx, tw=tw: torch.nn.functional.conv2d(tx, tw, padding=1)  # noqa: E731
         else:
             import jax
             import jax.numpy as jnp
             jx, jw = jnp.asarray(x), jnp.asarray(w)
             f = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
                 a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-            fn = lambda: f(jx, jw).block_until_ready()  # noqa: E731
+            fn = lambda f=f, jx=jx, jw=jw: f(jx, jw).block_until_ready()  # noqa: E731
         fn()
         st = common.stats([common.timed(fn) for _ in range(reps)])
         out[f'conv3x3 {hw}x{hw}x{c}'] = fl / st['median'] / 1e9
@@ -301,7 +299,7 @@ def child(args) -> dict:
             tx, tt, tc = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
                           torch.from_numpy(ctx))
 
-            def fwd():
+            def fwd(tx=tx, tt=tt, tc=tc):  # bound now: the loop rebinds the names
                 with torch.inference_mode():
                     return unet(tx, tt, encoder_hidden_states=tc).sample
             fwd()
@@ -333,7 +331,7 @@ def child(args) -> dict:
         compiled = fwd_j.lower(params, jx, jt, jc).compile()
         res['compile_s'][str(size)] = time.perf_counter() - t0
 
-        def fwd():
+        def fwd(compiled=compiled, jx=jx, jt=jt, jc=jc):  # bound now: the loop rebinds them
             return compiled(params, jx, jt, jc).block_until_ready()
         outs[str(size)] = np.asarray(fwd())
         res['forward'][str(size)] = common.stats([common.timed(fwd) for _ in range(args.reps)])
@@ -426,7 +424,6 @@ def argparse_hidden():
 
 def print_tables(rec):
     sizes = [str(x) for x in rec['args']['sizes']]
-    base = rec['variants'].get('baseline', {}).get('forward', {})
     tf = rec.get('torch', {}).get('forward', {})
     rows = []
     if tf:

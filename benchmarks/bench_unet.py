@@ -132,7 +132,7 @@ class JaxSide:
 
     def loop_fn(self, steps: int):
         """The whole guided DDIM loop (`sampling.sample`, one lax.scan) as a jittable function."""
-        jnp, sampling, apply_fn = self.jnp, self.sampling, self.apply_fn
+        sampling, apply_fn = self.sampling, self.apply_fn
 
         def loop(p, x_T, ctx, uctx, schedule):
             return sampling.sample(lambda xt, t, c: apply_fn(p, xt, t, c), schedule, ctx,
@@ -225,35 +225,8 @@ def main(argv=None):
     for s in sizes:
         log(f'== CFG DDIM step, batch 2, latent {s}x{s}')
         x = torch.randn(1, 4, s, s, generator=g)
-        jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-        t = sched.timesteps[0]
-        pos = jnp.asarray(0, jnp.int32)
-        t0 = time.perf_counter()
-        lowered = js.step.lower(params, jx, pos, jctx, juctx, js.schedule)
-        compiled = lowered.compile()
-        t_compile = time.perf_counter() - t0
-        fns = {'torch': lambda: tstep(x, t, ctx2),
-               'jax': lambda: compiled(params, jx, pos, jctx, juctx, js.schedule).block_until_ready()}
-        # step parity (guidance + DDIM update on top of the forward)
-        d = float(np.abs(np.asarray(fns['jax']()).transpose(0, 3, 1, 2) - fns['torch']().numpy()).max())
-        times = common.interleaved(fns, reps=reps, warmup=warmup, log=log)
-        with torch.inference_mode():
-            fl_t = common.torch_flops(lambda: unet(torch.cat([x, x]), t, encoder_hidden_states=ctx2))
-        xla = common.xla_cost(compiled)
-        hlo = common.hlo_dot_conv_flops(compiled)
-        r = dict(torch=times['torch'], jax=times['jax'], compile_s=t_compile,
-                 speedup=times['torch']['median'] / times['jax']['median'],
-                 step_max_abs_diff=d, flops_torch_counter=fl_t['total'],
-                 flops_torch_per_op=fl_t['per_op'], flops_xla_cost=xla.get('flops'),
-                 xla_bytes_accessed=xla.get('bytes accessed'), flops_hlo_dot_conv=hlo)
-        fl = fl_t['total']
-        r['gflops_torch'] = fl / times['torch']['median'] / 1e9
-        r['gflops_jax'] = fl / times['jax']['median'] / 1e9
-        rec['step'][str(s)] = r
-        log(f"  torch {common.fmt_s(times['torch'])} | jax {common.fmt_s(times['jax'])} | "
-            f"speed-up {r['speedup']:.2f}x | compile {t_compile:.1f}s | step |diff| {d:.2g}")
-        log(f"  FLOPs torch {fl / 1e9:.1f} G, HLO dot+conv {hlo / 1e9:.1f} G, "
-            f"XLA cost {xla.get('flops', 0) / 1e9:.1f} G")
+        rec['step'][str(s)] = time_cfg_step(js, params, unet, tstep, x, sched.timesteps[0], ctx2,
+                                            jctx, juctx, reps=reps, warmup=warmup, log=log)
 
     # -- whole loop and compile time vs steps --------------------------------------------
     if loop_steps:
@@ -322,6 +295,43 @@ def main(argv=None):
     common.write_record('bench_unet', rec, args.out, smoke)
     print_tables(rec)
     return rec
+
+
+def time_cfg_step(js, params, unet, tstep, x, t, ctx2, jctx, juctx, reps, warmup, log) -> dict:
+    """One CFG DDIM step, batch 2, at the size of x (1, 4, s, s), torch vs jax: compile time,
+    interleaved times, step parity and FLOPs. A function rather than main's loop body so the
+    timed closures bind this size's inputs and nothing outlives the call (main deletes the
+    models afterwards)."""
+    import numpy as np
+    import torch
+    import jax.numpy as jnp
+    jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    pos = jnp.asarray(0, jnp.int32)
+    t0 = time.perf_counter()
+    compiled = js.step.lower(params, jx, pos, jctx, juctx, js.schedule).compile()
+    t_compile = time.perf_counter() - t0
+    fns = {'torch': lambda: tstep(x, t, ctx2),
+           'jax': lambda: compiled(params, jx, pos, jctx, juctx, js.schedule).block_until_ready()}
+    # step parity (guidance + DDIM update on top of the forward)
+    d = float(np.abs(np.asarray(fns['jax']()).transpose(0, 3, 1, 2) - fns['torch']().numpy()).max())
+    times = common.interleaved(fns, reps=reps, warmup=warmup, log=log)
+    with torch.inference_mode():
+        fl_t = common.torch_flops(lambda: unet(torch.cat([x, x]), t, encoder_hidden_states=ctx2))
+    xla = common.xla_cost(compiled)
+    hlo = common.hlo_dot_conv_flops(compiled)
+    r = dict(torch=times['torch'], jax=times['jax'], compile_s=t_compile,
+             speedup=times['torch']['median'] / times['jax']['median'],
+             step_max_abs_diff=d, flops_torch_counter=fl_t['total'],
+             flops_torch_per_op=fl_t['per_op'], flops_xla_cost=xla.get('flops'),
+             xla_bytes_accessed=xla.get('bytes accessed'), flops_hlo_dot_conv=hlo)
+    fl = fl_t['total']
+    r['gflops_torch'] = fl / times['torch']['median'] / 1e9
+    r['gflops_jax'] = fl / times['jax']['median'] / 1e9
+    log(f"  torch {common.fmt_s(times['torch'])} | jax {common.fmt_s(times['jax'])} | "
+        f"speed-up {r['speedup']:.2f}x | compile {t_compile:.1f}s | step |diff| {d:.2g}")
+    log(f"  FLOPs torch {fl / 1e9:.1f} G, HLO dot+conv {hlo / 1e9:.1f} G, "
+        f"XLA cost {xla.get('flops', 0) / 1e9:.1f} G")
+    return r
 
 
 def argparse_hidden():

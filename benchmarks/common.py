@@ -384,11 +384,11 @@ def gemm_peak(sizes: Sequence[int] = (2048, 4096), libs: Sequence[str] = ('numpy
         b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
         seconds: Dict[str, List[float]] = {}
         if 'numpy' in libs:
-            seconds['numpy'] = _repeat(lambda: a @ b, reps, warmup)
+            seconds['numpy'] = _repeat(lambda a=a, b=b: a @ b, reps, warmup)
         if 'torch' in libs:
             import torch
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            seconds['torch'] = _repeat(lambda: torch.mm(ta, tb), reps, warmup)
+            seconds['torch'] = _repeat(lambda ta=ta, tb=tb: torch.mm(ta, tb), reps, warmup)
         if 'jax' in libs:
             seconds['jax'] = observe.matmul_seconds('float32', n, min_seconds=0.0,
                                                     min_reps=reps, warmup=warmup)

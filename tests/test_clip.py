@@ -396,7 +396,8 @@ def test_masked_image_context_matches_hooked_reference(cfg, refs, photo_files):
     import torch.nn.functional as F
     from vd_jax.image_io import clip_token_mask
     vm, size, p = refs['vm'], cfg.ctx.image.image_size, cfg.ctx.image.patch_size
-    image = resize_bicubic(load_image(photo_files['landscape.png']), (size, size))  # square, as the demo's 512x512 inputs
+    # square, as the demo's 512x512 inputs
+    image = resize_bicubic(load_image(photo_files['landscape.png']), (size, size))
     mask = np.zeros((size, size), np.float32)
     mask[:, : size // 2 + 3] = 1.0  # keep the left part; one patch column half covered
     tm = clip_token_mask(mask, size, p)

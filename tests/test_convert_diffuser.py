@@ -26,7 +26,6 @@ import torch
 from vd_jax.checkpoint import flatten, load_part, read_config
 from vd_jax.config import load_config
 from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
-from vd_jax.convert.diffuser_rules import diffuser_rows
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.models.unet import Diffuser
 
@@ -279,7 +278,8 @@ def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
         np.testing.assert_array_equal(f10[k], fleg[k])
         np.testing.assert_array_equal(f10[k], f0[k])
     i = inputs
-    for xt, x, ct, c in [('image', i['x_img'], 'text', i['c_txt']), ('text', i['x_txt'], 'image', i['c_img'])]:
+    for xt, x, ct, c in [('image', i['x_img'], 'text', i['c_txt']),
+                         ('text', i['x_txt'], 'image', i['c_img'])]:
         np.testing.assert_array_equal(run(x, i['t'], c, xt, ct, p10), run(x, i['t'], c, xt, ct, pleg))
 
 

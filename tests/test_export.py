@@ -226,7 +226,8 @@ def test_diffusers_clip_contexts_match(ck, folder):
         o = tm(input_ids=torch.from_numpy(ids).long())
         # VD's context: every token projected, divided by the norm of the pooled embedding
         ref = (tm.text_projection(o.last_hidden_state) / o.text_embeds.norm(dim=-1)[:, None, None]).numpy()
-    ours, _ = family('clip_text').build(cfg.ctx.text).apply({'params': ck['params']['ctx_text']}, jnp.asarray(ids))
+    ours, _ = family('clip_text').build(cfg.ctx.text).apply({'params': ck['params']['ctx_text']},
+                                                            jnp.asarray(ids))
     assert _max(ref, ours) < TOL
     vm = CLIPVisionModelWithProjection.from_pretrained(os.path.join(folder, 'image_encoder')).eval()
     s = cfg.ctx.image.image_size

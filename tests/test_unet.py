@@ -7,7 +7,6 @@ import listing
 import numpy as np
 import pytest
 
-from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.models.init import init_params as init_module, random_params
 from vd_jax.models.attention import SpatialTransformer

@@ -16,9 +16,8 @@ estimate converges to it, so results agree up to that estimate's error.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

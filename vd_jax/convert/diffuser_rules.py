@@ -15,7 +15,7 @@ original can express converts. The three layouts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from vd_jax.convert.transforms import (CONV, CONV1X1, IDENTITY, LINEAR, FlatDense,
                                        FlatVector, Transform)

@@ -12,7 +12,6 @@ A part converter answers, for a model config and a detected layout:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vd_jax.convert.engine import ConversionError, Ignore, Rule

@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 import zipfile
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 

@@ -165,7 +165,8 @@ def init_state(schedule: Schedule, plan: Plan, *, x_T=None, keys=None, shape=Non
                 raise ValueError('pass x_T, or x0, or shape=(B, ...) together with keys/seeds')
             x = per_sample_normal(fold_keys(keys, 0), tuple(shape[1:]))
             if x.shape[0] != shape[0]:
-                raise ValueError(f'shape {tuple(shape)} has batch {shape[0]} but {x.shape[0]} keys were given')
+                raise ValueError(f'shape {tuple(shape)} has batch {shape[0]} but {x.shape[0]} keys '
+                                 'were given')
         x = solver.init_noise(x, step_tables(schedule, plan), plan)
     if keys is not None and keys.shape[0] != x.shape[0]:
         raise ValueError(f'{keys.shape[0]} keys for a batch of {x.shape[0]}')
@@ -323,10 +324,10 @@ class Sampler:
 
     Build it once per (flow, sampler, steps) and call it many times: one compiled program per
     (flow, shapes, steps, guided?, stochastic?, rescaled?), reused for new params, contexts,
-    keys, guidance scales, guidance rescales and etas. `apply_fn` must be a stable function object (e.g. defined once
-    at module or pipeline level), since it is a static `jit` argument. The grid arguments are
-    those of `make_plan` (spacing 'auto' | 'uniform' | 'leading' | 'linspace' | 'trailing' |
-    'full'; `karras=True` needs `schedule=`); the plan is `self.plan`, its length
+    keys, guidance scales, guidance rescales and etas. `apply_fn` must be a stable function object
+    (e.g. defined once at module or pipeline level), since it is a static `jit` argument. The grid
+    arguments are those of `make_plan` (spacing 'auto' | 'uniform' | 'leading' | 'linspace' |
+    'trailing' | 'full'; `karras=True` needs `schedule=`); the plan is `self.plan`, its length
     `self.plan.num_steps`.
 
     Example:

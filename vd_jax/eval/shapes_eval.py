@@ -201,7 +201,7 @@ def _dual(vd, s: EvalSettings, data, images, kw, out_dir) -> Dict:
               data[(i + 1) % len(data)].attrs) for i in range(n)]
     res = {}
     for mix in s.mixes:
-        out = np.stack(map_batched(lambda ps, sd: vd.dual_guided(
+        out = np.stack(map_batched(lambda ps, sd, mix=mix: vd.dual_guided(
             [p[1] for p in ps], np.stack([p[0] for p in ps]), 1, mix=mix,
             mix_level='attention', seed=sd, scale=s.scale, **kw), pairs, s.batch_size, s.seed))
         pred = read_images(out)
