@@ -195,7 +195,7 @@ class Diffusion(Objective):
             metrics[f'loss/{name}'] = loss
             total = total + w * loss
             if w != 1.0:
-                g = jax.tree_util.tree_map(lambda a: a * jnp.asarray(w, a.dtype), g)
+                g = jax.tree_util.tree_map(lambda a, w=w: a * jnp.asarray(w, a.dtype), g)
             grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
         if grads is None:
             grads = jax.tree_util.tree_map(jnp.zeros_like, params)
