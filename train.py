@@ -96,7 +96,7 @@ def main(argv=None):
     if args.export:
         try:
             print(export_from_workdir(cfg, args.workdir))
-        except FileNotFoundError as e:  # no checkpoint to export
+        except (FileNotFoundError, ConfigError) as e:  # no checkpoint; not the run's model
             return _usage_error(e)
         return EXIT_OK
     try:

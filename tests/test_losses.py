@@ -147,3 +147,20 @@ def test_training_config_carries_the_options():
     apply_overrides(bad, ['model.schedule.prediction_type=v'])
     with pytest.raises(ConfigError, match="prediction_type must be one of"):
         StepConfig.from_config(bad, Diffuser(bad.model.diffuser))
+
+
+def test_export_refuses_a_model_config_other_than_the_runs(tmp_path):
+    """`train.py --export` without the run's overrides would write the wrong schedule (found on
+    the zero-SNR ablation): the model config is compared with the run's config.json first."""
+    import json
+    from vd_jax.config import load_config
+    from vd_jax.train.loop import check_same_model
+    from vd_jax.train.settings import ConfigError, apply_overrides, to_plain
+    run = load_config('train_tiny')
+    apply_overrides(run, ['model.schedule.prediction_type=v_prediction'])
+    (tmp_path / 'config.json').write_text(json.dumps(to_plain(run), default=str))
+    check_same_model(run, str(tmp_path))                      # the run's own config: fine
+    with pytest.raises(ConfigError, match=r"model.schedule.prediction_type: run 'v_prediction', "
+                                          r"given 'epsilon'"):
+        check_same_model(load_config('train_tiny'), str(tmp_path))
+    check_same_model(load_config('train_tiny'), str(tmp_path / 'nothing-saved'))

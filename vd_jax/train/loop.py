@@ -467,11 +467,39 @@ def export_run(run: 'Run', ema_params, batch, out: str, step: int) -> str:
                       model_cfg=model_cfg, run_dir=run.workdir)
 
 
+def _flat(tree, prefix=''):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f'{prefix}{k}.'))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_same_model(cfg, workdir: str) -> None:
+    """ConfigError naming every `model.*` key where `cfg` differs from the run's saved
+    config.json (e.g. an export without the run's `model.schedule.prediction_type=...`
+    override would write the wrong schedule); nothing to compare without a saved config."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = _flat(json.load(f).get('model', {}), 'model.')
+    given = _flat(json.loads(json.dumps(to_plain(cfg.model), default=str)), 'model.')
+    diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+    if diff:
+        shown = '; '.join(f'{k}: run {saved.get(k)!r}, given {given.get(k)!r}' for k in diff[:6])
+        raise ConfigError(f"the model config differs from the run's ({path}): {shown}"
+                          f"{' ...' if len(diff) > 6 else ''}; give the run's overrides again")
+
+
 def export_from_workdir(cfg, workdir: str, out: Optional[str] = None,
                         step: Optional[int] = None) -> str:
     """Export the EMA of a saved checkpoint (the latest by default) without training: the
     same export as at the end of a run (frozen encoders; a VAE's latent scale calibrated on
-    the batch that follows the checkpoint)."""
+    the batch that follows the checkpoint). The model config must be the run's own (its
+    saved config.json): a differing one is a ConfigError naming the keys, before any work."""
+    check_same_model(cfg, workdir)
     run = setup(cfg, workdir)
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), async_save=False)
     step = ckpt.latest_step() if step is None else step
