@@ -23,3 +23,19 @@ def no_model(monkeypatch):
         raise AssertionError('a model was loaded before the usage error')
     for name in ('default', 'from_checkpoint', 'random'):
         monkeypatch.setattr(VersatileDiffusion, name, boom)
+
+
+def pytest_report_header(config):
+    """The whole suite compiles many hundreds of XLA programs in one process, and XLA:CPU maps
+    ~480 memory regions per sampler program: more than the kernel's default vm.max_map_count
+    (65530) allows, which shows as "Cannot allocate memory" late in the run. `.ci/run` raises
+    it; say so here when it is low."""
+    try:
+        with open('/proc/sys/vm/max_map_count') as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    if limit < 262144:
+        return (f'warning: vm.max_map_count={limit} is too low for the whole suite in one process; '
+                'raise it (sudo sysctl -w vm.max_map_count=1048576) or run subsets')
+    return None
