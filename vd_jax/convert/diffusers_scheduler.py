@@ -15,11 +15,11 @@ way back is `vd_jax.export.diffusers_folder.scheduler_config`.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Optional
 
 from vd_jax.convert.engine import ConversionError
+from vd_jax.convert.sources import read_json_object
 
 SCHEDULER_CONFIG = os.path.join('scheduler', 'scheduler_config.json')
 # diffusers' defaults of the scheduler classes above
@@ -53,13 +53,7 @@ def read_folder_schedule(folder: str) -> Optional[dict]:
     path = os.path.join(folder, SCHEDULER_CONFIG)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read '{path}' as JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"'{path}' is not a scheduler config (a JSON object)")
+    cfg = read_json_object(path, 'scheduler config')
     return schedule_from_scheduler_config(cfg, f"'{path}'")
 
 

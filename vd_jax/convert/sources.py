@@ -313,14 +313,15 @@ def open_file(path: str) -> TensorSource:
     return TorchFileSource(path)
 
 
-def _read_config(path: str) -> dict:
+def read_json_object(path: str, kind: str = 'model config') -> dict:
+    """A JSON file holding one object (a config); ConversionError naming the file otherwise."""
     try:
         with open(path) as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read '{path}' as JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise ConversionError(f"'{path}' is not a model config (a JSON object)")
+        raise ConversionError(f"'{path}' is not a {kind} (a JSON object)")
     return cfg
 
 
@@ -354,7 +355,7 @@ def open_source(path: str) -> TensorSource:
         return MergedSource(parts, path)
     cfg = os.path.join(path, 'config.json')
     if os.path.isfile(cfg):
-        cfg_dict = _read_config(cfg)
+        cfg_dict = read_json_object(cfg)
         cls = cfg_dict.get('_class_name') or (cfg_dict.get('architectures') or [None])[0]
         if cls not in DIFFUSERS_CLASSES:
             raise ConversionError(f"'{path}': model class {cls!r} is not one vd_jax converts "
