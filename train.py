@@ -79,8 +79,8 @@ def main(argv=None):
 
     from vd_jax.config import load_config
     from vd_jax.outputs import check_output_folder
-    from vd_jax.train.settings import ConfigError, apply_overrides
-    from vd_jax.train.loop import TrainingDiverged, export_from_workdir, train
+    from vd_jax.errors import CheckpointError, ConfigError, TrainingDiverged
+    from vd_jax.train import apply_overrides, export_from_workdir, train
     from vd_jax.train.observe import parse_profile_steps
 
     try:
@@ -96,7 +96,7 @@ def main(argv=None):
     if args.export:
         try:
             print(export_from_workdir(cfg, args.workdir))
-        except (FileNotFoundError, ConfigError) as e:  # no checkpoint; not the run's model
+        except (CheckpointError, ConfigError) as e:  # no checkpoint; not the run's model
             return _usage_error(e)
         return EXIT_OK
     try:

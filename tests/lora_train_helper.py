@@ -35,7 +35,7 @@ def main(out_dir, base, extra):
     import numpy as np
     from vd_jax.checkpoint import flatten
     from vd_jax.config import load_config
-    from vd_jax.train.loop import setup, train
+    from vd_jax.train import setup, train
     from vd_jax.train.settings import apply_overrides
 
     cfg = load_config('train_tiny:test')

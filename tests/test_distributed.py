@@ -22,7 +22,7 @@ from vd_jax.checkpoint import flatten, load_part
 from vd_jax.config import load_config
 from vd_jax.sharding import create_mesh
 from vd_jax.train.settings import StepConfig, apply_overrides
-from vd_jax.train.loop import Checkpointer, load_metrics, make_model, train
+from vd_jax.train import Checkpointer, load_metrics, make_model, train
 from vd_jax.train.step import state_shardings
 
 import train_helper

@@ -25,7 +25,7 @@ def test_reduced_worked_example_learns_the_star(tmp_path):
     from vd_jax.eval.shapes_reader import read_images
     from vd_jax.lora.teach_shape import new_shape_samples, render_folder
     from vd_jax.pipeline import VersatileDiffusion
-    from vd_jax.train.loop import train
+    from vd_jax.train import train
     render_folder(str(tmp_path / 'renders'), 'star', new=48, old=16, seed=0)
     cfg = load_config(os.path.join(ROOT, 'configs', 'train_lora_vd_mini.py'))
     apply_overrides(cfg, [f'data.path={tmp_path / "renders"}', 'lora.name=star',

@@ -42,7 +42,7 @@ def _cfg(base, *extra):
 @pytest.mark.slow
 def test_one_device_and_eight_devices_train_the_same_adapters(base, tmp_path):
     from vd_jax.lora.adapters import read_adapter
-    from vd_jax.train.loop import train
+    from vd_jax.train import train
     out = tmp_path / 'eight'
     out.mkdir()
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
@@ -103,7 +103,7 @@ def test_one_device_and_eight_devices_train_the_same_adapters(base, tmp_path):
 
 def test_bad_lora_settings_are_named(base, tmp_path):
     from vd_jax.lora.adapters import LoraError
-    from vd_jax.train.loop import setup
+    from vd_jax.train import setup
     with pytest.raises(LoraError, match="'\\*/to_zz/kernel' matches no"):
         setup(_cfg(base, "lora.targets=['*/to_zz/kernel']"), str(tmp_path / 'a'))
     from vd_jax.checkpoint import CheckpointError

@@ -154,7 +154,7 @@ def test_export_refuses_a_model_config_other_than_the_runs(tmp_path):
     the zero-SNR ablation): the model config is compared with the run's config.json first."""
     import json
     from vd_jax.config import load_config
-    from vd_jax.train.loop import check_same_model
+    from vd_jax.train import check_same_model
     from vd_jax.train.settings import ConfigError, apply_overrides, to_plain
     run = load_config('train_tiny')
     apply_overrides(run, ['model.schedule.prediction_type=v_prediction'])

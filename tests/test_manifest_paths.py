@@ -38,7 +38,7 @@ def _export_final_stage(work, encoder_dirs):
     from vd_jax.components import Components
     from vd_jax.config import load_config
     from vd_jax.models.init import random_params
-    from vd_jax.train.loop import export_ema, make_model
+    from vd_jax.train import export_ema, make_model
     from vd_jax.train.settings import StepConfig
     from vd_jax.train.step import abstract_boxed_params
     cfg = load_config('train_tiny:test')

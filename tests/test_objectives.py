@@ -53,7 +53,7 @@ def test_training_drops_to_the_uncond_contexts_the_pipeline_samples_with(tmp_pat
     """A real run: the batch constants of the step are the pipeline's unconditional contexts
     of the frozen encoders (random tiny ones here), one per flow."""
     from vd_jax.pipeline import VersatileDiffusion
-    from vd_jax.train.loop import setup
+    from vd_jax.train import setup
     cfg = load_config('train_tiny:test')
     apply_overrides(cfg, ['total_steps=2', 'tensorboard=False', 'log_every=1000'])
     run = setup(cfg, str(tmp_path))
@@ -137,7 +137,7 @@ def test_stage0_networks_learn_a_small_set():
 
 def test_objective_configs_are_checked():
     from vd_jax.train.settings import ConfigError, StepConfig
-    from vd_jax.train.loop import make_model
+    from vd_jax.train import make_model
     cfg = load_config('train_vd_mini:autokl')
     sc = StepConfig.from_config(cfg, make_model(cfg))
     assert isinstance(sc.objective, O.AutoKL) and sc.flows == () and sc.objective.crop == 0
@@ -156,7 +156,7 @@ def test_export_from_workdir_records_the_vae_latent_scale(tmp_path):
     and its calibrated `latent_scale_factor` (1 / std of the latents of a batch), so that
     diffusion trained on either export sees unit-variance latents."""
     from vd_jax.checkpoint import load_part, read_config
-    from vd_jax.train.loop import export_from_workdir, train
+    from vd_jax.train import export_from_workdir, train
     cfg = load_config('train_vd_mini:autokl')
     apply_overrides(cfg, ['total_steps=6', 'batch_size=4', 'checkpoint.every=6',
                           'data.num_records=48', 'optimizer.warmup_steps=2', 'log_every=3',

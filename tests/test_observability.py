@@ -28,7 +28,7 @@ import pytest
 import train_helper
 from vd_jax.config import load_config
 from vd_jax.train import observe
-from vd_jax.train.loop import load_metrics, setup, train
+from vd_jax.train import load_metrics, setup, train
 from vd_jax.train.settings import apply_overrides
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')

@@ -19,7 +19,7 @@ from vd_jax import sharding as shd
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
 from vd_jax.train.settings import apply_overrides
-from vd_jax.train.loop import train
+from vd_jax.train import train
 
 import train_helper
 

@@ -31,7 +31,7 @@ from vd_jax.train.settings import (ConfigError, OptimConfig, StepConfig, apply_o
                                  parse_flows)
 from vd_jax.train.init_from import apply_init_sources
 from vd_jax.train.inputs import SyntheticLatentSource, record_spec
-from vd_jax.train.loop import (Checkpointer, TrainingDiverged, export_from_workdir, load_metrics,
+from vd_jax.train import (Checkpointer, TrainingDiverged, export_from_workdir, load_metrics,
                                make_model, setup, train)
 from vd_jax.train.optim import group_of, lr_schedule, make_optimizer, multiplier_tree
 from vd_jax.sharding import create_mesh
@@ -357,10 +357,11 @@ def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     assert sorted(host) == ['image', 'index', 'tokens_bert', 'tokens_clip']
     assert host['tokens_clip'].shape == (8, 77) and host['image'].shape == (8, 16, 16, 3)
     batch = global_batch(host, run.mesh, run.sc.rules)
-    enc = run.encoders(batch, jax.random.PRNGKey(0))
+    assert run.encode_records
+    enc = run.frozen(batch, jax.random.PRNGKey(0))
     spec = record_spec(cfg, run.flows)
     assert {k: v.shape[1:] for k, v in enc.items() if k != 'index'} == spec
-    again = run.encoders(batch, jax.random.PRNGKey(1))  # another posterior sample, same contexts
+    again = run.frozen(batch, jax.random.PRNGKey(1))  # another posterior sample, same contexts
     assert not np.array_equal(enc['latent_image'], again['latent_image'])
     for k in ('context_text', 'context_image', 'latent_text'):
         np.testing.assert_array_equal(enc[k], again[k])
@@ -370,7 +371,7 @@ def test_raw_images_are_encoded_on_device_by_the_frozen_encoders(tmp_path):
     # the same encoders, once, into a pre-encoded dataset (centre crops) -> data.kind=encoded
     from vd_jax.data import preencode
     from vd_jax.train.inputs import make_encode_fn
-    builder = preencode(source, make_encode_fn(run.encoders), str(tmp_path / 'enc'),
+    builder = preencode(source, make_encode_fn(run.frozen), str(tmp_path / 'enc'),
                         image_size=16, batch_size=8)
     record = builder.as_data_source()['train'][0]
     assert {k: tuple(record[k].shape) for k in spec} == spec
@@ -513,7 +514,7 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
 
     from tensorboardX.proto import event_pb2
 
-    from vd_jax.train.loop import MetricWriter
+    from vd_jax.train import MetricWriter
     w = MetricWriter(str(tmp_path), enabled=True, tensorboard=True)
     w.write(1, {'loss/t2i': 0.5, 'lr': 1e-4})
     w.write(2, {'loss/t2i': 0.25, 'lr': 2e-4})

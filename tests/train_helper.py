@@ -33,7 +33,7 @@ def main(out_dir, overrides):
     from vd_jax.checkpoint import flatten
     from vd_jax.config import load_config
     from vd_jax.train.settings import StepConfig, apply_overrides
-    from vd_jax.train.loop import gather, make_model, train
+    from vd_jax.train import gather, make_model, train
     from vd_jax.train.step import abstract_boxed_params
 
     cfg = load_config(CONFIG)

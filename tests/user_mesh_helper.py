@@ -54,7 +54,7 @@ def train_two_steps(workdir, mesh=None):
     """Two train steps of tests/train_helper.py's settings on `mesh` (default: the config's)."""
     import train_helper
     from vd_jax.config import load_config
-    from vd_jax.train.loop import train
+    from vd_jax.train import train
     from vd_jax.train.settings import apply_overrides
     cfg = load_config(train_helper.CONFIG)
     apply_overrides(cfg, train_helper.SHARED + TRAIN_RUN)

@@ -317,3 +317,11 @@ def as_mesh(mesh, devices=None):
         return mesh
     shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
     return create_mesh(shape, jax.local_devices() if devices is None else devices)
+
+
+def gather(tree) -> Any:
+    """Global (possibly sharded, multi-process) arrays -> full numpy arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils  # noqa: PLC0415 -- lazy: multi-process only
+    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

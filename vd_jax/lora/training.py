@@ -29,8 +29,15 @@ import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding as shd
-from vd_jax.lora.adapters import Adapter, LoraSpec, init_tree, save_adapter, select_targets
+from vd_jax.checkpoint import load_part, read_config
+from vd_jax.errors import ConfigError
+from vd_jax.lora.adapters import (Adapter, LoraSpec, init_tree, merge, sampling_weights,
+                                  save_adapter, select_targets)
 from vd_jax.lora.apply import TrainableLora
+from vd_jax.train.objectives import Diffusion
+from vd_jax.train.optim import group_tree
+from vd_jax.train.step import (abstract_boxed_params, create_train_state, state_shardings,
+                               train_step)
 
 logger = logging.getLogger('vd_jax.lora')
 
@@ -66,7 +73,6 @@ def _bound(sc, base):
 
 def lora_train_step(state, base, batch, sc):
     """`vd_jax.train.step.train_step` over the adapters, the frozen `base` bound in."""
-    from vd_jax.train.step import train_step
     return train_step(state, batch, _bound(sc, base))
 
 
@@ -86,16 +92,11 @@ class LoraRun:
 
     @classmethod
     def create(cls, cfg, sc, mesh) -> 'LoraRun':
-        from vd_jax.checkpoint import load_part
-        from vd_jax.train.settings import ConfigError
-        from vd_jax.train.step import abstract_boxed_params, state_shardings
-        from vd_jax.train.objectives import Diffusion
         if not isinstance(sc.objective, Diffusion):
             raise ConfigError(f"lora.enabled trains adapters of the diffuser: objective must be "
                               f"'diffusion', got {cfg.get('objective')!r}")
         spec = LoraSpec.from_config(cfg.lora)
         base_path = base_checkpoint(cfg)
-        from vd_jax.checkpoint import read_config
         read_config(base_path)  # a missing / wrong folder fails before any tracing
         with jax.set_mesh(mesh):
             base_boxed = abstract_boxed_params(sc, 1)
@@ -108,7 +109,6 @@ class LoraRun:
         model = TrainableLora(sc.objective.model, tuple((s, spec.alpha(s)) for s in streams))
         tree = init_tree(targets, spec, 0)
         # grad_multipliers of the groups the adapters live in (train configs list every group)
-        from vd_jax.train.optim import group_tree
         present = set(jax.tree_util.tree_leaves(group_tree(tree, sc.objective.group_of)))
         optim = dataclasses.replace(sc.optim, multipliers=tuple(
             (g, m) for g, m in sc.optim.multipliers if g in present))
@@ -138,7 +138,6 @@ class LoraRun:
 
     def initial_state(self):
         """Fresh adapters (down random from `seed`, up zero: the base model), zero moments."""
-        from vd_jax.train.step import create_train_state
         tree = init_tree(self.targets, self.spec, int(self.cfg.seed))
         placed = jax.tree_util.tree_map(lambda v, s: shd.put_global(v, s), tree,
                                         self.shardings.params)
@@ -146,7 +145,6 @@ class LoraRun:
 
     def merged(self, adapters):
         """The base with `adapters` (a training tree) merged at scale 1 (validation)."""
-        from vd_jax.lora.adapters import merge, sampling_weights
         a = self.adapter(jax.tree_util.tree_map(np.asarray, jax.device_get(adapters)))
         return jax.jit(merge)(self.base, [sampling_weights(a)], np.ones((1,), np.float32))
 
@@ -154,7 +152,7 @@ class LoraRun:
         cfg = self.cfg
         info = {'base': os.path.abspath(self.base_path) if os.path.isdir(self.base_path)
                 else self.base_path, 'model': str(cfg.model.get('name', '')),
-                'targets': list(self.spec.targets), 'flows': [f[0] for f in self.sc.flows],
+                'targets': list(self.spec.targets), 'flows': [f.name for f in self.sc.flows],
                 'steps': int(step), 'lr': float(cfg.optimizer.lr),
                 'batch_size': int(cfg.batch_size), 'name': self.name,
                 'description': str(cfg.lora.get('description', '') or '')}
@@ -166,8 +164,7 @@ class LoraRun:
 
     def export(self, ema_adapters, out: str, step: int) -> str:
         """Write the EMA adapters to `<out>/<name>.safetensors` (process 0); returns the path."""
-        from vd_jax.train.loop import gather
-        tree = gather(ema_adapters)
+        tree = shd.gather(ema_adapters)
         path = os.path.join(out, f'{self.name}.safetensors')
         if jax.process_index() == 0:
             a = self.adapter(tree, step)

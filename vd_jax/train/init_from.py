@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from vd_jax.train.settings import ConfigError
+from vd_jax.errors import ConfigError
 from vd_jax.train.optim import group_of
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import flax.linen as nn
 
 from vd_jax import modalities as M
 from vd_jax import sharding as shd
-from vd_jax.train.settings import ConfigError, needed_fields
+from vd_jax.errors import ConfigError
+from vd_jax.train.settings import needed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,11 @@ def record_spec(cfg, flows) -> Dict[str, Tuple[int, ...]]:
     d = cfg.data
     spec = {}
     for f in flows:
-        x, c = M.get(f[1]), M.get(f[2])
+        x, c = M.get(f.xtype), M.get(f.ctype)
         channels = StreamConfig.from_dict(x.name, streams[x.name]).in_channels
         spec[x.latent_field] = ((int(d.latent_size),) * 2 + (channels,) if x.kind == '2d'
                                 else (channels,))
-        spec[c.context_field] = (int(d.context_len[c.name]),
-                                 int(streams[c.name].get('context_dim', 768)))
+        spec[c.context_field] = (int(d.context_len[c.name]), c.context_dim(cfg.model))
     return spec
 
 
@@ -332,7 +332,7 @@ def checkpoint_folders(spec) -> Tuple[str, ...]:
 def frozen_parts(flows) -> Tuple[str, ...]:
     """The encoder parts (VAEs, context encoders) a set of flows needs: everything
     `modalities.parts_of` lists except the diffuser."""
-    return tuple(p for p in M.parts_of([f[0] for f in flows]) if p != 'diffuser')
+    return tuple(p for p in M.parts_of([f.name for f in flows]) if p != 'diffuser')
 
 
 class FrozenEncoders:
@@ -400,12 +400,11 @@ class FrozenEncoders:
         """{'<ctype>-><xtype>': (1, L, D)} the unconditional context of each flow, exactly as
         the pipeline samples with (`Components.uncond_context`)."""
         out = {}
-        for name, xtype, ctype, *_ in self.flows:
-            m = M.get(ctype)
-            like = jnp.zeros((1, m.context_length(self.components.config),
-                              int(self.components.config['diffuser']['streams'][ctype]
-                                  .get('context_dim', 768))), jnp.float32)
-            out[name] = self.components.uncond_context(ctype, xtype, convention, like)
+        config = self.components.config
+        for f in self.flows:
+            m = M.get(f.ctype)
+            like = jnp.zeros((1, m.context_length(config), m.context_dim(config)), jnp.float32)
+            out[f.name] = self.components.uncond_context(f.ctype, f.xtype, convention, like)
         return out
 
 

@@ -27,6 +27,9 @@ import flax.linen as nn
 from vd_jax import modalities as M
 from vd_jax.diffusion.losses import diffusion_loss, offset_noise
 from vd_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from vd_jax.errors import ConfigError
+from vd_jax.models import family
+from vd_jax.train import optim
 
 
 def per_record_keys(key, index):
@@ -117,7 +120,7 @@ class Diffusion(Objective):
     weights examples by min-SNR-gamma, `noise_offset` > 0 adds offset noise to the image-like
     (spatial) latents' eps (`vd_jax.diffusion.losses`)."""
     model: Any                                   # vd_jax.models.unet.Diffuser
-    flows: Tuple[Tuple[str, str, str, float], ...]
+    flows: Tuple[M.Flow, ...]
     schedule: Any                                # ScheduleConfig (or a legacy (start, end, T))
     fixed_noise: bool = False
     cfg_dropout: float = 0.0
@@ -127,30 +130,30 @@ class Diffusion(Objective):
 
     def __post_init__(self):
         object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
+        object.__setattr__(self, 'flows', tuple(M.Flow(*f) for f in self.flows))
 
     def modules(self):
         return {'diffuser': self.model}
 
     def group_of(self, path: str) -> str:
-        from vd_jax.train.optim import group_of  # noqa: PLC0415
-        return group_of(path)
+        return optim.group_of(path)
 
     @property
     def batch_ndims(self):
         out = {'index': 1}
-        for name, xtype, ctype, _ in self.flows:
-            out[M.get(xtype).latent_field] = M.get(xtype).latent_ndim
-            out[M.get(ctype).context_field] = 3
+        for f in self.flows:
+            out[M.get(f.xtype).latent_field] = M.get(f.xtype).latent_ndim
+            out[M.get(f.ctype).context_field] = 3
             if self.cfg_dropout > 0:
-                out[uncond_key(name)] = 3
+                out[uncond_key(f.name)] = 3
         return out
 
     def draw_noise(self, key, batch):
         """Per flow: (t (B,) int32, eps like the flow's latent), each record's draw from
         fold_in(fold_in(key, flow index), record index)."""
         out = []
-        for i, (_, xtype, _, _) in enumerate(self.flows):
-            x0 = batch[M.get(xtype).latent_field]
+        for i, flow in enumerate(self.flows):
+            x0 = batch[M.get(flow.xtype).latent_field]
 
             def one(k, shape=x0.shape[1:]):
                 k_t, k_n = jax.random.split(k)
@@ -377,8 +380,6 @@ OBJECTIVES = ('diffusion', 'autokl', 'optimus', 'clip')
 
 def from_config(cfg, model=None, flows=(), schedule=None) -> Objective:
     """The objective of a training config (`cfg.objective`, settings in `cfg.<objective>`)."""
-    from vd_jax.models import family  # noqa: PLC0415
-    from vd_jax.train.settings import ConfigError  # noqa: PLC0415
     name = str(cfg.get('objective', 'diffusion'))
     if name not in OBJECTIVES:
         raise ConfigError(f'objective must be one of {OBJECTIVES}, got {name!r}')

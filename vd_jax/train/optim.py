@@ -15,8 +15,9 @@ A multiplier of 0 freezes the group exactly (weight decay included).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,53 @@ import numpy as np
 import optax
 
 from vd_jax.checkpoint import path_str
-from vd_jax.train.settings import ConfigError, OptimConfig
+from vd_jax.errors import ConfigError
 
 _GROUP_RX = re.compile(r'^(?P<stream>[A-Za-z_][A-Za-z0-9_]*)/(?P<kind>time_embed|data_blocks|'
                        r'context_blocks)_\d+(/|$)')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings (`cfg.optimizer`), hashable."""
+    name: str = 'adamw'              # 'adamw' | 'sgd'
+    lr: float = 1e-4
+    schedule: str = 'constant'       # 'constant' | 'linear' | 'cosine' (after the warm-up)
+    warmup_steps: int = 0
+    decay_steps: int = 0             # steps of the decay after warm-up (0 for 'constant')
+    end_lr_factor: float = 0.0       # final lr = lr * end_lr_factor (linear / cosine)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0            # sgd only
+    grad_clip_norm: float = 0.0      # 0: no clipping
+    multipliers: Tuple[Tuple[str, float], ...] = ()  # parameter group -> update multiplier
+
+    @classmethod
+    def from_config(cls, cfg) -> 'OptimConfig':
+        oc = cfg.optimizer
+        name = str(oc.name).lower()
+        if name not in ('adamw', 'sgd'):
+            raise ConfigError(f"optimizer.name must be 'adamw' or 'sgd', got {oc.name!r}")
+        schedule = str(oc.schedule).lower()
+        if schedule not in ('constant', 'linear', 'cosine'):
+            raise ConfigError(f"optimizer.schedule must be constant|linear|cosine, got {oc.schedule!r}")
+        warmup = int(oc.warmup_steps)
+        total = int(cfg.total_steps)
+        if warmup < 0 or (warmup >= total and schedule != 'constant'):
+            raise ConfigError(f'optimizer.warmup_steps={warmup} must be >= 0 and below '
+                              f'total_steps={total} for a decaying schedule')
+        mults = tuple(sorted((str(k), float(v)) for k, v in dict(cfg.grad_multipliers).items()))
+        for k, v in mults:
+            if not v >= 0:
+                raise ConfigError(f'grad_multipliers.{k} = {v}: must be >= 0')
+        return cls(name=name, lr=float(oc.lr), schedule=schedule, warmup_steps=warmup,
+                   decay_steps=0 if schedule == 'constant' else total - warmup,
+                   end_lr_factor=float(oc.end_lr_factor), b1=float(oc.b1), b2=float(oc.b2),
+                   eps=float(oc.eps), weight_decay=float(oc.weight_decay),
+                   momentum=float(oc.get('momentum', 0.0)),
+                   grad_clip_norm=float(oc.grad_clip_norm), multipliers=mults)
 
 
 def group_of(path: str) -> str:

@@ -16,11 +16,12 @@ from typing import Any, Mapping, Sequence, Tuple
 import ml_collections
 
 from vd_jax import modalities as M
+from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
+from vd_jax.errors import ConfigError
+from vd_jax.sharding import normalize_rules
+from vd_jax.train import objectives
+from vd_jax.train.optim import OptimConfig
 
-
-
-class ConfigError(ValueError):
-    """A config value or override that cannot be used (the message names the key)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,49 +153,6 @@ def parse_flows(cfg) -> Tuple[M.Flow, ...]:
 # Hashable step settings
 # ----------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer settings (`cfg.optimizer`), hashable."""
-    name: str = 'adamw'              # 'adamw' | 'sgd'
-    lr: float = 1e-4
-    schedule: str = 'constant'       # 'constant' | 'linear' | 'cosine' (after the warm-up)
-    warmup_steps: int = 0
-    decay_steps: int = 0             # steps of the decay after warm-up (0 for 'constant')
-    end_lr_factor: float = 0.0       # final lr = lr * end_lr_factor (linear / cosine)
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.0            # sgd only
-    grad_clip_norm: float = 0.0      # 0: no clipping
-    multipliers: Tuple[Tuple[str, float], ...] = ()  # parameter group -> update multiplier
-
-    @classmethod
-    def from_config(cls, cfg) -> 'OptimConfig':
-        oc = cfg.optimizer
-        name = str(oc.name).lower()
-        if name not in ('adamw', 'sgd'):
-            raise ConfigError(f"optimizer.name must be 'adamw' or 'sgd', got {oc.name!r}")
-        schedule = str(oc.schedule).lower()
-        if schedule not in ('constant', 'linear', 'cosine'):
-            raise ConfigError(f"optimizer.schedule must be constant|linear|cosine, got {oc.schedule!r}")
-        warmup = int(oc.warmup_steps)
-        total = int(cfg.total_steps)
-        if warmup < 0 or (warmup >= total and schedule != 'constant'):
-            raise ConfigError(f'optimizer.warmup_steps={warmup} must be >= 0 and below '
-                              f'total_steps={total} for a decaying schedule')
-        mults = tuple(sorted((str(k), float(v)) for k, v in dict(cfg.grad_multipliers).items()))
-        for k, v in mults:
-            if not v >= 0:
-                raise ConfigError(f'grad_multipliers.{k} = {v}: must be >= 0')
-        return cls(name=name, lr=float(oc.lr), schedule=schedule, warmup_steps=warmup,
-                   decay_steps=0 if schedule == 'constant' else total - warmup,
-                   end_lr_factor=float(oc.end_lr_factor), b1=float(oc.b1), b2=float(oc.b2),
-                   eps=float(oc.eps), weight_decay=float(oc.weight_decay),
-                   momentum=float(oc.get('momentum', 0.0)),
-                   grad_clip_norm=float(oc.grad_clip_norm), multipliers=mults)
-
-
 def _as_tuple(x):
     if isinstance(x, (list, tuple)):
         return tuple(_as_tuple(v) for v in x)
@@ -208,7 +166,7 @@ class StepConfig:
     `objective` (`vd_jax.train.objectives`) is what is optimised; for the diffuser it is
     derived from model / flows / schedule / fixed_noise when not given."""
     model: Any                                   # vd_jax.models.unet.Diffuser (or None)
-    flows: Tuple[Tuple[str, str, str, float], ...]
+    flows: Tuple[M.Flow, ...]                    # plain (name, xtype, ctype, weight) tuples are coerced
     schedule: Any                                # ScheduleConfig (a legacy (start, end, T) is coerced)
     optim: OptimConfig
     ema_decay: float = 0.9999
@@ -220,17 +178,14 @@ class StepConfig:
     objective: Any = None
 
     def __post_init__(self):
-        from vd_jax.diffusion.schedule import ScheduleConfig
         object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
+        object.__setattr__(self, 'flows', tuple(M.Flow(*f) for f in self.flows))
         if self.objective is None:
-            from vd_jax.train.objectives import Diffusion
-            object.__setattr__(self, 'objective', Diffusion(self.model, self.flows, self.schedule,
-                                                            self.fixed_noise))
+            object.__setattr__(self, 'objective', objectives.Diffusion(
+                self.model, self.flows, self.schedule, self.fixed_noise))
 
     @classmethod
     def from_config(cls, cfg, model) -> 'StepConfig':
-        from vd_jax.sharding import normalize_rules
-        from vd_jax.train import objectives
         s = cfg.model.schedule
         ema = cfg.ema
         if not 0.0 <= float(ema.decay) < 1.0:
@@ -240,7 +195,6 @@ class StepConfig:
             raise ConfigError(f'microbatches must be >= 1, got {mb}')
         diffusion = str(cfg.get('objective', 'diffusion')) == 'diffusion'
         flows = parse_flows(cfg) if diffusion else ()
-        from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
         try:
             schedule = ScheduleConfig.coerce(s)
         except ScheduleError as e:
@@ -257,8 +211,8 @@ def needed_fields(flows) -> Tuple[str, ...]:
     """Batch fields a set of flows reads: latent_<xtype>, context_<ctype> and 'index' (the
     record index, which seeds each example's t and eps)."""
     fields = ['index']
-    for _, xtype, ctype, _ in flows:
-        for f in (M.get(xtype).latent_field, M.get(ctype).context_field):
+    for flow in flows:
+        for f in (M.get(flow.xtype).latent_field, M.get(flow.ctype).context_field):
             if f not in fields:
                 fields.append(f)
     return tuple(fields)

@@ -90,7 +90,7 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
     `vd_jax.eval.gates.GateFailed` before the next stage starts, unless `ignore_gates`."""
     from vd_jax.config import load_config
-    from vd_jax.train.loop import train
+    from vd_jax.train import train
     from vd_jax.train.settings import apply_overrides
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
@@ -199,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vd_jax.platform import configure_xla, quiet_libraries
     configure_xla()
     quiet_libraries()
-    from vd_jax.train.settings import ConfigError
+    from vd_jax.errors import ConfigError
     if args.release:
         from vd_jax.checkpoint import CheckpointError
         try:

@@ -18,6 +18,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from vd_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 METRICS = ('shapes', 'clip_score')
@@ -26,7 +28,6 @@ _SHAPES_FLOWS = {'t2i': 't2i', 'i2t': 'i2t', 'i2i': 'i2i', 't2t': 't2t'}
 
 
 def check(cfg) -> None:
-    from vd_jax.train.settings import ConfigError
     v = cfg.get('validation', {}) or {}
     if int(v.get('every', 0) or 0) <= 0:
         return
