@@ -20,7 +20,7 @@ import signal
 import sys
 
 from vd_jax.platform import (EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE,
-                             exit_codes_epilog, quiet_libraries)
+                             configure_logging, exit_codes_epilog, quiet_libraries)
 
 
 def parse_args(argv):
@@ -60,10 +60,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     quiet_libraries()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
-                        datefmt='%H:%M:%S')
-    for noisy in ('absl', 'jax._src.xla_bridge', 'orbax', 'jax._src.distributed'):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     from vd_jax.platform import configure_xla
     configure_xla()  # before JAX starts: XLA's own CPU kernels (BENCHMARKS.md)

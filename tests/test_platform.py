@@ -74,3 +74,19 @@ def test_bfloat16_on_cpu_says_so_once_before_loading_and_in_the_help():
     assert '\n' not in text and 'slower than float32' in text
     assert 'i2t 0.29 -> 3.19 s' in text and 't2i 5.20 -> 7.91 s' in text
     assert 'i2t 0.29 -> 3.19 s' in ' '.join(build_parser().format_help().split())
+
+
+def test_training_commands_print_info_lines_after_orbax_set_up_logging():
+    """Importing the training package (orbax logs through absl, which gives the root logger a
+    WARNING handler) must not swallow the progress lines: the stage runner printed none."""
+    code = ('import logging, vd_jax.train\n'
+            'assert logging.root.handlers, "the import no longer configures logging"\n'
+            'from vd_jax.platform import configure_logging\n'
+            'configure_logging()\n'
+            'logging.getLogger("vd_jax.train").info("step 7/9 | progress")\n'
+            'logging.getLogger("orbax").info("orbax chatter")\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert 'I step 7/9 | progress' in out.stderr
+    assert 'orbax chatter' not in out.stderr

@@ -192,11 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [o for o in overrides if o.startswith('--') or '=' not in o]
     if bad:
         p.error(f'unrecognized arguments: {bad}')
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(message)s',
-                        datefmt='%H:%M:%S')
-    for noisy in ('absl', 'jax._src.xla_bridge', 'orbax', 'jax._src.distributed'):  # as train.py
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from vd_jax.platform import configure_xla, quiet_libraries
+    from vd_jax.platform import configure_logging, configure_xla, quiet_libraries
+    configure_logging()
     configure_xla()
     quiet_libraries()
     from vd_jax.errors import ConfigError
