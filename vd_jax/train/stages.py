@@ -90,7 +90,7 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
     `vd_jax.eval.gates.GateFailed` before the next stage starts, unless `ignore_gates`."""
     from vd_jax.config import load_config
-    from vd_jax.train import train
+    from vd_jax.train.loop import train
     from vd_jax.train.settings import apply_overrides
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
