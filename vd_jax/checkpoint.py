@@ -24,6 +24,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vd_jax.errors import CheckpointError
+
 try:  # bfloat16 for numpy (a jax dependency)
     import ml_dtypes
     _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -37,10 +39,6 @@ _ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
 if _BF16 is not None:
     _ST_DTYPES[_BF16] = 'BF16'
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file is missing, partial or malformed."""
 
 
 # ----------------------------------------------------------------------------------------

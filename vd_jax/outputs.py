@@ -11,9 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-
-class OutputLocationError(ValueError):
-    """An output location that cannot be written; the message names it and why."""
+from vd_jax.errors import InputError
 
 
 def check_can_create(path: str, what: str) -> None:
@@ -23,22 +21,22 @@ def check_can_create(path: str, what: str) -> None:
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise OutputLocationError(f"cannot create {what} '{path}': '{parent}' is a file, not a "
-                                  'folder')
+        raise InputError(f"cannot create {what} '{path}': '{parent}' is a file, not a "
+                         'folder')
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputLocationError(f"cannot create {what} '{path}': no permission to write in "
-                                  f"'{parent}'")
+        raise InputError(f"cannot create {what} '{path}': no permission to write in "
+                         f"'{parent}'")
 
 
 def check_output_folder(path: str, what: str) -> None:
     """`path` is a writable folder or can become one (checked before any long work, so results
-    are never lost at the end). Raises OutputLocationError."""
+    are never lost at the end). Raises InputError."""
     if os.path.lexists(path):
         if not os.path.isdir(path):
-            raise OutputLocationError(f"{what} '{path}' is a file, not a folder")
+            raise InputError(f"{what} '{path}' is a file, not a folder")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise OutputLocationError(f"{what} '{path}' is not writable (no permission to write "
-                                      'in it)')
+            raise InputError(f"{what} '{path}' is not writable (no permission to write "
+                             'in it)')
         return
     check_can_create(path, what)
 

@@ -31,11 +31,12 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from vd_jax import modalities as M
-from vd_jax.checkpoint import CheckpointError, available_parts, load_part, read_config
+from vd_jax.checkpoint import available_parts, load_part, read_config
 from vd_jax.components import Components
+from vd_jax.errors import CheckpointError, InputError
 from vd_jax.sharding import as_mesh, parse_mesh  # noqa: F401  (re-exported)
 from vd_jax.diffusion.schedule import make_schedule
-from vd_jax.tasks import TASKS, SamplingOptions, TaskError  # noqa: F401  (re-exported)
+from vd_jax.tasks import TASKS, SamplingOptions  # noqa: F401  (re-exported)
 
 UNCOND_CONVENTIONS = M.CONVENTIONS
 # Models shipped in the package: name -> checkpoint folder (None: random weights of that config)
@@ -67,7 +68,7 @@ class VersatileDiffusion:
     def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
                  uncond: str = 'v1.0', source: str = '<memory>', mesh=None, rules=None):
         if uncond not in UNCOND_CONVENTIONS:
-            raise TaskError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
+            raise InputError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
         self.components = Components(model_config, params, dtype=dtype, mesh=as_mesh(mesh),
                                      rules=rules)
         from vd_jax.platform import warn_cpu_bfloat16
@@ -171,27 +172,29 @@ class VersatileDiffusion:
 
     # -- checks -----------------------------------------------------------------------------------
     def check_task(self, task: str) -> None:
-        """Raise `TaskError` naming what this model lacks for `task`."""
+        """Raise `InputError` naming what this model lacks for `task`."""
         if task not in TASKS:
-            raise TaskError(f"unknown task '{task}'; tasks: {sorted(TASKS)}")
+            raise InputError(f"unknown task '{task}'; tasks: {sorted(TASKS)}")
         t = TASKS[task]
         missing = sorted(p for p in t.parts if p not in self.params)
         if missing:
-            raise TaskError(f"task '{task}' needs the parts {list(t.parts)}; this model "
-                            f'({self.source}) lacks {missing} (it has {sorted(self.params)}). '
-                            'Convert them (python -m vd_jax.convert) or use a task these parts '
-                            'support.')
+            raise InputError(f"task '{task}' needs the parts {list(t.parts)}; this model "
+                             f'({self.source}) lacks {missing} (it has {sorted(self.params)}). '
+                             'Convert them (python -m vd_jax.convert) or use a task these parts '
+                             'support.')
         have = {f.name for f in M.model_flows(self.config)}
         for f in t.flows:
             if f not in have:
                 fl = M.flow(f)
-                raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
-                                f"diffuser '{self.config.get('name', '?')}' does not have "
-                                f'(its flows: {sorted(have)})')
+                raise InputError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
+                                 f"diffuser '{self.config.get('name', '?')}' does not have "
+                                 f'(its flows: {sorted(have)})')
         try:  # tokenizers that do not fit the model's vocabularies fail before any sampling
             self.components.check_tokenizers(t.flows)
+        except CheckpointError:  # a vocabulary file that is missing or malformed
+            raise
         except ValueError as e:
-            raise TaskError(f"task '{task}': {e}") from None
+            raise InputError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Tuple
 
+from vd_jax.errors import InputError
+
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """--sampler, --spacing, --karras, --guidance-rescale."""
@@ -35,13 +37,13 @@ def check_sampler_flags(args, error: Callable[[str], Exception],
     args.spacing); raises error(message) naming the flag. Returns `check_steps`'s
     (resolved spacing, notice or None)."""
     from vd_jax.diffusion.sampling import check_steps
-    from vd_jax.tasks.common import SamplingOptions, TaskError
+    from vd_jax.tasks.common import SamplingOptions
     for flag, check in (
             ('guidance-rescale', lambda: SamplingOptions(guidance_rescale=args.guidance_rescale)),
             ('karras', lambda: SamplingOptions(sampler=args.sampler, karras=args.karras))):
         try:
             check()
-        except TaskError as e:
+        except InputError as e:
             raise error(f'--{flag}: {e}') from None
     try:
         return check_steps(args.sampler, args.steps, spacing or args.spacing or 'auto')

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from vd_jax.cli.usage import UsageError
+from vd_jax.errors import InputError
 
 
 def check_parallel(args) -> None:
@@ -23,23 +23,23 @@ def check_parallel(args) -> None:
         try:
             parse_mesh(args.mesh)
         except ValueError as e:
-            raise UsageError(f'--mesh: {e}') from None
+            raise InputError(f'--mesh: {e}') from None
     given = [f for f in ('coordinator', 'num_processes', 'process_id')
              if getattr(args, f) is not None]
     if given and not args.distributed:
-        raise UsageError(f"--{given[0]} needs --distributed")
+        raise InputError(f"--{given[0]} needs --distributed")
     if args.num_processes is not None and args.num_processes < 1:
-        raise UsageError(f'--num_processes {args.num_processes} must be >= 1')
+        raise InputError(f'--num_processes {args.num_processes} must be >= 1')
     if args.process_id is not None and not (
             0 <= args.process_id < (args.num_processes or args.process_id + 1)):
-        raise UsageError(f'--process_id {args.process_id} must be in [0, --num_processes)')
+        raise InputError(f'--process_id {args.process_id} must be in [0, --num_processes)')
     if args.preview_every is not None and args.preview_every < 1:
-        raise UsageError(f'--preview-every {args.preview_every} must be >= 1')
+        raise InputError(f'--preview-every {args.preview_every} must be >= 1')
     if args.start_step is not None:
         if args.start_step < 0:
-            raise UsageError(f'--start-step {args.start_step} must be >= 0')
+            raise InputError(f'--start-step {args.start_step} must be >= 0')
         if args.fidelity:
-            raise UsageError('give --fidelity or --start-step, not both')
+            raise InputError('give --fidelity or --start-step, not both')
 
 
 def start_processes(args) -> Tuple[int, int]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from vd_jax.convert.engine import ConversionError, Ignore, Rule
+from vd_jax.convert.engine import Ignore, Rule
+from vd_jax.errors import CheckpointError
 
 # The 12 DDPM schedule buffers every VD state dict carries (vd.py:127-185): recomputed by
 # `vd_jax.diffusion.make_schedule`, so never converted.
@@ -91,7 +92,7 @@ def detect_layout(keys: Sequence[str], where: str = '') -> Layout:
         if layout.detect(keys):
             return layout
     sample = sorted(keys)[:8]
-    raise ConversionError(
+    raise CheckpointError(
         f"unknown checkpoint layout{' in ' + where if where else ''}: none of "
         f"{[l.name for l in LAYOUTS]} matches. First keys: {sample}")
 

@@ -3,7 +3,7 @@
 Uploads are checked before decoding: size in bytes, then the pixel count from the header
 (before any pixel is decoded), and only the formats in `FORMATS` are tried (Pillow never
 hands a browser upload to its Ghostscript or other external decoders). Any failure is an
-`UploadError` whose message names the file and the problem, shown in the page.
+`InputError` whose message names the file and the problem, shown in the page.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from vd_jax.errors import InputError
 
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'BMP', 'GIF')
 EXTENSIONS = ['png', 'jpg', 'jpeg', 'webp', 'bmp', 'gif']
@@ -23,10 +24,6 @@ EXAMPLE_PROMPTS = (
     'a watercolor painting of a lighthouse at sunset',
     'a cat sits on a mat',
 )
-
-
-class UploadError(ValueError):
-    """An uploaded file is rejected; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,32 +42,32 @@ def decode_image(data: bytes, name: str, limits: Limits, *, grey: bool = False) 
     from PIL import Image, ImageOps, UnidentifiedImageError
     n = len(data)
     if n == 0:
-        raise UploadError(f"'{name}' is empty")
+        raise InputError(f"'{name}' is empty")
     if n > limits.max_bytes:
-        raise UploadError(f"'{name}' is {n / 2 ** 20:.1f} MB; the limit is "
-                          f'{limits.max_bytes / 2 ** 20:.1f} MB')
+        raise InputError(f"'{name}' is {n / 2 ** 20:.1f} MB; the limit is "
+                         f'{limits.max_bytes / 2 ** 20:.1f} MB')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 w, h = im.size
                 if w < 1 or h < 1:
-                    raise UploadError(f"'{name}' has no pixels ({w} x {h})")
+                    raise InputError(f"'{name}' has no pixels ({w} x {h})")
                 if w * h > limits.max_pixels:
-                    raise UploadError(f"'{name}' is {w} x {h} = {w * h:,} pixels; the limit is "
-                                      f'{limits.max_pixels:,}')
+                    raise InputError(f"'{name}' is {w} x {h} = {w * h:,} pixels; the limit is "
+                                     f'{limits.max_pixels:,}')
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return np.asarray(im.convert('L' if grey else 'RGB'), np.uint8).copy()
-    except UploadError:
+    except InputError:
         raise
     except UnidentifiedImageError:
-        raise UploadError(f"'{name}' is not an image in a supported format "
-                          f"({', '.join(FORMATS)})") from None
+        raise InputError(f"'{name}' is not an image in a supported format "
+                         f"({', '.join(FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"'{name}' has too many pixels (limit {limits.max_pixels:,})") from None
+        raise InputError(f"'{name}' has too many pixels (limit {limits.max_pixels:,})") from None
     except Exception as e:  # truncated or corrupt data: any decoder error becomes a message
-        raise UploadError(f"cannot decode '{name}': {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot decode '{name}': {type(e).__name__}: {e}") from None
 
 
 def decode_mask(data: bytes, name: str, limits: Limits) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from vd_jax.cli.model_flags import add_model_flags
 from vd_jax.demo.inputs import Limits
+from vd_jax.errors import CheckpointError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +39,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--port must be in 1..65535, got {args.port}')
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         p.error('--max-upload-mb and --max-pixels must be positive')
-    from vd_jax.lora.stack import LoraError, parse_lora_flag
+    from vd_jax.lora.stack import parse_lora_flag
     try:
         args.lora = [parse_lora_flag(x) for x in args.lora]
-    except LoraError as e:
+    except (ConfigError, CheckpointError) as e:
         p.error(f'--lora: {e}')
     return args
 

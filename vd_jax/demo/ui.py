@@ -20,6 +20,7 @@ from vd_jax.demo.inputs import Limits
 from vd_jax.demo.model import Served
 from vd_jax.demo.results import Result
 from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
+from vd_jax.errors import InputError
 
 log = logging.getLogger('vd_jax.demo')
 
@@ -186,8 +187,7 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
         out = call(progress)
         seconds = time.time() - t0
     except Exception as e:  # every failure is a message in the page; the server keeps serving
-        from vd_jax.pipeline import TaskError
-        expected = isinstance(e, (TaskError, inp.UploadError, ValueError, KeyError, FileNotFoundError))
+        expected = isinstance(e, (InputError, ValueError, KeyError, FileNotFoundError))
         if not expected:
             log.exception('request failed: %s', settings)
         status.error(f'{e}' if expected else f'The request failed: {type(e).__name__}: {e}',
@@ -212,7 +212,7 @@ def run_with_image(tab: Tab, choice: ImageChoice, settings: Dict[str, Any], call
     `run` with `call(image, progress)`."""
     try:
         image, name = choice.resolve(tab.limits)
-    except (inp.UploadError, KeyError) as e:
+    except (InputError, KeyError) as e:
         st.error(str(e), icon=':material/error:')
         return
     run(tab, dict(settings, image=name), lambda progress: call(image, progress), inputs=[image],

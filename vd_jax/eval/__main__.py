@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 from vd_jax.cli.model_flags import add_model_flags, load_model
-from vd_jax.cli.usage import UsageError, compile_cache, report
+from vd_jax.cli.usage import compile_cache, report
+from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval.checks import EVAL_MODEL_FLAGS, check
 from vd_jax.sampling_flags import add_sampler_flags
 
@@ -166,12 +167,8 @@ def _metric(args, prep):
 
 def _run_sampling(args, prep) -> int:
     import jax
-    from vd_jax.checkpoint import CheckpointError
     from vd_jax.eval import generate as G
-    from vd_jax.eval.fid import FIDError
-    from vd_jax.image_io import ImageReadError
     from vd_jax.outputs import code_version, new_run_dir
-    from vd_jax.pipeline import TaskError
     t0 = time.time()
     cache = compile_cache(not args.no_compile_cache)
     spec: G.GenerationSpec = prep['spec']
@@ -180,7 +177,7 @@ def _run_sampling(args, prep) -> int:
         metric.load()  # the small network first: a bad weights file fails fast
         vd = _load(args)
         vd.check_task(G.TASKS[args.task])
-    except (FIDError, CheckpointError, TaskError, ValueError) as e:
+    except (InputError, CheckpointError, ValueError) as e:
         return report(e)
     untrained = vd.source.startswith('random:')
     if untrained:
@@ -202,7 +199,7 @@ def _run_sampling(args, prep) -> int:
         record.update(scores)
         timing['metric_s'] = round(time.time() - t_metric, 2)
         grid = _grid(folder, paths, args.task, inputs, hw)
-    except (FIDError, TaskError, ImageReadError, G.GenerationError) as e:
+    except InputError as e:
         return report(e)
     settings = {k: v for k, v in vars(args).items()}
     record.update(n=n, generated=gen['generated'], reused=gen['reused'],
@@ -225,8 +222,7 @@ def _run_sampling(args, prep) -> int:
 
 
 def _run_fid_stats(args, prep) -> int:
-    from vd_jax.eval.fid import FIDError, InceptionFeatureExtractor, folder_statistics, save_statistics
-    from vd_jax.image_io import ImageReadError
+    from vd_jax.eval.fid import InceptionFeatureExtractor, folder_statistics, save_statistics
     from vd_jax.outputs import code_version
     t0 = time.time()
     try:
@@ -236,7 +232,7 @@ def _run_fid_stats(args, prep) -> int:
         with _bar(len(prep['paths']), 'features') as bar:
             stats = folder_statistics(prep['paths'], extractor, size, bar.update)
         save_statistics(args.stats_out, *stats.mu_sigma(), num_images=stats.n)
-    except (FIDError, ImageReadError, ValueError) as e:
+    except (InputError, ValueError) as e:
         return report(e)
     rec = {'folder': os.path.abspath(args.folder), 'num_images': stats.n,
            'preprocess': f'centre crop + bicubic resize to {args.size}x{args.size}' if size
@@ -249,7 +245,6 @@ def _run_fid_stats(args, prep) -> int:
 
 
 def _run_shapes(args, prep) -> int:
-    from vd_jax.checkpoint import CheckpointError
     from vd_jax.eval.shapes_eval import EvalSettings, evaluate
     from vd_jax.eval.shapes_reader import IMAGE_SIZE
     from vd_jax.outputs import code_version, new_run_dir
@@ -291,7 +286,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args, prep = check(args, parser, argv)
-    except UsageError as e:
+    except InputError as e:
         return report(e)
     configure_xla()
     return RUNS[args.command](args, prep)

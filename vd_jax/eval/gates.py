@@ -41,14 +41,6 @@ GATE_PARTS = {'autokl': ('vae_image',), 'clip': ('ctx_text', 'ctx_image'),
               'optimus': ('vae_text',)}
 
 
-class GateFailed(RuntimeError):
-    """A stage-0 gate did not pass; `.result` is its record."""
-
-    def __init__(self, result: Dict):
-        self.result = result
-        super().__init__(describe(result))
-
-
 def describe(result: Dict) -> str:
     """One line: the gate, pass/fail, and the numbers below the threshold (or the lowest)."""
     flat = _flatten(result['numbers'])
@@ -254,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--gates', help=f"comma-separated subset of {','.join(GATES)}")
     p.add_argument('--out', help='also write the records as JSON to this file')
     args = p.parse_args(argv)
-    from vd_jax.checkpoint import CheckpointError
+    from vd_jax.errors import CheckpointError
     from vd_jax.pipeline import MODELS
     from vd_jax.platform import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
     ckpt = args.ckpt or MODELS['vd-mini']

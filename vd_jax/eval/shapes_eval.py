@@ -31,6 +31,7 @@ import numpy as np
 
 from vd_jax.batching import map_batched
 from vd_jax.data import shapes as W
+from vd_jax.errors import InputError
 from vd_jax.eval.shapes_reader import attribute_accuracy, parse_caption, read_images
 
 FLOWS = ('t2i', 'i2t', 'i2i', 't2t', 'dual', 'guidance')
@@ -188,7 +189,7 @@ def _can(vd, task) -> bool:
     try:
         vd.check_task(task)
         return True
-    except ValueError:
+    except InputError:  # what the model lacks; a broken vocabulary file is raised
         return False
 
 

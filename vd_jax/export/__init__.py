@@ -47,8 +47,9 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from vd_jax.checkpoint import (CheckpointError, SafetensorsWriter, atomic_dir, available_parts,
-                               load_safetensors, read_config)
+from vd_jax.checkpoint import (SafetensorsWriter, atomic_dir, available_parts, load_safetensors,
+                               read_config)
+from vd_jax.errors import CheckpointError, InputError
 
 # CLI layout name -> converter layout name
 LAYOUTS = {'v1.0': 'vd-v1.0', 'legacy': 'vd-legacy', 'diffusers': 'diffusers'}
@@ -58,10 +59,6 @@ DTYPES = ('float32', 'float16', 'bfloat16')
 _PT_METADATA = {'format': 'pt'}
 
 
-class ExportError(ValueError):
-    """A bad CKPT, OUT, layout or dtype; the message (one line) names it."""
-
-
 def _one_line(e: Exception) -> str:
     """The converter's multi-line reports (one line per problem) as one line."""
     return '; '.join(line.strip() for line in str(e).splitlines() if line.strip())
@@ -69,7 +66,7 @@ def _one_line(e: Exception) -> str:
 
 def _np_dtype(name: str) -> np.dtype:
     if name not in DTYPES:
-        raise ExportError(f'unknown dtype {name!r} (choose {", ".join(DTYPES)})')
+        raise InputError(f'unknown dtype {name!r} (choose {", ".join(DTYPES)})')
     if name == 'bfloat16':
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
@@ -77,26 +74,27 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
-    """(model config, parts, output kind 'torch'|'safetensors'|'folder'), or ExportError."""
+    """(model config, parts, output kind 'torch'|'safetensors'|'folder'); InputError (layout,
+    OUT) or CheckpointError (CKPT)."""
     if layout not in LAYOUTS:
-        raise ExportError(f'unknown layout {layout!r} (choose {", ".join(LAYOUTS)})')
+        raise InputError(f'unknown layout {layout!r} (choose {", ".join(LAYOUTS)})')
     if not os.path.isdir(ckpt):
-        raise ExportError(f"checkpoint '{ckpt}' " + ('is not a folder' if os.path.exists(ckpt)
-                                                     else 'does not exist'))
+        raise CheckpointError(f"checkpoint '{ckpt}' " + ('is not a folder' if os.path.exists(ckpt)
+                                                         else 'does not exist'))
     try:
         model_cfg = read_config(ckpt)
     except (CheckpointError, ValueError) as e:  # json errors are ValueErrors
-        raise ExportError(f"checkpoint '{ckpt}': unreadable config.json ({_one_line(e)})") from None
+        raise CheckpointError(f"checkpoint '{ckpt}': unreadable config.json ({_one_line(e)})") from None
     parts = available_parts(ckpt)
     if not parts:
-        raise ExportError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
+        raise CheckpointError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
     from vd_jax.models.vae import NUM_GROUPS
     groups = int(((model_cfg.get('vae') or {}).get('image') or {}).get('norm_groups', NUM_GROUPS))
     if layout != 'diffusers' and 'vae_image' in parts and groups != NUM_GROUPS:
-        raise ExportError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups={groups}; "
-                          f"the original code's GroupNorms have {NUM_GROUPS} groups, so a {layout} file "
-                          "would run wrongly there. Export with --layout diffusers "
-                          '(its AutoencoderKL has norm_num_groups)')
+        raise CheckpointError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups="
+                              f"{groups}; the original code's GroupNorms have {NUM_GROUPS} groups, "
+                              f'so a {layout} file would run wrongly there. Export with --layout '
+                              'diffusers (its AutoencoderKL has norm_num_groups)')
     if layout == 'diffusers':
         kind = 'folder'
     else:
@@ -106,28 +104,25 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
         elif suffix in TORCH_SUFFIXES:
             kind = 'torch'
         else:
-            raise ExportError(f"output '{out}': the {layout} layout is one file; end its name "
-                              f"with .safetensors or {'/'.join(TORCH_SUFFIXES)}")
+            raise InputError(f"output '{out}': the {layout} layout is one file; end its name "
+                             f"with .safetensors or {'/'.join(TORCH_SUFFIXES)}")
     if os.path.lexists(out) and not overwrite:
-        raise ExportError(f"output '{out}' already exists; choose another path or pass "
-                          'overwrite=True (--overwrite)')
-    from vd_jax.outputs import OutputLocationError, check_can_create
-    try:
-        check_can_create(out, 'output')
-    except OutputLocationError as e:
-        raise ExportError(str(e)) from None
+        raise InputError(f"output '{out}' already exists; choose another path or pass "
+                         'overwrite=True (--overwrite)')
+    from vd_jax.outputs import check_can_create
+    check_can_create(out, 'output')
     if kind == 'torch':
         try:
             import torch  # noqa: F401
         except ImportError:
-            raise ExportError(f"writing '{out}' needs PyTorch: pip install -e '.[convert]' "
-                              "(or write .safetensors)") from None
+            raise CheckpointError(f"writing '{out}' needs PyTorch: pip install -e '.[convert]' "
+                                  "(or write .safetensors)") from None
     return model_cfg, parts, kind
 
 
 def _streams(ckpt, model_cfg, parts, layout: str, dtype) -> Dict[str, Tuple[list, Iterator]]:
     """part -> (declared (key, shape) list, lazy tensor iterator); everything checked now."""
-    from vd_jax.convert import ConversionError, export_stream
+    from vd_jax.convert import export_stream
     out = {}
     for part in parts:
         path = os.path.join(ckpt, f'{part}.safetensors')
@@ -135,8 +130,8 @@ def _streams(ckpt, model_cfg, parts, layout: str, dtype) -> Dict[str, Tuple[list
         part_layout = 'vd-v1.0' if layout == 'diffusers' and part == 'vae_text' else LAYOUTS[layout]
         try:
             out[part] = export_stream(load_safetensors(path), model_cfg, part, part_layout, dtype)
-        except (CheckpointError, ConversionError) as e:
-            raise ExportError(f"checkpoint '{ckpt}', part '{part}': {_one_line(e)}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint '{ckpt}', part '{part}': {_one_line(e)}") from None
     return out
 
 
@@ -221,7 +216,7 @@ def _diffusers_plan(model_cfg, parts) -> Dict[str, dict]:
         if 'ctx_image' in parts:
             configs['image_encoder'] = df.clip_vision_config(model_cfg['ctx']['image'])
     except (ValueError, KeyError) as e:  # what diffusers' classes cannot express
-        raise ExportError(f'cannot export a diffusers folder: {_one_line(e)}') from None
+        raise CheckpointError(f'cannot export a diffusers folder: {_one_line(e)}') from None
     return configs
 
 
@@ -283,7 +278,8 @@ def export_checkpoint(ckpt: str, out: str, layout: str = 'v1.0', dtype: str = 'f
       dtype: 'float32', 'float16' or 'bfloat16' for every weight (schedule buffers stay float32).
       overwrite: replace an existing `out` (only once the new one is complete).
     Returns:
-      `out`. Raises `ExportError` (naming the problem) before writing anything.
+      `out`. Raises, naming the problem, before writing anything: `InputError` (a bad layout,
+      dtype or OUT) or `CheckpointError` (CKPT cannot be read or exported).
     """
     np_dtype = _np_dtype(dtype)
     model_cfg, parts, kind = _check_inputs(ckpt, out, layout, overwrite)

@@ -14,8 +14,8 @@ load too (`vd_jax.lora.peft_import`). docs/lora.md has a worked example.
 Modules: `adapters` (targets, files, merging), `apply` (the on-the-fly path), `stack`
 (adapters loaded into a model), `peft_import`, `training`, `teach_shape` (the worked example).
 """
-from vd_jax.lora.adapters import (DEFAULT_TARGETS, Adapter, LoraError, LoraSpec,  # noqa: F401
-                                  merge, read_adapter, save_adapter, select_targets)
+from vd_jax.lora.adapters import (DEFAULT_TARGETS, Adapter, LoraSpec, merge, read_adapter,  # noqa: F401
+                                  save_adapter, select_targets)
 
 
 def import_peft(path_or_state, diffuser_config, **kw):

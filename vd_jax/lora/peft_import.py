@@ -32,7 +32,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from vd_jax.lora.adapters import Adapter, LoraError
+from vd_jax.errors import CheckpointError
+from vd_jax.lora.adapters import Adapter
 
 logger = logging.getLogger('vd_jax.lora')
 
@@ -98,8 +99,8 @@ def _factors(a: np.ndarray, b: np.ndarray, transform: str, module: str):
     if transform == 'conv' and a.ndim == 4 and b.ndim == 4 and b.shape[2:] == (1, 1):
         # our conv kernel (kh, kw, in, out) is adapted as the (kh*kw*in, out) matrix
         return a.transpose(2, 3, 1, 0).reshape(-1, r), b[:, :, 0, 0].T
-    raise LoraError(f"LoRA module '{module}': A {a.shape} / B {b.shape} cannot adapt a "
-                    f"'{transform}' weight")
+    raise CheckpointError(f"LoRA module '{module}': A {a.shape} / B {b.shape} cannot adapt a "
+                          f"'{transform}' weight")
 
 
 def _metadata_alphas(metadata: Optional[Mapping[str, Any]]):
@@ -170,17 +171,17 @@ def import_state_dict(state_dict: Mapping[str, Any], diffuser_config, *,
             alpha = alpha * math.sqrt(r)
         m = path[:-len('/kernel')]
         if m in weights:
-            raise LoraError(f"{source}: two LoRA modules map onto '{path}' (one is '{module}')")
+            raise CheckpointError(f"{source}: two LoRA modules map onto '{path}' (one is '{module}')")
         weights[m], alphas[m] = (down.astype(np.float32), up.astype(np.float32)), alpha
     if unmapped:
         msg = (f'{source}: {len(unmapped)} LoRA key(s) do not map onto this diffuser '
                f'(SD-style UNet attention/resnet layers map; attention_stream='
                f"'{attention_stream}', data_stream='{data_stream}'): {sorted(unmapped)[:12]}")
         if not skip_unmapped:
-            raise LoraError(msg + ' (skip_unmapped=True loads the rest)')
+            raise CheckpointError(msg + ' (skip_unmapped=True loads the rest)')
         logger.warning(msg)
     if not weights:
-        raise LoraError(f'{source}: no LoRA weights found (keys {list(state_dict)[:8]})')
+        raise CheckpointError(f'{source}: no LoRA weights found (keys {list(state_dict)[:8]})')
     info = {'imported_from': source, 'attention_stream': attention_stream,
             'data_stream': data_stream, 'peft_metadata': dict(metadata or {})}
     return Adapter(weights, alphas, info)

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from vd_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s of ONE JAX device (first matching device_kind substring wins, case-
@@ -55,10 +57,6 @@ PEAKS = (
 )
 
 _MEASURED: Dict[Tuple[str, int], float] = {}
-
-
-class ObserveError(ValueError):
-    """A bad observability setting (e.g. --profile-steps)."""
 
 
 def table_peak(device_kind: str, dtype: str) -> Optional[float]:
@@ -273,11 +271,11 @@ def parse_profile_steps(spec: Optional[str]) -> Optional[Tuple[int, int]]:
         return None
     m = re.fullmatch(r'\s*(\d+)\s*(?::\s*(\d+)\s*)?', str(spec))
     if not m:
-        raise ObserveError(f"--profile-steps {spec!r}: expected A:B (e.g. 10:15), steps >= 1")
+        raise ConfigError(f"--profile-steps {spec!r}: expected A:B (e.g. 10:15), steps >= 1")
     a = int(m.group(1))
     b = int(m.group(2)) if m.group(2) is not None else a
     if a < 1 or b < a:
-        raise ObserveError(f'--profile-steps {spec!r}: need 1 <= A <= B')
+        raise ConfigError(f'--profile-steps {spec!r}: need 1 <= A <= B')
     return a, b
 
 

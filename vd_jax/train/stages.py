@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from vd_jax.errors import CheckpointError, GateFailed
+
 logger = logging.getLogger('vd_jax.stages')
 
 RECIPE = 'configs/train_vd_mini.py'
@@ -65,7 +67,7 @@ def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str
 
 def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = False) -> None:
     """The stage-0 gate of `stage` on its export: computed once (saved into `record` and the
-    stages.json at `path`), then held: raises `gates.GateFailed` unless it passed or `ignore`."""
+    stages.json at `path`), then held: raises `GateFailed` unless it passed or `ignore`."""
     from vd_jax.eval import gates
     rec = record[stage]
     if 'gate' not in rec:
@@ -81,14 +83,14 @@ def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = Fa
     elif ignore:
         logger.warning('%s; going on (--ignore-gates)', gates.describe(result))
     else:
-        raise gates.GateFailed(result)
+        raise GateFailed(gates.describe(result), result)
 
 
 def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str] = STAGE0 + VD_STAGES,
                recipe: str = RECIPE, ignore_gates: bool = False) -> Dict[str, dict]:
     """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record.
     Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
-    `vd_jax.eval.gates.GateFailed` before the next stage starts, unless `ignore_gates`."""
+    `GateFailed` before the next stage starts, unless `ignore_gates`."""
     from vd_jax.config import load_config
     from vd_jax.train.loop import train
     from vd_jax.train.settings import apply_overrides
@@ -141,8 +143,7 @@ def release(workdir: str, out: str, name: Optional[str] = None) -> str:
     records the stages (exports, wall times, final losses) and `name` (e.g. 'VD-mini v2'),
     every path relative to `workdir`. Overwrites `out`."""
     import numpy as np
-    from vd_jax.checkpoint import (CheckpointError, available_parts, load_part, read_config,
-                                   write_checkpoint)
+    from vd_jax.checkpoint import available_parts, load_part, read_config, write_checkpoint
     from vd_jax.train.manifest_paths import relative_to, resolved_from
     final = os.path.join(workdir, 'final')
     if not os.path.isdir(final):
@@ -201,14 +202,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_libraries()
     from vd_jax.train.settings import ConfigError
     if args.release:
-        from vd_jax.checkpoint import CheckpointError
         try:
             print(release(args.workdir, args.release, args.name))
         except (CheckpointError, OSError) as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
         return 0
-    from vd_jax.eval.gates import GateFailed
     from vd_jax.platform import EXIT_GATE_FAILED
     try:
         rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe,
