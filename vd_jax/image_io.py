@@ -54,7 +54,8 @@ def pil_to_rgb(im) -> np.ndarray:
       `ALPHA_BACKGROUND` (white).
     * '1', 'L', 'P', 'CMYK', 'YCbCr', 'HSV', ... go through Pillow's `convert('RGB')`.
     """
-    from PIL import Image, ImageOps
+    # lazy: PIL (+21 ms)
+    from PIL import Image, ImageOps  # noqa: PLC0415
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _INT_MODES or mode == 'F':
@@ -79,7 +80,7 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
     Raises FileNotFoundError for a missing file, InputError (naming the file) for anything
     that is not a decodable image: a folder, an empty or truncated file, another format.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"'{path}' is a folder, not an image file")
@@ -235,7 +236,7 @@ def load_mask(mask, hw: Tuple[int, int]) -> np.ndarray:
     """A keep-mask (file, or (H, W) / (H, W, C) array in [0, 1] or uint8) -> (h, w) float32
     in [0, 1], resized bilinearly (the demo resizes masks with PIL's BILINEAR). Raises
     ValueError for an array of another rank."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415
     m = load_image(mask) if isinstance(mask, str) else np.asarray(mask)
     if m.ndim == 3:
         m = m[..., 0]

@@ -28,6 +28,9 @@ from vd_jax.cli.sample_run import sample, schedule_record, write
 from vd_jax.cli.sample_tasks import COMMON, TASKS, CliTask
 from vd_jax.cli.usage import check_out, compile_cache, read_list, report
 from vd_jax.errors import CheckpointError, ConfigError, InputError
+from vd_jax.image_io import load_image
+from vd_jax.outputs import code_version, new_run_dir
+from vd_jax.platform import exit_codes_epilog, quiet_libraries
 from vd_jax.sampling_flags import add_sampler_flags, check_sampler_flags
 
 DEMO_PROMPT = 'a large red circle at the center on a white background'  # the shapes world
@@ -36,7 +39,6 @@ UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vd_jax.platform import exit_codes_epilog
     p = argparse.ArgumentParser(prog='sample.py', description=__doc__, epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_values(args) -> None:
     """Numeric flags, with the Python API's own checks (and messages) where it has them
     (--steps: `check_steps` in `validate`, naming the sampler)."""
-    from vd_jax.tasks.common import SamplingOptions, check_n
+    # lazy: vd_jax.tasks.common pulls in jax, flax (+1.2 s)
+    from vd_jax.tasks.common import SamplingOptions, check_n  # noqa: PLC0415
     api = [('n', lambda: check_n(args.n))] + [
         (f, lambda f=f: SamplingOptions(**{f: getattr(args, f)}))
         for f in ('scale', 'eta', 'seed', 'dtype')]
@@ -153,7 +156,6 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
         prompts = [DEMO_PROMPT]
     if 'image' in t.needs and not paths:
         raise InputError(f'--task {args.task} needs an input image (--image FILE or --images FILE)')
-    from vd_jax.image_io import load_image
     masks = [m for m in args.mask if m.lower() != 'none']
     if args.mask and len(args.mask) != len(paths):
         raise InputError(f'{len(args.mask)} --mask for {len(paths)} --image (give one per image, '
@@ -168,7 +170,8 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
     check_model_flags(args)
     check_out(args.out)
     check_parallel(args)
-    from vd_jax.lora.stack import parse_lora_flag
+    # lazy: vd_jax.lora.stack pulls in jax (+1.1 s)
+    from vd_jax.lora.stack import parse_lora_flag  # noqa: PLC0415
     try:
         args.lora = [parse_lora_flag(x) for x in args.lora]
     except (ConfigError, CheckpointError) as e:
@@ -182,7 +185,8 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
 
 def _load_model(args, mesh, share, t0):
     """The model `--ckpt`/`--config`/`--model` names, on `mesh`; says where it runs."""
-    import jax
+    # lazy: jax (+1.0 s)
+    import jax  # noqa: PLC0415
     vd = load_model(args.ckpt, model=args.model, config=args.config, dtype=args.dtype,
                     uncond=args.uncond, mesh=mesh)
     if vd.source.startswith('random:') and share[0] == 0:
@@ -197,7 +201,6 @@ def _load_model(args, mesh, share, t0):
 
 
 def main(argv=None) -> int:
-    from vd_jax.platform import quiet_libraries
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -206,8 +209,7 @@ def main(argv=None) -> int:
         t, prompts, paths = validate(args, parser)
     except InputError as e:
         return report(e)
-    import jax
-    from vd_jax.outputs import code_version, new_run_dir
+    import jax  # noqa: PLC0415
     cache = compile_cache(not args.no_compile_cache)
     share = start_processes(args)
     try:

@@ -308,8 +308,6 @@ def as_mesh(mesh, devices=None):
     devices), over `devices` (default this process's, `jax.local_devices()`); None stays None."""
     if mesh is None:
         return None
-    import jax
-    from jax.sharding import Mesh
     if isinstance(mesh, Mesh):
         return mesh
     shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)

@@ -214,7 +214,8 @@ class CLIPPromptTokenizer:
 
 
 def _clip_build(path):
-    from transformers import CLIPTokenizer
+    # lazy: transformers, PIL, tqdm (+0.5 s)
+    from transformers import CLIPTokenizer  # noqa: PLC0415
     vocab, merges = _clip_files(path)
     if len(vocab) != CLIP_VOCAB_SIZE:
         raise CheckpointError(f'CLIP vocabulary has {len(vocab)} tokens, expected '
@@ -310,7 +311,7 @@ def bert_tokenizer(path: Optional[str] = None):
     Returns:
       a `transformers.BertTokenizer`: [CLS] = 101, [SEP] = 102, [PAD] = 0, [UNK] = 100.
     """
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # noqa: PLC0415
     vocab = _bert_vocab(None if path is None else os.path.abspath(path))
     tok = BertTokenizer(vocab=vocab, do_lower_case=False, model_max_length=512)
     if tok.cls_token_id is None or tok.sep_token_id is None:
@@ -340,7 +341,7 @@ def gpt2_tokenizer(path: Optional[str] = None):
     Returns:
       a `transformers.GPT2Tokenizer` of length 50,260.
     """
-    from transformers import GPT2Tokenizer
+    from transformers import GPT2Tokenizer  # noqa: PLC0415
     vocab, merges = _gpt2_files(None if path is None else os.path.abspath(path))
     if len(vocab) != GPT2_VOCAB_SIZE:
         raise CheckpointError(f'GPT-2 vocabulary has {len(vocab)} tokens, expected '

@@ -15,6 +15,7 @@ import os
 from typing import Optional, Sequence
 
 from vd_jax.errors import InputError
+from vd_jax.platform import CPU_BFLOAT16_MEASURED
 
 DEFAULT_MODEL_SEED = 0  # the seed of a --config model's random weights
 MODEL_FLAGS = ('ckpt', 'model', 'config')
@@ -26,7 +27,6 @@ def add_model_flags(p: argparse.ArgumentParser, flags: Sequence[str] = MODEL_FLA
 
     dtype_choices: argparse checks --dtype (else the caller does, e.g. with
     `SamplingOptions`); random_seed: also --seed-model, the seed of --config's weights."""
-    from vd_jax.platform import CPU_BFLOAT16_MEASURED
     p.add_argument('--ckpt', help='vd_jax checkpoint folder (python -m vd_jax.convert ..., or a '
                                   'training export); default: the shipped vd-mini model')
     if 'model' in flags:
@@ -57,7 +57,8 @@ def check_model_flags(args: argparse.Namespace, flags: Sequence[str] = MODEL_FLA
     config.json. Raises InputError."""
     if sum(getattr(args, f) is not None for f in flags) > 1:
         raise InputError(f'give one of {_one_of(flags)}')
-    from vd_jax.pipeline import MODELS
+    # lazy: vd_jax.pipeline pulls in jax, flax (+1.6 s)
+    from vd_jax.pipeline import MODELS  # noqa: PLC0415
     model = getattr(args, 'model', None) if 'model' in flags else None
     if model is not None and model not in MODELS:
         raise InputError(f'--model {model!r}: shipped models are {sorted(MODELS)}')
@@ -68,7 +69,7 @@ def check_model_flags(args: argparse.Namespace, flags: Sequence[str] = MODEL_FLA
 def model_id(ckpt: Optional[str], model: Optional[str] = None) -> str:
     """What names the model in records: the checkpoint folder (absolute), else the shipped
     model's name."""
-    from vd_jax.pipeline import DEFAULT_MODEL
+    from vd_jax.pipeline import DEFAULT_MODEL  # noqa: PLC0415
     return os.path.abspath(ckpt) if ckpt else (model or DEFAULT_MODEL)
 
 
@@ -84,7 +85,7 @@ def load_model(ckpt: Optional[str] = None, *, model: Optional[str] = None,
     Returns a `vd_jax.pipeline.VersatileDiffusion`; a missing or broken checkpoint raises
     `vd_jax.errors.CheckpointError`.
     """
-    from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion
+    from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion  # noqa: PLC0415
     kw = dict(dtype=dtype, uncond=uncond, mesh=mesh)
     if ckpt:
         vd = VersatileDiffusion.from_checkpoint(ckpt, **kw)

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from vd_jax import __version__
+from vd_jax.checkpoint import SafetensorsWriter, atomic_dir, config_to_json, flatten, unflatten
+from vd_jax.convert.diffusers_scheduler import with_folder_schedule
 from vd_jax.convert.engine import (ConversionPlan, Ignore, Rule, build_plan,  # noqa: F401
                                    invert_rules, run_export, run_plan)
 from vd_jax.convert.parts import (LAYOUTS, REGISTRY, Layout,  # noqa: F401
                                   detect_layout)
 from vd_jax.convert.sources import DictSource, TensorSource, open_source  # noqa: F401
 from vd_jax.errors import CheckpointError
+from vd_jax.outputs import progress_bar
 
 # Converters of the other model families register themselves on import.
 for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):
@@ -35,7 +40,8 @@ for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):
 
 
 def _model_config(config):
-    from vd_jax.config import load_config
+    # lazy: vd_jax.config pulls in ml_collections (+42 ms)
+    from vd_jax.config import load_config  # noqa: PLC0415
     if isinstance(config, str):
         config = load_config(config)
     if 'model' in config:
@@ -49,7 +55,6 @@ def _claims(layout: Layout, keys: Sequence[str]):
                 if layout.name in conv.claims}
     claimed: Dict[str, list] = {}
     ignored, orphans = [], []
-    import re
     ign = [(re.compile(i.pattern), i.reason) for i in layout.ignore]
     for k in keys:
         owner = None
@@ -128,7 +133,6 @@ class _Progress:
     def __init__(self, total_tensors: int, enabled: bool):
         self.bar = None
         if enabled:
-            from vd_jax.outputs import progress_bar
             self.bar = progress_bar('converting', unit='tensor', total=total_tensors)
 
     def update(self, part: str) -> None:
@@ -162,8 +166,6 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     Returns:
       `out`, or {part: nested params dict of numpy arrays} when `out` is None.
     """
-    from vd_jax import __version__
-    from vd_jax.checkpoint import SafetensorsWriter, atomic_dir, config_to_json, unflatten
 
     if isinstance(src, TensorSource):
         source = src
@@ -174,7 +176,6 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     model_cfg = _model_config(config)
     # a diffusers folder's scheduler config says how its model was trained (betas, zero
     # terminal SNR, prediction type): the checkpoint's config records it
-    from vd_jax.convert.diffusers_scheduler import with_folder_schedule
     model_cfg = with_folder_schedule(model_cfg, src)
     layout, plans, targets, record = plan_conversion(source, model_cfg, parts, skip_parts)
     dtype = np.dtype(dtype)
@@ -270,7 +271,6 @@ def plan_export(config, part: str, layout: str) -> ConversionPlan:
 def _params_getter(part: str, params, target) -> Callable[[str], np.ndarray]:
     """Flat access to a param tree (nested, or a flat '/'-joined mapping), checked against
     the model's shapes first: one error naming every missing, unexpected or misshapen leaf."""
-    from vd_jax.checkpoint import flatten
     flat = flatten(params)  # a flat '/'-joined mapping flattens to itself
     missing = sorted(set(target) - set(flat))
     extra = sorted(set(flat) - set(target))

@@ -9,7 +9,14 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
+import ml_dtypes
+
+from vd_jax.convert import convert_checkpoint, open_source, plan_conversion
 from vd_jax.errors import CheckpointError, InputError
+from vd_jax.outputs import check_can_create
+from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
 
 # What marks a folder as a vd_jax checkpoint (written by `convert_checkpoint`), the only kind
 # of existing folder --overwrite may replace.
@@ -36,12 +43,10 @@ def check_output(out: str, overwrite: bool) -> None:
         if entries and not any(m in entries for m in _CHECKPOINT_MARKERS):
             raise InputError(f"output '{out}' is a folder that is not a vd_jax checkpoint (no "
                              "manifest.json); --overwrite would delete it, so it is refused")
-    from vd_jax.outputs import check_can_create
     check_can_create(out, 'output')
 
 
 def main(argv=None):
-    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
     quiet_libraries()  # also: warnings as one 'warning: ...' line
     p = argparse.ArgumentParser(prog='python -m vd_jax.convert', description=__doc__,
                                 epilog=exit_codes_epilog(),
@@ -73,11 +78,8 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
 
-    import numpy as np
-    from vd_jax.convert import convert_checkpoint, open_source, plan_conversion
     try:
         if args.dtype == 'bfloat16':
-            import ml_dtypes
             dtype = np.dtype(ml_dtypes.bfloat16)
         else:
             dtype = args.dtype

@@ -42,7 +42,8 @@ class TensorSource:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    # lazy: torch, tqdm (+1.8 s)
+    import torch  # noqa: PLC0415
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -170,7 +171,7 @@ class TorchFileSource(DictSource):
         if kind == 'zip':
             _check_torch_zip(path)
         try:
-            import torch
+            import torch  # noqa: PLC0415
         except ImportError:
             raise CheckpointError(f"reading '{path}' needs PyTorch: pip install -e '.[convert]' "
                                   "(torch==2.13.0)") from None
@@ -185,7 +186,7 @@ class TorchFileSource(DictSource):
 
 
 def _unwrap_state_dict(obj, path):
-    import torch
+    import torch  # noqa: PLC0415
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     for k in _WRAPPER_KEYS:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -39,7 +41,8 @@ def decode_image(data: bytes, name: str, limits: Limits, *, grey: bool = False) 
     EXIF orientation is applied and alpha dropped, as `vd_jax.image_io.load_image` does for
     files; an animated GIF gives its first frame.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    # lazy: PIL (+14 ms)
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
     n = len(data)
     if n == 0:
         raise InputError(f"'{name}' is empty")
@@ -147,8 +150,6 @@ def examples_for(source: str) -> Examples:
     """The examples for the model loaded from `source`: the shapes world's when the
     checkpoint's manifest says it was trained on it (`data: shapes`, written by training's
     export), else the general ones."""
-    import json
-    import os
     path = os.path.join(source, 'manifest.json')
     if os.path.isfile(path):
         try:
@@ -164,7 +165,8 @@ def example_image(name: str, size: int = 128) -> np.ndarray:
     """A named example image, uint8 (size, size, 3), the same on every machine (a shapes
     world render is 64 x 64 whatever `size`: the pipeline resizes its inputs)."""
     if name in _SHAPES_IMAGES:
-        from vd_jax.data import shapes
+        # lazy: vd_jax.data.shapes pulls in tensorflow_datasets, grain, orbax, ... (+2.1 s)
+        from vd_jax.data import shapes  # noqa: PLC0415
         return shapes.render(shapes.Attributes(*_SHAPES_IMAGES[name]))
     if name not in _EXAMPLES:
         raise KeyError(f"no example image '{name}'; examples: "

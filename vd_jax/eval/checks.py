@@ -83,7 +83,8 @@ def check(args, parser, argv):
     check_sampler_flags(args, InputError)
     check_model_flags(args, EVAL_MODEL_FLAGS)
     if args.command == 'shapes':
-        from vd_jax.eval.shapes_eval import FLOWS, PARTS
+        # lazy: vd_jax.eval.shapes_eval pulls in tensorflow_datasets, grain, orbax, ... (+2.1 s)
+        from vd_jax.eval.shapes_eval import FLOWS, PARTS  # noqa: PLC0415
         bad = [f for f in args.flows.split(',') if f not in FLOWS + PARTS]
         if bad:
             raise InputError(f'--flows: unknown {bad}; choose from {list(FLOWS + PARTS)}')
@@ -98,7 +99,8 @@ def check(args, parser, argv):
 def check_sampling(args) -> dict:
     """fid / clip: the inputs, the reference or CLIP towers, a run to resume; returns the
     prepared inputs (inputs, n, ref or ref_paths, spec)."""
-    from vd_jax.eval.fid import check_statistics
+    # lazy: vd_jax.eval.fid pulls in jax, flax (+1.4 s)
+    from vd_jax.eval.fid import check_statistics  # noqa: PLC0415
     prep = {}
     if args.eta < 0:
         raise InputError('--eta must be >= 0')

@@ -31,9 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax.batching import pad_rows
+from vd_jax.checkpoint import load_part, read_config
 from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval.reference import iter_images, load_fitted
+from vd_jax.image_io import clip_preprocess
 from vd_jax.models.clip import CLIPImageContext, CLIPTextContext, CLIPTextConfig, CLIPVisionConfig
+from vd_jax.tokenizers import clip_tokenizer
 
 SCALE = 100.0
 
@@ -100,7 +103,6 @@ class CLIPScorer:
     def from_checkpoint(cls, ckpt: Union[str, os.PathLike], text: bool = True, image: bool = True,
                         **kwargs) -> 'CLIPScorer':
         """From a vd_jax checkpoint folder (its config.json and ctx_text / ctx_image parts)."""
-        from vd_jax.checkpoint import load_part, read_config
         ckpt = os.fspath(ckpt)
         ctx = read_config(ckpt).get('ctx') or {}
         missing = [s for s, want in (('text', text), ('image', image)) if want and s not in ctx]
@@ -116,7 +118,6 @@ class CLIPScorer:
         """Prompts -> (N, P) float32 `text_embeds` (unnormalised)."""
         if self._text is None:
             raise InputError('this CLIPScorer has no text tower (text_params=None)')
-        from vd_jax.tokenizers import clip_tokenizer
         tok = clip_tokenizer()
         tok.max_length = self.text_length  # the tower's positions (77 for ViT-L/14)
         ids = tok(prompts)
@@ -127,7 +128,6 @@ class CLIPScorer:
         float in [0, 1]; any size) -> (N, P) float32 `image_embeds` (unnormalised)."""
         if self._image is None:
             raise InputError('this CLIPScorer has no image tower (image_params=None)')
-        from vd_jax.image_io import clip_preprocess
         pixels = clip_preprocess(images, size=self.image_size)
         return _pad_run(self._image, self.image_params, pixels, self.batch_size)
 

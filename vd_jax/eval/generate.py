@@ -29,6 +29,7 @@ import numpy as np
 
 from vd_jax.batching import batch_size_for, padded_batches
 from vd_jax.errors import InputError
+from vd_jax.outputs import png_info, to_uint8
 
 SAMPLES = 'samples'
 SPEC_FILE = 'generation.json'
@@ -174,8 +175,8 @@ def missing_samples(folder: str, n: int) -> List[int]:
 def _save_png(path: str, image: np.ndarray, meta: dict) -> None:
     """Write atomically (temporary name, then rename): an interrupted write leaves no PNG
     that a resumed run would take for a finished sample."""
-    from PIL import Image
-    from vd_jax.outputs import png_info, to_uint8
+    # lazy: PIL (+12 ms)
+    from PIL import Image  # noqa: PLC0415
     tmp = path + '.tmp'
     Image.fromarray(to_uint8(image)).save(tmp, format='PNG', pnginfo=png_info(meta))
     os.replace(tmp, path)

@@ -7,10 +7,11 @@ import argparse
 import sys
 
 from vd_jax.errors import CheckpointError, InputError
+from vd_jax.export import export_checkpoint
+from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
 
 
 def main(argv=None):
-    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
     quiet_libraries()
     p = argparse.ArgumentParser(prog='python -m vd_jax.export', description=__doc__,
                                 epilog=exit_codes_epilog(),
@@ -24,7 +25,6 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
     args = p.parse_args(argv)
 
-    from vd_jax.export import export_checkpoint
     try:
         out = export_checkpoint(args.ckpt, args.out, args.layout, args.dtype, args.overwrite,
                                 progress=True)

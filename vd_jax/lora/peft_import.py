@@ -32,6 +32,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from vd_jax.checkpoint import load_safetensors, safetensors_metadata
 from vd_jax.errors import CheckpointError
 from vd_jax.lora.adapters import Adapter
 
@@ -67,8 +68,10 @@ def _strip(module: str) -> str:
 
 def _rows(diffuser_config):
     """{diffusers weight key: (flax kernel path, transform name)} of a diffuser config."""
-    from vd_jax.convert.diffuser_rules import diffuser_rows
-    from vd_jax.models.unet import DiffuserConfig
+    # lazy: vd_jax.convert.diffuser_rules pulls in jax, flax (+0.9 s)
+    from vd_jax.convert.diffuser_rules import diffuser_rows  # noqa: PLC0415
+    # lazy: vd_jax.models.unet pulls in jax, flax (+0.8 s)
+    from vd_jax.models.unet import DiffuserConfig  # noqa: PLC0415
     cfg = diffuser_config if isinstance(diffuser_config, DiffuserConfig) else \
         DiffuserConfig.from_dict(dict(diffuser_config))
     return {r.diffusers: (r.path, r.transform.name) for r in diffuser_rows(cfg)
@@ -189,7 +192,6 @@ def import_state_dict(state_dict: Mapping[str, Any], diffuser_config, *,
 
 def read_peft_file(path: str, diffuser_config, **kw) -> Adapter:
     """`import_state_dict` of a .safetensors file, with the metadata it carries."""
-    from vd_jax.checkpoint import load_safetensors, safetensors_metadata
     meta = safetensors_metadata(path)
     raw = meta.get('lora_adapter_metadata')
     metadata = kw.pop('metadata', None) or (json.loads(raw) if raw else None)

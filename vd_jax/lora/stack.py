@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.checkpoint import safetensors_metadata
 from vd_jax.errors import CheckpointError, ConfigError
-from vd_jax.lora.adapters import Adapter, check_against, merge, sampling_weights
+from vd_jax.lora.adapters import Adapter, check_against, merge, sampling_weights, summary
+from vd_jax.lora.adapters import METADATA_KEY, read_adapter
+from vd_jax.lora.peft_import import read_peft_file
 
 MODES = ('merge', 'on_the_fly')
 
@@ -104,7 +107,6 @@ class AdapterStack:
 
     def listing(self):
         """[(name, scale, source, summary)] in load order."""
-        from vd_jax.lora.adapters import summary
         return [(n, self.scales[n], self.sources[n], summary(a)) for n, a in self.adapters.items()]
 
     # -- what the samplers run -----------------------------------------------------------------
@@ -112,7 +114,8 @@ class AdapterStack:
         x = jnp.asarray(x)
         if self.comps.mesh is None:
             return x
-        from vd_jax import sharding as shd
+        # lazy: vd_jax.sharding pulls in jax, flax (+0.1 s)
+        from vd_jax import sharding as shd  # noqa: PLC0415
         return jax.device_put(x, shd.replicated(self.comps.mesh))
 
     def _weights(self):
@@ -129,7 +132,8 @@ class AdapterStack:
         """The diffuser module a conditioning runs (the on-the-fly wrapper in that mode)."""
         if not self.active or self.mode == 'merge':
             return diffuser
-        from vd_jax.lora.apply import LoraDiffuser
+        # lazy: vd_jax.lora.apply pulls in jax, flax (+0.3 s)
+        from vd_jax.lora.apply import LoraDiffuser  # noqa: PLC0415
         return LoraDiffuser(diffuser)
 
     def sampling_params(self, base):
@@ -173,8 +177,6 @@ def stack_of(comps) -> AdapterStack:
 
 def read_any(path: str, comps, **import_kw) -> Adapter:
     """A vd_jax adapter file, or a diffusers/PEFT LoRA file mapped onto this diffuser."""
-    from vd_jax.checkpoint import safetensors_metadata
-    from vd_jax.lora.adapters import METADATA_KEY, read_adapter
     if not os.path.isfile(path):
         raise CheckpointError(f"LoRA file '{path}' does not exist")
     if not path.endswith('.safetensors'):
@@ -184,5 +186,4 @@ def read_any(path: str, comps, **import_kw) -> Adapter:
             raise ConfigError(f"'{path}' is a vd_jax LoRA file: {sorted(import_kw)} only apply to "
                               'diffusers/PEFT files')
         return read_adapter(path)
-    from vd_jax.lora.peft_import import read_peft_file
     return read_peft_file(path, comps.config['diffuser'], **import_kw)
