@@ -85,7 +85,7 @@ def main(argv=None):
         apply_overrides(cfg, overrides)
         profile_steps = parse_profile_steps(args.profile_steps)
         check_output_folder(args.workdir, '--workdir')
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # OutputLocationError included
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # InputError included
         return _usage_error(e)
     logging.info('process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from vd_jax import sample_cli
-from vd_jax.pipeline import TaskError, VersatileDiffusion
+from vd_jax.errors import InputError
+from vd_jax.pipeline import VersatileDiffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = ' '.join(['dog'] * 90)  # 90 BPE tokens: CLIP keeps 75
@@ -256,7 +257,7 @@ def test_n_0_is_the_first_thing_every_task_checks(vd, monkeypatch, capsys, files
              'multi_context': ([img],), 'disentangle': (img,), 'i2t2i': (img,)}
     msg = 'n (samples per input) must be an integer >= 1, got 0'
     for method, args in calls.items():
-        with pytest.raises(TaskError, match=re.escape(msg)):
+        with pytest.raises(InputError, match=re.escape(msg)):
             getattr(vd, method)(*args, n=0)
     assert sample_cli.main(['--prompt', 'x', '--n', '0']) == 2
     assert msg in capsys.readouterr().err
@@ -264,7 +265,7 @@ def test_n_0_is_the_first_thing_every_task_checks(vd, monkeypatch, capsys, files
 
 def test_float16_is_rejected_with_the_command_lines_message(vd, capsys, no_model):
     msg = "dtype must be 'float32' or 'bfloat16', got 'float16'"
-    with pytest.raises(TaskError, match=re.escape(msg)):
+    with pytest.raises(InputError, match=re.escape(msg)):
         vd.text_to_image('a cat', dtype='float16')
     with pytest.raises(ValueError, match=re.escape(msg)):
         VersatileDiffusion(vd.config, {}, dtype='float16')

@@ -28,10 +28,10 @@ from PIL import Image
 
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
+from vd_jax.convert import convert_checkpoint, plan_conversion
 from vd_jax.convert.sources import TensorSource
-from vd_jax.image_io import (CLIP_MEAN, CLIP_STD, ImageReadError, clip_preprocess, load_image,
-                             resize_bicubic)
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.image_io import CLIP_MEAN, CLIP_STD, clip_preprocess, load_image, resize_bicubic
 from vd_jax.models import family
 from vd_jax.models.init import abstract_params
 
@@ -246,21 +246,21 @@ def _sd_variant(refs, drop=(), change=None, add=None):
 
 def test_bad_sources(cfg, refs):
     tp = 'text_encoder.text_model.'
-    with pytest.raises(ConversionError, match=r'text_model/final_layer_norm/scale'):
+    with pytest.raises(CheckpointError, match=r'text_model/final_layer_norm/scale'):
         convert_checkpoint(_sd_variant(refs, drop=[tp + 'final_layer_norm.weight']), cfg)
-    with pytest.raises(ConversionError, match=r'text_encoder.text_projection.weight.*shape \(32, 16\)'):
+    with pytest.raises(CheckpointError, match=r'text_encoder.text_projection.weight.*shape \(32, 16\)'):
         convert_checkpoint(_sd_variant(refs, change={'text_encoder.text_projection.weight':
                                                      torch.zeros(32, 16)}), cfg)
     # a bare CLIPTextModel has no projection: VD cannot use it
-    with pytest.raises(ConversionError, match=r'text_projection/kernel'):
+    with pytest.raises(CheckpointError, match=r'text_projection/kernel'):
         convert_checkpoint(_sd_variant(refs, drop=['text_encoder.text_projection.weight']), cfg)
-    with pytest.raises(ConversionError, match=r'text_encoder\.foo\.bar'):
+    with pytest.raises(CheckpointError, match=r'text_encoder\.foo\.bar'):
         convert_checkpoint(_sd_variant(refs, add={'text_encoder.foo.bar': torch.zeros(3)}), cfg)
     # a third layer in a 2-layer config: the key is named, not silently dropped
     extra = 'image_encoder.vision_model.encoder.layers.2.mlp.fc1.bias'
-    with pytest.raises(ConversionError, match=r'layers\.2\.mlp\.fc1\.bias -> vision_model/encoder/layers_2'):
+    with pytest.raises(CheckpointError, match=r'layers\.2\.mlp\.fc1\.bias -> vision_model/encoder/layers_2'):
         convert_checkpoint(_sd_variant(refs, add={extra: torch.zeros(64)}), cfg)
-    with pytest.raises(ConversionError, match=r'patch_embedding\.weight: shape \(32, 3, 4, 4\)'):
+    with pytest.raises(CheckpointError, match=r'patch_embedding\.weight: shape \(32, 3, 4, 4\)'):
         convert_checkpoint(_sd_variant(refs, change={
             'image_encoder.vision_model.embeddings.patch_embedding.weight': torch.zeros(32, 3, 4, 4)}), cfg)
 
@@ -371,14 +371,14 @@ def test_float_input_is_quantised_like_vd(processor, photo_files):
 def test_preprocess_bad_input(tmp_path):
     bad = tmp_path / 'notes.png'
     bad.write_text('this is not an image')
-    with pytest.raises(ImageReadError, match='notes.png.*not an image'):
+    with pytest.raises(InputError, match='notes.png.*not an image'):
         load_image(bad)
-    with pytest.raises(ImageReadError, match='notes.png'):
+    with pytest.raises(InputError, match='notes.png'):
         clip_preprocess(str(bad))
     trunc = tmp_path / 'half.jpg'
     Image.fromarray(_photo(64, 64)).save(trunc, 'JPEG')
     trunc.write_bytes(trunc.read_bytes()[:200])
-    with pytest.raises(ImageReadError, match='half.jpg'):
+    with pytest.raises(InputError, match='half.jpg'):
         load_image(trunc)
     with pytest.raises(FileNotFoundError, match='missing.png'):
         load_image(tmp_path / 'missing.png')

@@ -22,7 +22,8 @@ from PIL import Image
 
 from vd_jax.config import load_config
 from vd_jax.convert import convert_checkpoint
-from vd_jax.eval.clip_score import CLIPScoreError, CLIPScorer, cosine_score
+from vd_jax.errors import InputError
+from vd_jax.eval.clip_score import CLIPScorer, cosine_score
 from vd_jax.tokenizers import clip_tokenizer
 
 TOL = 1e-4
@@ -145,13 +146,13 @@ def test_cosine_score_and_errors(cfg, scorer):
     np.testing.assert_allclose(cosine_score([[1, 0], [1, 1], [0, 1]], [[2, 0], [1, 0], [0, -3]]),
                                [100, 100 / np.sqrt(2), 0])
     np.testing.assert_allclose(cosine_score([[0, 1]], [[0, -3]], clamp=False), [-100])
-    with pytest.raises(CLIPScoreError, match='2 prompts but 3 images'):
+    with pytest.raises(InputError, match='2 prompts but 3 images'):
         scorer.clip_score(PROMPTS[:2], _images(3, [(32, 32)] * 3))
-    with pytest.raises(CLIPScoreError, match='one shape'):
+    with pytest.raises(InputError, match='one shape'):
         cosine_score(np.ones((2, 3)), np.ones((3, 3)))
     text_only = CLIPScorer(scorer.text_params, None, cfg.ctx.text)
     assert text_only.text_embeds('a cat').shape == (1, 32)
-    with pytest.raises(CLIPScoreError, match='no image tower'):
+    with pytest.raises(InputError, match='no image tower'):
         text_only.image_embeds(_images(4, [(32, 32)]))
-    with pytest.raises(CLIPScoreError, match='at least one'):
+    with pytest.raises(InputError, match='at least one'):
         CLIPScorer()

@@ -25,8 +25,9 @@ import torch
 
 from vd_jax.checkpoint import flatten, load_part, read_config
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
+from vd_jax.convert import convert_checkpoint, export_part, plan_conversion
 from vd_jax.convert.sources import ShapeSource
+from vd_jax.errors import CheckpointError
 from vd_jax.models.unet import Diffuser
 
 TOL = 1e-4
@@ -362,20 +363,20 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(refs, tmp_path):
 
     missing = dict(sd)
     del missing['diffuser.image.data_blocks.2.0.op.weight']
-    fails(missing, ConversionError, 'missing', 'image/data_blocks_2/op/kernel')
+    fails(missing, CheckpointError, 'missing', 'image/data_blocks_2/op/kernel')
     extra = dict(sd, **{'diffuser.image.data_blocks.2.0.op.extra': torch.zeros(3)})
-    fails(extra, ConversionError, 'unexpected', 'diffuser.image.data_blocks.2.0.op.extra')
+    fails(extra, CheckpointError, 'unexpected', 'diffuser.image.data_blocks.2.0.op.extra')
     wrong = dict(sd)
     wrong['diffuser.text.context_blocks.2.0.proj_in.weight'] = torch.zeros(64, 65, 1, 1)
-    fails(wrong, ConversionError, 'shape', 'diffuser.text.context_blocks.2.0.proj_in.weight')
-    fails({'some.other.model.weight': torch.zeros(3)}, ConversionError, 'unknown checkpoint layout')
+    fails(wrong, CheckpointError, 'shape', 'diffuser.text.context_blocks.2.0.proj_in.weight')
+    fails({'some.other.model.weight': torch.zeros(3)}, CheckpointError, 'unknown checkpoint layout')
     # part of a full checkpoint vd_jax cannot convert (here: an unknown part) is named
     bad = tmp_path / 'truncated.pth'
     full = tmp_path / 'full.pth'
     torch.save(sd, full)
     bad.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     full.unlink()
-    fails(str(bad), ConversionError, 'truncated.pth')
+    fails(str(bad), CheckpointError, 'truncated.pth')
     bad.unlink()
     # an existing output is never overwritten unless asked
     out.mkdir()
@@ -392,12 +393,12 @@ def test_unsupported_parts_are_named_and_skippable(refs):
     cfg = refs['cfg']
     sd = _export_tiny_v10(refs)
     sd['vae.nonsense.w'] = torch.zeros(2)  # claimed by no part of the v1.0 layout
-    with pytest.raises(ConversionError, match='vae.nonsense.w'):
+    with pytest.raises(CheckpointError, match='vae.nonsense.w'):
         convert_checkpoint(sd, cfg)
     del sd['vae.nonsense.w']
     # the config has no VAE-text section of this shape: a part present but not wanted
     sd['vae.text.foo.weight'] = torch.zeros(2)
-    with pytest.raises(ConversionError, match='vae_text'):
+    with pytest.raises(CheckpointError, match='vae_text'):
         convert_checkpoint(sd, cfg)
     out = convert_checkpoint(sd, cfg, skip_parts=['vae_text'])
     assert set(out) == {'diffuser'}

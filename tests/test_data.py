@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vd_jax import data as vdd
+from vd_jax.errors import DataSourceError
 
 SIZE = 16  # training crop side in the loader tests
 
@@ -277,18 +278,18 @@ def test_unusable_folders_fail_before_anything_is_written(tmp_path):
     data_dir = tmp_path / 'data'
     empty = tmp_path / 'empty'
     empty.mkdir()
-    with pytest.raises(vdd.DataSourceError, match=f"no images in '{empty}' \\(it is empty\\)"):
+    with pytest.raises(DataSourceError, match=f"no images in '{empty}' \\(it is empty\\)"):
         vdd.build_image_text(str(empty), str(data_dir))
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'notes.md').write_text('x')
-    with pytest.raises(vdd.DataSourceError, match=r'no images .*1 other file: notes\.md'):
+    with pytest.raises(DataSourceError, match=r'no images .*1 other file: notes\.md'):
         vdd.build_image_text(str(other), str(data_dir))
     nocap = tmp_path / 'nocap'
     nocap.mkdir()
     for i in range(3):
         (nocap / f'photo{i}.jpg').write_bytes(_encode(_image(i, 32, 32), 'JPEG'))
-    with pytest.raises(vdd.DataSourceError) as e:
+    with pytest.raises(DataSourceError) as e:
         vdd.build_image_text(str(nocap), str(data_dir))
     assert str(nocap) in str(e.value)
     assert '3 images but no captions' in str(e.value)
@@ -311,11 +312,11 @@ def test_failed_build_leaves_no_folders_and_tfds_stays_quiet(tmp_path, capfd, ca
         (small / f'p{i}.png').write_bytes(_encode(_image(i, 16, 16), 'PNG'))
         (small / f'p{i}.txt').write_text(f'caption {i}')
     data_dir = tmp_path / 'data'
-    with pytest.raises(vdd.DataSourceError, match="no usable sample.*'filtered/min_area': 2"):
+    with pytest.raises(DataSourceError, match="no usable sample.*'filtered/min_area': 2"):
         vdd.build_image_text(str(small), str(data_dir))
     assert not data_dir.exists()   # tfds had started: its folders are removed again
     (data_dir / 'keep').mkdir(parents=True)   # an existing data dir survives a failed build
-    with pytest.raises(vdd.DataSourceError):
+    with pytest.raises(DataSourceError):
         vdd.build_image_text(str(small), str(data_dir))
     assert sorted(os.listdir(data_dir)) == ['keep']
     builder = vdd.build_image_text(str(small), str(data_dir), filters=vdd.Filters.none())

@@ -32,6 +32,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from vd_jax.errors import InputError
+
 pytestmark = pytest.mark.slow  # minutes of real runs; CI runs them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -500,22 +502,22 @@ def test_no_request_left_localhost(browser):
 # ---------------------------------------------------------------------------------------
 def test_decode_image_limits():
     from PIL import Image
-    from vd_jax.demo.inputs import UploadError, decode_image
+    from vd_jax.demo.inputs import decode_image
     from vd_jax.demo.options import Limits
     buf = io.BytesIO()
     Image.new('RGB', (30, 20), (1, 2, 3)).save(buf, format='PNG')
     data = buf.getvalue()
     assert decode_image(data, 'a.png', Limits()).shape == (20, 30, 3)
-    with pytest.raises(UploadError, match=r"'a.png' is .* MB; the limit"):
+    with pytest.raises(InputError, match=r"'a.png' is .* MB; the limit"):
         decode_image(data, 'a.png', Limits(max_bytes=len(data) - 1))
-    with pytest.raises(UploadError, match=r"30 x 20 = 600 pixels; the limit is 599"):
+    with pytest.raises(InputError, match=r"30 x 20 = 600 pixels; the limit is 599"):
         decode_image(data, 'a.png', Limits(max_pixels=599))
-    with pytest.raises(UploadError, match='is empty'):
+    with pytest.raises(InputError, match='is empty'):
         decode_image(b'', 'e.png', Limits())
-    with pytest.raises(UploadError, match='cannot decode'):
+    with pytest.raises(InputError, match='cannot decode'):
         decode_image(data[:60], 'cut.png', Limits())  # truncated: header fine, pixels missing
     eps = b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n'  # never handed to Ghostscript
-    with pytest.raises(UploadError, match='not an image in a supported format'):
+    with pytest.raises(InputError, match='not an image in a supported format'):
         decode_image(eps, 'x.eps', Limits())
 
 

@@ -18,8 +18,8 @@ from vd_jax.checkpoint import read_config, write_checkpoint
 from vd_jax.config import load_config
 from vd_jax.convert import convert_checkpoint
 from vd_jax.convert.diffusers_scheduler import schedule_from_scheduler_config
-from vd_jax.convert.engine import ConversionError
 from vd_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from vd_jax.errors import CheckpointError
 from vd_jax.export import export_checkpoint
 from vd_jax.export.diffusers_folder import scheduler_config, write_json
 from vd_jax.pipeline import VersatileDiffusion
@@ -66,11 +66,11 @@ def test_scheduler_configs_vd_cannot_express_are_refused():
     # keys left out take diffusers' defaults (linear betas 1e-4 .. 0.02), as diffusers runs it
     assert schedule_from_scheduler_config({}) == ScheduleConfig(
         beta_linear_start=0.0001, beta_linear_end=0.02, beta_schedule='linear').to_dict()
-    with pytest.raises(ConversionError, match="here: schedule.beta_schedule must be one of .*'sigmoid'"):
+    with pytest.raises(CheckpointError, match="here: schedule.beta_schedule must be one of .*'sigmoid'"):
         schedule_from_scheduler_config(dict(beta_schedule='sigmoid'), 'here')
-    with pytest.raises(ConversionError, match='trained_betas'):
+    with pytest.raises(CheckpointError, match='trained_betas'):
         schedule_from_scheduler_config(dict(trained_betas=[0.1, 0.2]))
-    with pytest.raises(ConversionError, match='prediction_type must be one of'):
+    with pytest.raises(CheckpointError, match='prediction_type must be one of'):
         schedule_from_scheduler_config(dict(prediction_type='flow'))
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import test_fid  # the random reference Inception of the FID tests
+from vd_jax.errors import InputError
 from vd_jax.eval.__main__ import main
 from vd_jax.eval.fid import (InceptionFeatureExtractor, RunningStatistics, convert_inception,
                              frechet_distance, load_statistics)
@@ -274,8 +275,7 @@ def test_eval_coco_config_gives_the_defaults(data, capsys, no_model):
             '--prompts', str(data / 'prompts.txt'), '--ref-images', str(data / 'ref'),
             '--inception', 'unused', '--steps', '3']
     parser = build_parser()
-    from vd_jax.cli.usage import UsageError
-    with pytest.raises(UsageError, match="--inception 'unused' does not exist"):
+    with pytest.raises(InputError, match="--inception 'unused' does not exist"):
         check(parser.parse_args(argv), parser, argv)
     args = apply_config(parser.parse_args(argv), parser, argv)
     assert (args.n, args.height, args.width, args.sampler, args.scale) == (30000, 512, 512,

@@ -28,7 +28,8 @@ from vd_jax.checkpoint import (available_parts, flatten, load_part, load_safeten
 from vd_jax.config import load_config
 from vd_jax.convert import convert_checkpoint
 from vd_jax.diffusion.schedule import schedule_arrays
-from vd_jax.export import ExportError, export_checkpoint
+from vd_jax.errors import InputError
+from vd_jax.export import export_checkpoint
 from vd_jax.export.__main__ import main as export_main
 from vd_jax.pipeline import VersatileDiffusion
 
@@ -302,7 +303,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ck, tmp_path, capsys):
     export_checkpoint(str(g8), str(tmp_path / 'g8_diffusers'), layout='diffusers')
     vae_cfg = json.load(open(tmp_path / 'g8_diffusers' / 'vae' / 'config.json'))
     assert vae_cfg['norm_num_groups'] == 8
-    with pytest.raises(ExportError, match='already exists'):
+    with pytest.raises(InputError, match='already exists'):
         export_checkpoint(ckpt, str(tmp_path / 'taken.pth'))
     export_checkpoint(ckpt, str(tmp_path / 'taken.pth'), overwrite=True)
     assert len(torch.load(str(tmp_path / 'taken.pth'), weights_only=True)) > 100

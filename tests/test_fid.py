@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from vd_jax.checkpoint import flatten
-from vd_jax.convert import ConversionError, plan_conversion
+from vd_jax.convert import plan_conversion
 from vd_jax.convert.sources import ShapeSource
-from vd_jax.eval.fid import (FIDError, InceptionFeatureExtractor, RunningStatistics,
-                             convert_inception, fid_from_statistics, frechet_distance,
-                             load_inception_params, load_statistics, save_statistics)
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.eval.fid import (InceptionFeatureExtractor, RunningStatistics, convert_inception,
+                             fid_from_statistics, frechet_distance, load_inception_params,
+                             load_statistics, save_statistics)
 from vd_jax.models.inception import (FID_INPUT_SIZE, InceptionConfig, InceptionV3,
                                      abstract_params, preprocess, resize_bilinear)
 
@@ -316,7 +317,7 @@ def test_converter_is_strict(full_shapes):
     del bad['Mixed_6c.branch7x7dbl_3.conv.weight']                       # missing
     bad['Mixed_5b.branch5x5_2.bn.extra'] = (64,)                            # unexpected
     bad['Mixed_7b.branch3x3_2a.conv.weight'] = (384, 384, 3, 1)             # transposed kernel
-    with pytest.raises(ConversionError) as e:
+    with pytest.raises(CheckpointError) as e:
         plan_conversion(ShapeSource(bad), {})
     msg = str(e.value)
     assert 'Mixed_6c/branch7x7dbl_3/conv/kernel' in msg          # named as missing
@@ -324,7 +325,7 @@ def test_converter_is_strict(full_shapes):
     assert 'Mixed_7b.branch3x3_2a.conv.weight: shape (384, 384, 3, 1), expected (384, 384, 1, 3)' in msg
     # torchvision's ImageNet Inception3 (aux classifier) is not the FID network
     tv = dict(full_shapes, **{'AuxLogits.fc.weight': (1000, 768)})
-    with pytest.raises(ConversionError, match='AuxLogits.fc.weight'):
+    with pytest.raises(CheckpointError, match='AuxLogits.fc.weight'):
         plan_conversion(ShapeSource(tv), {})
 
 
@@ -361,13 +362,13 @@ def test_extractor_inputs(fx):
     np.testing.assert_allclose(mixed[[0, 2]], a, rtol=0, atol=FEATURE_TOL)
     np.testing.assert_allclose(mixed[1], fx(small)[0], rtol=0, atol=FEATURE_TOL)
     assert _max(mixed[0], mixed[1]) > 100 * FEATURE_TOL
-    with pytest.raises(FIDError, match=r'must lie in \[0, 1\]'):
+    with pytest.raises(InputError, match=r'must lie in \[0, 1\]'):
         fx(u8.astype(np.float32))
-    with pytest.raises(FIDError, match=r'expected \(B, H, W, 3\)'):
+    with pytest.raises(InputError, match=r'expected \(B, H, W, 3\)'):
         fx(u8[..., :1])
-    with pytest.raises(FIDError, match='dtype int32'):
+    with pytest.raises(InputError, match='dtype int32'):
         fx(u8.astype(np.int32))
-    with pytest.raises(FIDError, match='no images'):
+    with pytest.raises(InputError, match='no images'):
         fx([])
     with pytest.raises(ValueError, match='at least 75 x 75'):
         InceptionV3(InceptionConfig(resize_input=False)).apply({'params': fx.params},
@@ -393,9 +394,9 @@ def test_running_statistics_match_numpy():
     np.testing.assert_allclose(stats.mu, np.mean(f, axis=0), rtol=1e-13)
     cov = np.cov(f, rowvar=False)  # pytorch-fid's calculate_activation_statistics
     assert _max(stats.sigma, cov) < 1e-10 * np.abs(cov).max()
-    with pytest.raises(FIDError, match='at least 2 images'):
+    with pytest.raises(InputError, match='at least 2 images'):
         RunningStatistics(48).update(f[:1]).sigma
-    with pytest.raises(FIDError, match=r'features must be \(B, 48\)'):
+    with pytest.raises(InputError, match=r'features must be \(B, 48\)'):
         stats.update(f[:, :10])
 
 
@@ -441,26 +442,26 @@ def test_statistics_files_interchange_with_pytorch_fid(pytorch_fid, tmp_path):
     assert fid_from_statistics(stats, (mu + 1, sigma)) == pytest.approx(32.0, rel=1e-7)
     # bad files and statistics
     np.savez(str(tmp_path / 'nomu.npz'), sigma=sigma)
-    with pytest.raises(FIDError, match=r"has no \['mu'\]"):
+    with pytest.raises(InputError, match=r"has no \['mu'\]"):
         load_statistics(str(tmp_path / 'nomu.npz'))
     (tmp_path / 'junk.npz').write_bytes(b'not a zip')
-    with pytest.raises(FIDError, match='cannot read statistics file'):
+    with pytest.raises(InputError, match='cannot read statistics file'):
         load_statistics(str(tmp_path / 'junk.npz'))
-    with pytest.raises(FIDError, match='does not exist'):
+    with pytest.raises(InputError, match='does not exist'):
         load_statistics(str(tmp_path / 'missing.npz'))
-    with pytest.raises(FIDError, match='must end in .npz'):
+    with pytest.raises(InputError, match='must end in .npz'):
         save_statistics(str(tmp_path / 'x.npy'), mu, sigma)
-    with pytest.raises(FIDError, match='different dimensions'):
+    with pytest.raises(InputError, match='different dimensions'):
         frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
-    with pytest.raises(FIDError, match=r'and sigma \(D, D\)'):
+    with pytest.raises(InputError, match=r'and sigma \(D, D\)'):
         frechet_distance(mu, sigma[:4], mu, sigma)
-    with pytest.raises(FIDError, match='not a covariance'):
+    with pytest.raises(InputError, match='not a covariance'):
         frechet_distance(mu, -sigma, mu, sigma)
 
 
 def test_weights_errors(tmp_path):
-    with pytest.raises(FIDError, match='do not exist'):
+    with pytest.raises(CheckpointError, match='do not exist'):
         load_inception_params(str(tmp_path / 'nothing'))
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(FIDError, match='has no inception.safetensors'):
+    with pytest.raises(CheckpointError, match='has no inception.safetensors'):
         load_inception_params(str(tmp_path / 'empty'))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vd_jax.image_io import (ALPHA_BACKGROUND, ImageReadError, to_uint8_rgb, clip_preprocess,
-                             load_image, pil_to_rgb)
+from vd_jax.errors import InputError
+from vd_jax.image_io import ALPHA_BACKGROUND, to_uint8_rgb, clip_preprocess, load_image, pil_to_rgb
 
 H, W = 48, 256
 RAMP8 = np.tile(np.arange(256, dtype=np.uint8)[None], (H, 1))           # (48, 256) 0..255
@@ -185,10 +185,10 @@ def test_unreadable_files_name_the_file(tmp_path):
     folder.mkdir()
     for path, why in ((empty, 'empty'), (text, 'not an image'), (corrupt, 'cannot decode'),
                       (folder, 'is a folder')):
-        with pytest.raises(ImageReadError) as e:
+        with pytest.raises(InputError) as e:
             load_image(path)
         assert str(path) in str(e.value) and why in str(e.value), str(e.value)
-        assert type(e.value) is ImageReadError and e.value.__cause__ is None
+        assert type(e.value) is InputError and e.value.__cause__ is None
 
 
 def test_dataset_builder_stores_what_load_image_reads(tmp_path):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from vd_jax.checkpoint import flatten, unflatten
-from vd_jax.lora.adapters import (Adapter, LoraError, LoraSpec, init_tree, merge, read_adapter,
-                                  sampling_weights, save_adapter, select_targets)
+from vd_jax.errors import CheckpointError, ConfigError
+from vd_jax.lora.adapters import (Adapter, LoraSpec, init_tree, merge, read_adapter, sampling_weights,
+                                  save_adapter, select_targets)
 from vd_jax.lora.apply import LoraDiffuser, TrainableLora
 from vd_jax.models.unet import Diffuser
 
@@ -145,11 +146,11 @@ def test_conv_and_dense_targets_by_pattern(model):
 
 def test_bad_patterns_are_named(model):
     _, params = model
-    with pytest.raises(LoraError, match='matches no diffuser parameter'):
+    with pytest.raises(ConfigError, match='matches no diffuser parameter'):
         select_targets(params, LoraSpec(targets=('*/to_qq/kernel',)))
-    with pytest.raises(LoraError, match='Dense kernels'):
+    with pytest.raises(ConfigError, match='Dense kernels'):
         select_targets(params, LoraSpec(targets=('*/norm1/scale',)))
-    with pytest.raises(LoraError, match="rank.bad"):
+    with pytest.raises(ConfigError, match="rank.bad"):
         LoraSpec.from_config({'rank': {'bad': -1}})
 
 
@@ -230,7 +231,7 @@ def test_pipeline_load_scale_unload_without_recompiles(vd, tmp_path):
     assert vd.loras == {'second': 0.5}
     vd.unload_lora()
     np.testing.assert_array_equal(_t2i(vd), base)
-    with pytest.raises(LoraError, match="no LoRA named 'zzz'"):
+    with pytest.raises(ConfigError, match="no LoRA named 'zzz'"):
         vd.unload_lora('zzz')
 
 
@@ -239,15 +240,15 @@ def test_pipeline_refuses_what_does_not_fit(vd, tmp_path):
     wrong = 'image/context_blocks_0/transformer_blocks_0/attn1/to_zz'
     bad = Adapter({wrong: next(iter(a.weights.values()))}, {wrong: 1.0})
     p = save_adapter(str(tmp_path / 'bad.safetensors'), bad)
-    with pytest.raises(LoraError, match='to_zz/kernel'):
+    with pytest.raises(CheckpointError, match='to_zz/kernel'):
         vd.load_lora(p)
-    with pytest.raises(LoraError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='does not exist'):
         vd.load_lora(str(tmp_path / 'nothing.safetensors'))
     good = save_adapter(str(tmp_path / 'g.safetensors'), a)
     vd.load_lora(good)
-    with pytest.raises(LoraError, match='already loaded'):
+    with pytest.raises(ConfigError, match='already loaded'):
         vd.load_lora(good)
-    with pytest.raises(LoraError, match='scale must be finite'):
+    with pytest.raises(ConfigError, match='scale must be finite'):
         vd.set_lora_scale('g', float('nan'))
     vd.unload_lora()
     assert not os.path.exists(str(tmp_path / 'g.safetensors.tmp'))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from vd_jax import sample_cli
+from vd_jax.errors import CheckpointError, ConfigError
 from vd_jax.lora.adapters import Adapter, LoraSpec, init_tree, save_adapter, select_targets
-from vd_jax.lora.stack import LoraError, parse_lora_flag
+from vd_jax.lora.stack import parse_lora_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +38,9 @@ def test_lora_flag_parsing(adapter_file, tmp_path):
     assert parse_lora_flag(adapter_file) == (adapter_file, 1.0)
     assert parse_lora_flag(adapter_file + ':0.25') == (adapter_file, 0.25)
     assert parse_lora_flag(adapter_file + ':-1') == (adapter_file, -1.0)
-    with pytest.raises(LoraError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='does not exist'):
         parse_lora_flag(str(tmp_path / 'missing.safetensors') + ':0.5')
-    with pytest.raises(LoraError, match='scale must be finite'):
+    with pytest.raises(ConfigError, match='scale must be finite'):
         parse_lora_flag(adapter_file + ':inf')
 
 

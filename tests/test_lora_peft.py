@@ -19,8 +19,9 @@ pytest.importorskip('peft')
 
 from vd_jax.config import load_config  # noqa: E402
 from vd_jax.convert import convert_checkpoint  # noqa: E402
+from vd_jax.errors import CheckpointError  # noqa: E402
 from vd_jax.lora import import_peft  # noqa: E402
-from vd_jax.lora.adapters import LoraError, merge, sampling_weights  # noqa: E402
+from vd_jax.lora.adapters import merge, sampling_weights  # noqa: E402
 from vd_jax.lora.apply import LoraDiffuser  # noqa: E402
 from vd_jax.models.unet import Diffuser  # noqa: E402
 
@@ -123,7 +124,7 @@ def test_keys_that_do_not_map_are_named(setup):
     sd = load_file(setup['path'])
     sd['text_encoder.layers.0.q_proj.lora_A.weight'] = torch.zeros(4, 8)
     sd['down_blocks.0.resnets.0.conv1.lora_magnitude_vector'] = torch.zeros(32)
-    with pytest.raises(LoraError, match='2 LoRA key\\(s\\) do not map') as e:
+    with pytest.raises(CheckpointError, match='2 LoRA key\\(s\\) do not map') as e:
         import_peft(sd, setup['dcfg'], attention_stream='image')
     assert 'text_encoder.layers.0.q_proj.lora_A.weight' in str(e.value)
     assert 'lora_magnitude_vector' in str(e.value)

@@ -133,7 +133,8 @@ def test_v_prediction_training_reaches_the_gaussian_optimum():
 
 def test_training_config_carries_the_options():
     from vd_jax.config import load_config
-    from vd_jax.train.settings import ConfigError, StepConfig, apply_overrides
+    from vd_jax.errors import ConfigError
+    from vd_jax.train.settings import StepConfig, apply_overrides
     from vd_jax.models.unet import Diffuser
     cfg = load_config('train_tiny')
     apply_overrides(cfg, ['loss.snr_gamma=5', 'noise.offset=0.1',
@@ -155,7 +156,8 @@ def test_export_refuses_a_model_config_other_than_the_runs(tmp_path):
     import json
     from vd_jax.config import load_config
     from vd_jax.train import check_same_model
-    from vd_jax.train.settings import ConfigError, apply_overrides, to_plain
+    from vd_jax.errors import ConfigError
+    from vd_jax.train.settings import apply_overrides, to_plain
     run = load_config('train_tiny')
     apply_overrides(run, ['model.schedule.prediction_type=v_prediction'])
     (tmp_path / 'config.json').write_text(json.dumps(to_plain(run), default=str))

@@ -136,7 +136,8 @@ def test_stage0_networks_learn_a_small_set():
 
 
 def test_objective_configs_are_checked():
-    from vd_jax.train.settings import ConfigError, StepConfig
+    from vd_jax.errors import ConfigError
+    from vd_jax.train.settings import StepConfig
     from vd_jax.train import make_model
     cfg = load_config('train_vd_mini:autokl')
     sc = StepConfig.from_config(cfg, make_model(cfg))

@@ -27,6 +27,7 @@ import pytest
 
 import train_helper
 from vd_jax.config import load_config
+from vd_jax.errors import ConfigError
 from vd_jax.train import observe
 from vd_jax.train import load_metrics, setup, train
 from vd_jax.train.settings import apply_overrides
@@ -224,7 +225,7 @@ def test_profile_steps_flag():
     assert observe.parse_profile_steps(' 7 ') == (7, 7)
     assert observe.parse_profile_steps(None) is None
     for bad in ('0:2', '5:3', 'a:b', '3-5'):
-        with pytest.raises(observe.ObserveError, match='--profile-steps'):
+        with pytest.raises(ConfigError, match='--profile-steps'):
             observe.parse_profile_steps(bad)
     import subprocess
     import sys

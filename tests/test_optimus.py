@@ -29,10 +29,11 @@ import torch
 from configs.common import optimus as optimus_cfg
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, convert_checkpoint, plan_conversion
+from vd_jax.convert import convert_checkpoint, plan_conversion
 from vd_jax.convert.parts import detect_layout
 from vd_jax.convert.sources import ShapeSource
 from vd_jax import text_io
+from vd_jax.errors import CheckpointError
 from vd_jax.models.optimus import BOS_ID, EOS_ID, PAD_ID, Optimus, param_count
 from vd_jax.text_io import (decode_ids, decode_latent, encode_ids, encode_text, ids_to_text,
                             remove_repeated_ngrams, tokenize_for_encoder)
@@ -285,27 +286,27 @@ def test_converter_errors(ref):
     sd, cfg = dict(ref['sd']), ref['cfg']
     missing = dict(sd)
     del missing['vae.text.encoder.encoder.layer.1.attention.self.key.weight']
-    with pytest.raises(ConversionError, match=r'encoder/encoder/layer_1/attention/self/key/kernel'):
+    with pytest.raises(CheckpointError, match=r'encoder/encoder/layer_1/attention/self/key/kernel'):
         convert_checkpoint(missing, cfg)
     bad = dict(sd)
     bad['vae.text.decoder.transformer.linear_emb.weight'] = torch.zeros(D, LATENT + 1)
-    with pytest.raises(ConversionError,
+    with pytest.raises(CheckpointError,
                        match=r'vae\.text\.decoder\.transformer\.linear_emb\.weight: shape'):
         convert_checkpoint(bad, cfg)
     # c_attn is a Conv1D (in, out): a transposed (out, in) copy must be refused
     bad = dict(sd)
     bad['vae.text.decoder.transformer.h.0.attn.c_attn.weight'] = \
         sd['vae.text.decoder.transformer.h.0.attn.c_attn.weight'].T.contiguous()
-    with pytest.raises(ConversionError, match=r'h\.0\.attn\.c_attn\.weight: shape \(96, 32\)'):
+    with pytest.raises(CheckpointError, match=r'h\.0\.attn\.c_attn\.weight: shape \(96, 32\)'):
         convert_checkpoint(bad, cfg)
     untied = dict(sd)
     untied['vae.text.decoder.lm_head.weight'] = sd['vae.text.decoder.lm_head.weight'] + 1
-    with pytest.raises(ConversionError, match=r'lm_head\.weight.*exact copy'):
+    with pytest.raises(CheckpointError, match=r'lm_head\.weight.*exact copy'):
         convert_checkpoint(untied, cfg)
     extra = dict(sd)
     extra['vae.text.decoder.transformer.h.0.attn.masked_bias'] = torch.tensor(-1e4)
     extra['vae.text.encoder.embeddings.position_ids'] = torch.arange(512)[None]
-    with pytest.raises(ConversionError, match=r'embeddings\.position_ids') as e:
+    with pytest.raises(CheckpointError, match=r'embeddings\.position_ids') as e:
         convert_checkpoint(extra, cfg)
     assert 'masked_bias' not in str(e.value)   # ignored by name
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from vd_jax.diffusion.sampling import _sample_jit
-from vd_jax.pipeline import TaskError, VersatileDiffusion
+from vd_jax.errors import InputError
+from vd_jax.pipeline import VersatileDiffusion
 
 STEPS = 4  # the original uniform DDIM grid: steps must divide T so that t+1 stays < T
 IMG = np.random.default_rng(0).uniform(size=(40, 56, 3)).astype(np.float32)  # non-square
@@ -121,23 +122,23 @@ def test_multi_context_and_i2t2i(vd):
 
 
 def test_errors_name_the_problem(vd, tmp_path):
-    with pytest.raises(TaskError, match='multiples of 8'):  # tiny: VAE 2 x UNet 4
+    with pytest.raises(InputError, match='multiples of 8'):  # tiny: VAE 2 x UNet 4
         vd.text_to_image('a cat', steps=STEPS, height=36)
-    with pytest.raises(TaskError, match="level must be one of"):
+    with pytest.raises(InputError, match="level must be one of"):
         vd.dual_guided('a', IMG, mix_level='pixel', steps=STEPS)
-    with pytest.raises(TaskError, match=r'mix \(text strength\) must be in \[0, 1\]'):
+    with pytest.raises(InputError, match=r'mix \(text strength\) must be in \[0, 1\]'):
         vd.dual_guided('a', IMG, mix=1.5, steps=STEPS)
-    with pytest.raises(TaskError, match="unknown task"):
+    with pytest.raises(InputError, match="unknown task"):
         vd.check_task('paint')
     bad = tmp_path / 'not_an_image.png'
     bad.write_text('hello')
     with pytest.raises(ValueError, match='not_an_image.png'):
         vd.image_variation(str(bad), steps=STEPS)
     basic = VersatileDiffusion.random('vd_basic:tiny')
-    with pytest.raises(TaskError, match="lacks .*ctx_text"):
+    with pytest.raises(InputError, match="lacks .*ctx_text"):
         basic.text_to_image('a cat', steps=STEPS)
     partial = VersatileDiffusion(vd.config, {'diffuser': vd.params['diffuser']})
-    with pytest.raises(TaskError, match=r"task 'image_to_text' needs .* lacks \['ctx_image', 'vae_text'\]"):
+    with pytest.raises(InputError, match=r"task 'image_to_text' needs .* lacks \['ctx_image', 'vae_text'\]"):
         partial.image_to_text(IMG, steps=STEPS)
 
 

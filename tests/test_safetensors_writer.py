@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from vd_jax.checkpoint import CheckpointError, SafetensorsWriter, load_safetensors
+from vd_jax.checkpoint import SafetensorsWriter, load_safetensors
+from vd_jax.errors import CheckpointError
 
 
 def _tensors():

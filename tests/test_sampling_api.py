@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from vd_jax.pipeline import TaskError, VersatileDiffusion
+from vd_jax.errors import InputError
+from vd_jax.pipeline import VersatileDiffusion
 from vd_jax.image_io import load_images
 
 STEPS = 2
@@ -67,7 +68,7 @@ def test_initial_latents_replace_the_seeded_noise(vd):
                  lambda: vd.multi_context([IMG, IMG2], n=2, latents=bad, **kw),
                  lambda: vd.disentangle(IMG, n=2, focus=1.0, latents=bad, **kw),
                  lambda: vd.disentangle(IMG, n=2, level=1, latents=bad, **kw)):
-        with pytest.raises(TaskError, match=r'latents must have shape \(2, (16, 16, 4|16)\)'):
+        with pytest.raises(InputError, match=r'latents must have shape \(2, (16, 16, 4|16)\)'):
             call()
 
 
@@ -77,13 +78,13 @@ def test_start_step_is_the_fidelity_start(vd):
     f = vd.image_variation(IMG, fidelity=0.5, **kw)
     np.testing.assert_array_equal(vd.image_variation(IMG, start_step=2, **kw), f)  # 4 * 0.5
     assert np.abs(vd.image_variation(IMG, start_step=3, **kw) - f).max() > 1e-3
-    with pytest.raises(TaskError, match='fidelity or start_step, not both'):
+    with pytest.raises(InputError, match='fidelity or start_step, not both'):
         vd.image_variation(IMG, fidelity=0.5, start_step=2, **kw)
-    with pytest.raises(TaskError, match=r'k=9 must be in \[0, 4\)'):
+    with pytest.raises(InputError, match=r'k=9 must be in \[0, 4\)'):
         vd.image_variation(IMG, start_step=9, **kw)
-    with pytest.raises(TaskError, match='exclusive'):
+    with pytest.raises(InputError, match='exclusive'):
         vd.image_variation(IMG, start_step=2, latents=np.zeros((2, 16, 16, 4)), **kw)
-    with pytest.raises(TaskError, match='start_step must be an integer'):
+    with pytest.raises(InputError, match='start_step must be an integer'):
         vd.image_variation(IMG, start_step=-1, **kw)
 
 
@@ -97,9 +98,9 @@ def test_prompts_as_token_ids_and_ready_contexts(vd):
     np.testing.assert_array_equal(vd.text_to_image([list(r) for r in ids], **kw), ref)
     ctx = comps.encode_context('text', ['a cat', 'a dog'])
     np.testing.assert_array_equal(vd.text_to_image(None, context=ctx, **kw), ref)
-    with pytest.raises(TaskError, match=r'contexts must be \(P, 77, 32\).*got shape \(2, 5, 32\)'):
+    with pytest.raises(InputError, match=r'contexts must be \(P, 77, 32\).*got shape \(2, 5, 32\)'):
         vd.text_to_image(None, context=ctx[:, :5], **kw)
-    with pytest.raises(TaskError, match='strings or CLIP token ids'):
+    with pytest.raises(InputError, match='strings or CLIP token ids'):
         vd.text_to_image(['a cat', list(ids[0])], **kw)
     # dual-guided: token ids and a ready (text, image) context pair
     dual = vd.dual_guided('a cat', IMG, n=2, **kw)
@@ -122,7 +123,7 @@ def test_prompts_as_token_ids_and_ready_contexts(vd):
     t2, i2 = vd.i2t2i(IMG, 'a dog', n=2, **kw)
     assert t1 == t2
     np.testing.assert_allclose(i1, i2, atol=CTX_TOL)
-    with pytest.raises(TaskError, match='need input images'):
+    with pytest.raises(InputError, match='need input images'):
         vd.image_variation(None, n=2, context=ci, fidelity=0.5, **kw)
 
 
@@ -138,7 +139,7 @@ def test_negative_prompts_and_images_per_input(vd):
     ids = vd.components.tokenizer('clip')(['red', 'blue'])
     np.testing.assert_array_equal(vd.text_to_image(['a cat', 'a dog'], negative_prompt=ids, **kw),
                                   both)
-    with pytest.raises(TaskError, match='3 negative prompts for 2 prompts'):
+    with pytest.raises(InputError, match='3 negative prompts for 2 prompts'):
         vd.text_to_image(['a cat', 'a dog'], negative_prompt=['a', 'b', 'c'], **kw)
     # negative images: one per input image
     var = vd.image_variation([IMG, IMG2], negative_image=[IMG2, IMG], **kw)
@@ -162,7 +163,7 @@ def test_negative_prompts_and_images_per_input(vd):
     assert vd.dual_guided('a cat', IMG, output='text', decode='greedy',
                           negative_image=IMG2, negative_prompt='blurry', **kw) != texts
     # one negative image per pair of dual-guided inputs
-    with pytest.raises(TaskError, match='3 negative images for 2 prompts/inputs'):
+    with pytest.raises(InputError, match='3 negative images for 2 prompts/inputs'):
         vd.dual_guided(['a cat', 'a dog'], IMG, negative_image=[IMG, IMG, IMG], **kw)
 
 
@@ -189,7 +190,7 @@ def test_vocabulary_mismatch_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="CLIP tokenizer has 49408 tokens but the model's text "
                                          'encoder has a 1000-token vocabulary'):
         small.components.tokenizer('clip')
-    with pytest.raises(TaskError, match="task 'text_to_image': the CLIP tokenizer has 49408"):
+    with pytest.raises(InputError, match="task 'text_to_image': the CLIP tokenizer has 49408"):
         _check_tokenizers(small, 'text_to_image')
     cfg = copy.deepcopy(tiny_config)
     cfg.model.vae.text.encoder.vocab_size = 20000

@@ -17,7 +17,8 @@ import pytest
 from vd_jax.config import load_config
 from vd_jax.diffusion.sampling import sample
 from vd_jax.diffusion.schedule import make_schedule
-from vd_jax.pipeline import TaskError, VersatileDiffusion
+from vd_jax.errors import InputError
+from vd_jax.pipeline import VersatileDiffusion
 from vd_jax.tasks.common import SamplingOptions
 
 STEPS = 4
@@ -89,13 +90,13 @@ def test_pipeline_samples_with_the_checkpoint_schedule(case, request):
 
 
 def test_options_are_refused_with_a_message_naming_them():
-    with pytest.raises(TaskError, match=r'guidance_rescale must be in \[0, 1\].*got -0.1'):
+    with pytest.raises(InputError, match=r'guidance_rescale must be in \[0, 1\].*got -0.1'):
         SamplingOptions(guidance_rescale=-0.1)
-    with pytest.raises(TaskError, match='guidance_rescale must be in'):
+    with pytest.raises(InputError, match='guidance_rescale must be in'):
         SamplingOptions(guidance_rescale=1.5)
-    with pytest.raises(TaskError, match=r"karras .* is for the samplers \('dpm\+\+',\), not 'ddim'"):
+    with pytest.raises(InputError, match=r"karras .* is for the samplers \('dpm\+\+',\), not 'ddim'"):
         SamplingOptions(sampler='ddim', karras=True)
-    with pytest.raises(TaskError, match="sampler must be one of .*'euler_a'"):
+    with pytest.raises(InputError, match="sampler must be one of .*'euler_a'"):
         SamplingOptions(sampler='heun')
     SamplingOptions(sampler='dpm++', karras=True, guidance_rescale=0.7)
     for name in ('euler', 'euler_a'):
@@ -104,11 +105,11 @@ def test_options_are_refused_with_a_message_naming_them():
 
 def test_the_pipeline_refuses_before_sampling(v_zero_snr):
     vd = v_zero_snr
-    with pytest.raises(TaskError, match='karras'):
+    with pytest.raises(InputError, match='karras'):
         vd.text_to_image(PROMPT, steps=STEPS, sampler='euler', karras=True)
     # an epsilon model cannot denoise the zero-SNR step the trailing grid starts at
     eps = _tiny(rescale_zero_terminal_snr=True)
-    with pytest.raises(TaskError, match='epsilon-prediction model cannot denoise t=999'):
+    with pytest.raises(InputError, match='epsilon-prediction model cannot denoise t=999'):
         eps.text_to_image(PROMPT, steps=STEPS, spacing='trailing')
 
 

@@ -21,9 +21,10 @@ from diffusers.schedulers import (scheduling_ddpm, scheduling_euler_ancestral_di
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from vd_jax.diffusion import sampling
+from vd_jax.errors import ConfigError
 from vd_jax.models.unet import example_inputs
-from vd_jax.diffusion.schedule import (BETA_SCHEDULES, ScheduleConfig, ScheduleError, make_schedule,
-                                       schedule_arrays, zero_terminal_snr_betas)
+from vd_jax.diffusion.schedule import (BETA_SCHEDULES, ScheduleConfig, make_schedule, schedule_arrays,
+                                       zero_terminal_snr_betas)
 
 S2 = 0.5                       # data variance of the analytic model
 SHAPE = (2, 4, 4, 3)
@@ -60,11 +61,11 @@ def test_zero_terminal_snr_rescale_equals_diffusers_in_float64():
 
 
 def test_schedule_config_errors_name_the_key_and_value():
-    with pytest.raises(ScheduleError, match="beta_schedule must be one of .* got 'cosine'"):
+    with pytest.raises(ConfigError, match="beta_schedule must be one of .* got 'cosine'"):
         make_schedule(beta_schedule='cosine')
-    with pytest.raises(ScheduleError, match="prediction_type must be one of .* got 'v'"):
+    with pytest.raises(ConfigError, match="prediction_type must be one of .* got 'v'"):
         make_schedule(prediction_type='v')
-    with pytest.raises(ScheduleError, match=r"unknown schedule option\(s\) \['rescale_betas_zero_snr'\]"):
+    with pytest.raises(ConfigError, match=r"unknown schedule option\(s\) \['rescale_betas_zero_snr'\]"):
         make_schedule({'rescale_betas_zero_snr': True})
     # older configs (no new keys) and the legacy tuple mean VD's schedule with epsilon
     old = ScheduleConfig.coerce({'beta_linear_start': 0.00085, 'beta_linear_end': 0.012, 'timesteps': 1000})

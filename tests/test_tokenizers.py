@@ -22,6 +22,7 @@ import pytest
 import regex
 
 from vd_jax import tokenizers as T
+from vd_jax.errors import CheckpointError
 
 SENTENCES = [
     'a photo of a cat',
@@ -196,10 +197,10 @@ def test_clip_user_files(tmp_path, clip_ref):
     with gzip.open(bpe, 'wt', encoding='utf-8') as f:  # OpenAI's header line, then merges
         f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + '\n'.join(merges))
     np.testing.assert_array_equal(T.clip_tokenizer(str(bpe))(s), want)
-    with pytest.raises(T.TokenizerFileError, match='no CLIP merges.txt'):
+    with pytest.raises(CheckpointError, match='no CLIP merges.txt'):
         os.remove(tmp_path / 'merges.txt')
         T.clip_tokenizer(str(tmp_path))
-    with pytest.raises(T.TokenizerFileError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='does not exist'):
         T.clip_tokenizer(str(tmp_path / 'nowhere'))
 
 
@@ -221,7 +222,7 @@ def test_bert_cased(tmp_path):
     for s in SENTENCES:
         assert tok(s)['input_ids'] == slow(s)['input_ids'] == mine(s)['input_ids'], s
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(T.TokenizerFileError, match='no BERT vocab.txt'):
+    with pytest.raises(CheckpointError, match='no BERT vocab.txt'):
         T.bert_tokenizer(str(tmp_path / 'empty'))
 
 
@@ -236,5 +237,5 @@ def test_gpt2_with_optimus_tokens(gpt2_ref, tmp_path):
     (tmp_path / 'vocab.json').write_text(_read_gz('gpt2_encoder.json.gz'), encoding='utf-8')
     (tmp_path / 'merges.txt').write_text(_read_gz('gpt2_vocab.bpe.gz'), encoding='utf-8')
     assert T.gpt2_tokenizer(str(tmp_path))(SENTENCES[3])['input_ids'] == gpt2_ref(SENTENCES[3])
-    with pytest.raises(T.TokenizerFileError, match='not a folder'):
+    with pytest.raises(CheckpointError, match='not a folder'):
         T.gpt2_tokenizer(str(tmp_path / 'vocab.json'))

@@ -27,8 +27,9 @@ from vd_jax.config import load_config
 from vd_jax.diffusion.schedule import make_schedule
 from vd_jax.models.init import random_params
 from vd_jax.models.layers import timestep_embedding
-from vd_jax.train.settings import (ConfigError, OptimConfig, StepConfig, apply_overrides,
-                                 parse_flows)
+from vd_jax.errors import ConfigError
+from vd_jax.train.optim import OptimConfig
+from vd_jax.train.settings import StepConfig, apply_overrides, parse_flows
 from vd_jax.train.init_from import apply_init_sources
 from vd_jax.train.inputs import SyntheticLatentSource, record_spec
 from vd_jax.train import (Checkpointer, TrainingDiverged, export_from_workdir, load_metrics,

@@ -22,10 +22,11 @@ import torch
 from configs.common import autokl
 from vd_jax.checkpoint import flatten
 from vd_jax.config import load_config
-from vd_jax.convert import ConversionError, convert_checkpoint, export_part, plan_conversion
+from vd_jax.convert import convert_checkpoint, export_part, plan_conversion
 from vd_jax.convert.parts import LAYOUTS, REGISTRY, detect_layout
 from vd_jax.convert.sources import ShapeSource
 from vd_jax.convert.vae_rules import autokl_rows
+from vd_jax.errors import CheckpointError
 from vd_jax.models.init import param_count
 from vd_jax.models.vae import (LATENT_SCALE, AutoencoderKL, AutoKLConfig,
                                vae_decode, vae_encode)
@@ -214,7 +215,7 @@ def test_diffusers_legacy_attention_names_and_raw_file(ref):
     # both names for one tensor: refused, not silently resolved
     both = dict(ref['sd'], **{'vae.encoder.mid_block.attentions.0.query.weight':
                               ref['sd']['vae.encoder.mid_block.attentions.0.to_q.weight']})
-    with pytest.raises(ConversionError, match='filled twice'):
+    with pytest.raises(CheckpointError, match='filled twice'):
         convert_checkpoint(both, ref['cfg'])
 
 
@@ -323,19 +324,19 @@ def test_bad_checkpoints(ref, ldm_sd):
     bad = dict(ldm_sd)
     key = 'encoder.down.1.block.0.conv1.weight'
     bad[key] = bad[key].transpose(0, 1)
-    with pytest.raises(ConversionError, match=re.escape(f'{key}: shape (32, 64, 3, 3)')):
+    with pytest.raises(CheckpointError, match=re.escape(f'{key}: shape (32, 64, 3, 3)')):
         convert_checkpoint(bad, cfg)
     missing = {k: v for k, v in ldm_sd.items() if k != 'decoder.mid.attn_1.k.weight'}
-    with pytest.raises(ConversionError, match='missing from the source:\n.*decoder/mid/attn_1/k/kernel'):
+    with pytest.raises(CheckpointError, match='missing from the source:\n.*decoder/mid/attn_1/k/kernel'):
         convert_checkpoint(missing, cfg)
     extra = dict(ldm_sd, **{'encoder.down.0.block.5.conv1.weight': torch.zeros(32, 32, 3, 3)})
-    with pytest.raises(ConversionError, match=r'encoder\.down\.0\.block\.5\.conv1\.weight'):
+    with pytest.raises(CheckpointError, match=r'encoder\.down\.0\.block\.5\.conv1\.weight'):
         convert_checkpoint(extra, cfg)
     # a diffusers file whose attention weights are 4-D would be read with the wrong transform
     bad_attn = dict(ref['sd'])
     bad_attn['vae.decoder.mid_block.attentions.0.to_v.weight'] = \
         bad_attn['vae.decoder.mid_block.attentions.0.to_v.weight'][:, :, None, None]
-    with pytest.raises(ConversionError, match=r'attentions\.0\.to_v\.weight: shape \(64, 64, 1, 1\)'):
+    with pytest.raises(CheckpointError, match=r'attentions\.0\.to_v\.weight: shape \(64, 64, 1, 1\)'):
         convert_checkpoint(bad_attn, cfg)
 
 

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from vd_jax.errors import ConfigError
+
 # name -> (axis names, sizes) over 8 devices
 SAMPLE_MESHES = {
     'data': (('data',), (8,)),
@@ -69,7 +71,6 @@ def main(out_dir):
     import jax
     from vd_jax.checkpoint import flatten
     from vd_jax.pipeline import VersatileDiffusion
-    from vd_jax.sharding import ShardingError
     host = VersatileDiffusion.random('tiny', seed=0)
     arrays, info = {}, {'devices': jax.device_count(), 'sample': {}, 'train': {}, 'bad': {}}
     for name in SAMPLE_MESHES:
@@ -93,7 +94,7 @@ def main(out_dir):
         try:
             VersatileDiffusion(host.config, host.params, mesh=make_mesh(name, BAD_MESHES))
             info['bad'][name] = None
-        except ShardingError as e:
+        except ConfigError as e:
             info['bad'][name] = str(e)
     np.savez(os.path.join(out_dir, 'outputs.npz'), **arrays)
     with open(os.path.join(out_dir, 'result.json'), 'w') as f:

@@ -22,13 +22,16 @@ import contextlib
 import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vd_jax import modalities as M
+from vd_jax import sharding as shd
 from vd_jax.batching import pad_rows, round_up, trim_rows
 from vd_jax.models import family
+from vd_jax.models.init import abstract_params
 
 
 class Components:
@@ -57,7 +60,6 @@ class Components:
         if self.dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.mesh = mesh
-        from vd_jax import sharding as shd
         self.rules = shd.normalize_rules(shd.DEFAULT_RULES if rules is None else rules)
         if mesh is not None:  # a user's mesh may have any subset of the axes, in any order
             self.rules = shd.rules_for_mesh(self.rules, mesh)
@@ -92,15 +94,12 @@ class Components:
     def abstract_params(self, parts: Optional[Sequence[str]] = None, boxed: bool = False
                         ) -> Dict[str, Any]:
         """{part: ShapeDtypeStructs} of the config's parts (no allocation)."""
-        from vd_jax.models.init import abstract_params
         return {p: abstract_params(self.module(p), boxed=boxed) for p in (parts or self.parts)}
 
     def shardings(self, part: str):
         """NamedShardings of a part's parameters on the mesh (None without a mesh)."""
         if self.mesh is None:
             return None
-        from vd_jax import sharding as shd
-        import flax.linen as nn
         with nn.logical_axis_rules(self.rules):
             boxed = self.abstract_params([part], boxed=True)[part]
         return shd.logical_shardings(boxed, self.mesh, self.rules)
@@ -220,7 +219,6 @@ class Components:
         """How many ways a batch is split (the mesh's batch axes; 1 without a mesh)."""
         if self.mesh is None:
             return 1
-        from vd_jax import sharding as shd
         return shd.batch_shards(self.mesh, self.rules)
 
     def shard_batch(self, tree):
@@ -228,7 +226,6 @@ class Components:
         mesh). Batches must be padded to a multiple of `data_shards` first."""
         if self.mesh is None:
             return tree
-        from vd_jax import sharding as shd
 
         def put(x):
             x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
@@ -250,7 +247,6 @@ class Components:
         mesh (a no-op context without a mesh)."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        import flax.linen as nn
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))

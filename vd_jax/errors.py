@@ -5,13 +5,14 @@ way out. The command lines turn the input errors into exit code 2 before any lon
 
   ConfigError       a model / training / sampling setting that cannot be used: an unknown key or
                     value, an impossible schedule, a mesh or rule set that cannot work, a bad
-                    LoRA or observability setting
+                    LoRA setting (targets, ranks, scale, mode) or observability setting
   CheckpointError   a weights file or folder that cannot be read, converted or written: vd_jax
-                    checkpoints, source checkpoints for conversion, exports, LoRA adapter files,
-                    tokenizer vocabularies
+                    checkpoints, source checkpoints for conversion, the CKPT of an export, LoRA
+                    adapter files (and adapters that do not fit the model), tokenizer
+                    vocabularies, the FID Inception weights
   InputError        what a caller hands a command or task that cannot be used: flags, prompts,
-                    images, uploads, output locations, task arguments, metric inputs
-                    (`vd_jax.cli.UsageError` is this class)
+                    images, uploads, output locations (an export's OUT too), task arguments,
+                    metric inputs; the command lines' usage errors are this class
   DataSourceError   sources that cannot make a training dataset
   TrainingDiverged  a training step produced a non-finite loss or gradient (nothing of it saved)
   GateFailed        a stage-0 quality gate did not pass (`.result` is its record)

@@ -19,16 +19,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from vd_jax.errors import InputError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Pillow's 8-bit resampling keeps coefficients in fixed point with this many fraction bits
 # (32 bits - 8 for the pixel - 2 of headroom).
 _PRECISION_BITS = 22
-
-
-class ImageReadError(ValueError):
-    """A file could not be read as an image; the message names the file."""
 
 
 # Transparent pixels are composited over white: what browsers (and so the demo's users) show,
@@ -56,7 +54,8 @@ def pil_to_rgb(im) -> np.ndarray:
       `ALPHA_BACKGROUND` (white).
     * '1', 'L', 'P', 'CMYK', 'YCbCr', 'HSV', ... go through Pillow's `convert('RGB')`.
     """
-    from PIL import Image, ImageOps
+    # lazy: PIL (+21 ms)
+    from PIL import Image, ImageOps  # noqa: PLC0415
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _INT_MODES or mode == 'F':
@@ -78,30 +77,30 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
 
     Every mode and bit depth is scaled to 8 bits as `pil_to_rgb` documents (EXIF orientation
     applied, 16-bit grey scaled, alpha composited over white, CMYK converted).
-    Raises FileNotFoundError for a missing file, ImageReadError (naming the file) for anything
+    Raises FileNotFoundError for a missing file, InputError (naming the file) for anything
     that is not a decodable image: a folder, an empty or truncated file, another format.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ImageReadError(f"'{path}' is a folder, not an image file")
+        raise InputError(f"'{path}' is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file '{path}' does not exist")
     if os.path.getsize(path) == 0:
-        raise ImageReadError(f"image file '{path}' is empty (0 bytes)")
+        raise InputError(f"image file '{path}' is empty (0 bytes)")
     try:
         with Image.open(path) as im:
             im.load()
             return pil_to_rgb(im)
     except UnidentifiedImageError:
-        raise ImageReadError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") \
+        raise InputError(f"'{path}' is not an image file Pillow can read (PNG, JPEG, ...)") \
             from None
     except PermissionError:
-        raise ImageReadError(f"cannot read image file '{path}': permission denied") from None
+        raise InputError(f"cannot read image file '{path}': permission denied") from None
     except Image.DecompressionBombError as e:
-        raise ImageReadError(f"image file '{path}' is too large to decode safely: {e}") from None
+        raise InputError(f"image file '{path}' is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data, odd modes
-        raise ImageReadError(f"cannot decode image file '{path}': {e}") from None
+        raise InputError(f"cannot decode image file '{path}': {e}") from None
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -219,7 +218,7 @@ def load_images(images, hw: Tuple[int, int]) -> np.ndarray:
     """Input images -> (B, h, w, 3) float32 in [0, 1], resized bicubically (as the demo) to hw.
 
     images: one image or a list / (B, H, W, C) batch of files, PIL images or arrays (any of
-    `to_uint8_rgb`'s forms). Raises ImageReadError for an unreadable file, ValueError for a
+    `to_uint8_rgb`'s forms). Raises InputError for an unreadable file, ValueError for a
     malformed array or no image at all."""
     items = as_list(images)
     if not items:
@@ -237,7 +236,7 @@ def load_mask(mask, hw: Tuple[int, int]) -> np.ndarray:
     """A keep-mask (file, or (H, W) / (H, W, C) array in [0, 1] or uint8) -> (h, w) float32
     in [0, 1], resized bilinearly (the demo resizes masks with PIL's BILINEAR). Raises
     ValueError for an array of another rank."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415
     m = load_image(mask) if isinstance(mask, str) else np.asarray(mask)
     if m.ndim == 3:
         m = m[..., 0]

@@ -30,6 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.image_io import CLIP_MEAN, CLIP_STD, clip_preprocess, clip_token_mask
+
+from vd_jax import tokenizers as T
+
 # Unconditional-context conventions: 'v1.0' = the v1.0 demo (empty prompt; zero context for
 # image contexts of image outputs; the CLIP context of a black image for image->text);
 # 'legacy' (Nov-2022 CLI) and 'diffusers' use the CLIP context of a mid-gray image for every
@@ -109,7 +113,8 @@ class Modality:
         streams = model_cfg['diffuser']['streams']
         if self.name not in streams:
             return None
-        from vd_jax.models import StreamConfig
+        # lazy: vd_jax.models pulls in jax, flax (+0.2 s)
+        from vd_jax.models import StreamConfig  # noqa: PLC0415
         return StreamConfig.from_dict(self.name, streams[self.name]).context_dim
 
     def latent_scale_of(self, model_cfg) -> Optional[float]:
@@ -177,7 +182,6 @@ def _clip_pixels_on_device(images01, size: int):
     Bicubic (antialiased when shrinking) + CLIP mean/std: a close approximation of
     `vd_jax.image_io.clip_preprocess` (bit-exact with the PIL processor, on the host) so that
     training never ships pixels back to the host."""
-    from vd_jax.image_io import CLIP_MEAN, CLIP_STD
     b = images01.shape[0]
     x = jax.image.resize(images01, (b, size, size, 3), 'bicubic', antialias=True)
     return (jnp.clip(x, 0.0, 1.0) - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
@@ -190,11 +194,12 @@ class ImageModality(Modality):
     @property
     def latent_scale(self) -> float:
         """vd.yaml `latent_scale_factor.image`: SD's kl-f8 factor (`vd_jax.models.vae`)."""
-        from vd_jax.models.vae import LATENT_SCALE
+        # lazy: vd_jax.models.vae pulls in jax, flax (+0.2 s)
+        from vd_jax.models.vae import LATENT_SCALE  # noqa: PLC0415
         return LATENT_SCALE
 
     def latent_shape(self, model_cfg, batch, hw=None):
-        from vd_jax.models.vae import AutoKLConfig
+        from vd_jax.models.vae import AutoKLConfig  # noqa: PLC0415
         if hw is None:
             raise ValueError('image latents need the output size (height, width)')
         f = AutoKLConfig.from_dict(model_cfg['vae']['image']).downsample_factor
@@ -208,7 +213,6 @@ class ImageModality(Modality):
     def context_inputs(self, comps, raw, masks=None):
         """raw: images ([0, 1] float / uint8 arrays, PIL images or paths); masks: optional
         keep-mask per image (None = whole image), applied to CLIP's tokens as the demo."""
-        from vd_jax.image_io import clip_preprocess, clip_token_mask
         c = comps.config['ctx']['image']
         size, patch = int(c['image_size']), int(c['patch_size'])
         out = {'pixels': clip_preprocess(list(raw), size=size)}
@@ -265,7 +269,6 @@ class TextModality(Modality):
     latent_tokenizers = ('bert', 'gpt2')     # Optimus: BERT encoder in, GPT-2 decoder out
 
     def tokenizer(self, comps, name):
-        from vd_jax import tokenizers as T
         if name == 'clip':
             tok = T.clip_tokenizer()
             c = comps.config['ctx'][self.name]
@@ -275,7 +278,8 @@ class TextModality(Modality):
                                  f"text encoder has a {c['vocab_size']}-token vocabulary")
             return tok
         if name in self.latent_tokenizers:
-            from vd_jax.text_io import check_vocabularies
+            # lazy: vd_jax.text_io pulls in jax, flax (+0.2 s)
+            from vd_jax.text_io import check_vocabularies  # noqa: PLC0415
             tok = T.bert_tokenizer() if name == 'bert' else T.gpt2_tokenizer()
             check_vocabularies(comps.module(self.vae_part).config, **{name: tok})
             return tok
@@ -310,7 +314,7 @@ class TextModality(Modality):
         return module.apply({'params': params}, inputs['ids'])[0]
 
     def latent_inputs(self, comps, raw):
-        from vd_jax.text_io import tokenize_for_encoder
+        from vd_jax.text_io import tokenize_for_encoder  # noqa: PLC0415
         module = comps.module(self.vae_part)
         return {'ids': tokenize_for_encoder([str(s) for s in raw], comps.tokenizer('bert'),
                                             module.config)}
@@ -326,7 +330,7 @@ class TextModality(Modality):
                top_p=1.0, beam_size=4, remove_duplicates=True, seeds=None):
         """Optimus latents -> sentences. The original samples (temperature 1); each row's
         randomness comes from `seeds[i]` (default `seed + i`)."""
-        from vd_jax.text_io import decode_latent
+        from vd_jax.text_io import decode_latent  # noqa: PLC0415
         z = jnp.asarray(latents)
         seeds = seed + np.arange(z.shape[0]) if seeds is None else np.asarray(seeds)
         return decode_latent(comps.module(self.vae_part), comps.params[self.vae_part], z,

@@ -31,11 +31,16 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from vd_jax import modalities as M
-from vd_jax.checkpoint import CheckpointError, available_parts, load_part, read_config
+from vd_jax.checkpoint import available_parts, load_part, read_config
 from vd_jax.components import Components
-from vd_jax.sharding import as_mesh, parse_mesh  # noqa: F401  (re-exported)
+from vd_jax.config import load_config
 from vd_jax.diffusion.schedule import make_schedule
-from vd_jax.tasks import TASKS, SamplingOptions, TaskError  # noqa: F401  (re-exported)
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.lora.stack import read_any, stack_of
+from vd_jax.models.init import random_params
+from vd_jax.platform import warn_cpu_bfloat16
+from vd_jax.sharding import as_mesh, parse_mesh  # noqa: F401  (re-exported)
+from vd_jax.tasks import TASKS, SamplingOptions  # noqa: F401  (re-exported)
 
 UNCOND_CONVENTIONS = M.CONVENTIONS
 # Models shipped in the package: name -> checkpoint folder (None: random weights of that config)
@@ -67,10 +72,9 @@ class VersatileDiffusion:
     def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
                  uncond: str = 'v1.0', source: str = '<memory>', mesh=None, rules=None):
         if uncond not in UNCOND_CONVENTIONS:
-            raise TaskError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
+            raise InputError(f'uncond must be one of {UNCOND_CONVENTIONS}, got {uncond!r}')
         self.components = Components(model_config, params, dtype=dtype, mesh=as_mesh(mesh),
                                      rules=rules)
-        from vd_jax.platform import warn_cpu_bfloat16
         warn_cpu_bfloat16(self.components.dtype, self.components.mesh)
         self.config, self.uncond, self.source = self.components.config, uncond, source
 
@@ -117,8 +121,6 @@ class VersatileDiffusion:
     def random(cls, config='tiny', seed: int = 0, *, dtype='float32', uncond: str = 'v1.0',
                mesh=None, rules=None) -> 'VersatileDiffusion':
         """Every part with random (untrained) weights: a smoke test of the whole install."""
-        from vd_jax.config import load_config
-        from vd_jax.models.init import random_params
         cfg = load_config(config) if isinstance(config, str) else config
         vd = cls(cfg, {}, dtype=dtype, uncond=uncond, source=f'random:{config}:{seed}',
                  mesh=mesh, rules=rules)
@@ -137,19 +139,16 @@ class VersatileDiffusion:
         name (default: the file name without '.safetensors'). Several adapters add up, each
         with its own scale. `path`: a vd_jax adapter file (train.py's LoRA export) or a
         diffusers/PEFT LoRA file (`import_kw`: see `vd_jax.lora.import_peft`)."""
-        from vd_jax.lora.stack import read_any, stack_of
         adapter = read_any(path, self.components, **import_kw)
         name = name or os.path.basename(path)[:-len('.safetensors')]
         return stack_of(self.components).add(name, adapter, scale, source=path)
 
     def unload_lora(self, name: Optional[str] = None) -> None:
         """Unload one adapter by name, or every adapter (name None): the base model again."""
-        from vd_jax.lora.stack import stack_of
         stack_of(self.components).remove(name)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Change an adapter's scale (0 = off); the compiled samplers are reused."""
-        from vd_jax.lora.stack import stack_of
         stack_of(self.components).set_scale(name, scale)
 
     @property
@@ -166,32 +165,33 @@ class VersatileDiffusion:
 
     @lora_mode.setter
     def lora_mode(self, mode: str) -> None:
-        from vd_jax.lora.stack import stack_of
         stack_of(self.components).mode = mode
 
     # -- checks -----------------------------------------------------------------------------------
     def check_task(self, task: str) -> None:
-        """Raise `TaskError` naming what this model lacks for `task`."""
+        """Raise `InputError` naming what this model lacks for `task`."""
         if task not in TASKS:
-            raise TaskError(f"unknown task '{task}'; tasks: {sorted(TASKS)}")
+            raise InputError(f"unknown task '{task}'; tasks: {sorted(TASKS)}")
         t = TASKS[task]
         missing = sorted(p for p in t.parts if p not in self.params)
         if missing:
-            raise TaskError(f"task '{task}' needs the parts {list(t.parts)}; this model "
-                            f'({self.source}) lacks {missing} (it has {sorted(self.params)}). '
-                            'Convert them (python -m vd_jax.convert) or use a task these parts '
-                            'support.')
+            raise InputError(f"task '{task}' needs the parts {list(t.parts)}; this model "
+                             f'({self.source}) lacks {missing} (it has {sorted(self.params)}). '
+                             'Convert them (python -m vd_jax.convert) or use a task these parts '
+                             'support.')
         have = {f.name for f in M.model_flows(self.config)}
         for f in t.flows:
             if f not in have:
                 fl = M.flow(f)
-                raise TaskError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
-                                f"diffuser '{self.config.get('name', '?')}' does not have "
-                                f'(its flows: {sorted(have)})')
+                raise InputError(f"task '{task}' needs the {fl.ctype}->{fl.xtype} flow, which the "
+                                 f"diffuser '{self.config.get('name', '?')}' does not have "
+                                 f'(its flows: {sorted(have)})')
         try:  # tokenizers that do not fit the model's vocabularies fail before any sampling
             self.components.check_tokenizers(t.flows)
+        except CheckpointError:  # a vocabulary file that is missing or malformed
+            raise
         except ValueError as e:
-            raise TaskError(f"task '{task}': {e}") from None
+            raise InputError(f"task '{task}': {e}") from None
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)

@@ -26,7 +26,8 @@ MEASURED_JAXLIB = ('0.10',)
 
 def _jaxlib_version() -> str:
     try:
-        from jaxlib import version  # does not start an XLA backend
+        # lazy: optional dependency (jaxlib)
+        from jaxlib import version  # noqa: PLC0415  # does not start an XLA backend
         return version.__version__
     except Exception:  # noqa: BLE001 -- no jaxlib: nothing to configure
         return ''
@@ -99,7 +100,8 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
     text = f'warning: {message}'
     out = sys.stderr if file is None else file
     try:
-        from tqdm import tqdm
+        # lazy: optional dependency (tqdm)
+        from tqdm import tqdm  # noqa: PLC0415
         tqdm.write(text, file=out)
     except ImportError:  # pragma: no cover -- tqdm is a dependency
         print(text, file=out)
@@ -160,7 +162,8 @@ def quiet_tfds():
     """While tensorflow-datasets builds or opens a dataset: drop its misleading log lines, and
     its progress bars unless stderr is a terminal (elsewhere they are cursor-movement escape
     codes written into a log file). For library callers as well as the command lines."""
-    from tensorflow_datasets.core.utils import tqdm_utils
+    # lazy: tensorflow_datasets, PIL, tqdm, ... (+0.4 s)
+    from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
     absl_logger, noise = logging.getLogger('absl'), _filter_for('absl')
     before = tqdm_utils._active  # noqa: SLF001 -- tfds has no getter for its switch
     tqdm_utils.display_progress_bar(before and stderr_is_tty())
@@ -202,8 +205,9 @@ def warn_cpu_bfloat16(dtype, mesh=None) -> bool:
     """One `CpuBfloat16Warning` when `dtype` is bfloat16 and the devices (the mesh's, else
     JAX's default backend) are CPUs: said before any weights load, not discovered 10x later.
     Returns whether it warned."""
-    import jax
-    import jax.numpy as jnp
+    # lazy: jax (+1.3 s)
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
         return False
     kind = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()

@@ -26,7 +26,11 @@ from vd_jax.cli.distributed import check_parallel, make_mesh, shared_run_dir, st
 from vd_jax.cli.model_flags import add_model_flags, check_model_flags, load_model
 from vd_jax.cli.sample_run import sample, schedule_record, write
 from vd_jax.cli.sample_tasks import COMMON, TASKS, CliTask
-from vd_jax.cli.usage import UsageError, check_out, compile_cache, read_list, report
+from vd_jax.cli.usage import check_out, compile_cache, read_list, report
+from vd_jax.errors import CheckpointError, ConfigError, InputError
+from vd_jax.image_io import load_image
+from vd_jax.outputs import code_version, new_run_dir
+from vd_jax.platform import exit_codes_epilog, quiet_libraries
 from vd_jax.sampling_flags import add_sampler_flags, check_sampler_flags
 
 DEMO_PROMPT = 'a large red circle at the center on a white background'  # the shapes world
@@ -35,7 +39,6 @@ UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vd_jax.platform import exit_codes_epilog
     p = argparse.ArgumentParser(prog='sample.py', description=__doc__, epilog=exit_codes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -109,26 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_values(args) -> None:
     """Numeric flags, with the Python API's own checks (and messages) where it has them
     (--steps: `check_steps` in `validate`, naming the sampler)."""
-    from vd_jax.tasks.common import SamplingOptions, TaskError, check_n
+    # lazy: vd_jax.tasks.common pulls in jax, flax (+1.2 s)
+    from vd_jax.tasks.common import SamplingOptions, check_n  # noqa: PLC0415
     api = [('n', lambda: check_n(args.n))] + [
         (f, lambda f=f: SamplingOptions(**{f: getattr(args, f)}))
         for f in ('scale', 'eta', 'seed', 'dtype')]
     for flag, check in api:
         try:
             check()
-        except TaskError as e:
-            raise UsageError(f'--{flag}: {e}') from None
+        except InputError as e:
+            raise InputError(f'--{flag}: {e}') from None
     for flag, ok, want in (('batch-size', args.batch_size >= 1, 'an integer >= 1'),
                            ('mix', 0 <= args.mix <= 1, 'in [0, 1]'),
                            ('temperature', args.temperature > 0, '> 0'),
                            ('fidelity', 0 <= args.fidelity <= 1, 'in [0, 1]'),
                            ('focus', args.focus is None or 0 <= args.focus <= 1, 'in [0, 1]')):
         if not ok:
-            raise UsageError(f'--{flag}: must be {want}, got {getattr(args, flag.replace("-", "_"))}')
+            raise InputError(f'--{flag}: must be {want}, got {getattr(args, flag.replace("-", "_"))}')
 
 
 def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
-    """Everything checkable without a model: (task, prompts, image paths). Raises UsageError."""
+    """Everything checkable without a model: (task, prompts, image paths). Raises InputError."""
     explicit_task, args.task = args.task is not None, args.task or 't2i'
     t = TASKS[args.task]
     defaults = parser.parse_args([])
@@ -137,7 +141,7 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
             print(f"warning: --{name.replace('_', '-')} is ignored by --task {args.task}",
                   file=sys.stderr)
     _check_values(args)
-    args.spacing, notice = check_sampler_flags(args, UsageError)
+    args.spacing, notice = check_sampler_flags(args, InputError)
     if notice:
         print(f'note: {notice}', file=sys.stderr)
     prompts = list(args.prompt) + (read_list(args.prompts, '--prompts') if args.prompts else [])
@@ -147,31 +151,31 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
         # the demo prompt is for a plain `python sample.py` (what the README's first command
         # runs); anything more specific without a prompt is a mistake to report
         if args.ckpt or args.config or explicit_task or paths:
-            raise UsageError(f'--task {args.task} needs a prompt (--prompt TEXT or --prompts FILE)')
+            raise InputError(f'--task {args.task} needs a prompt (--prompt TEXT or --prompts FILE)')
         print(f'no --prompt given: using the demo prompt {DEMO_PROMPT!r}', file=sys.stderr)
         prompts = [DEMO_PROMPT]
     if 'image' in t.needs and not paths:
-        raise UsageError(f'--task {args.task} needs an input image (--image FILE or --images FILE)')
-    from vd_jax.image_io import ImageReadError, load_image
+        raise InputError(f'--task {args.task} needs an input image (--image FILE or --images FILE)')
     masks = [m for m in args.mask if m.lower() != 'none']
     if args.mask and len(args.mask) != len(paths):
-        raise UsageError(f'{len(args.mask)} --mask for {len(paths)} --image (give one per image, '
+        raise InputError(f'{len(args.mask)} --mask for {len(paths)} --image (give one per image, '
                          "or 'none')")
     flags = ['--image'] * len(args.image) + [f"--images '{args.images}'"] * len(listed) + \
         ['--mask'] * len(masks)
     for flag, p in zip(flags, paths + masks):
         try:
             load_image(p)
-        except (ImageReadError, FileNotFoundError) as e:
-            raise UsageError(f'{flag}: {e}') from None
+        except (InputError, FileNotFoundError) as e:
+            raise InputError(f'{flag}: {e}') from None
     check_model_flags(args)
     check_out(args.out)
     check_parallel(args)
-    from vd_jax.lora.stack import LoraError, parse_lora_flag
+    # lazy: vd_jax.lora.stack pulls in jax (+1.1 s)
+    from vd_jax.lora.stack import parse_lora_flag  # noqa: PLC0415
     try:
         args.lora = [parse_lora_flag(x) for x in args.lora]
-    except LoraError as e:
-        raise UsageError(f'--lora: {e}') from None
+    except (ConfigError, CheckpointError) as e:
+        raise InputError(f'--lora: {e}') from None
     return t, prompts, paths
 
 
@@ -181,7 +185,8 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
 
 def _load_model(args, mesh, share, t0):
     """The model `--ckpt`/`--config`/`--model` names, on `mesh`; says where it runs."""
-    import jax
+    # lazy: jax (+1.0 s)
+    import jax  # noqa: PLC0415
     vd = load_model(args.ckpt, model=args.model, config=args.config, dtype=args.dtype,
                     uncond=args.uncond, mesh=mesh)
     if vd.source.startswith('random:') and share[0] == 0:
@@ -196,21 +201,15 @@ def _load_model(args, mesh, share, t0):
 
 
 def main(argv=None) -> int:
-    from vd_jax.platform import quiet_libraries
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
         t, prompts, paths = validate(args, parser)
-    except UsageError as e:
+    except InputError as e:
         return report(e)
-    import jax
-    from vd_jax.checkpoint import CheckpointError
-    from vd_jax.image_io import ImageReadError
-    from vd_jax.outputs import code_version, new_run_dir
-    from vd_jax.lora import LoraError
-    from vd_jax.pipeline import TaskError
+    import jax  # noqa: PLC0415
     cache = compile_cache(not args.no_compile_cache)
     share = start_processes(args)
     try:
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     try:
         vd = _load_model(args, mesh, share, t0)
         result = sample(vd, t, args, prompts, paths, share, run_dir)
-    except (TaskError, CheckpointError, ImageReadError, LoraError) as e:
+    except (InputError, CheckpointError, ConfigError) as e:
         return report(e)  # after the progress bar closed its line
     untrained = vd.source.startswith('random:')
     settings = dict(vars(args), task_name=t.method, prompts=prompts, image_files=paths,

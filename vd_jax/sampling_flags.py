@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Tuple
 
+from vd_jax.errors import InputError
+
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """--sampler, --spacing, --karras, --guidance-rescale."""
-    from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
+    # lazy: vd_jax.diffusion.sampling pulls in jax, flax (+1.3 s)
+    from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS  # noqa: PLC0415
     p.add_argument('--sampler', default='ddim', choices=list(SAMPLERS),
                    help='ddim (the original), ddpm, dpm++ (DPM-Solver++ 2M), euler, euler_a '
                         '(Euler ancestral); default ddim')
@@ -34,14 +37,15 @@ def check_sampler_flags(args, error: Callable[[str], Exception],
     """Check the flags of `add_sampler_flags` with `args.steps` (`spacing` overrides
     args.spacing); raises error(message) naming the flag. Returns `check_steps`'s
     (resolved spacing, notice or None)."""
-    from vd_jax.diffusion.sampling import check_steps
-    from vd_jax.tasks.common import SamplingOptions, TaskError
+    from vd_jax.diffusion.sampling import check_steps  # noqa: PLC0415
+    # lazy: vd_jax.tasks.common pulls in jax, flax (+1.3 s)
+    from vd_jax.tasks.common import SamplingOptions  # noqa: PLC0415
     for flag, check in (
             ('guidance-rescale', lambda: SamplingOptions(guidance_rescale=args.guidance_rescale)),
             ('karras', lambda: SamplingOptions(sampler=args.sampler, karras=args.karras))):
         try:
             check()
-        except TaskError as e:
+        except InputError as e:
             raise error(f'--{flag}: {e}') from None
     try:
         return check_steps(args.sampler, args.steps, spacing or args.spacing or 'auto')

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vd_jax.checkpoint import path_str
 from vd_jax import sharding_names as ax
+from vd_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
-    """A mesh or rule set that cannot work on these devices / this model."""
-
-
 # ----------------------------------------------------------------------------------------
 # Mesh
 # ----------------------------------------------------------------------------------------
@@ -67,24 +64,24 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> Dict[str, int]:
     shape = {k: int(v) for k, v in dict(shape).items()}
     unknown = [k for k in shape if k not in MESH_AXES]
     if unknown:
-        raise ShardingError(f'unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}')
+        raise ConfigError(f'unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}')
     shape = {k: shape.get(k, 1) for k in MESH_AXES}
     free = [k for k, v in shape.items() if v == -1]
     if len(free) > 1:
-        raise ShardingError(f'at most one mesh axis may be -1, got {shape}')
+        raise ConfigError(f'at most one mesh axis may be -1, got {shape}')
     bad = [k for k, v in shape.items() if v == 0 or v < -1]
     if bad:
-        raise ShardingError(f'mesh axis sizes must be positive (or one -1), got {shape}')
+        raise ConfigError(f'mesh axis sizes must be positive (or one -1), got {shape}')
     fixed = math.prod(v for v in shape.values() if v != -1)
     if free:
         if num_devices % fixed:
-            raise ShardingError(f'mesh {shape}: {num_devices} devices are not divisible by the '
-                                f'fixed axes (product {fixed})')
+            raise ConfigError(f'mesh {shape}: {num_devices} devices are not divisible by the '
+                              f'fixed axes (product {fixed})')
         shape[free[0]] = num_devices // fixed
     if math.prod(shape.values()) != num_devices:
-        raise ShardingError(f'mesh {shape} has {math.prod(shape.values())} positions but there '
-                            f'are {num_devices} devices; sizes must multiply to the device count '
-                            '(use -1 for one axis)')
+        raise ConfigError(f'mesh {shape} has {math.prod(shape.values())} positions but there '
+                          f'are {num_devices} devices; sizes must multiply to the device count '
+                          '(use -1 for one axis)')
     return shape
 
 
@@ -121,12 +118,12 @@ def normalize_rules(rules) -> Tuple[Tuple[str, Any], ...]:
     out = []
     for i, rule in enumerate(rules):
         if len(rule) != 2:
-            raise ShardingError(f'logical_axis_rules[{i}] = {rule!r}: expected (logical name, '
-                                'mesh axes)')
+            raise ConfigError(f'logical_axis_rules[{i}] = {rule!r}: expected (logical name, '
+                              'mesh axes)')
         name, mesh_axes = rule
         if name not in ax.ALL:
-            raise ShardingError(f"logical_axis_rules[{i}]: unknown logical axis {name!r}; "
-                                f'known: {ax.ALL}')
+            raise ConfigError(f"logical_axis_rules[{i}]: unknown logical axis {name!r}; "
+                              f'known: {ax.ALL}')
         if isinstance(mesh_axes, (list, tuple)):
             mesh_axes = tuple(mesh_axes)
             names = mesh_axes
@@ -134,8 +131,8 @@ def normalize_rules(rules) -> Tuple[Tuple[str, Any], ...]:
             names = () if mesh_axes is None else (mesh_axes,)
         bad = [a for a in names if a not in MESH_AXES]
         if bad:
-            raise ShardingError(f'logical_axis_rules[{i}] ({name!r}): unknown mesh axes {bad}; '
-                                f'mesh axes are {MESH_AXES}')
+            raise ConfigError(f'logical_axis_rules[{i}] ({name!r}): unknown mesh axes {bad}; '
+                              f'mesh axes are {MESH_AXES}')
         out.append((str(name), mesh_axes))
     return tuple(out)
 
@@ -159,10 +156,10 @@ def rules_for_mesh(rules, mesh) -> Tuple[Tuple[str, Any], ...]:
     have = tuple(mesh.axis_names)
     unknown = {a: int(mesh.shape[a]) for a in have if a not in MESH_AXES and mesh.shape[a] > 1}
     if unknown:
-        raise ShardingError(f'mesh axes {unknown} are not vd_jax mesh axes {MESH_AXES}: the '
-                            "logical-axis rules place arrays only on those (name the axes e.g. "
-                            "Mesh(devices, ('data',)) for data parallelism, ('fsdp',) to also "
-                            "shard parameters, ('data', 'fsdp', 'model'))")
+        raise ConfigError(f'mesh axes {unknown} are not vd_jax mesh axes {MESH_AXES}: the '
+                          "logical-axis rules place arrays only on those (name the axes e.g. "
+                          "Mesh(devices, ('data',)) for data parallelism, ('fsdp',) to also "
+                          "shard parameters, ('data', 'fsdp', 'model'))")
     out, lost = [], []
     for name, mesh_axes in rules:
         if mesh_axes is None:
@@ -260,8 +257,8 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> Dict[str
     for k, v in local.items():
         v = np.asarray(v)
         if v.dtype.kind in 'OUS':
-            raise ShardingError(f"batch field '{k}' holds {v.dtype} values; only numeric arrays "
-                                'go to devices (tokenize text on the host first)')
+            raise ConfigError(f"batch field '{k}' holds {v.dtype} values; only numeric arrays "
+                              'go to devices (tokenize text on the host first)')
         sh = batch_sharding(mesh, rules, v.ndim)
         out[k] = jax.make_array_from_process_local_data(sh, v)
     return out
@@ -311,8 +308,6 @@ def as_mesh(mesh, devices=None):
     devices), over `devices` (default this process's, `jax.local_devices()`); None stays None."""
     if mesh is None:
         return None
-    import jax
-    from jax.sharding import Mesh
     if isinstance(mesh, Mesh):
         return mesh
     shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)

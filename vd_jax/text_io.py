@@ -23,6 +23,7 @@ import numpy as np
 
 from vd_jax import decoding
 from vd_jax.models.optimus import PAD_ID, Optimus, OptimusConfig
+from vd_jax.tokenizers import bert_tokenizer, bytes_to_unicode, gpt2_tokenizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,7 +124,6 @@ def decode_ids(model: Optimus, params, z, method: str = 'greedy', *, key=None,
 
 @functools.lru_cache(maxsize=None)
 def _default_tokenizers():
-    from vd_jax.tokenizers import bert_tokenizer, gpt2_tokenizer
     return bert_tokenizer(), gpt2_tokenizer()
 
 
@@ -196,7 +196,6 @@ def _clean_up_tokenization(text: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _byte_decoder():
-    from vd_jax.tokenizers import bytes_to_unicode
     return {u: b for b, u in bytes_to_unicode().items()}
 
 

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from vd_jax.errors import CheckpointError
+
 VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vocab')
 
 # openai/clip-vit-large-patch14: 49,408 ids, <|startoftext|> = 49406, <|endoftext|> = 49407 is
@@ -48,10 +50,6 @@ def truncation_message(name: str, tokens: int, max_length: int, prompt: str) -> 
             f'(the last {tokens - keep} are dropped): {prompt[:60]!r}...')
 
 
-class TokenizerFileError(FileNotFoundError):
-    """A vocabulary file is missing or malformed; the message names the file."""
-
-
 # ----------------------------------------------------------------------------------------
 # File helpers
 # ----------------------------------------------------------------------------------------
@@ -59,20 +57,20 @@ class TokenizerFileError(FileNotFoundError):
 def _read_text(path: str) -> str:
     """Read a UTF-8 text file, transparently gunzipping `*.gz`."""
     if not os.path.isfile(path):
-        raise TokenizerFileError(f"vocabulary file '{path}' does not exist")
+        raise CheckpointError(f"vocabulary file '{path}' does not exist")
     opener = gzip.open if path.endswith('.gz') else open
     try:
         with opener(path, 'rt', encoding='utf-8') as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerFileError(f"cannot read vocabulary file '{path}': {e}") from None
+        raise CheckpointError(f"cannot read vocabulary file '{path}': {e}") from None
 
 
 def _read_json(path: str) -> dict:
     try:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise TokenizerFileError(f"'{path}' is not valid JSON: {e}") from None
+        raise CheckpointError(f"'{path}' is not valid JSON: {e}") from None
 
 
 def _find(folder: str, names: Sequence[str], what: str) -> str:
@@ -82,8 +80,8 @@ def _find(folder: str, names: Sequence[str], what: str) -> str:
             p = os.path.join(folder, cand)
             if os.path.isfile(p):
                 return p
-    raise TokenizerFileError(f"no {what} in '{folder}': expected one of "
-                             f"{[n for n in names]} (optionally gzipped)")
+    raise CheckpointError(f"no {what} in '{folder}': expected one of "
+                          f"{[n for n in names]} (optionally gzipped)")
 
 
 def _merges_from_text(text: str, path: str) -> List[Tuple[str, str]]:
@@ -94,7 +92,7 @@ def _merges_from_text(text: str, path: str) -> List[Tuple[str, str]]:
             continue
         pair = line.split()
         if len(pair) != 2:
-            raise TokenizerFileError(f"'{path}' line {i + 1} is not a BPE merge 'a b': {line!r}")
+            raise CheckpointError(f"'{path}' line {i + 1} is not a BPE merge 'a b': {line!r}")
         merges.append((pair[0], pair[1]))
     return merges
 
@@ -128,8 +126,8 @@ def clip_vocab_from_bpe(bpe_text: str) -> Tuple[Dict[str, int], List[str]]:
     lines = bpe_text.split('\n')
     merges = lines[1:1 + CLIP_NUM_MERGES]
     if len(merges) != CLIP_NUM_MERGES or any(len(m.split()) != 2 for m in merges):
-        raise TokenizerFileError(f'not a CLIP bpe_simple_vocab file: expected a header and '
-                                 f'{CLIP_NUM_MERGES} merge lines "a b"')
+        raise CheckpointError(f'not a CLIP bpe_simple_vocab file: expected a header and '
+                              f'{CLIP_NUM_MERGES} merge lines "a b"')
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + '</w>' for s in symbols] + [''.join(m.split()) for m in merges]
     tokens += ['<|startoftext|>', '<|endoftext|>']
@@ -148,8 +146,8 @@ def _clip_files(path: Optional[str]):
     if os.path.isfile(path):  # OpenAI's bpe_simple_vocab_16e6.txt(.gz)
         vocab, merges = clip_vocab_from_bpe(_read_text(path))
         return vocab, [tuple(m.split()) for m in merges]
-    raise TokenizerFileError(f"CLIP vocabulary path '{path}' does not exist (give a folder with "
-                             "vocab.json + merges.txt, or OpenAI's bpe_simple_vocab_16e6.txt.gz)")
+    raise CheckpointError(f"CLIP vocabulary path '{path}' does not exist (give a folder with "
+                          "vocab.json + merges.txt, or OpenAI's bpe_simple_vocab_16e6.txt.gz)")
 
 
 class CLIPPromptTokenizer:
@@ -216,17 +214,18 @@ class CLIPPromptTokenizer:
 
 
 def _clip_build(path):
-    from transformers import CLIPTokenizer
+    # lazy: transformers, PIL, tqdm (+0.5 s)
+    from transformers import CLIPTokenizer  # noqa: PLC0415
     vocab, merges = _clip_files(path)
     if len(vocab) != CLIP_VOCAB_SIZE:
-        raise TokenizerFileError(f'CLIP vocabulary has {len(vocab)} tokens, expected '
-                                 f'{CLIP_VOCAB_SIZE} (openai/clip-vit-large-patch14)')
+        raise CheckpointError(f'CLIP vocabulary has {len(vocab)} tokens, expected '
+                              f'{CLIP_VOCAB_SIZE} (openai/clip-vit-large-patch14)')
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
     if (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (CLIP_BOS_ID, CLIP_EOS_ID,
                                                                   CLIP_EOS_ID):
-        raise TokenizerFileError(f'CLIP special tokens have ids {tok.bos_token_id}, '
-                                 f'{tok.eos_token_id}, {tok.pad_token_id}; expected '
-                                 f'{CLIP_BOS_ID}, {CLIP_EOS_ID}, {CLIP_EOS_ID}')
+        raise CheckpointError(f'CLIP special tokens have ids {tok.bos_token_id}, '
+                              f'{tok.eos_token_id}, {tok.pad_token_id}; expected '
+                              f'{CLIP_BOS_ID}, {CLIP_EOS_ID}, {CLIP_EOS_ID}')
     return tok
 
 
@@ -298,7 +297,7 @@ def _bert_vocab(path: Optional[str]) -> Dict[str, int]:
     vocab = {}
     for i, w in enumerate(words):
         if w in vocab:
-            raise TokenizerFileError(f"'{path}' lists {w!r} twice (lines {vocab[w] + 1}, {i + 1})")
+            raise CheckpointError(f"'{path}' lists {w!r} twice (lines {vocab[w] + 1}, {i + 1})")
         vocab[w] = i
     return vocab
 
@@ -312,11 +311,11 @@ def bert_tokenizer(path: Optional[str] = None):
     Returns:
       a `transformers.BertTokenizer`: [CLS] = 101, [SEP] = 102, [PAD] = 0, [UNK] = 100.
     """
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # noqa: PLC0415
     vocab = _bert_vocab(None if path is None else os.path.abspath(path))
     tok = BertTokenizer(vocab=vocab, do_lower_case=False, model_max_length=512)
     if tok.cls_token_id is None or tok.sep_token_id is None:
-        raise TokenizerFileError('BERT vocabulary lacks [CLS]/[SEP]')
+        raise CheckpointError('BERT vocabulary lacks [CLS]/[SEP]')
     return tok
 
 
@@ -328,8 +327,8 @@ def _gpt2_files(path: Optional[str]):
         vpath = _find(path, ('encoder.json', 'vocab.json', 'gpt2-vocab.json'), 'GPT-2 vocab')
         mpath = _find(path, ('vocab.bpe', 'merges.txt', 'gpt2-merges.txt'), 'GPT-2 merges')
     else:
-        raise TokenizerFileError(f"GPT-2 vocabulary path '{path}' is not a folder (expected "
-                                 'encoder.json + vocab.bpe, or vocab.json + merges.txt)')
+        raise CheckpointError(f"GPT-2 vocabulary path '{path}' is not a folder (expected "
+                              'encoder.json + vocab.bpe, or vocab.json + merges.txt)')
     return _read_json(vpath), _merges_from_text(_read_text(mpath), mpath)
 
 
@@ -342,11 +341,11 @@ def gpt2_tokenizer(path: Optional[str] = None):
     Returns:
       a `transformers.GPT2Tokenizer` of length 50,260.
     """
-    from transformers import GPT2Tokenizer
+    from transformers import GPT2Tokenizer  # noqa: PLC0415
     vocab, merges = _gpt2_files(None if path is None else os.path.abspath(path))
     if len(vocab) != GPT2_VOCAB_SIZE:
-        raise TokenizerFileError(f'GPT-2 vocabulary has {len(vocab)} tokens, expected '
-                                 f'{GPT2_VOCAB_SIZE}')
+        raise CheckpointError(f'GPT-2 vocabulary has {len(vocab)} tokens, expected '
+                              f'{GPT2_VOCAB_SIZE}')
     tok = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
     # One at a time, so the ids follow Optimus' order whatever order transformers uses
     # internally for a dict of special tokens.
@@ -354,5 +353,5 @@ def gpt2_tokenizer(path: Optional[str] = None):
         tok.add_special_tokens({attr: text})
     got = [getattr(tok, f'{attr}_id') for attr, _ in GPT2_SPECIAL_TOKENS]
     if got != [50257, 50258, 50259]:
-        raise TokenizerFileError(f'GPT-2 special tokens got ids {got}, expected [50257, 50258, 50259]')
+        raise CheckpointError(f'GPT-2 special tokens got ids {got}, expected [50257, 50258, 50259]')
     return tok

@@ -1,9 +1,9 @@
 """The command-line layer shared by `sample.py`, `python -m vd_jax.eval`, the demo and
 `python -m vd_jax.convert`.
 
-  usage        `UsageError` (a flag, input file or output folder that cannot be used: exit
-               code 2 with one `error: ...` line, before any model loads), list files,
-               output-folder checks, the persistent XLA compilation cache
+  usage        usage errors (`vd_jax.errors.InputError`: a flag, input file or output folder
+               that cannot be used: exit code 2 with one `error: ...` line, before any model
+               loads), list files, output-folder checks, the persistent XLA compilation cache
   model_flags  --ckpt / --model / --config / --dtype, their checks, and `load_model`, the
                one place a command line turns those flags into a `VersatileDiffusion`
   sample_run   sample.py's task table and its runs (results as `SampleResult`)

@@ -13,39 +13,42 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from vd_jax.cli.usage import UsageError
+from vd_jax.errors import InputError
+from vd_jax.outputs import make_grid, new_run_dir, save_png, write_results
 
 
 def check_parallel(args) -> None:
     """--mesh, --distributed and its companions, --preview-every, --start-step."""
     if args.mesh is not None and args.mesh.lower() != 'none':
-        from vd_jax.pipeline import parse_mesh
+        # lazy: vd_jax.pipeline pulls in jax, flax (+1.6 s)
+        from vd_jax.pipeline import parse_mesh  # noqa: PLC0415
         try:
             parse_mesh(args.mesh)
         except ValueError as e:
-            raise UsageError(f'--mesh: {e}') from None
+            raise InputError(f'--mesh: {e}') from None
     given = [f for f in ('coordinator', 'num_processes', 'process_id')
              if getattr(args, f) is not None]
     if given and not args.distributed:
-        raise UsageError(f"--{given[0]} needs --distributed")
+        raise InputError(f"--{given[0]} needs --distributed")
     if args.num_processes is not None and args.num_processes < 1:
-        raise UsageError(f'--num_processes {args.num_processes} must be >= 1')
+        raise InputError(f'--num_processes {args.num_processes} must be >= 1')
     if args.process_id is not None and not (
             0 <= args.process_id < (args.num_processes or args.process_id + 1)):
-        raise UsageError(f'--process_id {args.process_id} must be in [0, --num_processes)')
+        raise InputError(f'--process_id {args.process_id} must be in [0, --num_processes)')
     if args.preview_every is not None and args.preview_every < 1:
-        raise UsageError(f'--preview-every {args.preview_every} must be >= 1')
+        raise InputError(f'--preview-every {args.preview_every} must be >= 1')
     if args.start_step is not None:
         if args.start_step < 0:
-            raise UsageError(f'--start-step {args.start_step} must be >= 0')
+            raise InputError(f'--start-step {args.start_step} must be >= 0')
         if args.fidelity:
-            raise UsageError('give --fidelity or --start-step, not both')
+            raise InputError('give --fidelity or --start-step, not both')
 
 
 def start_processes(args) -> Tuple[int, int]:
     """--distributed: jax.distributed.initialize (as train.py; CPU collectives over gloo).
     Returns (process index, process count)."""
-    import jax
+    # lazy: jax (+1.2 s)
+    import jax  # noqa: PLC0415
     if not args.distributed:
         return 0, 1
     if jax.config.jax_cpu_collectives_implementation in (None, '', 'none'):
@@ -59,21 +62,20 @@ def start_processes(args) -> Tuple[int, int]:
 
 def make_mesh(args):
     """The mesh of this process's devices (`--mesh`; default data=-1 over several devices)."""
-    import jax
+    import jax  # noqa: PLC0415
     spec = args.mesh
     if spec is None:
         spec = 'data=-1' if jax.local_device_count() > 1 else 'none'
     if spec.lower() == 'none':
         return None
-    from vd_jax.pipeline import as_mesh
+    from vd_jax.pipeline import as_mesh  # noqa: PLC0415
     return as_mesh(spec)
 
 
 def shared_run_dir(root: str, share: Tuple[int, int]) -> str:
     """One new run folder for all processes: process 0 creates it, the others learn its path
     (a broadcast over the processes' devices)."""
-    from jax.experimental import multihost_utils
-    from vd_jax.outputs import new_run_dir
+    from jax.experimental import multihost_utils  # noqa: PLC0415
     path = new_run_dir(root) if share[0] == 0 else ''
     raw = np.zeros(4096, np.uint8)
     data = os.path.abspath(path).encode() if path else b''
@@ -85,7 +87,6 @@ def shared_run_dir(root: str, share: Tuple[int, int]) -> str:
 def write_share(out_dir, settings, share, result) -> None:
     """Every process: its images (of a `SampleResult`) as <global index>.png and a part
     record (labels, texts, files) for process 0 to merge."""
-    from vd_jax.outputs import save_png
     files = []
     for i, gi in enumerate(result.index):
         if result.images is not None:
@@ -101,8 +102,8 @@ def merge_shares(out_dir, settings, share, inputs) -> Tuple[dict, Optional[list]
     """Process 0 after every process wrote its share: grid.png, texts.json/texts.txt and the
     one settings.json listing every output. Returns (the outputs {kind: paths}, all
     sentences or None); inputs(hw) -> the input image for the grid, or None."""
-    from PIL import Image
-    from vd_jax.outputs import make_grid, save_png, write_results
+    # lazy: PIL (+8 ms)
+    from PIL import Image  # noqa: PLC0415
     index, labels, texts, files = [], [], [], []
     for k in range(share[1]):
         part = os.path.join(out_dir, f'part-{k:03d}.json')

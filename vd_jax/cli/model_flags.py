@@ -14,7 +14,8 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from vd_jax.cli.usage import UsageError
+from vd_jax.errors import InputError
+from vd_jax.platform import CPU_BFLOAT16_MEASURED
 
 DEFAULT_MODEL_SEED = 0  # the seed of a --config model's random weights
 MODEL_FLAGS = ('ckpt', 'model', 'config')
@@ -26,7 +27,6 @@ def add_model_flags(p: argparse.ArgumentParser, flags: Sequence[str] = MODEL_FLA
 
     dtype_choices: argparse checks --dtype (else the caller does, e.g. with
     `SamplingOptions`); random_seed: also --seed-model, the seed of --config's weights."""
-    from vd_jax.platform import CPU_BFLOAT16_MEASURED
     p.add_argument('--ckpt', help='vd_jax checkpoint folder (python -m vd_jax.convert ..., or a '
                                   'training export); default: the shipped vd-mini model')
     if 'model' in flags:
@@ -54,21 +54,22 @@ def _one_of(flags: Sequence[str]) -> str:
 
 def check_model_flags(args: argparse.Namespace, flags: Sequence[str] = MODEL_FLAGS) -> None:
     """At most one of `flags` given, a shipped --model name, a --ckpt folder holding a
-    config.json. Raises UsageError."""
+    config.json. Raises InputError."""
     if sum(getattr(args, f) is not None for f in flags) > 1:
-        raise UsageError(f'give one of {_one_of(flags)}')
-    from vd_jax.pipeline import MODELS
+        raise InputError(f'give one of {_one_of(flags)}')
+    # lazy: vd_jax.pipeline pulls in jax, flax (+1.6 s)
+    from vd_jax.pipeline import MODELS  # noqa: PLC0415
     model = getattr(args, 'model', None) if 'model' in flags else None
     if model is not None and model not in MODELS:
-        raise UsageError(f'--model {model!r}: shipped models are {sorted(MODELS)}')
+        raise InputError(f'--model {model!r}: shipped models are {sorted(MODELS)}')
     if args.ckpt is not None and not os.path.isfile(os.path.join(args.ckpt, 'config.json')):
-        raise UsageError(f"--ckpt '{args.ckpt}' is not a vd_jax checkpoint folder (no config.json)")
+        raise InputError(f"--ckpt '{args.ckpt}' is not a vd_jax checkpoint folder (no config.json)")
 
 
 def model_id(ckpt: Optional[str], model: Optional[str] = None) -> str:
     """What names the model in records: the checkpoint folder (absolute), else the shipped
     model's name."""
-    from vd_jax.pipeline import DEFAULT_MODEL
+    from vd_jax.pipeline import DEFAULT_MODEL  # noqa: PLC0415
     return os.path.abspath(ckpt) if ckpt else (model or DEFAULT_MODEL)
 
 
@@ -82,9 +83,9 @@ def load_model(ckpt: Optional[str] = None, *, model: Optional[str] = None,
     `jax.sharding.Mesh` to shard the parameters and batches over (None: one device);
     loras: (path, scale) LoRA adapters of the diffuser to load (`--lora`).
     Returns a `vd_jax.pipeline.VersatileDiffusion`; a missing or broken checkpoint raises
-    `vd_jax.checkpoint.CheckpointError`.
+    `vd_jax.errors.CheckpointError`.
     """
-    from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion
+    from vd_jax.pipeline import DEFAULT_MODEL, VersatileDiffusion  # noqa: PLC0415
     kw = dict(dtype=dtype, uncond=uncond, mesh=mesh)
     if ckpt:
         vd = VersatileDiffusion.from_checkpoint(ckpt, **kw)

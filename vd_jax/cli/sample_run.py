@@ -19,6 +19,9 @@ import numpy as np
 from vd_jax.batching import batch_size_for, padded_batches, process_share
 from vd_jax.cli.distributed import merge_shares, write_share
 from vd_jax.cli.sample_tasks import CliTask, TaskInputs
+from vd_jax.image_io import load_image, load_images
+from vd_jax.outputs import make_grid, progress_bar, save_png, write_results
+from vd_jax.tokenizers import PromptTruncatedWarning, truncation_message
 
 
 @dataclasses.dataclass
@@ -59,7 +62,8 @@ def run_task(vd, t: CliTask, args, inputs: TaskInputs, bar, share: Tuple[int, in
     share if smaller; the n samples otherwise); sample i keeps seed + i wherever it runs.
     preview(tag, first seed) -> a callback(step, latents) for the denoising runs of one call
     (`--preview-every`)."""
-    from vd_jax.diffusion.sampling import make_plan
+    # lazy: vd_jax.diffusion.sampling pulls in jax, flax (+1.2 s)
+    from vd_jax.diffusion.sampling import make_plan  # noqa: PLC0415
     call = getattr(vd, t.method)
     kw = dict(t.kwargs(args), steps=args.steps, scale=args.scale, sampler=args.sampler,
               eta=args.eta, spacing=args.spacing, karras=args.karras,
@@ -115,7 +119,6 @@ class Previews:
     def __call__(self, tag: str, seed: int) -> Callable:
         """The callback of one call whose samples start at `seed` (sentences decode with
         seed + i, as the call's own outputs)."""
-        from vd_jax.outputs import make_grid, save_png
 
         def callback(step, latents):
             done = int(step) + 1  # grid positions are 0-based
@@ -139,7 +142,6 @@ class Previews:
 def warn_truncated_prompts(vd, args, prompts) -> None:
     """One warning per over-long prompt the user gave, by its index among the prompts given
     (the pipeline batches and repeats them; its own warnings would name batch positions)."""
-    from vd_jax.tokenizers import truncation_message
     tok = vd.components.tokenizer('clip')
     named = [(f'prompt {i}', p) for i, p in enumerate(prompts)]
     named += [(f'--{k}', getattr(args, k)) for k in ('negative', 'positive') if getattr(args, k)]
@@ -150,9 +152,6 @@ def warn_truncated_prompts(vd, args, prompts) -> None:
 
 def sample(vd, t: CliTask, args, prompts, paths, share, run_dir) -> SampleResult:
     """Run the task with a progress bar (this process's share of the samples)."""
-    from vd_jax.image_io import load_image
-    from vd_jax.outputs import progress_bar
-    from vd_jax.tokenizers import PromptTruncatedWarning
     vd.check_task(t.method)
     inputs = TaskInputs(prompts, [load_image(p) for p in paths], paths, list(args.mask))
     previews = None if args.preview_every is None else Previews(vd, args, run_dir)
@@ -168,7 +167,8 @@ def sample(vd, t: CliTask, args, prompts, paths, share, run_dir) -> SampleResult
 def schedule_record(vd) -> dict:
     """The checkpoint's schedule (what the model predicts, zero terminal SNR, betas), for
     settings.json: it is read from the config, not chosen by a flag."""
-    from vd_jax.diffusion.schedule import ScheduleConfig
+    # lazy: vd_jax.diffusion.schedule pulls in jax, flax (+1.1 s)
+    from vd_jax.diffusion.schedule import ScheduleConfig  # noqa: PLC0415
     return ScheduleConfig.coerce(vd.components.config['schedule']).to_dict()
 
 
@@ -176,8 +176,6 @@ def write(t: CliTask, args, settings, share, run_dir, result: SampleResult):
     """Write this process's outputs (merged into one run folder by process 0 when
     distributed); returns (what `write_results` wrote or None on processes other than 0,
     the sentences)."""
-    from vd_jax.outputs import write_results
-    from vd_jax.image_io import load_images
     inputs = None  # hw -> the input image beside the outputs in grid.png
     if result.inputs and t.input_in_grid:
         inputs = functools.partial(load_images, result.inputs[:1])
@@ -188,7 +186,8 @@ def write(t: CliTask, args, settings, share, run_dir, result: SampleResult):
             run_dir(), settings, images=images, texts=texts, labels=result.labels,
             inputs=None if images is None or inputs is None else inputs(images.shape[1:3]),
             elsewhere={'previews': previews.written} if previews else None), texts
-    from jax.experimental import multihost_utils
+    # lazy: jax (+1.0 s)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
     write_share(run_dir(), dict(settings, process_index=share[0]), share, result)
     multihost_utils.sync_global_devices('vd_jax sample.py: every share written')
     if share[0] != 0:

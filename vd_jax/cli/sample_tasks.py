@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from vd_jax.image_io import load_image
+
 # flags every task uses; the others belong to the tasks that list them in `CliTask.flags`
 COMMON = {'ckpt', 'model', 'config', 'task', 'n', 'steps', 'scale', 'sampler', 'eta', 'seed', 'dtype',
           'batch_size', 'out', 'uncond', 'spacing', 'no_compile_cache', 'mesh', 'distributed',
@@ -72,7 +74,6 @@ def _first(xs):
 
 
 def _masks(inputs: TaskInputs):
-    from vd_jax.image_io import load_image
     return [None if m.lower() == 'none' else load_image(m) for m in inputs.masks] or None
 
 

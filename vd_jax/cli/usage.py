@@ -1,8 +1,8 @@
 """Usage errors and the checks every command line makes before any model loads.
 
-A `UsageError` is a flag, input file or output folder that cannot be used; the command line
-prints `error: <message>` on stderr and exits with `vd_jax.platform.EXIT_USAGE` (2, as
-argparse's own errors), having written nothing.
+A usage error is a `vd_jax.errors.InputError`: a flag, input file or output folder that cannot
+be used; the command line prints `error: <message>` on stderr and exits with
+`vd_jax.platform.EXIT_USAGE` (2, as argparse's own errors), having written nothing.
 """
 from __future__ import annotations
 
@@ -10,52 +10,48 @@ import os
 import sys
 from typing import List, Optional
 
-
-class UsageError(ValueError):
-    """A flag, input file or output folder that cannot be used (exit code 2)."""
+from vd_jax.errors import InputError
+from vd_jax.platform import EXIT_USAGE
 
 
 def report(error) -> int:
     """Print `error: <error>` (an exception or a message) on stderr; returns the usage exit
     code (2)."""
-    from vd_jax.platform import EXIT_USAGE
     print(f'error: {error}', file=sys.stderr)
     return EXIT_USAGE
 
 
 def read_list(path: str, flag: str) -> List[str]:
     """The non-blank lines (stripped) of a UTF-8 text file given by `flag`; a missing,
-    unreadable or empty file is a UsageError naming the flag and the file."""
+    unreadable or empty file is an InputError naming the flag and the file."""
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} '{path}' " + ('is a folder, not a text file' if os.path.isdir(path)
+        raise InputError(f"{flag} '{path}' " + ('is a folder, not a text file' if os.path.isdir(path)
                                                  else 'does not exist'))
     try:
         with open(path, encoding='utf-8') as f:
             items = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError:
-        raise UsageError(f"{flag} '{path}' is not a UTF-8 text file (one entry per line)") from None
+        raise InputError(f"{flag} '{path}' is not a UTF-8 text file (one entry per line)") from None
     except OSError as e:
-        raise UsageError(f"{flag} '{path}' cannot be read: {e.strerror}") from None
+        raise InputError(f"{flag} '{path}' cannot be read: {e.strerror}") from None
     if not items:
-        raise UsageError(f"{flag} '{path}' is empty (give one entry per line)")
+        raise InputError(f"{flag} '{path}' is empty (give one entry per line)")
     return items
 
 
 def check_out(root: str, flag: str = '--out') -> None:
     """The output root must be (or become) a writable folder; checked before sampling so
     results are never lost at the end."""
-    from vd_jax.outputs import OutputLocationError, check_output_folder
-    try:
-        check_output_folder(root, flag)
-    except OutputLocationError as e:
-        raise UsageError(str(e)) from None
+    # lazy: vd_jax.outputs pulls in numpy (+0.1 s)
+    from vd_jax.outputs import check_output_folder  # noqa: PLC0415
+    check_output_folder(root, flag)
 
 
 def check_at_least_one(args, flags) -> None:
     """Each of `flags` (argparse dests) that is given (not None) must be >= 1."""
     for flag in flags:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
 
 
 def compile_cache(enabled: bool = True) -> Optional[str]:
@@ -65,7 +61,8 @@ def compile_cache(enabled: bool = True) -> Optional[str]:
     measures what it saves."""
     if not enabled:
         return None
-    import jax
+    # lazy: jax (+1.3 s)
+    import jax  # noqa: PLC0415
     root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     path = os.path.join(root, 'vd_jax', 'xla')
     jax.config.update('jax_compilation_cache_dir', path)

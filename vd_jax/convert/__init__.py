@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vd_jax.convert.engine import (ConversionError, ConversionPlan, Ignore, Rule, build_plan,  # noqa: F401
+from vd_jax import __version__
+from vd_jax.checkpoint import SafetensorsWriter, atomic_dir, config_to_json, flatten, unflatten
+from vd_jax.convert.diffusers_scheduler import with_folder_schedule
+from vd_jax.convert.engine import (ConversionPlan, Ignore, Rule, build_plan,  # noqa: F401
                                    invert_rules, run_export, run_plan)
 from vd_jax.convert.parts import (LAYOUTS, REGISTRY, Layout,  # noqa: F401
                                   detect_layout)
 from vd_jax.convert.sources import DictSource, TensorSource, open_source  # noqa: F401
+from vd_jax.errors import CheckpointError
+from vd_jax.outputs import progress_bar
 
 # Converters of the other model families register themselves on import.
 for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):
@@ -34,7 +40,8 @@ for _mod in ('vae_rules', 'clip_rules', 'optimus_rules', 'inception_rules'):
 
 
 def _model_config(config):
-    from vd_jax.config import load_config
+    # lazy: vd_jax.config pulls in ml_collections (+42 ms)
+    from vd_jax.config import load_config  # noqa: PLC0415
     if isinstance(config, str):
         config = load_config(config)
     if 'model' in config:
@@ -48,7 +55,6 @@ def _claims(layout: Layout, keys: Sequence[str]):
                 if layout.name in conv.claims}
     claimed: Dict[str, list] = {}
     ignored, orphans = [], []
-    import re
     ign = [(re.compile(i.pattern), i.reason) for i in layout.ignore]
     for k in keys:
         owner = None
@@ -69,19 +75,19 @@ def plan_conversion(source: TensorSource, config, parts: Optional[Sequence[str]]
     """Detect the layout and build a validated plan per part, reading no tensor data.
 
     Returns (layout, {part: ConversionPlan}, {part: target shapes}, record) where record lists
-    ignored and skipped keys for the manifest. Raises `ConversionError` on any problem.
+    ignored and skipped keys for the manifest. Raises `CheckpointError` on any problem.
     """
     model_cfg = _model_config(config)
     keys = source.keys()
     layout = detect_layout(keys, source.path)
     claimed, ignored, orphans = _claims(layout, keys)
     if orphans:
-        raise ConversionError(
+        raise CheckpointError(
             f"'{source.path}' ({layout.name} layout) has {len(orphans)} key(s) that belong to no "
             f"part vd_jax knows: {sorted(orphans)[:20]}")
     unknown = [p for p in (parts or ()) if p not in REGISTRY]
     if unknown:
-        raise ConversionError(f'unknown part(s) {unknown}; known: {sorted(REGISTRY)}')
+        raise CheckpointError(f'unknown part(s) {unknown}; known: {sorted(REGISTRY)}')
     plans, targets, skipped = {}, {}, {}
     problems = []
     for part, pkeys in claimed.items():
@@ -104,16 +110,16 @@ def plan_conversion(source: TensorSource, config, parts: Optional[Sequence[str]]
         try:
             plans[part] = build_plan(part, shapes, targets[part], rules, ign, rename, tied,
                                      where=f"'{source.path}' ({layout.name} layout)")
-        except ConversionError as e:
+        except CheckpointError as e:
             problems.append(str(e))
     missing = [p for p in (parts or ()) if p not in claimed]
     if missing:
         problems.append(f"  requested part(s) {missing} are not in '{source.path}' "
                         f'(it has: {sorted(claimed)})')
     if problems:
-        raise ConversionError('\n'.join(problems))
+        raise CheckpointError('\n'.join(problems))
     if not plans:
-        raise ConversionError(f"nothing to convert in '{source.path}' (parts present: "
+        raise CheckpointError(f"nothing to convert in '{source.path}' (parts present: "
                               f'{sorted(claimed)}, skipped: {sorted(skipped)})')
     record = dict(layout=layout.name, ignored=ignored, skipped=skipped)
     return layout, plans, targets, record
@@ -127,7 +133,6 @@ class _Progress:
     def __init__(self, total_tensors: int, enabled: bool):
         self.bar = None
         if enabled:
-            from vd_jax.outputs import progress_bar
             self.bar = progress_bar('converting', unit='tensor', total=total_tensors)
 
     def update(self, part: str) -> None:
@@ -161,8 +166,6 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     Returns:
       `out`, or {part: nested params dict of numpy arrays} when `out` is None.
     """
-    from vd_jax import __version__
-    from vd_jax.checkpoint import SafetensorsWriter, atomic_dir, config_to_json, unflatten
 
     if isinstance(src, TensorSource):
         source = src
@@ -173,7 +176,6 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
     model_cfg = _model_config(config)
     # a diffusers folder's scheduler config says how its model was trained (betas, zero
     # terminal SNR, prediction type): the checkpoint's config records it
-    from vd_jax.convert.diffusers_scheduler import with_folder_schedule
     model_cfg = with_folder_schedule(model_cfg, src)
     layout, plans, targets, record = plan_conversion(source, model_cfg, parts, skip_parts)
     dtype = np.dtype(dtype)
@@ -225,18 +227,18 @@ def convert_checkpoint(src: Union[str, TensorSource, Mapping], config='vd_four_f
 def export_layouts(part: str) -> Tuple[str, ...]:
     """The layouts `part` can be exported to."""
     if part not in REGISTRY:
-        raise ConversionError(f'unknown part {part!r}; known: {sorted(REGISTRY)}')
+        raise CheckpointError(f'unknown part {part!r}; known: {sorted(REGISTRY)}')
     conv = REGISTRY[part]
     return tuple(conv.claims) if conv.export_names is not None else ()
 
 
 def _export_plan(model_cfg, part: str, layout: str):
     if layout not in export_layouts(part):
-        raise ConversionError(f"part '{part}' has no '{layout}' names (it exports to: "
+        raise CheckpointError(f"part '{part}' has no '{layout}' names (it exports to: "
                               f'{list(export_layouts(part))})')
     conv = REGISTRY[part]
     if not conv.has_part(model_cfg):
-        raise ConversionError(f"the config has no '{part}' section")
+        raise CheckpointError(f"the config has no '{part}' section")
     target = conv.target(model_cfg)
     rules = conv.tables(model_cfg, layout, ())[0]
     inverse = invert_rules(rules, target, part)
@@ -245,7 +247,7 @@ def _export_plan(model_cfg, part: str, layout: str):
     shapes.update({k: shapes[other] for k, other in copies.items()})
     unclaimed = [k for k in shapes if not k.startswith(tuple(conv.claims[layout]))]
     if unclaimed:
-        raise ConversionError(f"export of '{part}' to {layout}: key(s) outside the part's "
+        raise CheckpointError(f"export of '{part}' to {layout}: key(s) outside the part's "
                               f'prefixes {conv.claims[layout]}: {unclaimed[:5]}')
     rules, ign, rename, tied = conv.tables(model_cfg, layout, list(shapes))
     plan = build_plan(part, shapes, target, rules, ign, rename, tied,
@@ -269,7 +271,6 @@ def plan_export(config, part: str, layout: str) -> ConversionPlan:
 def _params_getter(part: str, params, target) -> Callable[[str], np.ndarray]:
     """Flat access to a param tree (nested, or a flat '/'-joined mapping), checked against
     the model's shapes first: one error naming every missing, unexpected or misshapen leaf."""
-    from vd_jax.checkpoint import flatten
     flat = flatten(params)  # a flat '/'-joined mapping flattens to itself
     missing = sorted(set(target) - set(flat))
     extra = sorted(set(flat) - set(target))
@@ -280,7 +281,7 @@ def _params_getter(part: str, params, target) -> Callable[[str], np.ndarray]:
         for what, items in (('missing', missing), ('unexpected', extra), ('wrong shape', wrong)):
             if items:
                 msg.append(f'  {what} {len(items)}: {items[:10]}')
-        raise ConversionError('\n'.join(msg))
+        raise CheckpointError('\n'.join(msg))
     return lambda path: flat[path]
 
 

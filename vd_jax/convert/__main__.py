@@ -9,7 +9,14 @@ import argparse
 import os
 import sys
 
-from vd_jax.cli.usage import UsageError
+import numpy as np
+
+import ml_dtypes
+
+from vd_jax.convert import convert_checkpoint, open_source, plan_conversion
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.outputs import check_can_create
+from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
 
 # What marks a folder as a vd_jax checkpoint (written by `convert_checkpoint`), the only kind
 # of existing folder --overwrite may replace.
@@ -27,24 +34,19 @@ def check_output(out: str, overwrite: bool) -> None:
     out_abs = os.path.abspath(out)
     if os.path.lexists(out_abs):
         if not os.path.isdir(out_abs):
-            raise UsageError(f"output '{out}' is an existing file, not a checkpoint folder; "
+            raise InputError(f"output '{out}' is an existing file, not a checkpoint folder; "
                              'choose a folder path that does not exist yet')
         if not overwrite:
-            raise UsageError(f"output '{out}' already exists; choose another path or pass "
+            raise InputError(f"output '{out}' already exists; choose another path or pass "
                              '--overwrite to replace it')
         entries = os.listdir(out_abs)
         if entries and not any(m in entries for m in _CHECKPOINT_MARKERS):
-            raise UsageError(f"output '{out}' is a folder that is not a vd_jax checkpoint (no "
+            raise InputError(f"output '{out}' is a folder that is not a vd_jax checkpoint (no "
                              "manifest.json); --overwrite would delete it, so it is refused")
-    from vd_jax.outputs import OutputLocationError, check_can_create
-    try:
-        check_can_create(out, 'output')
-    except OutputLocationError as e:
-        raise UsageError(str(e)) from None
+    check_can_create(out, 'output')
 
 
 def main(argv=None):
-    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
     quiet_libraries()  # also: warnings as one 'warning: ...' line
     p = argparse.ArgumentParser(prog='python -m vd_jax.convert', description=__doc__,
                                 epilog=exit_codes_epilog(),
@@ -69,19 +71,15 @@ def main(argv=None):
     # Usage errors first, before importing jax/torch or reading the (possibly 10 GB) source.
     try:
         if not os.path.exists(args.src):
-            raise UsageError(f"source '{args.src}' does not exist")
+            raise InputError(f"source '{args.src}' does not exist")
         if not args.dry_run:
             check_output(args.out, args.overwrite)
-    except UsageError as e:
+    except InputError as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
 
-    import numpy as np
-    from vd_jax.convert import ConversionError, convert_checkpoint, open_source, plan_conversion
-    from vd_jax.checkpoint import CheckpointError
     try:
         if args.dtype == 'bfloat16':
-            import ml_dtypes
             dtype = np.dtype(ml_dtypes.bfloat16)
         else:
             dtype = args.dtype
@@ -103,7 +101,7 @@ def main(argv=None):
                                  progress=True)
         print(f'wrote {out}')
         return EXIT_OK
-    except (ConversionError, CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
 

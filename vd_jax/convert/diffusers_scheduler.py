@@ -15,11 +15,12 @@ way back is `vd_jax.export.diffusers_folder.scheduler_config`.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Mapping, Optional
 
-from vd_jax.convert.engine import ConversionError
 from vd_jax.convert.sources import read_json_object
+from vd_jax.errors import CheckpointError, ConfigError
 
 SCHEDULER_CONFIG = os.path.join('scheduler', 'scheduler_config.json')
 # diffusers' defaults of the scheduler classes above
@@ -30,21 +31,22 @@ DIFFUSERS_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=
 
 def schedule_from_scheduler_config(cfg: Mapping, where: str = 'scheduler config') -> dict:
     """A diffusers scheduler config (the JSON object) -> a `model.schedule` section (dict).
-    Raises ConversionError naming `where` and the option vd_jax cannot express."""
+    Raises CheckpointError naming `where` and the option vd_jax cannot express."""
     c = dict(DIFFUSERS_DEFAULTS, **cfg)
     if c['trained_betas'] is not None:
-        raise ConversionError(f'{where}: trained_betas (an explicit list of betas) is not a schedule '
-                          "vd_jax builds; it knows beta_schedule 'linear', 'scaled_linear' and "
-                          "'squaredcos_cap_v2'")
-    from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
+        raise CheckpointError(f'{where}: trained_betas (an explicit list of betas) is not a schedule '
+                              "vd_jax builds; it knows beta_schedule 'linear', 'scaled_linear' and "
+                              "'squaredcos_cap_v2'")
+    # lazy: vd_jax.diffusion.schedule pulls in jax, flax (+0.6 s)
+    from vd_jax.diffusion.schedule import ScheduleConfig  # noqa: PLC0415
     try:
         return ScheduleConfig.coerce(
             beta_linear_start=c['beta_start'], beta_linear_end=c['beta_end'],
             timesteps=c['num_train_timesteps'], beta_schedule=c['beta_schedule'],
             rescale_zero_terminal_snr=c['rescale_betas_zero_snr'],
             prediction_type=c['prediction_type']).to_dict()
-    except (ScheduleError, TypeError, ValueError) as e:
-        raise ConversionError(f'{where}: {e}') from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f'{where}: {e}') from None
 
 
 def read_folder_schedule(folder: str) -> Optional[dict]:
@@ -66,7 +68,6 @@ def with_folder_schedule(model_cfg, src):
     schedule = read_folder_schedule(src)
     if schedule is None:
         return model_cfg
-    import copy
     model_cfg = copy.deepcopy(model_cfg)
     model_cfg['schedule'] = schedule
     return model_cfg

@@ -10,7 +10,7 @@ A part (the diffuser, a VAE, a CLIP tower...) converts through
     checked for equality when the data is read, then skipped.
 Strictness: every source key is matched or ignored or tied, every Flax leaf is filled
 exactly once, every shape is checked against `jax.eval_shape(init)`. All violations are
-collected and raised together as a `ConversionError` naming the keys.
+collected and raised together as a `CheckpointError` naming the keys.
 
 Export runs the same tables backwards (`invert_rules` names the source key of every Flax
 leaf, `build_plan` re-checks those keys forward, `run_export` applies the inverse
@@ -25,12 +25,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from vd_jax.convert.transforms import Transform
-
-
-class ConversionError(ValueError):
-    """A source checkpoint cannot be converted: it cannot be read (missing, truncated, not a
-    state dict, an option vd_jax cannot express), or it does not map onto the model. The
-    message names the file, or every offending key."""
+from vd_jax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +73,7 @@ def build_plan(part: str, source_shapes: Mapping[str, Tuple[int, ...]],
                target_shapes: Mapping[str, Tuple[int, ...]], rules: Sequence[Rule],
                ignore: Sequence[Ignore] = (), rename: Optional[Mapping[str, str]] = None,
                tied: Optional[Mapping[str, str]] = None, where: str = '') -> ConversionPlan:
-    """Match every source key, check coverage and shapes; raise `ConversionError` on any gap.
+    """Match every source key, check coverage and shapes; raise `CheckpointError` on any gap.
 
     Args:
       source_shapes: source key -> shape, for the keys this part claims.
@@ -151,7 +146,7 @@ def build_plan(part: str, source_shapes: Mapping[str, Tuple[int, ...]],
         problems.append(f'  {len(missing)} model parameter(s) missing from the source:\n'
                         + _fmt(missing))
     if problems:
-        raise ConversionError(f"cannot convert part '{part}'{' from ' + where if where else ''}:\n"
+        raise CheckpointError(f"cannot convert part '{part}'{' from ' + where if where else ''}:\n"
                               + '\n'.join(problems))
     return ConversionPlan(part, entries, ignored, tied_list)
 
@@ -163,7 +158,7 @@ def run_plan(plan: ConversionPlan, get: Callable[[str], np.ndarray], dtype=np.fl
     for key, other in plan.tied:
         a, b = get(key), get(other)
         if not np.array_equal(a, b):
-            raise ConversionError(f"'{key}' should be an exact copy of '{other}' but differs "
+            raise CheckpointError(f"'{key}' should be an exact copy of '{other}' but differs "
                                   f'(max abs diff {float(np.max(np.abs(a.astype(np.float64) - b))):.3g}); '
                                   'refusing to pick one silently')
     for e in plan.entries:
@@ -251,7 +246,7 @@ def invert_rules(rules: Sequence[Rule], target_shapes: Mapping[str, Tuple[int, .
         else:
             missing.append(path)
     if missing:
-        raise ConversionError(f"cannot export part '{part}': no rule produces {len(missing)} "
+        raise CheckpointError(f"cannot export part '{part}': no rule produces {len(missing)} "
                               f'parameter(s):\n' + _fmt(missing))
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
+from vd_jax.checkpoint import flatten
 from vd_jax.convert.engine import Ignore, Rule
 from vd_jax.convert.parts import Layout, PartConverter, register, register_layout
 from vd_jax.convert.transforms import IDENTITY, LINEAR
@@ -108,9 +109,10 @@ def _section(model_cfg):
 
 
 def _target(model_cfg):
-    from vd_jax.checkpoint import flatten
-    from vd_jax.models.init import abstract_params
-    from vd_jax.models.optimus import Optimus
+    # lazy: vd_jax.models.init pulls in jax, flax (+1.0 s)
+    from vd_jax.models.init import abstract_params  # noqa: PLC0415
+    # lazy: vd_jax.models.optimus pulls in jax, flax (+0.9 s)
+    from vd_jax.models.optimus import Optimus  # noqa: PLC0415
     tree = abstract_params(Optimus(_section(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

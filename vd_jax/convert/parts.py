@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from vd_jax.convert.engine import ConversionError, Ignore, Rule
+from vd_jax.checkpoint import flatten
+from vd_jax.convert.engine import Ignore, Rule
+from vd_jax.errors import CheckpointError
 
 # The 12 DDPM schedule buffers every VD state dict carries (vd.py:127-185): recomputed by
 # `vd_jax.diffusion.make_schedule`, so never converted.
@@ -91,7 +93,7 @@ def detect_layout(keys: Sequence[str], where: str = '') -> Layout:
         if layout.detect(keys):
             return layout
     sample = sorted(keys)[:8]
-    raise ConversionError(
+    raise CheckpointError(
         f"unknown checkpoint layout{' in ' + where if where else ''}: none of "
         f"{[l.name for l in LAYOUTS]} matches. First keys: {sample}")
 
@@ -101,20 +103,22 @@ def detect_layout(keys: Sequence[str], where: str = '') -> Layout:
 # --------------------------------------------------------------------------------------------
 
 def _diffuser_cfg(model_cfg):
-    from vd_jax.models.unet import DiffuserConfig
+    # lazy: vd_jax.models.unet pulls in jax, flax (+1.0 s)
+    from vd_jax.models.unet import DiffuserConfig  # noqa: PLC0415
     return DiffuserConfig.from_dict(model_cfg['diffuser'])
 
 
 def _diffuser_target(model_cfg):
-    from vd_jax.checkpoint import flatten
-    from vd_jax.models.init import abstract_params
-    from vd_jax.models.unet import Diffuser
+    # lazy: vd_jax.models.init pulls in jax, flax (+1.0 s)
+    from vd_jax.models.init import abstract_params  # noqa: PLC0415
+    from vd_jax.models.unet import Diffuser  # noqa: PLC0415
     tree = abstract_params(Diffuser(_diffuser_cfg(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
 def _diffuser_tables(model_cfg, layout: str, keys: Sequence[str]):
-    from vd_jax.convert.diffuser_rules import diffuser_rows
+    # lazy: vd_jax.convert.diffuser_rules pulls in jax, flax (+0.9 s)
+    from vd_jax.convert.diffuser_rules import diffuser_rows  # noqa: PLC0415
     dcfg = _diffuser_cfg(model_cfg)
     rows = diffuser_rows(dcfg)
     rules = [Rule(r.canonical, r.path, r.transform, exact=True) for r in rows]
@@ -136,7 +140,7 @@ def _diffuser_tables(model_cfg, layout: str, keys: Sequence[str]):
 
 
 def _diffuser_export_names(model_cfg, layout: str, canonical: Sequence[str]):
-    from vd_jax.convert.diffuser_rules import diffuser_rows
+    from vd_jax.convert.diffuser_rules import diffuser_rows  # noqa: PLC0415
     dcfg = _diffuser_cfg(model_cfg)
     field = {'vd-v1.0': 'canonical', 'vd-legacy': 'legacy', 'diffusers': 'diffusers'}[layout]
     names = {r.canonical: getattr(r, field) for r in diffuser_rows(dcfg)}

@@ -17,8 +17,8 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from vd_jax.checkpoint import CheckpointError, load_safetensors
-from vd_jax.convert.engine import ConversionError
+from vd_jax.checkpoint import load_safetensors
+from vd_jax.errors import CheckpointError
 
 
 class TensorSource:
@@ -42,7 +42,8 @@ class TensorSource:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    # lazy: torch, tqdm (+1.8 s)
+    import torch  # noqa: PLC0415
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -83,12 +84,12 @@ _HEAD = 512
 
 def _sniff(path: str) -> Tuple[str, bytes]:
     """What a file looks like from its first bytes: 'empty' | 'zip' | 'legacy' | 'tar' |
-    'safetensors' | 'text' | 'unknown', and those bytes. Raises ConversionError if unreadable."""
+    'safetensors' | 'text' | 'unknown', and those bytes. Raises CheckpointError if unreadable."""
     try:
         with open(path, 'rb') as f:
             head = f.read(_HEAD)
     except OSError as e:
-        raise ConversionError(f"cannot read '{path}': {e.strerror or e}") from None
+        raise CheckpointError(f"cannot read '{path}': {e.strerror or e}") from None
     if not head:
         return 'empty', head
     if head.startswith(_ZIP_MAGIC):
@@ -110,20 +111,20 @@ def _sniff(path: str) -> Tuple[str, bytes]:
     return 'unknown', head
 
 
-def _not_a_checkpoint(path: str, kind: str, head: bytes) -> ConversionError:
+def _not_a_checkpoint(path: str, kind: str, head: bytes) -> CheckpointError:
     if kind == 'empty':
-        return ConversionError(f"'{path}' is empty (0 bytes), not a PyTorch checkpoint")
+        return CheckpointError(f"'{path}' is empty (0 bytes), not a PyTorch checkpoint")
     if kind == 'text':
         first = head.decode('utf-8', 'replace').strip().splitlines()[0][:60] if head.strip() else ''
         if first.startswith('version https://git-lfs'):
-            return ConversionError(f"'{path}' is a Git LFS pointer (a small text file), not the "
-                               'checkpoint itself: download the real file (git lfs pull)')
-        return ConversionError(f"'{path}' is a text file ({first!r}...), not a PyTorch checkpoint")
-    return ConversionError(f"'{path}' is not a PyTorch checkpoint (a torch.save file starts with a "
-                       f'zip or pickle header; this one starts with {head[:8]!r})')
+            return CheckpointError(f"'{path}' is a Git LFS pointer (a small text file), not the "
+                                   'checkpoint itself: download the real file (git lfs pull)')
+        return CheckpointError(f"'{path}' is a text file ({first!r}...), not a PyTorch checkpoint")
+    return CheckpointError(f"'{path}' is not a PyTorch checkpoint (a torch.save file starts with a "
+                           f'zip or pickle header; this one starts with {head[:8]!r})')
 
 
-def _torch_error(path: str, e: BaseException) -> ConversionError:
+def _torch_error(path: str, e: BaseException) -> CheckpointError:
     """One line for a torch.load failure. Never passes on torch's advice to load with
     weights_only=False: that would run arbitrary code from the file."""
     msg = str(e)
@@ -133,12 +134,12 @@ def _torch_error(path: str, e: BaseException) -> ConversionError:
         detail = detail.split(' was not an allowed global')[0].split('. ')[0]
         what = ('holds Python objects besides tensors' if detail.startswith('Unsupported global')
                 else "cannot be read by torch's safe (weights-only) loader")
-        return ConversionError(f"'{path}' {what} ({detail or 'refused'}); vd_jax reads only plain "
-                           'tensors: re-save just the state dict (torch.save(model.state_dict(), '
-                           'path)) or convert it to .safetensors')
+        return CheckpointError(f"'{path}' {what} ({detail or 'refused'}); vd_jax reads only plain "
+                               'tensors: re-save just the state dict (torch.save(model.state_dict(), '
+                               'path)) or convert it to .safetensors')
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-    return ConversionError(f"'{path}' is a damaged or truncated PyTorch checkpoint, or not one "
-                       f'({type(e).__name__}: {first[:200]})')
+    return CheckpointError(f"'{path}' is a damaged or truncated PyTorch checkpoint, or not one "
+                           f'({type(e).__name__}: {first[:200]})')
 
 
 def _check_torch_zip(path: str) -> None:
@@ -149,12 +150,12 @@ def _check_torch_zip(path: str) -> None:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except zipfile.BadZipFile:
-        raise ConversionError(f"'{path}' is a truncated or damaged PyTorch checkpoint: its zip "
-                          f'directory is missing ({size:,} bytes; was the download or copy cut '
-                          'short?)') from None
+        raise CheckpointError(f"'{path}' is a truncated or damaged PyTorch checkpoint: its zip "
+                              f'directory is missing ({size:,} bytes; was the download or copy cut '
+                              'short?)') from None
     if not any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
-        raise ConversionError(f"'{path}' is a zip archive but not a PyTorch checkpoint (no data.pkl "
-                          f'among its {len(names)} entries, e.g. {names[:3]})')
+        raise CheckpointError(f"'{path}' is a zip archive but not a PyTorch checkpoint (no data.pkl "
+                              f'among its {len(names)} entries, e.g. {names[:3]})')
 
 
 class TorchFileSource(DictSource):
@@ -170,10 +171,10 @@ class TorchFileSource(DictSource):
         if kind == 'zip':
             _check_torch_zip(path)
         try:
-            import torch
+            import torch  # noqa: PLC0415
         except ImportError:
-            raise ConversionError(f"reading '{path}' needs PyTorch: pip install -e '.[convert]' "
-                              "(torch==2.13.0)") from None
+            raise CheckpointError(f"reading '{path}' needs PyTorch: pip install -e '.[convert]' "
+                                  "(torch==2.13.0)") from None
         if kind != 'zip':  # the pre-1.6 formats cannot be memory-mapped
             warnings.warn(f"'{path}' is in the legacy torch format; loading it whole")
         try:
@@ -185,9 +186,9 @@ class TorchFileSource(DictSource):
 
 
 def _unwrap_state_dict(obj, path):
-    import torch
+    import torch  # noqa: PLC0415
     if not isinstance(obj, Mapping):
-        raise ConversionError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     for k in _WRAPPER_KEYS:
         if k in obj and isinstance(obj[k], Mapping) and not isinstance(obj[k], torch.Tensor):
             inner = obj[k]
@@ -195,17 +196,14 @@ def _unwrap_state_dict(obj, path):
                 return inner
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ConversionError(f"'{path}' is not a flat state dict: entries {bad[:5]} are not tensors")
+        raise CheckpointError(f"'{path}' is not a flat state dict: entries {bad[:5]} are not tensors")
     return obj
 
 
 class SafetensorsSource(TensorSource):
 
     def __init__(self, path: str):
-        try:
-            self._t = load_safetensors(path)
-        except CheckpointError as e:
-            raise ConversionError(str(e)) from None
+        self._t = load_safetensors(path)
         self.path = path
 
     def keys(self):
@@ -272,8 +270,8 @@ class _StrippedSource(MergedSource):
         super().__init__({}, source.path)
         for k in source.keys():
             if not k.startswith(prefix):
-                raise ConversionError(f"'{source.path}': key '{k}' does not start with '{prefix}' "
-                                  '(the text VAE of a diffusers folder keeps the v1.0 names)')
+                raise CheckpointError(f"'{source.path}': key '{k}' does not start with '{prefix}' "
+                                      '(the text VAE of a diffusers folder keeps the v1.0 names)')
             self._index[k[len(prefix):]] = (source, k)
 
 
@@ -288,8 +286,8 @@ def _model_folder_source(folder: str) -> TensorSource:
             files = sorted(set(json.load(f)['weight_map'].values()))
         return MergedSource({'': _ConcatSource([open_file(os.path.join(folder, n)) for n in files],
                                                folder)}, folder)
-    raise ConversionError(f"diffusers folder '{folder}' has no weights file (looked for "
-                      f"{', '.join(_WEIGHT_NAMES)} or a sharded *.index.json)")
+    raise CheckpointError(f"diffusers folder '{folder}' has no weights file (looked for "
+                          f"{', '.join(_WEIGHT_NAMES)} or a sharded *.index.json)")
 
 
 class _ConcatSource(MergedSource):
@@ -298,30 +296,30 @@ class _ConcatSource(MergedSource):
         for s in sources:
             for k in s.keys():
                 if k in self._index:
-                    raise ConversionError(f"key '{k}' appears in two shards of '{path}'")
+                    raise CheckpointError(f"key '{k}' appears in two shards of '{path}'")
                 self._index[k] = (s, k)
 
 
 def open_file(path: str) -> TensorSource:
     """A `.safetensors` file (by name or content) or a torch.save file."""
     if not os.path.exists(path):
-        raise ConversionError(f"source '{path}' does not exist")
+        raise CheckpointError(f"source '{path}' does not exist")
     if os.path.getsize(path) == 0:
-        raise ConversionError(f"'{path}' is empty (0 bytes), not a checkpoint")
+        raise CheckpointError(f"'{path}' is empty (0 bytes), not a checkpoint")
     if path.endswith('.safetensors') or _sniff(path)[0] == 'safetensors':
         return SafetensorsSource(path)
     return TorchFileSource(path)
 
 
 def read_json_object(path: str, kind: str = 'model config') -> dict:
-    """A JSON file holding one object (a config); ConversionError naming the file otherwise."""
+    """A JSON file holding one object (a config); CheckpointError naming the file otherwise."""
     try:
         with open(path) as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read '{path}' as JSON: {e}") from None
+        raise CheckpointError(f"cannot read '{path}' as JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise ConversionError(f"'{path}' is not a {kind} (a JSON object)")
+        raise CheckpointError(f"'{path}' is not a {kind} (a JSON object)")
     return cfg
 
 
@@ -336,7 +334,7 @@ def _listing(folder: str, n: int = 6) -> str:
 def open_source(path: str) -> TensorSource:
     """Open a checkpoint file, a diffusers model folder or a diffusers pipeline folder."""
     if not os.path.exists(path):
-        raise ConversionError(f"source '{path}' does not exist")
+        raise CheckpointError(f"source '{path}' does not exist")
     if not os.path.isdir(path):
         return open_file(path)
     subs = [d for d in DIFFUSERS_FOLDERS if os.path.isdir(os.path.join(path, d))]
@@ -351,19 +349,19 @@ def open_source(path: str) -> TensorSource:
         if os.path.isfile(os.path.join(path, name)):
             parts['vae_text.'] = _StrippedSource(open_file(os.path.join(path, name)), prefix)
         if not parts:
-            raise ConversionError(f"diffusers folder '{path}' has sub-folders {subs} but no weights")
+            raise CheckpointError(f"diffusers folder '{path}' has sub-folders {subs} but no weights")
         return MergedSource(parts, path)
     cfg = os.path.join(path, 'config.json')
     if os.path.isfile(cfg):
         cfg_dict = read_json_object(cfg)
         cls = cfg_dict.get('_class_name') or (cfg_dict.get('architectures') or [None])[0]
         if cls not in DIFFUSERS_CLASSES:
-            raise ConversionError(f"'{path}': model class {cls!r} is not one vd_jax converts "
-                              f"(known: {sorted(DIFFUSERS_CLASSES)})")
+            raise CheckpointError(f"'{path}': model class {cls!r} is not one vd_jax converts "
+                                  f"(known: {sorted(DIFFUSERS_CLASSES)})")
         return MergedSource({DIFFUSERS_CLASSES[cls] + '.': _model_folder_source(path)}, path)
-    raise ConversionError(f"folder '{path}' is not a checkpoint vd_jax knows ({_listing(path)}): "
-                      f"expected a diffusers pipeline (sub-folders {', '.join(DIFFUSERS_FOLDERS)}) "
-                      'or a diffusers/transformers model folder (config.json)')
+    raise CheckpointError(f"folder '{path}' is not a checkpoint vd_jax knows ({_listing(path)}): "
+                          f"expected a diffusers pipeline (sub-folders {', '.join(DIFFUSERS_FOLDERS)}) "
+                          'or a diffusers/transformers model folder (config.json)')
 
 
 class ShapeSource(TensorSource):
@@ -383,4 +381,4 @@ class ShapeSource(TensorSource):
         return 'unknown'
 
     def get(self, key):
-        raise ConversionError(f"'{self.path}' has shapes only; no data for '{key}'")
+        raise CheckpointError(f"'{self.path}' has shapes only; no data for '{key}'")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Sequence, Tuple
 
+from vd_jax.checkpoint import flatten
 from vd_jax.convert.engine import Ignore, Rule
 from vd_jax.convert.parts import Layout, PartConverter, register, register_layout
 from vd_jax.convert.transforms import CONV, CONV1X1, IDENTITY, LINEAR, Transform
@@ -84,7 +85,8 @@ def _mid(rows, half, width):
 
 def autokl_rows(config) -> List[Row]:
     """Every tensor of `AutoencoderKL(config)`, in LDM state-dict order."""
-    from vd_jax.models.vae import as_autokl_config
+    # lazy: vd_jax.models.vae pulls in jax, flax (+0.9 s)
+    from vd_jax.models.vae import as_autokl_config  # noqa: PLC0415
     cfg = as_autokl_config(config)
     n = cfg.num_levels
     rows: List[Row] = []
@@ -144,9 +146,9 @@ def _has_part(model_cfg) -> bool:
 
 
 def _target(model_cfg):
-    from vd_jax.checkpoint import flatten
-    from vd_jax.models.init import abstract_params
-    from vd_jax.models.vae import AutoencoderKL
+    # lazy: vd_jax.models.init pulls in jax, flax (+0.6 s)
+    from vd_jax.models.init import abstract_params  # noqa: PLC0415
+    from vd_jax.models.vae import AutoencoderKL  # noqa: PLC0415
     tree = abstract_params(AutoencoderKL(_vae_section(model_cfg)))
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

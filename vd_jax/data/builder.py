@@ -34,15 +34,11 @@ from vd_jax.data.local_builder import LocalBuilder, prepare_locally
 from vd_jax.data.raw_sources import (CAPTION_JSONL, IMAGE_EXTS, TAR_SUFFIXES, FolderChunk,
                                      RawSample, TarShard, WorkUnit, caption_from, expand,
                                      plan_units)
+from vd_jax.errors import DataSourceError
 from vd_jax.image_io import pil_to_rgb
 from vd_jax.platform import quiet_tfds
 
 logger = logging.getLogger(__name__)
-
-
-class DataSourceError(ValueError):
-    """The given sources cannot make an image-caption dataset (no images, no captions, no
-    usable sample); the message names the sources and what was found."""
 
 
 @dataclasses.dataclass(eq=False)

@@ -19,7 +19,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
+
+from vd_jax.data.builder import open_dataset
 
 SizeLike = Union[Tuple[int, int], Sequence[Tuple[int, int]]]
 
@@ -126,9 +130,7 @@ class SyntheticImageSource:
 def as_source(obj, split: str = 'train'):
     """A random-access source from: a source (len/getitem), a tfds builder, the dict of
     `builder.as_data_source()`, or the path of a prepared dataset folder."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415 -- only needed for these cases
     if isinstance(obj, (str, os.PathLike)):
-        from vd_jax.data.builder import open_dataset  # noqa: PLC0415
         return open_dataset(os.fspath(obj), split)
     if isinstance(obj, tfds.core.DatasetBuilder):
         return obj.as_data_source(split=split)
@@ -195,7 +197,6 @@ def make_loader(source, *, batch_size: int, image_size: Optional[int] = None, se
     if worker_count > 0:
         # grain 0.2.18's worker start reads an absl flag directly, which raises
         # UnparsedFlagAccessError unless the program went through absl.app.run; defaults are fine.
-        from absl import flags  # noqa: PLC0415
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
     # Sharding is the loader's (strided over the global stream), so the sampler sees all records.

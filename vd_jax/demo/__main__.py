@@ -10,6 +10,9 @@ import os
 import sys
 import time
 
+from vd_jax.cli.model_flags import load_model
+from vd_jax.platform import configure_xla
+
 
 def streamlit_flags(args) -> dict:
     """Streamlit's config for the demo (these override any config.toml)."""
@@ -30,17 +33,17 @@ def streamlit_flags(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from vd_jax.platform import configure_xla
     configure_xla()  # before JAX starts, as sample.py: XLA's own CPU kernels, same results
-    from vd_jax.cli.model_flags import load_model
-    from vd_jax.demo import model, options
+    # lazy: vd_jax.demo.model pulls in numpy (+0.1 s)
+    from vd_jax.demo import model, options  # noqa: PLC0415
     argv = list(sys.argv[1:] if argv is None else argv)
     args = options.parse(argv)
     if not options.is_loopback(args.host):
         print(f'warning: listening on {args.host}: other machines on the network can reach the '
               'demo (it has no authentication)', file=sys.stderr)
     try:
-        from streamlit.web import bootstrap
+        # lazy: optional dependency (streamlit)
+        from streamlit.web import bootstrap  # noqa: PLC0415
     except ImportError:
         print("error: the demo needs Streamlit: pip install -e '.[demo]'", file=sys.stderr)
         return 2

@@ -3,17 +3,20 @@
 Uploads are checked before decoding: size in bytes, then the pixel count from the header
 (before any pixel is decoded), and only the formats in `FORMATS` are tried (Pillow never
 hands a browser upload to its Ghostscript or other external decoders). Any failure is an
-`UploadError` whose message names the file and the problem, shown in the page.
+`InputError` whose message names the file and the problem, shown in the page.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
 import warnings
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from vd_jax.errors import InputError
 
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'BMP', 'GIF')
 EXTENSIONS = ['png', 'jpg', 'jpeg', 'webp', 'bmp', 'gif']
@@ -23,10 +26,6 @@ EXAMPLE_PROMPTS = (
     'a watercolor painting of a lighthouse at sunset',
     'a cat sits on a mat',
 )
-
-
-class UploadError(ValueError):
-    """An uploaded file is rejected; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,35 +41,36 @@ def decode_image(data: bytes, name: str, limits: Limits, *, grey: bool = False) 
     EXIF orientation is applied and alpha dropped, as `vd_jax.image_io.load_image` does for
     files; an animated GIF gives its first frame.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    # lazy: PIL (+14 ms)
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
     n = len(data)
     if n == 0:
-        raise UploadError(f"'{name}' is empty")
+        raise InputError(f"'{name}' is empty")
     if n > limits.max_bytes:
-        raise UploadError(f"'{name}' is {n / 2 ** 20:.1f} MB; the limit is "
-                          f'{limits.max_bytes / 2 ** 20:.1f} MB')
+        raise InputError(f"'{name}' is {n / 2 ** 20:.1f} MB; the limit is "
+                         f'{limits.max_bytes / 2 ** 20:.1f} MB')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 w, h = im.size
                 if w < 1 or h < 1:
-                    raise UploadError(f"'{name}' has no pixels ({w} x {h})")
+                    raise InputError(f"'{name}' has no pixels ({w} x {h})")
                 if w * h > limits.max_pixels:
-                    raise UploadError(f"'{name}' is {w} x {h} = {w * h:,} pixels; the limit is "
-                                      f'{limits.max_pixels:,}')
+                    raise InputError(f"'{name}' is {w} x {h} = {w * h:,} pixels; the limit is "
+                                     f'{limits.max_pixels:,}')
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return np.asarray(im.convert('L' if grey else 'RGB'), np.uint8).copy()
-    except UploadError:
+    except InputError:
         raise
     except UnidentifiedImageError:
-        raise UploadError(f"'{name}' is not an image in a supported format "
-                          f"({', '.join(FORMATS)})") from None
+        raise InputError(f"'{name}' is not an image in a supported format "
+                         f"({', '.join(FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"'{name}' has too many pixels (limit {limits.max_pixels:,})") from None
+        raise InputError(f"'{name}' has too many pixels (limit {limits.max_pixels:,})") from None
     except Exception as e:  # truncated or corrupt data: any decoder error becomes a message
-        raise UploadError(f"cannot decode '{name}': {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot decode '{name}': {type(e).__name__}: {e}") from None
 
 
 def decode_mask(data: bytes, name: str, limits: Limits) -> np.ndarray:
@@ -150,8 +150,6 @@ def examples_for(source: str) -> Examples:
     """The examples for the model loaded from `source`: the shapes world's when the
     checkpoint's manifest says it was trained on it (`data: shapes`, written by training's
     export), else the general ones."""
-    import json
-    import os
     path = os.path.join(source, 'manifest.json')
     if os.path.isfile(path):
         try:
@@ -167,7 +165,8 @@ def example_image(name: str, size: int = 128) -> np.ndarray:
     """A named example image, uint8 (size, size, 3), the same on every machine (a shapes
     world render is 64 x 64 whatever `size`: the pipeline resizes its inputs)."""
     if name in _SHAPES_IMAGES:
-        from vd_jax.data import shapes
+        # lazy: vd_jax.data.shapes pulls in tensorflow_datasets, grain, orbax, ... (+2.1 s)
+        from vd_jax.data import shapes  # noqa: PLC0415
         return shapes.render(shapes.Attributes(*_SHAPES_IMAGES[name]))
     if name not in _EXAMPLES:
         raise KeyError(f"no example image '{name}'; examples: "

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 from vd_jax.cli.model_flags import DEFAULT_MODEL_SEED, load_model
 from vd_jax.demo.inputs import examples_for
+from vd_jax.errors import InputError
 
 # Tab -> the pipeline task `check_task` is asked about (dual-guided text output is checked
 # separately when chosen, see `Served.reason`).
@@ -44,11 +45,10 @@ class Served:
 
 
 def task_unavailable(vd, task: str) -> Optional[str]:
-    """`vd.check_task(task)`'s TaskError message, or None when the task can run."""
-    from vd_jax.pipeline import TaskError
+    """`vd.check_task(task)`'s InputError message, or None when the task can run."""
     try:
         vd.check_task(task)
-    except TaskError as e:
+    except InputError as e:
         return str(e)
     return None
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import sys
 from typing import Optional, Sequence
 
 from vd_jax.cli.model_flags import add_model_flags
 from vd_jax.demo.inputs import Limits
+from vd_jax.errors import CheckpointError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +40,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--port must be in 1..65535, got {args.port}')
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         p.error('--max-upload-mb and --max-pixels must be positive')
-    from vd_jax.lora.stack import LoraError, parse_lora_flag
+    # lazy: vd_jax.lora.stack pulls in jax (+1.2 s)
+    from vd_jax.lora.stack import parse_lora_flag  # noqa: PLC0415
     try:
         args.lora = [parse_lora_flag(x) for x in args.lora]
-    except LoraError as e:
+    except (ConfigError, CheckpointError) as e:
         p.error(f'--lora: {e}')
     return args
 
@@ -58,7 +61,6 @@ def set_current(args: Optional[argparse.Namespace]) -> None:
 def current() -> argparse.Namespace:
     """The launcher's options, else the script's own command line
     (`streamlit run vd_jax/demo/app.py -- --ckpt DIR`)."""
-    import sys
     return _CURRENT if _CURRENT is not None else parse(sys.argv[1:])
 
 

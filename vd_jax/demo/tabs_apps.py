@@ -8,6 +8,7 @@ import streamlit as st
 
 from vd_jax.demo import inputs as inp
 from vd_jax.demo import ui
+from vd_jax.errors import InputError
 
 LEVELS = ('attention', 'layer', 'model')
 MULTI_SLOTS = 4
@@ -83,8 +84,8 @@ def multi_context(tab: ui.Tab) -> None:
             images.append(image), names.append(name), weights.append(weight)
             focuses.append(focus), masks.append(mask), mask_names.append(mask_name)
         if not images:
-            raise inp.UploadError('tick "Use this image" for at least one image')
-    except (inp.UploadError, KeyError) as e:
+            raise InputError('tick "Use this image" for at least one image')
+    except (InputError, KeyError) as e:
         st.error(str(e), icon=':material/error:')
     else:
         use_masks = None if all(m is None for m in masks) else masks

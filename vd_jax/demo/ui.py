@@ -15,11 +15,13 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import streamlit as st
 
-from vd_jax.demo import inputs as inp
+from vd_jax.demo import inputs as inp, lora_panel
 from vd_jax.demo.inputs import Limits
 from vd_jax.demo.model import Served
-from vd_jax.demo.results import Result
+from vd_jax.demo.results import Result, png_bytes
 from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS
+from vd_jax.errors import InputError
+from vd_jax.outputs import code_version
 
 log = logging.getLogger('vd_jax.demo')
 
@@ -160,7 +162,6 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
     `split(out)` turns the call's return into (images, texts); by default an array is
     images and a list is texts. Errors (bad inputs or settings) become a message in the page.
     """
-    from vd_jax.outputs import code_version
     status, bar = st.empty(), st.empty()
     lock = tab.served.lock
     if not lock.acquire(blocking=False):
@@ -168,7 +169,6 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
                     icon=':material/hourglass_top:')
         lock.acquire()
     try:
-        from vd_jax.demo import lora_panel
         loras = lora_panel.apply(tab.served)  # this session's adapter scales
         if loras:
             settings = dict(settings, lora=loras)
@@ -186,8 +186,7 @@ def run(tab: Tab, settings: Dict[str, Any], call: Callable[[Callable], Any],
         out = call(progress)
         seconds = time.time() - t0
     except Exception as e:  # every failure is a message in the page; the server keeps serving
-        from vd_jax.pipeline import TaskError
-        expected = isinstance(e, (TaskError, inp.UploadError, ValueError, KeyError, FileNotFoundError))
+        expected = isinstance(e, (InputError, ValueError, KeyError, FileNotFoundError))
         if not expected:
             log.exception('request failed: %s', settings)
         status.error(f'{e}' if expected else f'The request failed: {type(e).__name__}: {e}',
@@ -212,7 +211,7 @@ def run_with_image(tab: Tab, choice: ImageChoice, settings: Dict[str, Any], call
     `run` with `call(image, progress)`."""
     try:
         image, name = choice.resolve(tab.limits)
-    except (inp.UploadError, KeyError) as e:
+    except (InputError, KeyError) as e:
         st.error(str(e), icon=':material/error:')
         return
     run(tab, dict(settings, image=name), lambda progress: call(image, progress), inputs=[image],
@@ -246,5 +245,4 @@ def show_result(tab: Tab) -> None:
 
 
 def inp_png(a: np.ndarray) -> bytes:
-    from vd_jax.demo.results import png_bytes
     return png_bytes(np.asarray(a))

@@ -82,7 +82,8 @@ class LayerMix:
 
     @property
     def num_layers(self) -> int:
-        from vd_jax.models.unet import plan_stream
+        # lazy: vd_jax.models.unet pulls in 13 modules (+0.1 s)
+        from vd_jax.models.unet import plan_stream  # noqa: PLC0415
         return len(plan_stream(self.diffuser.config.stream(self.xtype)).context)
 
     def __call__(self, params, x, t, ctx):

@@ -27,12 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from vd_jax.errors import ConfigError
+
 BETA_SCHEDULES = ('scaled_linear', 'linear', 'squaredcos_cap_v2')
 PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
-
-
-class ScheduleError(ValueError):
-    """A `model.schedule` config that names an unknown option or an impossible value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +45,17 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ScheduleError(f'schedule.beta_schedule must be one of {BETA_SCHEDULES}, '
-                                f'got {self.beta_schedule!r}')
+            raise ConfigError(f'schedule.beta_schedule must be one of {BETA_SCHEDULES}, '
+                              f'got {self.beta_schedule!r}')
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ScheduleError(f'schedule.prediction_type must be one of {PREDICTION_TYPES}, '
-                                f'got {self.prediction_type!r}')
+            raise ConfigError(f'schedule.prediction_type must be one of {PREDICTION_TYPES}, '
+                              f'got {self.prediction_type!r}')
         if isinstance(self.timesteps, bool) or int(self.timesteps) != self.timesteps \
                 or int(self.timesteps) < 2:
-            raise ScheduleError(f'schedule.timesteps must be an integer >= 2, got {self.timesteps!r}')
+            raise ConfigError(f'schedule.timesteps must be an integer >= 2, got {self.timesteps!r}')
         if not 0.0 < float(self.beta_linear_start) <= float(self.beta_linear_end) < 1.0:
-            raise ScheduleError('schedule needs 0 < beta_linear_start <= beta_linear_end < 1, got '
-                                f'{self.beta_linear_start}, {self.beta_linear_end}')
+            raise ConfigError('schedule needs 0 < beta_linear_start <= beta_linear_end < 1, got '
+                              f'{self.beta_linear_start}, {self.beta_linear_end}')
 
     @classmethod
     def coerce(cls, config: Any = None, **kwargs) -> 'ScheduleConfig':
@@ -78,7 +76,7 @@ class ScheduleConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise ScheduleError(f'unknown schedule option(s) {unknown}; known: {sorted(known)}')
+            raise ConfigError(f'unknown schedule option(s) {unknown}; known: {sorted(known)}')
         if 'timesteps' in args:
             args['timesteps'] = int(args['timesteps'])
         for k in ('beta_linear_start', 'beta_linear_end'):
@@ -154,7 +152,7 @@ def make_betas(beta_linear_start: float = 0.00085, beta_linear_end: float = 0.01
     elif beta_schedule == 'squaredcos_cap_v2':
         betas = cosine_betas(timesteps)
     else:
-        raise ScheduleError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
+        raise ConfigError(f'beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}')
     if rescale_zero_terminal_snr:
         betas = zero_terminal_snr_betas(betas)
     return betas
@@ -196,7 +194,7 @@ def schedule_arrays(beta_linear_start: float = 0.00085, beta_linear_end: float =
 def make_schedule(config: Optional[Any] = None, **kwargs) -> Schedule:
     """Build the schedule from a config section (`model.schedule`: a mapping, ConfigDict or
     `ScheduleConfig`; None = VD's) or keyword arguments; float64 -> float32 as the original
-    buffers. Raises ScheduleError naming an unknown key or value."""
+    buffers. Raises ConfigError naming an unknown key or value."""
     sc = ScheduleConfig.coerce(config, **kwargs)
     arrays = schedule_arrays(**sc.to_dict())
     return Schedule(**{k: jnp.asarray(v.astype(np.float32)) for k, v in arrays.items()},

@@ -31,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vd_jax.batching import pad_rows
+from vd_jax.checkpoint import load_part, read_config
+from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval.reference import iter_images, load_fitted
+from vd_jax.image_io import clip_preprocess
 from vd_jax.models.clip import CLIPImageContext, CLIPTextContext, CLIPTextConfig, CLIPVisionConfig
+from vd_jax.tokenizers import clip_tokenizer
 
 SCALE = 100.0
-
-
-class CLIPScoreError(ValueError):
-    """Bad input to the CLIP score (mismatched pair counts, a missing tower...)."""
 
 
 def cosine_score(a, b, clamp: bool = True) -> np.ndarray:
@@ -48,8 +48,8 @@ def cosine_score(a, b, clamp: bool = True) -> np.ndarray:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if a.ndim != 2 or a.shape != b.shape:
-        raise CLIPScoreError(f'embeddings must be two (N, P) arrays of one shape, got {a.shape} '
-                             f'and {b.shape}')
+        raise InputError(f'embeddings must be two (N, P) arrays of one shape, got {a.shape} '
+                         f'and {b.shape}')
     cos = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     score = SCALE * cos
     return np.maximum(score, 0.0) if clamp else score
@@ -78,9 +78,9 @@ class CLIPScorer:
     def __init__(self, text_params=None, image_params=None, text_config=None, image_config=None,
                  *, batch_size: int = 32, dtype=jnp.float32):
         if text_params is None and image_params is None:
-            raise CLIPScoreError('give at least one of text_params / image_params')
+            raise InputError('give at least one of text_params / image_params')
         if batch_size < 1:
-            raise CLIPScoreError(f'batch_size must be >= 1, got {batch_size}')
+            raise InputError(f'batch_size must be >= 1, got {batch_size}')
         self.batch_size = int(batch_size)
         self.text_params, self.image_params = text_params, image_params
         self._text = self._image = None
@@ -103,13 +103,12 @@ class CLIPScorer:
     def from_checkpoint(cls, ckpt: Union[str, os.PathLike], text: bool = True, image: bool = True,
                         **kwargs) -> 'CLIPScorer':
         """From a vd_jax checkpoint folder (its config.json and ctx_text / ctx_image parts)."""
-        from vd_jax.checkpoint import load_part, read_config
         ckpt = os.fspath(ckpt)
         ctx = read_config(ckpt).get('ctx') or {}
         missing = [s for s, want in (('text', text), ('image', image)) if want and s not in ctx]
         if missing:
-            raise CLIPScoreError(f"checkpoint '{ckpt}' has no CLIP {missing} tower config "
-                                 '(config.json ctx.text / ctx.image)')
+            raise CheckpointError(f"checkpoint '{ckpt}' has no CLIP {missing} tower config "
+                                  '(config.json ctx.text / ctx.image)')
         return cls(load_part(ckpt, 'ctx_text') if text else None,
                    load_part(ckpt, 'ctx_image') if image else None,
                    ctx['text'] if text else None, ctx['image'] if image else None, **kwargs)
@@ -118,8 +117,7 @@ class CLIPScorer:
     def text_embeds(self, prompts: Union[str, Sequence[str]]) -> np.ndarray:
         """Prompts -> (N, P) float32 `text_embeds` (unnormalised)."""
         if self._text is None:
-            raise CLIPScoreError('this CLIPScorer has no text tower (text_params=None)')
-        from vd_jax.tokenizers import clip_tokenizer
+            raise InputError('this CLIPScorer has no text tower (text_params=None)')
         tok = clip_tokenizer()
         tok.max_length = self.text_length  # the tower's positions (77 for ViT-L/14)
         ids = tok(prompts)
@@ -129,8 +127,7 @@ class CLIPScorer:
         """Images (a (B, H, W, 3) array, or a list of arrays / PIL images / files; uint8 or
         float in [0, 1]; any size) -> (N, P) float32 `image_embeds` (unnormalised)."""
         if self._image is None:
-            raise CLIPScoreError('this CLIPScorer has no image tower (image_params=None)')
-        from vd_jax.image_io import clip_preprocess
+            raise InputError('this CLIPScorer has no image tower (image_params=None)')
         pixels = clip_preprocess(images, size=self.image_size)
         return _pad_run(self._image, self.image_params, pixels, self.batch_size)
 
@@ -139,8 +136,8 @@ class CLIPScorer:
         t = self.text_embeds(prompts)
         i = self.image_embeds(images)
         if t.shape[0] != i.shape[0]:
-            raise CLIPScoreError(f'{t.shape[0]} prompts but {i.shape[0]} images; CLIP scores '
-                                 'are per (prompt, image) pair')
+            raise InputError(f'{t.shape[0]} prompts but {i.shape[0]} images; CLIP scores '
+                             'are per (prompt, image) pair')
         return cosine_score(t, i, clamp)
 
     def image_similarity(self, images_a, images_b, clamp: bool = True) -> np.ndarray:
@@ -148,8 +145,8 @@ class CLIPScorer:
         a = self.image_embeds(images_a)
         b = self.image_embeds(images_b)
         if a.shape[0] != b.shape[0]:
-            raise CLIPScoreError(f'{a.shape[0]} and {b.shape[0]} images; the similarity is per '
-                                 'pair')
+            raise InputError(f'{a.shape[0]} and {b.shape[0]} images; the similarity is per '
+                             'pair')
         return cosine_score(a, b, clamp)
 
 

@@ -30,17 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vd_jax.checkpoint import load_params
+from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval.reference import iter_images
+from vd_jax.image_io import load_image
 from vd_jax.models.inception import FEATURE_DIM, InceptionConfig, InceptionV3, abstract_params
 
 PART = 'inception'
 PARAMS_FILE = f'{PART}.safetensors'
 
 PathLike = Union[str, os.PathLike]
-
-
-class FIDError(ValueError):
-    """Bad input to the FID machinery (images, statistics, weights); the message says which."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -56,7 +55,8 @@ def convert_inception(src: PathLike, out: PathLike, *, overwrite: bool = False,
     once with its shape checked. Writes a checkpoint folder with `inception.safetensors`,
     `manifest.json` and an empty `config.json` (the architecture is fixed). Returns `out`.
     """
-    from vd_jax.convert import convert_checkpoint
+    # lazy: vd_jax.convert pulls in 10 modules (+85 ms)
+    from vd_jax.convert import convert_checkpoint  # noqa: PLC0415
     return convert_checkpoint(os.fspath(src), {}, os.fspath(out), parts=[PART],
                               overwrite=overwrite, dtype=dtype)
 
@@ -64,19 +64,18 @@ def convert_inception(src: PathLike, out: PathLike, *, overwrite: bool = False,
 def load_inception_params(path: PathLike, dtype=None):
     """FID Inception params from a converted folder, its `inception.safetensors`, or straight
     from the PyTorch `.pth` (converted in memory; needs torch). Shapes are checked."""
-    from vd_jax.checkpoint import load_params
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FIDError(f"Inception weights '{path}' do not exist")
+        raise CheckpointError(f"Inception weights '{path}' do not exist")
     if os.path.isdir(path):
         file = os.path.join(path, PARAMS_FILE)
         if not os.path.isfile(file):
-            raise FIDError(f"'{path}' has no {PARAMS_FILE}; convert the FID weights first: "
-                           f'python -m vd_jax.convert pt_inception-2015-12-05-6726825d.pth {path}')
+            raise CheckpointError(f"'{path}' has no {PARAMS_FILE}; convert the FID weights first: "
+                                  f'python -m vd_jax.convert pt_inception-2015-12-05-6726825d.pth {path}')
         return load_params(file, dtype=dtype, expected=abstract_params())
     if path.endswith('.safetensors'):
         return load_params(path, dtype=dtype, expected=abstract_params())
-    from vd_jax.convert import convert_checkpoint
+    from vd_jax.convert import convert_checkpoint  # noqa: PLC0415
     params = convert_checkpoint(path, {}, None, parts=[PART])[PART]
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype or a.dtype), params)
 
@@ -87,27 +86,26 @@ def load_inception_params(path: PathLike, dtype=None):
 
 def _load_item(item, index: int) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
-        from vd_jax.image_io import load_image
         return load_image(item)
     a = np.asarray(item)
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise FIDError(f'image {index}: expected (H, W, 3) channels-last, got shape {a.shape}')
+        raise InputError(f'image {index}: expected (H, W, 3) channels-last, got shape {a.shape}')
     return a
 
 
 def _check_images(x: np.ndarray, what: str) -> np.ndarray:
     """Validate one (N, H, W, 3) stack: uint8, or float in [0, 1]."""
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise FIDError(f'{what}: expected (B, H, W, 3) channels-last RGB, got shape {x.shape}')
+        raise InputError(f'{what}: expected (B, H, W, 3) channels-last RGB, got shape {x.shape}')
     if x.shape[1] < 1 or x.shape[2] < 1:
-        raise FIDError(f'{what}: empty images of shape {x.shape}')
+        raise InputError(f'{what}: empty images of shape {x.shape}')
     if x.dtype == np.uint8:
         return x
     if not np.issubdtype(x.dtype, np.floating):
-        raise FIDError(f'{what}: dtype {x.dtype} is not supported (uint8, or float in [0, 1])')
+        raise InputError(f'{what}: dtype {x.dtype} is not supported (uint8, or float in [0, 1])')
     lo, hi = float(np.min(x)), float(np.max(x))
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
-        raise FIDError(f'{what}: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]')
+        raise InputError(f'{what}: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]')
     return x.astype(np.float32, copy=False)
 
 
@@ -128,7 +126,7 @@ class InceptionFeatureExtractor:
     def __init__(self, params, *, batch_size: int = 50, dtype=jnp.float32,
                  config: InceptionConfig = InceptionConfig()):
         if batch_size < 1:
-            raise FIDError(f'batch_size must be >= 1, got {batch_size}')
+            raise InputError(f'batch_size must be >= 1, got {batch_size}')
         self.params = params
         self.batch_size = int(batch_size)
         self.model = InceptionV3(config, dtype=dtype)
@@ -158,7 +156,7 @@ class InceptionFeatureExtractor:
     def __call__(self, images) -> np.ndarray:
         if isinstance(images, (list, tuple)):
             if not images:
-                raise FIDError('no images given')
+                raise InputError('no images given')
             items = [_load_item(im, i) for i, im in enumerate(images)]
             groups = {}
             for i, a in enumerate(items):
@@ -174,7 +172,7 @@ class InceptionFeatureExtractor:
             x = x[None]
         x = _check_images(x, 'images')
         if x.shape[0] == 0:
-            raise FIDError('no images given (batch of size 0)')
+            raise InputError('no images given (batch of size 0)')
         return self._run(x)
 
 
@@ -200,9 +198,9 @@ class RunningStatistics:
         """Add features (B, dim)."""
         f = np.asarray(features, np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
-            raise FIDError(f'features must be (B, {self.dim}), got shape {f.shape}')
+            raise InputError(f'features must be (B, {self.dim}), got shape {f.shape}')
         if not np.all(np.isfinite(f)):
-            raise FIDError('features contain NaN or inf (bad images or weights?)')
+            raise InputError('features contain NaN or inf (bad images or weights?)')
         k = f.shape[0]
         if k == 0:
             return self
@@ -219,13 +217,13 @@ class RunningStatistics:
     @property
     def mu(self) -> np.ndarray:
         if self.n < 1:
-            raise FIDError('no features added yet')
+            raise InputError('no features added yet')
         return self._mean.copy()
 
     @property
     def sigma(self) -> np.ndarray:
         if self.n < 2:
-            raise FIDError(f'a covariance needs at least 2 images, have {self.n}')
+            raise InputError(f'a covariance needs at least 2 images, have {self.n}')
         s = self._m2 / (self.n - 1)
         return (s + s.T) / 2  # exactly symmetric
 
@@ -242,7 +240,7 @@ def save_statistics(path: PathLike, mu, sigma, num_images: Optional[int] = None)
     float64, atomically (a temporary file renamed at the end)."""
     path = os.fspath(path)
     if not path.endswith('.npz'):
-        raise FIDError(f"statistics file '{path}' must end in .npz (pytorch-fid's format)")
+        raise InputError(f"statistics file '{path}' must end in .npz (pytorch-fid's format)")
     mu, sigma = _check_stats(mu, sigma, path)
     extra = {} if num_images is None else {'num_images': np.int64(num_images)}
     folder = os.path.dirname(os.path.abspath(path))
@@ -262,18 +260,18 @@ def load_statistics(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) in float64 from a `.npz` with keys `mu` and `sigma` (ours or pytorch-fid's)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FIDError(f"statistics file '{path}' does not exist")
+        raise InputError(f"statistics file '{path}' does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ('mu', 'sigma') if k not in f.files]
             if missing:
-                raise FIDError(f"'{path}' has no {missing} (keys: {f.files}); FID statistics "
-                               "files hold 'mu' and 'sigma'")
+                raise InputError(f"'{path}' has no {missing} (keys: {f.files}); FID statistics "
+                                 "files hold 'mu' and 'sigma'")
             mu, sigma = f['mu'], f['sigma']
-    except FIDError:
+    except InputError:
         raise
     except Exception as e:  # noqa: BLE001  (not a zip / truncated / pickled objects)
-        raise FIDError(f"cannot read statistics file '{path}': {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot read statistics file '{path}': {type(e).__name__}: {e}") from None
     return _check_stats(mu, sigma, path)
 
 
@@ -281,9 +279,9 @@ def _check_stats(mu, sigma, what: str) -> Tuple[np.ndarray, np.ndarray]:
     mu = np.atleast_1d(np.asarray(mu, np.float64))
     sigma = np.atleast_2d(np.asarray(sigma, np.float64))
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f'{what}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
+        raise InputError(f'{what}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise FIDError(f'{what}: mu or sigma contains NaN or inf')
+        raise InputError(f'{what}: mu or sigma contains NaN or inf')
     return mu, sigma
 
 
@@ -293,7 +291,7 @@ def _sqrt_psd(s: np.ndarray, what: str) -> np.ndarray:
     # float32-computed covariances carry ~1e-7 relative noise; anything beyond is not one
     tol = 1e-5 * max(float(np.max(np.abs(w))), 1e-300)
     if w[0] < -tol:
-        raise FIDError(f'{what} is not a covariance matrix (eigenvalue {w[0]:.3g} < 0)')
+        raise InputError(f'{what} is not a covariance matrix (eigenvalue {w[0]:.3g} < 0)')
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
@@ -310,7 +308,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, sigma1 = _check_stats(mu1, sigma1, 'first statistics')
     mu2, sigma2 = _check_stats(mu2, sigma2, 'second statistics')
     if mu1.shape != mu2.shape:
-        raise FIDError(f'statistics of different dimensions: {mu1.shape[0]} and {mu2.shape[0]}')
+        raise InputError(f'statistics of different dimensions: {mu1.shape[0]} and {mu2.shape[0]}')
     a = _sqrt_psd(sigma1, 'sigma1')
     m = a @ ((sigma2 + sigma2.T) / 2) @ a
     ev = np.linalg.eigvalsh((m + m.T) / 2)
@@ -350,9 +348,9 @@ def check_statistics(path: str) -> Tuple[np.ndarray, np.ndarray]:
     mu (2048,) and sigma (2048, 2048)."""
     mu, sigma = load_statistics(path)
     if mu.shape != (FEATURE_DIM,):
-        raise FIDError(f"statistics file '{path}': mu has shape {mu.shape}, sigma "
-                       f'{sigma.shape}; FID Inception statistics are ({FEATURE_DIM},) and '
-                       f'({FEATURE_DIM}, {FEATURE_DIM})')
+        raise InputError(f"statistics file '{path}': mu has shape {mu.shape}, sigma "
+                         f'{sigma.shape}; FID Inception statistics are ({FEATURE_DIM},) and '
+                         f'({FEATURE_DIM}, {FEATURE_DIM})')
     return mu, sigma
 
 

@@ -28,14 +28,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from vd_jax.batching import batch_size_for, padded_batches
+from vd_jax.errors import InputError
+from vd_jax.outputs import png_info, to_uint8
 
 SAMPLES = 'samples'
 SPEC_FILE = 'generation.json'
 TASKS = {'t2i': 'text_to_image', 'i2i': 'image_variation'}
-
-
-class GenerationError(ValueError):
-    """Bad generation input (prompt/image lists, a run folder that does not match)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -45,13 +43,13 @@ class GenerationError(ValueError):
 def read_prompts(path: str) -> List[str]:
     """Prompts from a text file (one per line) or a COCO captions JSON (see the module doc)."""
     if not os.path.isfile(path):
-        raise GenerationError(f"prompt file '{path}' does not exist")
+        raise InputError(f"prompt file '{path}' does not exist")
     if path.lower().endswith('.json'):
         return coco_captions(path)
     with open(path, encoding='utf-8') as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise GenerationError(f"prompt file '{path}' has no prompts (one per line)")
+        raise InputError(f"prompt file '{path}' has no prompts (one per line)")
     return prompts
 
 
@@ -69,27 +67,27 @@ def coco_captions(path: str) -> List[str]:
             if img not in best or key < best[img]:
                 best[img] = key
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GenerationError(f"'{path}' is not a COCO captions file (annotations with "
-                              f"image_id, id, caption): {type(e).__name__}: {e}") from None
+        raise InputError(f"'{path}' is not a COCO captions file (annotations with "
+                         f"image_id, id, caption): {type(e).__name__}: {e}") from None
     prompts = [best[i][1] for i in sorted(best)]
     if not prompts:
-        raise GenerationError(f"COCO captions file '{path}' has no annotations")
+        raise InputError(f"COCO captions file '{path}' has no annotations")
     return prompts
 
 
 def read_image_list(path: str) -> List[str]:
     """Image paths from a text file (one per line; relative paths are relative to the file)."""
     if not os.path.isfile(path):
-        raise GenerationError(f"image list file '{path}' does not exist")
+        raise InputError(f"image list file '{path}' does not exist")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding='utf-8') as f:
         paths = [line.strip() for line in f if line.strip()]
     if not paths:
-        raise GenerationError(f"image list file '{path}' has no image paths (one per line)")
+        raise InputError(f"image list file '{path}' has no image paths (one per line)")
     paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
     for i, p in enumerate(paths):
         if not os.path.isfile(p):
-            raise GenerationError(f"image list '{path}', line {i + 1}: '{p}' does not exist")
+            raise InputError(f"image list '{path}', line {i + 1}: '{p}' does not exist")
     return paths
 
 
@@ -143,16 +141,16 @@ def check_resume(folder: str, spec: GenerationSpec) -> None:
     """A run folder to resume must hold a `generation.json` equal to `spec`."""
     path = os.path.join(folder, SPEC_FILE)
     if not os.path.isdir(folder):
-        raise GenerationError(f"--resume '{folder}' is not a folder")
+        raise InputError(f"--resume '{folder}' is not a folder")
     if not os.path.isfile(path):
-        raise GenerationError(f"--resume '{folder}' is not an evaluation run folder (no "
-                              f'{SPEC_FILE})')
+        raise InputError(f"--resume '{folder}' is not an evaluation run folder (no "
+                         f'{SPEC_FILE})')
     with open(path) as f:
         recorded = json.load(f)
     bad = spec.mismatch(recorded)
     if bad:
-        raise GenerationError(f"--resume '{folder}' was generated with other settings ("
-                              + '; '.join(bad) + '); use a new run folder')
+        raise InputError(f"--resume '{folder}' was generated with other settings ("
+                         + '; '.join(bad) + '); use a new run folder')
 
 
 def write_spec(folder: str, spec: GenerationSpec) -> None:
@@ -177,8 +175,8 @@ def missing_samples(folder: str, n: int) -> List[int]:
 def _save_png(path: str, image: np.ndarray, meta: dict) -> None:
     """Write atomically (temporary name, then rename): an interrupted write leaves no PNG
     that a resumed run would take for a finished sample."""
-    from PIL import Image
-    from vd_jax.outputs import png_info, to_uint8
+    # lazy: PIL (+12 ms)
+    from PIL import Image  # noqa: PLC0415
     tmp = path + '.tmp'
     Image.fromarray(to_uint8(image)).save(tmp, format='PNG', pnginfo=png_info(meta))
     os.replace(tmp, path)
@@ -196,7 +194,7 @@ def generate(vd, spec: GenerationSpec, inputs: Sequence[str], n: int, folder: st
     {'generated', 'reused', 'seconds'}.
     """
     if spec.task not in TASKS:
-        raise GenerationError(f'task must be one of {sorted(TASKS)}, got {spec.task!r}')
+        raise InputError(f'task must be one of {sorted(TASKS)}, got {spec.task!r}')
     os.makedirs(os.path.join(folder, SAMPLES), exist_ok=True)
     write_spec(folder, spec)
     todo = missing_samples(folder, n)

@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vd_jax.image_io import ImageReadError, load_image
+from vd_jax.errors import InputError
+from vd_jax.image_io import load_image
 
 # the extensions pytorch-fid reads from a folder
 IMAGE_EXTENSIONS = ('bmp', 'jpg', 'jpeg', 'pgm', 'png', 'ppm', 'tif', 'tiff', 'webp')
@@ -24,13 +25,13 @@ IMAGE_EXTENSIONS = ('bmp', 'jpg', 'jpeg', 'pgm', 'png', 'ppm', 'tif', 'tiff', 'w
 def list_images(folder: str) -> List[str]:
     """Image files directly in `folder` (not sub-folders), sorted by name."""
     if not os.path.isdir(folder):
-        raise ImageReadError(f"reference image folder '{folder}' does not exist")
+        raise InputError(f"reference image folder '{folder}' does not exist")
     names = sorted(n for n in os.listdir(folder)
                    if n.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS
                    and os.path.isfile(os.path.join(folder, n)))
     if not names:
-        raise ImageReadError(f"reference image folder '{folder}' has no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"reference image folder '{folder}' has no images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(folder, n) for n in names]
 
 
@@ -41,7 +42,8 @@ def fit(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
     H, W = image.shape[:2]
     if (H, W) == (h, w):
         return image
-    from PIL import Image
+    # lazy: PIL (+9 ms)
+    from PIL import Image  # noqa: PLC0415
     if H * w > W * h:      # too tall: crop rows
         ch, cw = max(1, round(W * h / w)), W
     else:                  # too wide: crop columns

@@ -31,7 +31,9 @@ import numpy as np
 
 from vd_jax.batching import map_batched
 from vd_jax.data import shapes as W
+from vd_jax.errors import InputError
 from vd_jax.eval.shapes_reader import attribute_accuracy, parse_caption, read_images
+from vd_jax.outputs import make_grid, save_png
 
 FLOWS = ('t2i', 'i2t', 'i2i', 't2t', 'dual', 'guidance')
 PARTS = ('autokl', 'optimus', 'clip')
@@ -66,7 +68,6 @@ def _acc(pred, true) -> Dict[str, float]:
 def _grid(out_dir, name, images, settings):
     if out_dir is None:
         return None
-    from vd_jax.outputs import make_grid, save_png
     path = os.path.join(out_dir, f'{name}.png')
     if os.path.exists(path):
         os.remove(path)
@@ -171,7 +172,8 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
         timed('optimus', run)
     if 'clip' in s.flows and {'ctx_text', 'ctx_image'} <= set(vd.params):
         def run():
-            from vd_jax.eval.clip_score import CLIPScorer
+            # lazy: vd_jax.eval.clip_score pulls in flax (+0.3 s)
+            from vd_jax.eval.clip_score import CLIPScorer  # noqa: PLC0415
             sc = CLIPScorer(vd.params['ctx_text'], vd.params['ctx_image'], vd.config['ctx']['text'],
                             vd.config['ctx']['image'], batch_size=s.batch_size)
             t, i = sc.text_embeds(prompts), sc.image_embeds(images)
@@ -188,7 +190,7 @@ def _can(vd, task) -> bool:
     try:
         vd.check_task(task)
         return True
-    except ValueError:
+    except InputError:  # what the model lacks; a broken vocabulary file is raised
         return False
 
 

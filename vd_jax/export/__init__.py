@@ -41,14 +41,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from typing import Dict, Iterator, Tuple
 
+import ml_dtypes
 import numpy as np
 
-from vd_jax.checkpoint import (CheckpointError, SafetensorsWriter, atomic_dir, available_parts,
-                               load_safetensors, read_config)
+from vd_jax.checkpoint import (SafetensorsWriter, atomic_dir, available_parts, load_safetensors,
+                               read_config)
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.export import diffusers_folder as df
+from vd_jax.outputs import check_can_create
 
 # CLI layout name -> converter layout name
 LAYOUTS = {'v1.0': 'vd-v1.0', 'legacy': 'vd-legacy', 'diffusers': 'diffusers'}
@@ -58,10 +63,6 @@ DTYPES = ('float32', 'float16', 'bfloat16')
 _PT_METADATA = {'format': 'pt'}
 
 
-class ExportError(ValueError):
-    """A bad CKPT, OUT, layout or dtype; the message (one line) names it."""
-
-
 def _one_line(e: Exception) -> str:
     """The converter's multi-line reports (one line per problem) as one line."""
     return '; '.join(line.strip() for line in str(e).splitlines() if line.strip())
@@ -69,34 +70,35 @@ def _one_line(e: Exception) -> str:
 
 def _np_dtype(name: str) -> np.dtype:
     if name not in DTYPES:
-        raise ExportError(f'unknown dtype {name!r} (choose {", ".join(DTYPES)})')
+        raise InputError(f'unknown dtype {name!r} (choose {", ".join(DTYPES)})')
     if name == 'bfloat16':
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
 
 def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
-    """(model config, parts, output kind 'torch'|'safetensors'|'folder'), or ExportError."""
+    """(model config, parts, output kind 'torch'|'safetensors'|'folder'); InputError (layout,
+    OUT) or CheckpointError (CKPT)."""
     if layout not in LAYOUTS:
-        raise ExportError(f'unknown layout {layout!r} (choose {", ".join(LAYOUTS)})')
+        raise InputError(f'unknown layout {layout!r} (choose {", ".join(LAYOUTS)})')
     if not os.path.isdir(ckpt):
-        raise ExportError(f"checkpoint '{ckpt}' " + ('is not a folder' if os.path.exists(ckpt)
-                                                     else 'does not exist'))
+        raise CheckpointError(f"checkpoint '{ckpt}' " + ('is not a folder' if os.path.exists(ckpt)
+                                                         else 'does not exist'))
     try:
         model_cfg = read_config(ckpt)
     except (CheckpointError, ValueError) as e:  # json errors are ValueErrors
-        raise ExportError(f"checkpoint '{ckpt}': unreadable config.json ({_one_line(e)})") from None
+        raise CheckpointError(f"checkpoint '{ckpt}': unreadable config.json ({_one_line(e)})") from None
     parts = available_parts(ckpt)
     if not parts:
-        raise ExportError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
-    from vd_jax.models.vae import NUM_GROUPS
+        raise CheckpointError(f"checkpoint '{ckpt}' has no part weights (<part>.safetensors)")
+    # lazy: vd_jax.models.vae pulls in jax, flax (+0.7 s)
+    from vd_jax.models.vae import NUM_GROUPS  # noqa: PLC0415
     groups = int(((model_cfg.get('vae') or {}).get('image') or {}).get('norm_groups', NUM_GROUPS))
     if layout != 'diffusers' and 'vae_image' in parts and groups != NUM_GROUPS:
-        raise ExportError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups={groups}; "
-                          f"the original code's GroupNorms have {NUM_GROUPS} groups, so a {layout} file "
-                          "would run wrongly there. Export with --layout diffusers "
-                          '(its AutoencoderKL has norm_num_groups)')
+        raise CheckpointError(f"checkpoint '{ckpt}': its AutoKL uses vae.image.norm_groups="
+                              f"{groups}; the original code's GroupNorms have {NUM_GROUPS} groups, "
+                              f'so a {layout} file would run wrongly there. Export with --layout '
+                              'diffusers (its AutoencoderKL has norm_num_groups)')
     if layout == 'diffusers':
         kind = 'folder'
     else:
@@ -106,28 +108,26 @@ def _check_inputs(ckpt: str, out: str, layout: str, overwrite: bool):
         elif suffix in TORCH_SUFFIXES:
             kind = 'torch'
         else:
-            raise ExportError(f"output '{out}': the {layout} layout is one file; end its name "
-                              f"with .safetensors or {'/'.join(TORCH_SUFFIXES)}")
+            raise InputError(f"output '{out}': the {layout} layout is one file; end its name "
+                             f"with .safetensors or {'/'.join(TORCH_SUFFIXES)}")
     if os.path.lexists(out) and not overwrite:
-        raise ExportError(f"output '{out}' already exists; choose another path or pass "
-                          'overwrite=True (--overwrite)')
-    from vd_jax.outputs import OutputLocationError, check_can_create
-    try:
-        check_can_create(out, 'output')
-    except OutputLocationError as e:
-        raise ExportError(str(e)) from None
+        raise InputError(f"output '{out}' already exists; choose another path or pass "
+                         'overwrite=True (--overwrite)')
+    check_can_create(out, 'output')
     if kind == 'torch':
         try:
-            import torch  # noqa: F401
+            # lazy: optional dependency (torch)
+            import torch  # noqa: PLC0415, F401
         except ImportError:
-            raise ExportError(f"writing '{out}' needs PyTorch: pip install -e '.[convert]' "
-                              "(or write .safetensors)") from None
+            raise CheckpointError(f"writing '{out}' needs PyTorch: pip install -e '.[convert]' "
+                                  "(or write .safetensors)") from None
     return model_cfg, parts, kind
 
 
 def _streams(ckpt, model_cfg, parts, layout: str, dtype) -> Dict[str, Tuple[list, Iterator]]:
     """part -> (declared (key, shape) list, lazy tensor iterator); everything checked now."""
-    from vd_jax.convert import ConversionError, export_stream
+    # lazy: vd_jax.convert pulls in 15 modules (+34 ms)
+    from vd_jax.convert import export_stream  # noqa: PLC0415
     out = {}
     for part in parts:
         path = os.path.join(ckpt, f'{part}.safetensors')
@@ -135,19 +135,20 @@ def _streams(ckpt, model_cfg, parts, layout: str, dtype) -> Dict[str, Tuple[list
         part_layout = 'vd-v1.0' if layout == 'diffusers' and part == 'vae_text' else LAYOUTS[layout]
         try:
             out[part] = export_stream(load_safetensors(path), model_cfg, part, part_layout, dtype)
-        except (CheckpointError, ConversionError) as e:
-            raise ExportError(f"checkpoint '{ckpt}', part '{part}': {_one_line(e)}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint '{ckpt}', part '{part}': {_one_line(e)}") from None
     return out
 
 
 def _schedule_buffers(model_cfg) -> Dict[str, np.ndarray]:
-    from vd_jax.diffusion.schedule import schedule_arrays
+    # lazy: vd_jax.diffusion.schedule pulls in jax, flax (+0.6 s)
+    from vd_jax.diffusion.schedule import schedule_arrays  # noqa: PLC0415
     sched = model_cfg['schedule'].to_dict() if 'schedule' in model_cfg else {}
     return {k: v.astype(np.float32) for k, v in schedule_arrays(**sched).items()}
 
 
 def _to_torch(a: np.ndarray):
-    import torch
+    import torch  # noqa: PLC0415
     if a.dtype.name == 'bfloat16':  # numpy has no bfloat16 torch can read: reinterpret bits
         return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(a))  # a copy: the source may be a read-only memmap
@@ -166,7 +167,6 @@ def _atomic_file(out: str):
             os.remove(tmp)
         raise
     if os.path.isdir(out):  # only reachable with overwrite
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
 
@@ -190,7 +190,7 @@ def _write_file(out, kind, streams, extra, dtype, progress) -> None:
                 w.write(k, v)
             w.close()
         else:
-            import torch
+            import torch  # noqa: PLC0415
             sd = {}
             for part, (order, it) in streams.items():
                 sd.update((k, _to_torch(a)) for k, a in it)
@@ -203,9 +203,10 @@ def _diffusers_plan(model_cfg, parts) -> Dict[str, dict]:
     """folder -> its config.json, checking that diffusers' classes can express the config."""
     # jax and the networks load only when a diffusers folder is planned (`import
     # vd_jax.export` stays free of jax: ~3.5 s of start-up on the 2-core build host)
-    from vd_jax import modalities as M
-    from vd_jax.export import diffusers_folder as df
-    from vd_jax.models.unet import DiffuserConfig
+    # lazy: vd_jax.modalities pulls in jax (+0.6 s)
+    from vd_jax import modalities as M  # noqa: PLC0415
+    # lazy: vd_jax.models.unet pulls in jax, flax (+0.8 s)
+    from vd_jax.models.unet import DiffuserConfig  # noqa: PLC0415
     configs = {}
     try:
         if 'diffuser' in parts:
@@ -221,12 +222,11 @@ def _diffusers_plan(model_cfg, parts) -> Dict[str, dict]:
         if 'ctx_image' in parts:
             configs['image_encoder'] = df.clip_vision_config(model_cfg['ctx']['image'])
     except (ValueError, KeyError) as e:  # what diffusers' classes cannot express
-        raise ExportError(f'cannot export a diffusers folder: {_one_line(e)}') from None
+        raise CheckpointError(f'cannot export a diffusers folder: {_one_line(e)}') from None
     return configs
 
 
 def _write_diffusers(out, model_cfg, parts, configs, streams, dtype, overwrite, progress) -> None:
-    from vd_jax.export import diffusers_folder as df
     with atomic_dir(out, overwrite) as tmp:
         for part, (order, it) in streams.items():
             if part == 'vae_text':
@@ -283,7 +283,8 @@ def export_checkpoint(ckpt: str, out: str, layout: str = 'v1.0', dtype: str = 'f
       dtype: 'float32', 'float16' or 'bfloat16' for every weight (schedule buffers stay float32).
       overwrite: replace an existing `out` (only once the new one is complete).
     Returns:
-      `out`. Raises `ExportError` (naming the problem) before writing anything.
+      `out`. Raises, naming the problem, before writing anything: `InputError` (a bad layout,
+      dtype or OUT) or `CheckpointError` (CKPT cannot be read or exported).
     """
     np_dtype = _np_dtype(dtype)
     model_cfg, parts, kind = _check_inputs(ckpt, out, layout, overwrite)

@@ -6,9 +6,12 @@ original VD key names (v1.0 or legacy), or a diffusers VersatileDiffusion folder
 import argparse
 import sys
 
+from vd_jax.errors import CheckpointError, InputError
+from vd_jax.export import export_checkpoint
+from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
+
 
 def main(argv=None):
-    from vd_jax.platform import EXIT_OK, EXIT_USAGE, exit_codes_epilog, quiet_libraries
     quiet_libraries()
     p = argparse.ArgumentParser(prog='python -m vd_jax.export', description=__doc__,
                                 epilog=exit_codes_epilog(),
@@ -22,11 +25,10 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
     args = p.parse_args(argv)
 
-    from vd_jax.export import ExportError, export_checkpoint
     try:
         out = export_checkpoint(args.ckpt, args.out, args.layout, args.dtype, args.overwrite,
                                 progress=True)
-    except (ExportError, FileExistsError) as e:
+    except (CheckpointError, InputError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
     print(f'wrote {out}')

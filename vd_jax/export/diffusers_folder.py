@@ -25,6 +25,10 @@ import os
 import shutil
 from typing import Any, Dict, List, Mapping
 
+from vd_jax.tokenizers import VOCAB_DIR
+
+from vd_jax.image_io import CLIP_MEAN, CLIP_STD
+
 # The diffusers release these folders were verified with (setup.cfg `test` extra).
 DIFFUSERS_VERSION = '0.42.1'
 # One folder per key prefix of the 'diffusers' layout: (folder, library, class, weights file)
@@ -107,7 +111,8 @@ def unet_config(stream, global_stream) -> Dict[str, Any]:
 
 def vae_config(autokl, scaling_factor: float) -> Dict[str, Any]:
     """config.json of `vae/` (diffusers AutoencoderKL) from the AutoKL config."""
-    from vd_jax.models.vae import as_autokl_config
+    # lazy: vd_jax.models.vae pulls in jax, flax (+0.7 s)
+    from vd_jax.models.vae import as_autokl_config  # noqa: PLC0415
     a = as_autokl_config(autokl)
     if a.z_channels != a.embed_dim:
         raise ValueError(f'AutoKL z_channels={a.z_channels} != embed_dim={a.embed_dim}: '
@@ -131,7 +136,8 @@ def vae_config(autokl, scaling_factor: float) -> Dict[str, Any]:
 
 def clip_text_config(ctx_text) -> Dict[str, Any]:
     """config.json of `text_encoder/` (transformers CLIPTextModelWithProjection)."""
-    from vd_jax.models.clip import CLIPTextConfig
+    # lazy: vd_jax.models.clip pulls in jax, flax (+0.7 s)
+    from vd_jax.models.clip import CLIPTextConfig  # noqa: PLC0415
     c = dataclasses.asdict(CLIPTextConfig.from_dict(ctx_text))
     # openai/clip-vit-large-patch14's special ids: <|startoftext|>, and <|endoftext|> pads
     return dict(architectures=['CLIPTextModelWithProjection'], model_type='clip_text_model',
@@ -140,7 +146,7 @@ def clip_text_config(ctx_text) -> Dict[str, Any]:
 
 def clip_vision_config(ctx_image) -> Dict[str, Any]:
     """config.json of `image_encoder/` (transformers CLIPVisionModelWithProjection)."""
-    from vd_jax.models.clip import CLIPVisionConfig
+    from vd_jax.models.clip import CLIPVisionConfig  # noqa: PLC0415
     c = dataclasses.asdict(CLIPVisionConfig.from_dict(ctx_image))
     return dict(architectures=['CLIPVisionModelWithProjection'], model_type='clip_vision_model',
                 **c)
@@ -152,7 +158,8 @@ def scheduler_config(schedule: Mapping) -> Dict[str, Any]:
     the model predicts. With zero terminal SNR the grid is 'trailing' (its first step is the
     pure-noise t = T - 1, Lin et al. 2023), else diffusers' 'leading' with steps_offset 1 (VD's
     original grid). `vd_jax.convert.diffusers_scheduler` reads it back."""
-    from vd_jax.diffusion.schedule import ScheduleConfig
+    # lazy: vd_jax.diffusion.schedule pulls in jax, flax (+0.7 s)
+    from vd_jax.diffusion.schedule import ScheduleConfig  # noqa: PLC0415
     sc = ScheduleConfig.coerce(schedule)
     return dict(_class_name='DDIMScheduler', _diffusers_version=DIFFUSERS_VERSION,
                 num_train_timesteps=int(sc.timesteps), beta_start=float(sc.beta_linear_start),
@@ -185,7 +192,6 @@ def write_json(path: str, obj) -> None:
 
 def write_tokenizer(folder: str, max_length: int) -> None:
     """`tokenizer/` for transformers' CLIPTokenizer from the bundled vocabulary."""
-    from vd_jax.tokenizers import VOCAB_DIR
     os.makedirs(folder, exist_ok=True)
     for src, dst in (('clip_vocab.json.gz', 'vocab.json'), ('clip_merges.txt.gz', 'merges.txt')):
         with gzip.open(os.path.join(VOCAB_DIR, src), 'rb') as fi, \
@@ -203,7 +209,6 @@ def write_tokenizer(folder: str, max_length: int) -> None:
 def write_image_processor(folder: str, image_size: int) -> None:
     """`image_feature_extractor/` for transformers' CLIPImageProcessor (bicubic resize of the
     short side, centre crop, CLIP mean/std), as `vd_jax.image_io.clip_preprocess`."""
-    from vd_jax.image_io import CLIP_MEAN, CLIP_STD
     write_json(os.path.join(folder, 'preprocessor_config.json'), dict(
         image_processor_type='CLIPImageProcessor', feature_extractor_type='CLIPFeatureExtractor',
         do_resize=True, size=dict(shortest_edge=int(image_size)), resample=3,

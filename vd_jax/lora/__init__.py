@@ -14,14 +14,14 @@ load too (`vd_jax.lora.peft_import`). docs/lora.md has a worked example.
 Modules: `adapters` (targets, files, merging), `apply` (the on-the-fly path), `stack`
 (adapters loaded into a model), `peft_import`, `training`, `teach_shape` (the worked example).
 """
-from vd_jax.lora.adapters import (DEFAULT_TARGETS, Adapter, LoraError, LoraSpec,  # noqa: F401
-                                  merge, read_adapter, save_adapter, select_targets)
+from vd_jax.lora import peft_import
+from vd_jax.lora.adapters import (DEFAULT_TARGETS, Adapter, LoraSpec, merge, read_adapter,  # noqa: F401
+                                  save_adapter, select_targets)
 
 
 def import_peft(path_or_state, diffuser_config, **kw):
     """A diffusers/PEFT LoRA (file or state dict) as an `Adapter` of this diffuser
     (`vd_jax.lora.peft_import.import_state_dict`)."""
-    from vd_jax.lora import peft_import
     if isinstance(path_or_state, str):
         return peft_import.read_peft_file(path_or_state, diffuser_config, **kw)
     return peft_import.import_state_dict(path_or_state, diffuser_config, **kw)

@@ -32,7 +32,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vd_jax.checkpoint import flatten, load_safetensors, safetensors_metadata
+from vd_jax.checkpoint import flatten, load_safetensors, safetensors_metadata, save_params, unflatten
+from vd_jax.errors import CheckpointError, ConfigError
 
 FORMAT = 'vd_jax-lora'
 FORMAT_VERSION = 1
@@ -40,10 +41,6 @@ METADATA_KEY = 'vd_jax_lora'
 DEFAULT_TARGETS = ('*/context_blocks_*/transformer_blocks_*/attn[12]/to_[qkv]/kernel',
                    '*/context_blocks_*/transformer_blocks_*/attn[12]/to_out_0/kernel')
 DOWN, UP = 'lora_down', 'lora_up'
-
-
-class LoraError(ValueError):
-    """A bad adapter, adapter file or LoRA setting; the message names the key or file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +66,10 @@ class LoraSpec:
             ({'*': alpha} if isinstance(alpha, (int, float)) else dict(alpha))
         for k, v in rank.items():
             if isinstance(v, bool) or int(v) != v or int(v) < 0:
-                raise LoraError(f'lora.rank.{k} = {v!r}: ranks are integers >= 0')
+                raise ConfigError(f'lora.rank.{k} = {v!r}: ranks are integers >= 0')
         for k, v in alpha.items():
             if not float(v) > 0:
-                raise LoraError(f'lora.alpha.{k} = {v!r}: alphas must be > 0')
+                raise ConfigError(f'lora.alpha.{k} = {v!r}: alphas must be > 0')
         return cls(targets=targets, ranks=tuple(sorted((str(k), int(v)) for k, v in rank.items())),
                    alphas=tuple(sorted((str(k), float(v)) for k, v in alpha.items())))
 
@@ -82,8 +79,8 @@ class LoraSpec:
             return d[stream]
         if '*' in d:
             return d['*']
-        raise LoraError(f"lora.{what} has no value for stream '{stream}' (set lora.{what}."
-                        f'{stream}, or one number for every stream)')
+        raise ConfigError(f"lora.{what} has no value for stream '{stream}' (set lora.{what}."
+                          f'{stream}, or one number for every stream)')
 
     def rank(self, stream: str) -> int:
         return int(self._of(self.ranks, stream, 'rank'))
@@ -112,24 +109,24 @@ def select_targets(params: Mapping, spec: LoraSpec) -> Dict[str, Tuple[int, int]
         hits = [k for k in flat if fnmatch.fnmatchcase(k, pat)]
         if not hits:
             examples = [k for k in flat if k.endswith('/kernel')][:5]
-            raise LoraError(f"lora target pattern '{pat}' matches no diffuser parameter "
-                            f'(paths look like {examples})')
+            raise ConfigError(f"lora target pattern '{pat}' matches no diffuser parameter "
+                              f'(paths look like {examples})')
         bad = [k for k in hits if not k.endswith('/kernel') or len(flat[k]) not in (2, 4)]
         if bad:
-            raise LoraError(f"lora target pattern '{pat}' matches {bad[:5]}: LoRA adapts "
-                            'Dense kernels (in, out) and conv kernels (k, k, in, out) only')
+            raise ConfigError(f"lora target pattern '{pat}' matches {bad[:5]}: LoRA adapts "
+                              'Dense kernels (in, out) and conv kernels (k, k, in, out) only')
         for k in hits:
             if spec.rank(k.split('/')[0]) > 0:
                 out[k] = _matrix_shape(flat[k])
     if not out:
-        raise LoraError(f'lora: every matched stream has rank 0 (ranks {dict(spec.ranks)})')
+        raise ConfigError(f'lora: every matched stream has rank 0 (ranks {dict(spec.ranks)})')
     return dict(sorted(out.items()))
 
 
 def module_of(kernel_path: str) -> str:
     """'a/b/to_q/kernel' -> 'a/b/to_q' (adapter tensors are named after the module)."""
     if not kernel_path.endswith('/kernel'):
-        raise LoraError(f"'{kernel_path}' is not a kernel path")
+        raise ConfigError(f"'{kernel_path}' is not a kernel path")
     return kernel_path[:-len('/kernel')]
 
 
@@ -156,7 +153,6 @@ class Adapter:
 
     def as_tree(self) -> Dict[str, Any]:
         """The nested training tree {.. module: {lora_down, lora_up}}."""
-        from vd_jax.checkpoint import unflatten
         flat = {}
         for m, (d, u) in self.weights.items():
             flat[f'{m}/{DOWN}'], flat[f'{m}/{UP}'] = d, u
@@ -174,7 +170,6 @@ class Adapter:
 def init_tree(targets: Mapping[str, Tuple[int, int]], spec: LoraSpec, seed: int = 0):
     """A fresh training tree: down ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch/PEFT's kaiming
     uniform with a=sqrt(5)), up = 0 (so the adapted model starts as the base)."""
-    from vd_jax.checkpoint import unflatten
     flat = {}
     for i, (k, (fan_in, fan_out)) in enumerate(sorted(targets.items())):
         r = spec.rank(k.split('/')[0])
@@ -192,7 +187,6 @@ def init_tree(targets: Mapping[str, Tuple[int, int]], spec: LoraSpec, seed: int 
 
 def save_adapter(path: str, adapter: Adapter) -> str:
     """Write one adapter file (tensors + the `vd_jax_lora` metadata record); returns path."""
-    from vd_jax.checkpoint import save_params
     stream_alpha: Dict[str, set] = {}
     for m, a in adapter.alphas.items():
         stream_alpha.setdefault(m.split('/')[0], set()).add(float(a))
@@ -218,24 +212,24 @@ def read_adapter(path: str) -> Adapter:
     """Read a vd_jax adapter file (see the module docstring); a PEFT/diffusers file is
     refused here with a pointer to `vd_jax.lora.peft_import`."""
     if not os.path.isfile(path):
-        raise LoraError(f"LoRA file '{path}' does not exist")
+        raise CheckpointError(f"LoRA file '{path}' does not exist")
     meta = safetensors_metadata(path)
     flat = {k: np.asarray(v, np.float32) for k, v in load_safetensors(path).items()}
     if METADATA_KEY not in meta:
-        raise LoraError(f"'{path}' is not a vd_jax LoRA file (no '{METADATA_KEY}' metadata); "
-                        'read diffusers/PEFT files with vd_jax.lora.import_peft (load_lora does '
-                        'it for you)')
+        raise CheckpointError(f"'{path}' is not a vd_jax LoRA file (no '{METADATA_KEY}' metadata); "
+                              'read diffusers/PEFT files with vd_jax.lora.import_peft (load_lora does '
+                              'it for you)')
     info = json.loads(meta[METADATA_KEY])
     if info.get('format') != FORMAT or int(info.get('version', 0)) > FORMAT_VERSION:
-        raise LoraError(f"'{path}': unsupported LoRA format {info.get('format')!r} version "
-                        f"{info.get('version')!r} (this vd_jax reads {FORMAT} <= {FORMAT_VERSION})")
+        raise CheckpointError(f"'{path}': unsupported LoRA format {info.get('format')!r} version "
+                              f"{info.get('version')!r} (this vd_jax reads {FORMAT} <= {FORMAT_VERSION})")
     mods = sorted({k.rsplit('/', 1)[0] for k in flat})
     weights = {}
     for m in mods:
         d, u = flat.get(f'{m}/{DOWN}'), flat.get(f'{m}/{UP}')
         if d is None or u is None or d.ndim != 2 or u.ndim != 2 or d.shape[1] != u.shape[0]:
-            raise LoraError(f"'{path}': module '{m}' needs {DOWN} (in, r) and {UP} (r, out), got "
-                            f'{None if d is None else d.shape} and {None if u is None else u.shape}')
+            raise CheckpointError(f"'{path}': module '{m}' needs {DOWN} (in, r) and {UP} (r, out), got "
+                                  f'{None if d is None else d.shape} and {None if u is None else u.shape}')
         weights[m] = (d, u)
     alphas = {}
     for m in mods:
@@ -257,10 +251,10 @@ def check_against(adapter: Adapter, params: Mapping, where: str = 'adapter') -> 
         elif _matrix_shape(flat[k]) != (d.shape[0], u.shape[1]):
             wrong.append(f'{k} {_matrix_shape(flat[k])} != adapter ({d.shape[0]}, {u.shape[1]})')
     if missing or wrong:
-        raise LoraError(f'{where} does not fit this diffuser: ' +
-                        (f'no such parameter(s) {missing[:8]}' if missing else '') +
-                        ('; ' if missing and wrong else '') +
-                        (f"wrong shape(s): {'; '.join(wrong[:8])}" if wrong else ''))
+        raise CheckpointError(f'{where} does not fit this diffuser: ' +
+                              (f'no such parameter(s) {missing[:8]}' if missing else '') +
+                              ('; ' if missing and wrong else '') +
+                              (f"wrong shape(s): {'; '.join(wrong[:8])}" if wrong else ''))
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,9 +267,9 @@ def merge(params, stacks: Sequence[Mapping[str, Tuple[Any, Any]]], scales):
     stacks[k]: {module: (down (in, r), up (r, out) already times alpha / r)} of adapter k
     (`sampling_weights`); scales: (K,) array (traced under jit: a new scale is a new value,
     not a new program). The sum is float32; the result keeps each kernel's dtype."""
-    import jax
-    import jax.numpy as jnp
-    from vd_jax.checkpoint import unflatten
+    # lazy: jax (+0.6 s)
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
     flat = flatten(params)
     out = dict(flat)
     for k, weights in enumerate(stacks):

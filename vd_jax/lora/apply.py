@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vd_jax.checkpoint import flatten
+from vd_jax.lora.adapters import DOWN, UP
 from vd_jax.models.layers import Conv, Dense
 
 
@@ -79,7 +80,6 @@ def with_adapters(stacks: Sequence[Mapping[str, Tuple[Any, Any]]], scales):
 def tree_to_stack(tree: Mapping, alphas: Mapping[str, float]) -> Dict[str, Tuple[Any, Any]]:
     """A training tree {.. module: {lora_down, lora_up}} -> {module: (down, up * alpha / r)};
     `alphas`: {stream: alpha} (traced arrays stay traced: gradients flow through)."""
-    from vd_jax.lora.adapters import DOWN, UP
     flat = flatten(tree)
     out = {}
     for key in flat:

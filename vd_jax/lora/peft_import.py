@@ -32,7 +32,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from vd_jax.lora.adapters import Adapter, LoraError
+from vd_jax.checkpoint import load_safetensors, safetensors_metadata
+from vd_jax.errors import CheckpointError
+from vd_jax.lora.adapters import Adapter
 
 logger = logging.getLogger('vd_jax.lora')
 
@@ -66,8 +68,10 @@ def _strip(module: str) -> str:
 
 def _rows(diffuser_config):
     """{diffusers weight key: (flax kernel path, transform name)} of a diffuser config."""
-    from vd_jax.convert.diffuser_rules import diffuser_rows
-    from vd_jax.models.unet import DiffuserConfig
+    # lazy: vd_jax.convert.diffuser_rules pulls in jax, flax (+0.9 s)
+    from vd_jax.convert.diffuser_rules import diffuser_rows  # noqa: PLC0415
+    # lazy: vd_jax.models.unet pulls in jax, flax (+0.8 s)
+    from vd_jax.models.unet import DiffuserConfig  # noqa: PLC0415
     cfg = diffuser_config if isinstance(diffuser_config, DiffuserConfig) else \
         DiffuserConfig.from_dict(dict(diffuser_config))
     return {r.diffusers: (r.path, r.transform.name) for r in diffuser_rows(cfg)
@@ -98,8 +102,8 @@ def _factors(a: np.ndarray, b: np.ndarray, transform: str, module: str):
     if transform == 'conv' and a.ndim == 4 and b.ndim == 4 and b.shape[2:] == (1, 1):
         # our conv kernel (kh, kw, in, out) is adapted as the (kh*kw*in, out) matrix
         return a.transpose(2, 3, 1, 0).reshape(-1, r), b[:, :, 0, 0].T
-    raise LoraError(f"LoRA module '{module}': A {a.shape} / B {b.shape} cannot adapt a "
-                    f"'{transform}' weight")
+    raise CheckpointError(f"LoRA module '{module}': A {a.shape} / B {b.shape} cannot adapt a "
+                          f"'{transform}' weight")
 
 
 def _metadata_alphas(metadata: Optional[Mapping[str, Any]]):
@@ -170,17 +174,17 @@ def import_state_dict(state_dict: Mapping[str, Any], diffuser_config, *,
             alpha = alpha * math.sqrt(r)
         m = path[:-len('/kernel')]
         if m in weights:
-            raise LoraError(f"{source}: two LoRA modules map onto '{path}' (one is '{module}')")
+            raise CheckpointError(f"{source}: two LoRA modules map onto '{path}' (one is '{module}')")
         weights[m], alphas[m] = (down.astype(np.float32), up.astype(np.float32)), alpha
     if unmapped:
         msg = (f'{source}: {len(unmapped)} LoRA key(s) do not map onto this diffuser '
                f'(SD-style UNet attention/resnet layers map; attention_stream='
                f"'{attention_stream}', data_stream='{data_stream}'): {sorted(unmapped)[:12]}")
         if not skip_unmapped:
-            raise LoraError(msg + ' (skip_unmapped=True loads the rest)')
+            raise CheckpointError(msg + ' (skip_unmapped=True loads the rest)')
         logger.warning(msg)
     if not weights:
-        raise LoraError(f'{source}: no LoRA weights found (keys {list(state_dict)[:8]})')
+        raise CheckpointError(f'{source}: no LoRA weights found (keys {list(state_dict)[:8]})')
     info = {'imported_from': source, 'attention_stream': attention_stream,
             'data_stream': data_stream, 'peft_metadata': dict(metadata or {})}
     return Adapter(weights, alphas, info)
@@ -188,7 +192,6 @@ def import_state_dict(state_dict: Mapping[str, Any], diffuser_config, *,
 
 def read_peft_file(path: str, diffuser_config, **kw) -> Adapter:
     """`import_state_dict` of a .safetensors file, with the metadata it carries."""
-    from vd_jax.checkpoint import load_safetensors, safetensors_metadata
     meta = safetensors_metadata(path)
     raw = meta.get('lora_adapter_metadata')
     metadata = kw.pop('metadata', None) or (json.loads(raw) if raw else None)

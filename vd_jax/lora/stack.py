@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.lora.adapters import Adapter, LoraError, check_against, merge, sampling_weights
+from vd_jax.checkpoint import safetensors_metadata
+from vd_jax.errors import CheckpointError, ConfigError
+from vd_jax.lora.adapters import Adapter, check_against, merge, sampling_weights, summary
+from vd_jax.lora.adapters import METADATA_KEY, read_adapter
+from vd_jax.lora.peft_import import read_peft_file
 
 MODES = ('merge', 'on_the_fly')
 
@@ -32,9 +36,9 @@ def _check_scale(name: str, scale) -> float:
     try:
         s = float(scale)
     except (TypeError, ValueError):
-        raise LoraError(f"LoRA '{name}': scale must be a number, got {scale!r}") from None
+        raise ConfigError(f"LoRA '{name}': scale must be a number, got {scale!r}") from None
     if not np.isfinite(s):
-        raise LoraError(f"LoRA '{name}': scale must be finite, got {scale!r}")
+        raise ConfigError(f"LoRA '{name}': scale must be finite, got {scale!r}")
     return s
 
 
@@ -60,7 +64,7 @@ class AdapterStack:
     @mode.setter
     def mode(self, value: str) -> None:
         if value not in MODES:
-            raise LoraError(f'LoRA mode must be one of {MODES}, got {value!r}')
+            raise ConfigError(f'LoRA mode must be one of {MODES}, got {value!r}')
         self._mode = value
         self._merged = None
 
@@ -70,12 +74,12 @@ class AdapterStack:
 
     def add(self, name: str, adapter: Adapter, scale: float = 1.0, source: str = '') -> str:
         if not isinstance(name, str) or not name:
-            raise LoraError(f'a LoRA name must be a non-empty string, got {name!r}')
+            raise ConfigError(f'a LoRA name must be a non-empty string, got {name!r}')
         if name in self.adapters:
-            raise LoraError(f"a LoRA named '{name}' is already loaded (loaded: "
-                            f'{list(self.adapters)}); unload it first or pass another name=')
+            raise ConfigError(f"a LoRA named '{name}' is already loaded (loaded: "
+                              f'{list(self.adapters)}); unload it first or pass another name=')
         if 'diffuser' not in self.comps.params:
-            raise LoraError('this model has no diffuser weights to adapt')
+            raise CheckpointError('this model has no diffuser weights to adapt')
         check_against(adapter, self.comps.params['diffuser'], f"LoRA '{name}' ({source or 'memory'})")
         s = _check_scale(name, scale)
         self.adapters[name] = adapter
@@ -92,18 +96,17 @@ class AdapterStack:
             self.sources.clear()
         else:
             if name not in self.adapters:
-                raise LoraError(f"no LoRA named '{name}' is loaded (loaded: {list(self.adapters)})")
+                raise ConfigError(f"no LoRA named '{name}' is loaded (loaded: {list(self.adapters)})")
             del self.adapters[name], self.scales[name], self.sources[name]
         self._device = self._merged = None
 
     def set_scale(self, name: str, scale) -> None:
         if name not in self.adapters:
-            raise LoraError(f"no LoRA named '{name}' is loaded (loaded: {list(self.adapters)})")
+            raise ConfigError(f"no LoRA named '{name}' is loaded (loaded: {list(self.adapters)})")
         self.scales[name] = _check_scale(name, scale)
 
     def listing(self):
         """[(name, scale, source, summary)] in load order."""
-        from vd_jax.lora.adapters import summary
         return [(n, self.scales[n], self.sources[n], summary(a)) for n, a in self.adapters.items()]
 
     # -- what the samplers run -----------------------------------------------------------------
@@ -111,7 +114,8 @@ class AdapterStack:
         x = jnp.asarray(x)
         if self.comps.mesh is None:
             return x
-        from vd_jax import sharding as shd
+        # lazy: vd_jax.sharding pulls in jax, flax (+0.1 s)
+        from vd_jax import sharding as shd  # noqa: PLC0415
         return jax.device_put(x, shd.replicated(self.comps.mesh))
 
     def _weights(self):
@@ -128,7 +132,8 @@ class AdapterStack:
         """The diffuser module a conditioning runs (the on-the-fly wrapper in that mode)."""
         if not self.active or self.mode == 'merge':
             return diffuser
-        from vd_jax.lora.apply import LoraDiffuser
+        # lazy: vd_jax.lora.apply pulls in jax, flax (+0.3 s)
+        from vd_jax.lora.apply import LoraDiffuser  # noqa: PLC0415
         return LoraDiffuser(diffuser)
 
     def sampling_params(self, base):
@@ -159,7 +164,7 @@ def parse_lora_flag(spec: str):
         except ValueError:
             path = spec
     if not os.path.isfile(path):
-        raise LoraError(f"'{path}' does not exist (give PATH or PATH:SCALE, e.g. star.safetensors:0.8)")
+        raise CheckpointError(f"'{path}' does not exist (give PATH or PATH:SCALE, e.g. star.safetensors:0.8)")
     return path, _check_scale(path, scale)
 
 
@@ -172,16 +177,13 @@ def stack_of(comps) -> AdapterStack:
 
 def read_any(path: str, comps, **import_kw) -> Adapter:
     """A vd_jax adapter file, or a diffusers/PEFT LoRA file mapped onto this diffuser."""
-    from vd_jax.checkpoint import safetensors_metadata
-    from vd_jax.lora.adapters import METADATA_KEY, read_adapter
     if not os.path.isfile(path):
-        raise LoraError(f"LoRA file '{path}' does not exist")
+        raise CheckpointError(f"LoRA file '{path}' does not exist")
     if not path.endswith('.safetensors'):
-        raise LoraError(f"LoRA file '{path}': expected a .safetensors file")
+        raise CheckpointError(f"LoRA file '{path}': expected a .safetensors file")
     if METADATA_KEY in safetensors_metadata(path):
         if import_kw:
-            raise LoraError(f"'{path}' is a vd_jax LoRA file: {sorted(import_kw)} only apply to "
-                            'diffusers/PEFT files')
+            raise ConfigError(f"'{path}' is a vd_jax LoRA file: {sorted(import_kw)} only apply to "
+                              'diffusers/PEFT files')
         return read_adapter(path)
-    from vd_jax.lora.peft_import import read_peft_file
     return read_peft_file(path, comps.config['diffuser'], **import_kw)

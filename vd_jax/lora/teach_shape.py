@@ -20,6 +20,7 @@ eval     text -> image with the adapter at scale 1 (and the base, for comparison
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -27,15 +28,16 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from vd_jax.data import shapes as W
+from vd_jax.outputs import make_grid, save_png
 
 FIELDS_BUT_SHAPE = ('colour', 'background', 'size', 'position')
 
 
 def _combos(shape: str, heldout: bool) -> List[W.Attributes]:
     """Every combination with the new shape, split by the world's rule (shape index 4+)."""
-    import itertools
     idx = len(W.SHAPES) + W.EXTRA_SHAPES.index(shape)
     out = []
     for c, b, s, p in itertools.product(*(range(len(W.VOCAB[f])) for f in FIELDS_BUT_SHAPE)):
@@ -70,7 +72,6 @@ def render_folder(out: str, shape: str = 'star', new: int = 300, old: int = 300,
                   seed: int = 0) -> Dict[str, int]:
     """Write `new` renders of `shape` and `old` of the world's training split as
     `<out>/<kind>_<i>.png` + `.txt` (the image-folder layout train.py's data.kind=images reads)."""
-    from PIL import Image
     os.makedirs(out, exist_ok=True)
     items = [('new', s) for s in new_shape_samples(shape, 'train', new, seed)] + \
         [('old', s) for s in W.sample('train', old, seed)]
@@ -97,9 +98,12 @@ def evaluate(adapter: str, shape: str = 'star', n: int = 100, seed: int = 0, ste
              scale: float = 7.5, batch: int = 50, lora_scale: float = 1.0,
              out_dir: Optional[str] = None, model: str = 'vd-mini') -> Dict:
     """The example's numbers (see the module docstring); a JSON-able record."""
-    from vd_jax.eval.shapes_eval import heldout
-    from vd_jax.eval.shapes_reader import attribute_accuracy, read_images
-    from vd_jax.pipeline import VersatileDiffusion
+    # lazy: vd_jax.eval.shapes_eval pulls in scipy, numpy (+0.3 s)
+    from vd_jax.eval.shapes_eval import heldout  # noqa: PLC0415
+    # lazy: vd_jax.eval.shapes_reader pulls in scipy, numpy (+0.2 s)
+    from vd_jax.eval.shapes_reader import attribute_accuracy, read_images  # noqa: PLC0415
+    # lazy: vd_jax.pipeline pulls in jax, flax (+0.2 s)
+    from vd_jax.pipeline import VersatileDiffusion  # noqa: PLC0415
     t0 = time.time()
     vd = VersatileDiffusion.default(model)
     kinds = W.SHAPES + (shape,)
@@ -130,7 +134,6 @@ def evaluate(adapter: str, shape: str = 'star', n: int = 100, seed: int = 0, ste
         for k in W.FIELDS + ('all', 'mean5')}
     rec['seconds'] = round(time.time() - t0, 1)
     if out_dir:
-        from vd_jax.outputs import make_grid, save_png
         os.makedirs(out_dir, exist_ok=True)
         for tag, imgs in images.items():
             save_png(os.path.join(out_dir, f'{tag}.png'),

@@ -39,6 +39,7 @@ import flax.linen as nn
 
 from vd_jax import sharding_names as ax
 from vd_jax.models.common import config_from_dict, embed
+from vd_jax.models.init import abstract_params
 from vd_jax.models.layers import Dense, LayerNorm, attention
 from vd_jax.models.optimus_bert import MASK_VALUE, BertConfig, BertForLatentConnector
 
@@ -379,7 +380,6 @@ def example_inputs(config: OptimusConfig, batch: int = 1):
 
 def param_count(model: Optimus) -> Dict[str, int]:
     """{'encoder': n, 'decoder': n} (the tied LM head counted once, it has no own leaf)."""
-    from vd_jax.models.init import abstract_params
     p = abstract_params(model)
     return {k: int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(p[k])))
             for k in ('encoder', 'decoder')}

@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 from vd_jax import modalities as M
 from vd_jax.tasks import (disentangle, dual_guided, i2t2i, image_to_text, image_variation,
                           multi_context, text_to_image, text_variation)
-from vd_jax.tasks.common import SamplingOptions, TaskError  # noqa: F401
+from vd_jax.tasks.common import SamplingOptions  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

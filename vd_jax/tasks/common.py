@@ -17,25 +17,23 @@ from vd_jax.batching import pad_rows, round_up
 from vd_jax.diffusion import conditioning, samplers
 from vd_jax.diffusion.sampling import SAMPLERS, Sampler, check_prediction
 from vd_jax.diffusion.schedule import make_schedule
+from vd_jax.errors import CheckpointError, InputError
 from vd_jax.image_io import as_list
 from vd_jax.modalities import CONVENTIONS
 
 
-class TaskError(ValueError):
-    """A task cannot run with this model/checkpoint or these arguments."""
-
-
 @contextlib.contextmanager
-def task_errors(passthrough=()):
-    """Re-raise a ValueError of the block as a TaskError with its message (the error of a
-    task's arguments), except the classes in `passthrough` (e.g. `ImageReadError`, whose own
-    class names the concern: a file that is not an image)."""
+def task_errors():
+    """Re-raise a ValueError of the block (e.g. a `ConfigError` of the schedule) as an
+    `InputError` with its message: the error of a task's arguments. An `InputError` (e.g. a
+    file that is not an image) and a `CheckpointError` (a tokenizer's vocabulary file) pass
+    unchanged."""
     try:
         yield
-    except passthrough:
+    except (InputError, CheckpointError):
         raise
     except ValueError as e:
-        raise TaskError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,30 +67,30 @@ class SamplingOptions:
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
-            raise TaskError(f'sampler must be one of {SAMPLERS}, got {self.sampler!r}')
+            raise InputError(f'sampler must be one of {SAMPLERS}, got {self.sampler!r}')
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
                 or self.steps < 1:
-            raise TaskError(f'steps must be a positive integer, got {self.steps!r}')
+            raise InputError(f'steps must be a positive integer, got {self.steps!r}')
         if not float(self.scale) >= 0:
-            raise TaskError(f'scale (guidance) must be >= 0, got {self.scale}')
+            raise InputError(f'scale (guidance) must be >= 0, got {self.scale}')
         if not float(self.eta) >= 0:
-            raise TaskError(f'eta must be >= 0, got {self.eta}')
+            raise InputError(f'eta must be >= 0, got {self.eta}')
         if not 0 <= float(self.guidance_rescale) <= 1:
-            raise TaskError(f'guidance_rescale must be in [0, 1] (the fraction phi of the '
-                            f'rescaled guidance; 0 = off), got {self.guidance_rescale}')
+            raise InputError(f'guidance_rescale must be in [0, 1] (the fraction phi of the '
+                             f'rescaled guidance; 0 = off), got {self.guidance_rescale}')
         if not isinstance(self.karras, (bool, np.bool_)):
-            raise TaskError(f'karras must be True or False, got {self.karras!r}')
+            raise InputError(f'karras must be True or False, got {self.karras!r}')
         if self.karras and not samplers.get(self.sampler).supports_karras:
             with_karras = tuple(n for n in SAMPLERS if samplers.get(n).supports_karras)
-            raise TaskError(f'karras (the Karras sigma grid) is for the samplers {with_karras}, '
-                            f'not {self.sampler!r}')
+            raise InputError(f'karras (the Karras sigma grid) is for the samplers {with_karras}, '
+                             f'not {self.sampler!r}')
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or not 0 <= int(self.seed) < 2 ** 32:
-            raise TaskError(f'seed must be an integer in [0, 2^32), got {self.seed!r}')
+            raise InputError(f'seed must be an integer in [0, 2^32), got {self.seed!r}')
         if self.dtype not in (None, 'float32', 'bfloat16'):
-            raise TaskError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise InputError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.uncond not in CONVENTIONS:
-            raise TaskError(f'uncond must be one of {CONVENTIONS}, got {self.uncond!r}')
+            raise InputError(f'uncond must be one of {CONVENTIONS}, got {self.uncond!r}')
 
     @classmethod
     def split(cls, kwargs: dict, **defaults) -> Tuple['SamplingOptions', dict]:
@@ -109,7 +107,7 @@ def seeds_for(seed: int, b: int) -> np.ndarray:
 
 def check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise TaskError(f'n (samples per input) must be an integer >= 1, got {n!r}')
+        raise InputError(f'n (samples per input) must be an integer >= 1, got {n!r}')
     return int(n)
 
 
@@ -117,7 +115,7 @@ def prompts_list(prompts, n: int) -> List[str]:
     """Prompts (a string or a list) repeated n times each, prompt-major."""
     items = as_list(prompts)
     if not items or any(p is None for p in items):
-        raise TaskError('no prompt given')
+        raise InputError('no prompt given')
     return [str(p) for p in items for _ in range(check_n(n))]
 
 
@@ -127,8 +125,8 @@ def per_prompt(values, prompts: int, what: str):
     if len(items) == 1:
         return items * prompts
     if len(items) != prompts:
-        raise TaskError(f'{len(items)} {what} for {prompts} prompts/inputs (give one, or one '
-                        'per prompt)')
+        raise InputError(f'{len(items)} {what} for {prompts} prompts/inputs (give one, or one '
+                         'per prompt)')
     return items
 
 
@@ -142,9 +140,9 @@ def image_hw(comps, height=None, width=None) -> Tuple[int, int]:
     w = int(width or comps.image_size)
     f = comps.size_multiple
     if h % f or w % f or h <= 0 or w <= 0:
-        raise TaskError(f'height and width must be positive multiples of {f} for this model '
-                        f'({comps.vae_factor} for the VAE x {f // comps.vae_factor} for the UNet '
-                        f'levels), got {h}x{w}')
+        raise InputError(f'height and width must be positive multiples of {f} for this model '
+                         f'({comps.vae_factor} for the VAE x {f // comps.vae_factor} for the UNet '
+                         f'levels), got {h}x{w}')
     return h, w
 
 
@@ -161,7 +159,7 @@ def sampler_for(comps, cond, opts: SamplingOptions, start_step: Optional[int] = 
     """The Sampler of (conditioning, sampler, steps, spacing, karras, start, dtype) on the
     checkpoint's schedule, cached on the components (`comps.samplers`): equal settings reuse
     one compiled program. A grid the model cannot denoise (an eps model asked for x0 where the
-    schedule has zero SNR) is a TaskError here, before any sampling."""
+    schedule has zero SNR) is an InputError here, before any sampling."""
     key = (cond, opts.sampler, int(opts.steps), opts.spacing, bool(opts.karras), start_step,
            opts.dtype)
     if key not in comps.samplers:
@@ -209,9 +207,9 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
     trimmed again; per-sample seeds make the result equal to a single-device run.
     """
     if comps.mesh is not None and not comps.splits_batches:
-        raise TaskError('sampling runs on a mesh of this process\'s devices (jax.local_devices()); '
-                        'this mesh spans several processes (sample.py --distributed gives each '
-                        'process its own mesh)')
+        raise InputError('sampling runs on a mesh of this process\'s devices (jax.local_devices()); '
+                         'this mesh spans several processes (sample.py --distributed gives each '
+                         'process its own mesh)')
     sampler = sampler_for(comps, cond, opts, start_step)
     b = next(x for x in (None if shape is None else shape[0],
                          None if x0 is None else x0.shape[0],
@@ -220,12 +218,12 @@ def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=
         seeds = seeds_for(opts.seed, b)
     if latents is not None:
         if x0 is not None:
-            raise TaskError('latents (an initial x_T) and a start from an image (fidelity / '
-                            'start_step) are exclusive: give one of them')
+            raise InputError('latents (an initial x_T) and a start from an image (fidelity / '
+                             'start_step) are exclusive: give one of them')
         latents = jnp.asarray(latents, jnp.float32)
         want = tuple(shape) if shape is not None else tuple(latents.shape)
         if tuple(latents.shape) != want:
-            raise TaskError(f'latents must have shape {want}, got {tuple(latents.shape)}')
+            raise InputError(f'latents must have shape {want}, got {tuple(latents.shape)}')
     shards = comps.data_shards
     padded = round_up(b, shards)
     args = dict(ctx=ctx, uctx=uctx, seeds=jnp.asarray(seeds), x0=x0, latents=latents)

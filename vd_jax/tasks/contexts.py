@@ -2,8 +2,8 @@
 
 Inputs come in as users give them (strings or CLIP token ids, image files / arrays, keep-masks,
 ready contexts (P, L, D)); out come contexts (B, L, D) float32 of the model, each input's
-repeated n times input-major. Problems with the arguments are `TaskError`s; a file that is
-not an image stays an `ImageReadError`.
+repeated n times input-major. Problems with the arguments (and a file that is not an image)
+are `vd_jax.errors.InputError`s.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 
 from vd_jax import applications as apps
 from vd_jax import modalities as M
-from vd_jax.image_io import ImageReadError, as_list, load_images, load_mask
-from vd_jax.tasks.common import TaskError, check_n, per_prompt, prompts_list, repeat, task_errors
+from vd_jax.errors import InputError
+from vd_jax.image_io import as_list, load_images, load_mask
+from vd_jax.tasks.common import check_n, per_prompt, prompts_list, repeat, task_errors
 from vd_jax.tokenizers import token_ids
 
 
@@ -23,14 +24,14 @@ from vd_jax.tokenizers import token_ids
 
 def input_images(images, hw) -> np.ndarray:
     """`vd_jax.image_io.load_images` for a task: (B, h, w, 3) float32 in [0, 1]."""
-    with task_errors(ImageReadError):
+    with task_errors():
         return load_images(images, hw)
 
 
 def input_masks(masks, hw) -> list:
     """Keep-masks (one, or a list; None entries: whole image) -> a list of (h, w) float32 in
     [0, 1] or None (`vd_jax.image_io.load_mask`)."""
-    with task_errors(ImageReadError):
+    with task_errors():
         return [None if m is None else load_mask(m, hw) for m in as_list(masks)]
 
 
@@ -54,9 +55,9 @@ def ready_context(comps, context, modality: str, what: str = 'context') -> jnp.n
     m = M.get(modality)
     length, dim = m.context_length(comps.config), m.context_dim(comps.config)
     if c.ndim != 3 or c.shape[0] < 1 or c.shape[1] != length or (dim and c.shape[2] != dim):
-        raise TaskError(f'{what}: ready {modality} contexts must be (P, {length}, {dim}) float '
-                        f'arrays (as comps.encode_context({modality!r}, ...) gives), got shape '
-                        f'{tuple(c.shape)}')
+        raise InputError(f'{what}: ready {modality} contexts must be (P, {length}, {dim}) float '
+                         f'arrays (as comps.encode_context({modality!r}, ...) gives), got shape '
+                         f'{tuple(c.shape)}')
     return c
 
 
@@ -111,7 +112,7 @@ def image_contexts(comps, images01: np.ndarray, focus=None, masks=None, context=
         c = comps.encode_context('image', list(images01), masks=masks)
     focus = list(focus) if isinstance(focus, (list, tuple, np.ndarray)) else [focus] * len(c)
     if len(focus) != len(c):
-        raise TaskError(f'{len(focus)} focus values for {len(c)} images')
+        raise InputError(f'{len(focus)} focus values for {len(c)} images')
     if any(f is not None and float(f) != 0.5 for f in focus):
         with task_errors():
             rows = [c[i:i + 1] if f is None or float(f) == 0.5 else jnp.concatenate(

@@ -7,8 +7,9 @@ from typing import Optional
 import numpy as np
 
 from vd_jax import applications as apps
+from vd_jax.errors import InputError
 from vd_jax.tasks import image_variation
-from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, repeat, single
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, repeat, single
 from vd_jax.tasks.contexts import image_contexts, input_images, negative_image_context
 
 PARTS_FLOWS = ('i2i',)
@@ -25,13 +26,13 @@ def run(comps, image, n: int = 1, *, options: SamplingOptions, focus: Optional[f
     image; negative_image replaces the unconditional context; latents: initial x_T."""
     n = check_n(n)
     if (focus is None) == (level is None):
-        raise TaskError('disentangle: give exactly one of focus (0..1) or level (-2..2)')
+        raise InputError('disentangle: give exactly one of focus (0..1) or level (-2..2)')
     kw = dict(height=height, width=width, negative_image=negative_image, context=context,
               latents=latents, progress=progress, callback=callback)
     if focus is not None:
         return image_variation.run(comps, image, n, options=options, focus=focus, **kw)
     if level not in (-2, -1, 0, 1, 2):
-        raise TaskError(f'disentangle level must be one of -2, -1, 0, 1, 2; got {level!r}')
+        raise InputError(f'disentangle level must be one of -2, -1, 0, 1, 2; got {level!r}')
     hw = image_hw(comps, height, width)
     c = image_contexts(comps, None, context=context)[:1] if context is not None else \
         image_contexts(comps, input_images(image, hw)[:1])

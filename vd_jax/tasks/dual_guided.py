@@ -7,7 +7,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, mixed, repeat
+from vd_jax.errors import InputError
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, mixed, repeat
 from vd_jax.tasks.contexts import (image_contexts, input_images, negative_image_context,
                                    negative_text_context, ready_context, text_contexts)
 
@@ -40,13 +41,13 @@ def run(comps, prompt, image, n: int = 1, *, options: SamplingOptions, mix: floa
         mix_level = level
     n = check_n(n)
     if not 0.0 <= float(mix) <= 1.0:
-        raise TaskError(f'mix (text strength) must be in [0, 1], got {mix}')
+        raise InputError(f'mix (text strength) must be in [0, 1], got {mix}')
     if output not in ('image', 'text'):
-        raise TaskError(f"output must be 'image' or 'text', got {output!r}")
+        raise InputError(f"output must be 'image' or 'text', got {output!r}")
     ctx_text, ctx_image = (None, None) if context is None else tuple(context)
     hw = image_hw(comps, height, width) if output == 'image' else image_hw(comps)
     if (prompt is None and ctx_text is None) or (image is None and ctx_image is None):
-        raise TaskError('dual_guided needs a prompt and an image (or their ready contexts)')
+        raise InputError('dual_guided needs a prompt and an image (or their ready contexts)')
     if ctx_text is not None:
         ct1 = ready_context(comps, ctx_text, 'text', 'context[0]')
     else:
@@ -57,8 +58,8 @@ def run(comps, prompt, image, n: int = 1, *, options: SamplingOptions, mix: floa
         ci_raw = input_images(image, hw)
     pairs = max(len(ct1), len(ci_raw))
     if {len(ct1), len(ci_raw)} - {1, pairs}:
-        raise TaskError(f'{len(ct1)} prompts and {len(ci_raw)} images: give equal numbers '
-                        '(pairs), or one of either')
+        raise InputError(f'{len(ct1)} prompts and {len(ci_raw)} images: give equal numbers '
+                         '(pairs), or one of either')
     xp = np if ctx_image is None else jnp
     ci_raw = xp.repeat(ci_raw, pairs // len(ci_raw), axis=0)
     ci1 = image_contexts(comps, None if ctx_image is not None else ci_raw, focus,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from vd_jax import applications as apps
-from vd_jax.tasks.common import (SamplingOptions, TaskError, check_n, context_seeds, image_hw,
-                                 repeat, single)
+from vd_jax.errors import InputError
+from vd_jax.tasks.common import SamplingOptions, check_n, context_seeds, image_hw, repeat, single
 from vd_jax.tasks.contexts import image_contexts, input_images, negative_image_context
 
 PARTS_FLOWS = ('i2i',)
@@ -32,20 +32,20 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, height=None, wid
     """
     n = check_n(n)
     if not 0.0 <= float(fidelity) <= 1.0:
-        raise TaskError(f'fidelity must be in [0, 1], got {fidelity}')
+        raise InputError(f'fidelity must be in [0, 1], got {fidelity}')
     if start_step is not None:
         if float(fidelity):
-            raise TaskError('give fidelity or start_step, not both (fidelity f starts at '
-                            'start_step = int(steps * (1 - f)))')
+            raise InputError('give fidelity or start_step, not both (fidelity f starts at '
+                             'start_step = int(steps * (1 - f)))')
         if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
                 or start_step < 0:
-            raise TaskError(f'start_step must be an integer >= 0 (an ascending DDIM grid index), '
-                            f'got {start_step!r}')
+            raise InputError(f'start_step must be an integer >= 0 (an ascending DDIM grid index), '
+                             f'got {start_step!r}')
     hw = image_hw(comps, height, width)
     if context is not None:
         if fidelity or color_adjust or start_step is not None:
-            raise TaskError('fidelity, start_step and color_adjust need input images, not '
-                            'ready contexts')
+            raise InputError('fidelity, start_step and color_adjust need input images, not '
+                             'ready contexts')
         c, x_in = repeat(image_contexts(comps, None, focus, context=context), n), None
     else:
         inputs = input_images(images, hw)
@@ -62,8 +62,8 @@ def run(comps, images, n: int = 1, *, options: SamplingOptions, height=None, wid
         start = int(start_step)
     if start is not None:
         if latents is not None:
-            raise TaskError('latents (an initial x_T) and a start from the image (fidelity / '
-                            'start_step) are exclusive: give one of them')
+            raise InputError('latents (an initial x_T) and a start from the image (fidelity / '
+                             'start_step) are exclusive: give one of them')
         x0 = comps.encode_latent('image', x_in, keys=context_seeds(options.seed, b, 2))
     z = single(comps, 'image', 'image', c, u, options, x0=x0, start_step=start,
                shape=comps.latent_shape('image', b, hw), latents=latents,

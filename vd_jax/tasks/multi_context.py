@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vd_jax.tasks.common import SamplingOptions, TaskError, check_n, image_hw, mixed, repeat, single
+from vd_jax.errors import InputError
+from vd_jax.tasks.common import SamplingOptions, check_n, image_hw, mixed, repeat, single
 from vd_jax.tasks.contexts import (image_contexts, input_images, input_masks,
                                    negative_image_context, negative_text_context, prompt_token_ids,
                                    text_contexts)
@@ -33,7 +34,7 @@ def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
     hw = image_hw(comps, height, width)
     if context is not None:
         if masks is not None:
-            raise TaskError('masks need the input images, not ready contexts')
+            raise InputError('masks need the input images, not ready contexts')
         c_each = image_contexts(comps, None, focus, context=context)
     else:
         imgs = input_images(images, hw)
@@ -43,7 +44,7 @@ def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
     k = len(c_each)
     strengths = [1.0] * k if strengths is None else [float(s) for s in strengths]
     if len(strengths) != k:
-        raise TaskError(f'{len(strengths)} strengths for {k} images')
+        raise InputError(f'{len(strengths)} strengths for {k} images')
     ci = repeat(jnp.concatenate([c_each[i:i + 1] * s for i, s in enumerate(strengths)], axis=1), n)
     ui = negative_image_context(comps, negative_image, ci, 1, n, 'image', options.uncond, hw)
     shape = comps.latent_shape('image', n, hw)
@@ -52,9 +53,9 @@ def run(comps, images: Sequence, strengths: Optional[Sequence[float]] = None,
     if (ids is None and not prompt) or float(text_strength) == 0:
         return comps.decode_latent('image', single(comps, 'image', 'image', ci, ui, options, **kw))
     if not 0.0 <= float(text_strength) <= 1.0:
-        raise TaskError(f'text_strength must be in [0, 1], got {text_strength}')
+        raise InputError(f'text_strength must be in [0, 1], got {text_strength}')
     if ids is not None and len(ids) != 1:
-        raise TaskError(f'multi_context takes one prompt, got {len(ids)} token-id rows')
+        raise InputError(f'multi_context takes one prompt, got {len(ids)} token-id rows')
     ct = text_contexts(comps, ids if ids is not None else [str(prompt)], n)
     ut = negative_text_context(comps, negative_prompt, ct, 1, n, 'image', options.uncond)
     z = mixed(comps, 'attention', (ct, ci), (ut, ui), ('text', 'image'),

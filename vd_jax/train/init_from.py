@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from vd_jax.checkpoint import flatten, load_safetensors, unflatten
+from vd_jax.convert import convert_checkpoint
 from vd_jax.errors import ConfigError
 from vd_jax.train.optim import group_of
 
@@ -68,7 +70,6 @@ def _image_only_model_cfg(model_cfg):
 
 def load_source(path: str, model_cfg) -> Dict[str, np.ndarray]:
     """Flat {'/'-path: array} of a source's diffuser parameters."""
-    from vd_jax.checkpoint import flatten, load_safetensors  # noqa: PLC0415
     if not os.path.exists(path):
         raise ConfigError(f"init source '{path}' does not exist")
     st = os.path.join(path, 'diffuser.safetensors')
@@ -79,7 +80,6 @@ def load_source(path: str, model_cfg) -> Dict[str, np.ndarray]:
     if os.path.isdir(path) and os.path.isfile(os.path.join(unet, 'config.json')):
         logger.info("init source '%s': using its UNet folder '%s'", path, unet)
         path = unet
-    from vd_jax.convert import convert_checkpoint  # noqa: PLC0415
     params = convert_checkpoint(path, _image_only_model_cfg(model_cfg), out=None,
                                 parts=['diffuser'])['diffuser']
     return flatten(params)
@@ -96,7 +96,6 @@ def apply_init_sources(host_params: Mapping[str, Any], sources: Sequence[Tuple[s
     Returns:
       (new nested params, report dict).
     """
-    from vd_jax.checkpoint import flatten, unflatten  # noqa: PLC0415
     target = {k: np.asarray(v) for k, v in flatten(host_params).items()}
     owner: Dict[str, str] = {}
     report: Dict[str, Any] = {'sources': {}, 'groups': {}}

@@ -23,14 +23,19 @@ import logging
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
+from jax.experimental import multihost_utils
 
 from vd_jax import modalities as M
 from vd_jax import sharding as shd
+from vd_jax.checkpoint import available_parts, load_part, read_config
+from vd_jax.components import Components
 from vd_jax.errors import ConfigError
+from vd_jax.models.init import random_params
+from vd_jax.models.unet import StreamConfig
 from vd_jax.train.settings import needed_fields
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,6 @@ logger = logging.getLogger(__name__)
 def record_spec(cfg, flows) -> Dict[str, Tuple[int, ...]]:
     """Per-record shape of every field the flows read, for synthetic data (`cfg.data`:
     `latent_size` = side of spatial ('2d') latents, `context_len` per context modality)."""
-    from vd_jax.models.unet import StreamConfig  # noqa: PLC0415
     streams = dict(cfg.model.diffuser.streams)
     d = cfg.data
     spec = {}
@@ -121,6 +125,7 @@ def make_source(cfg, workdir: str, flows):
     if kind == 'synthetic':
         return SyntheticLatentSource(int(d.num_records), record_spec(cfg, flows), int(d.seed))
     if kind == 'shapes':  # the generated world (vd_jax.data.shapes), built on first use
+        # lazy: vd_jax.data.shapes pulls in tensorflow_datasets, grain, orbax, ... (+0.5 s)
         from vd_jax.data.shapes import build_shapes  # noqa: PLC0415
         data_dir = d.path or d.prepared_dir or os.path.join(workdir, 'data')
         if jax.process_index() == 0:
@@ -128,6 +133,7 @@ def make_source(cfg, workdir: str, flows):
         sync_processes('dataset built')
         return build_shapes(data_dir, num_train=int(d.num_records),
                             seed=int(d.seed)).as_data_source()['train']
+    # lazy: vd_jax.data pulls in tensorflow_datasets, grain, orbax, ... (+0.4 s)
     from vd_jax.data import open_dataset  # noqa: PLC0415 (tfds import is slow)
     if not d.path:
         raise ConfigError(f"data.kind='{kind}' needs data.path")
@@ -159,7 +165,6 @@ def make_source(cfg, workdir: str, flows):
 def sync_processes(name: str):
     """A barrier over all processes (no-op in a single-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         multihost_utils.sync_global_devices(name)
 
 
@@ -206,6 +211,7 @@ def make_data_loader(cfg, source, mesh, process_index=None, process_count=None):
     if process_index is None:
         process_index, process_count = jax.process_index(), jax.process_count()
     if not isinstance(source, IndexedSource):
+        # lazy: vd_jax.data.loader pulls in tensorflow_datasets, grain, orbax, ... (+0.4 s)
         from vd_jax.data.loader import as_source  # noqa: PLC0415
         source = IndexedSource(as_source(source))
     return make_loader(source, batch_size=per_process_batch(cfg, mesh),
@@ -297,7 +303,6 @@ class ObjectivePrep:
 
 def tokenizer_components(model_cfg):
     """Components without weights: the tokenizers of a model config, checked against it."""
-    from vd_jax.components import Components  # noqa: PLC0415
     return Components(model_cfg, {})
 
 
@@ -307,7 +312,6 @@ def adopt_encoder_scales(cfg) -> None:
     A VAE trained here records the factor that brings its latents to unit variance in its
     export's config (`latent_scale_factor`); the diffuser must be trained and sampled with
     that same factor, so it is copied into `cfg.model` (which the export writes)."""
-    from vd_jax.checkpoint import available_parts, read_config  # noqa: PLC0415
     for folder in checkpoint_folders(cfg.encoders.get('ckpt', '')):
         src = read_config(folder).get('latent_scale_factor', {}) or {}
         for part in available_parts(folder):
@@ -346,7 +350,6 @@ class FrozenEncoders:
 
     def __init__(self, model_cfg, flows, mesh, rules, ckpt: str, vae_sample: bool = True,
                  seed: int = 1):
-        from vd_jax.components import Components  # noqa: PLC0415
         self.fields = needed_fields(flows)
         self.flows = tuple(flows)
         self.parts = frozen_parts(flows)
@@ -361,17 +364,14 @@ class FrozenEncoders:
             self.components.params[part] = self._load(part)
 
     def _load(self, part):
-        from vd_jax.checkpoint import load_part  # noqa: PLC0415
         comps = self.components
         shardings = comps.shardings(part)
         abstract = comps.abstract_params([part])[part]
         if self.ckpt == 'random':
-            from vd_jax.models.init import random_params  # noqa: PLC0415
             logger.warning('encoders.ckpt=random: %s has RANDOM weights (smoke run only)', part)
             host = jax.tree_util.tree_map(np.asarray, random_params(abstract, seed=1))
             return jax.tree_util.tree_map(lambda v, s: shd.put_global(v, s), host, shardings)
         # load_part checks every key and shape against the model and reads each device's slice
-        from vd_jax.checkpoint import available_parts  # noqa: PLC0415
         folders = checkpoint_folders(self.ckpt)
         have = [f for f in folders if part in available_parts(f)]
         if not have:

@@ -27,6 +27,12 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vd_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s of ONE JAX device (first matching device_kind substring wins, case-
@@ -57,10 +63,6 @@ PEAKS = (
 _MEASURED: Dict[Tuple[str, int], float] = {}
 
 
-class ObserveError(ValueError):
-    """A bad observability setting (e.g. --profile-steps)."""
-
-
 def table_peak(device_kind: str, dtype: str) -> Optional[float]:
     """Peak TFLOP/s of one device of this `device_kind` (e.g. 'TPU v4', 'NVIDIA A100-SXM4-80GB')
     in `dtype` from `PEAKS`, or None if the kind is not in the table."""
@@ -76,9 +78,6 @@ def matmul_seconds(dtype: str = 'float32', n: int = 2048, min_seconds: float = 1
     """Seconds of each timed call of a jitted square (n x n) matmul in `dtype` on the default
     device (standard-normal inputs from seeds 0 and 1; 2 n^3 FLOPs a call): at least
     `min_reps` calls and `min_seconds` in all, after `warmup` untimed calls."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     dt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32), dt)
     b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32), dt)
@@ -98,7 +97,6 @@ def measure_matmul_peak(dtype: str = 'float32', n: int = 2048, min_seconds: floa
     """TFLOP/s of a jitted square (n x n) matmul in `dtype` on the default device, measured
     now: the median of `matmul_seconds` (at least `min_reps` timed calls and `min_seconds` of
     them, after two warm-up calls). Cached per (dtype, n) for the process."""
-    import numpy as np
     key = (str(dtype), int(n))
     if key not in _MEASURED:
         times = matmul_seconds(dtype, n, min_seconds, min_reps)
@@ -113,7 +111,6 @@ def peak_tflops(dtype: str, override: float = 0.0, device=None) -> Tuple[Optiona
     measured matmul peak divided by the number of local CPU devices (host "devices" made
     with --xla_force_host_platform_device_count share the same cores); else (None, reason).
     """
-    import jax
     if override and override > 0:
         return float(override), 'config perf.peak_tflops'
     device = device or jax.local_devices()[0]
@@ -133,7 +130,6 @@ def step_flops(step_fn, state, batch, sc, mesh) -> Optional[float]:
     """FLOPs one device executes per call of the jitted train step (`jit_train_step`'s
     function), from XLA's cost analysis of the compiled, partitioned program. The arguments
     only give shapes and shardings; after the step has run once the compile is cached."""
-    import jax
     with jax.set_mesh(mesh):
         compiled = step_fn.jitted.lower(state, batch, sc).compile()
     flops = cost_analysis(compiled).get('flops')
@@ -273,11 +269,11 @@ def parse_profile_steps(spec: Optional[str]) -> Optional[Tuple[int, int]]:
         return None
     m = re.fullmatch(r'\s*(\d+)\s*(?::\s*(\d+)\s*)?', str(spec))
     if not m:
-        raise ObserveError(f"--profile-steps {spec!r}: expected A:B (e.g. 10:15), steps >= 1")
+        raise ConfigError(f"--profile-steps {spec!r}: expected A:B (e.g. 10:15), steps >= 1")
     a = int(m.group(1))
     b = int(m.group(2)) if m.group(2) is not None else a
     if a < 1 or b < a:
-        raise ObserveError(f'--profile-steps {spec!r}: need 1 <= A <= B')
+        raise ConfigError(f'--profile-steps {spec!r}: need 1 <= A <= B')
     return a, b
 
 
@@ -295,7 +291,6 @@ class Profiler:
         """Call before launching step `step` (1-based)."""
         if self.done or self.active or step < self.steps[0]:
             return
-        import jax
         os.makedirs(self.logdir, exist_ok=True)
         jax.profiler.start_trace(self.logdir)
         self.active = True
@@ -304,19 +299,16 @@ class Profiler:
     def annotate(self, step: int):
         if not self.active:
             return contextlib.nullcontext()
-        import jax
         return jax.profiler.StepTraceAnnotation('train', step_num=int(step))
 
     def after(self, step: int, out) -> None:
         """Call after launching step `step`; at step B waits for `out` and stops the trace."""
         if self.active and step >= self.steps[1]:
-            import jax
             jax.block_until_ready(out)
             self.stop()
 
     def stop(self) -> None:
         if self.active:
-            import jax
             jax.profiler.stop_trace()
             self.active, self.done = False, True
             logger.info('profile written to %s (tensorboard --logdir %s, with the profile '

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence, Tuple
 import ml_collections
 
 from vd_jax import modalities as M
-from vd_jax.diffusion.schedule import ScheduleConfig, ScheduleError
+from vd_jax.diffusion.schedule import ScheduleConfig
 from vd_jax.errors import ConfigError
 from vd_jax.sharding import normalize_rules
 from vd_jax.train import objectives
@@ -197,7 +197,7 @@ class StepConfig:
         flows = parse_flows(cfg) if diffusion else ()
         try:
             schedule = ScheduleConfig.coerce(s)
-        except ScheduleError as e:
+        except ConfigError as e:  # name the key as the training config spells it
             raise ConfigError(f'model.{e}') from None
         return cls(model=model, flows=flows, schedule=schedule,
                    optim=OptimConfig.from_config(cfg), ema_decay=float(ema.decay),

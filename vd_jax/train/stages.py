@@ -37,6 +37,16 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
+from vd_jax.checkpoint import available_parts, load_part, read_config, write_checkpoint
+from vd_jax.config import load_config
+from vd_jax.errors import CheckpointError, ConfigError, GateFailed
+from vd_jax.platform import EXIT_GATE_FAILED, configure_logging, configure_xla, quiet_libraries
+from vd_jax.train import loop
+from vd_jax.train.manifest_paths import relative_to, resolved_from
+from vd_jax.train.settings import apply_overrides
+
 logger = logging.getLogger('vd_jax.stages')
 
 RECIPE = 'configs/train_vd_mini.py'
@@ -65,8 +75,9 @@ def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str
 
 def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = False) -> None:
     """The stage-0 gate of `stage` on its export: computed once (saved into `record` and the
-    stages.json at `path`), then held: raises `gates.GateFailed` unless it passed or `ignore`."""
-    from vd_jax.eval import gates
+    stages.json at `path`), then held: raises `GateFailed` unless it passed or `ignore`."""
+    # lazy: vd_jax.eval.gates pulls in tensorflow_datasets, grain, orbax, ... (+0.7 s)
+    from vd_jax.eval import gates  # noqa: PLC0415
     rec = record[stage]
     if 'gate' not in rec:
         logger.info('stage %s: checking its gate on held-out combinations', stage)
@@ -81,17 +92,14 @@ def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = Fa
     elif ignore:
         logger.warning('%s; going on (--ignore-gates)', gates.describe(result))
     else:
-        raise gates.GateFailed(result)
+        raise GateFailed(gates.describe(result), result)
 
 
 def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str] = STAGE0 + VD_STAGES,
                recipe: str = RECIPE, ignore_gates: bool = False) -> Dict[str, dict]:
     """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record.
     Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
-    `vd_jax.eval.gates.GateFailed` before the next stage starts, unless `ignore_gates`."""
-    from vd_jax.config import load_config
-    from vd_jax.train.loop import train
-    from vd_jax.train.settings import apply_overrides
+    `GateFailed` before the next stage starts, unless `ignore_gates`."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
     record = json.load(open(path)) if os.path.isfile(path) else {}
@@ -108,7 +116,7 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
         logger.info('stage %s: %d steps, batch %d', stage, int(cfg.total_steps),
                     int(cfg.batch_size))
         t0 = time.time()
-        out = train(cfg, os.path.join(workdir, stage))
+        out = loop.train(cfg, os.path.join(workdir, stage))
         if out['status'] != 'finished':
             logger.warning('stage %s stopped at step %d; run the command again to resume',
                            stage, out['step'])
@@ -140,10 +148,6 @@ def release(workdir: str, out: str, name: Optional[str] = None) -> str:
     """Copy `<workdir>/final` (every part) into `out` with float16 storage; the manifest
     records the stages (exports, wall times, final losses) and `name` (e.g. 'VD-mini v2'),
     every path relative to `workdir`. Overwrites `out`."""
-    import numpy as np
-    from vd_jax.checkpoint import (CheckpointError, available_parts, load_part, read_config,
-                                   write_checkpoint)
-    from vd_jax.train.manifest_paths import relative_to, resolved_from
     final = os.path.join(workdir, 'final')
     if not os.path.isdir(final):
         raise CheckpointError(f"'{final}' does not exist: the last stage has not finished")
@@ -192,21 +196,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [o for o in overrides if o.startswith('--') or '=' not in o]
     if bad:
         p.error(f'unrecognized arguments: {bad}')
-    from vd_jax.platform import configure_logging, configure_xla, quiet_libraries
     configure_logging()
     configure_xla()
     quiet_libraries()
-    from vd_jax.errors import ConfigError
     if args.release:
-        from vd_jax.checkpoint import CheckpointError
         try:
             print(release(args.workdir, args.release, args.name))
         except (CheckpointError, OSError) as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
         return 0
-    from vd_jax.eval.gates import GateFailed
-    from vd_jax.platform import EXIT_GATE_FAILED
     try:
         rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe,
                          ignore_gates=args.ignore_gates)
