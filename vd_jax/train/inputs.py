@@ -51,7 +51,7 @@ def record_spec(cfg, flows) -> Dict[str, Tuple[int, ...]]:
     streams = dict(cfg.model.diffuser.streams)
     d = cfg.data
     spec = {}
-    for f in flows:
+    for f in map(M.flow, flows):
         x, c = M.get(f.xtype), M.get(f.ctype)
         channels = StreamConfig.from_dict(x.name, streams[x.name]).in_channels
         spec[x.latent_field] = ((int(d.latent_size),) * 2 + (channels,) if x.kind == '2d'
@@ -336,7 +336,7 @@ def checkpoint_folders(spec) -> Tuple[str, ...]:
 def frozen_parts(flows) -> Tuple[str, ...]:
     """The encoder parts (VAEs, context encoders) a set of flows needs: everything
     `modalities.parts_of` lists except the diffuser."""
-    return tuple(p for p in M.parts_of([f.name for f in flows]) if p != 'diffuser')
+    return tuple(p for p in M.parts_of([M.flow(f).name for f in flows]) if p != 'diffuser')
 
 
 class FrozenEncoders:
@@ -351,7 +351,7 @@ class FrozenEncoders:
     def __init__(self, model_cfg, flows, mesh, rules, ckpt: str, vae_sample: bool = True,
                  seed: int = 1):
         self.fields = needed_fields(flows)
-        self.flows = tuple(flows)
+        self.flows = tuple(map(M.flow, flows))
         self.parts = frozen_parts(flows)
         self.sample = bool(vae_sample)
         self.ckpt = str(ckpt)

@@ -130,7 +130,7 @@ class Diffusion(Objective):
 
     def __post_init__(self):
         object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
-        object.__setattr__(self, 'flows', tuple(M.Flow(*f) for f in self.flows))
+        object.__setattr__(self, 'flows', tuple(map(M.flow, self.flows)))
 
     def modules(self):
         return {'diffuser': self.model}

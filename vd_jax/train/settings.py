@@ -179,7 +179,7 @@ class StepConfig:
 
     def __post_init__(self):
         object.__setattr__(self, 'schedule', ScheduleConfig.coerce(self.schedule))
-        object.__setattr__(self, 'flows', tuple(M.Flow(*f) for f in self.flows))
+        object.__setattr__(self, 'flows', tuple(map(M.flow, self.flows)))
         if self.objective is None:
             object.__setattr__(self, 'objective', objectives.Diffusion(
                 self.model, self.flows, self.schedule, self.fixed_noise))
@@ -211,7 +211,7 @@ def needed_fields(flows) -> Tuple[str, ...]:
     """Batch fields a set of flows reads: latent_<xtype>, context_<ctype> and 'index' (the
     record index, which seeds each example's t and eps)."""
     fields = ['index']
-    for flow in flows:
+    for flow in map(M.flow, flows):
         for f in (M.get(flow.xtype).latent_field, M.get(flow.ctype).context_field):
             if f not in fields:
                 fields.append(f)
