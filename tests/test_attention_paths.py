@@ -74,6 +74,7 @@ def test_fused_values_equal_cpu_paths(lq, lk, heads, d):
 
 @pytest.mark.parametrize('lq,lk,bias', [(64, 64, 'causal'), (64, 77, 'padding'), (64, 77, 'per_query'),
                                         (24, 600, None)])
+@pytest.mark.slow
 def test_fused_gradients_equal_cpu_paths(lq, lk, bias):
     heads, d = 2, 16
     q, k, v = _qkv(7, 2, lq, lk, heads * d)
@@ -98,6 +99,7 @@ def test_fused_gradients_equal_cpu_paths(lq, lk, bias):
             assert _max(g, r) < GRAD_TOL
 
 
+@pytest.mark.slow
 def test_fused_bfloat16():
     q, k, v = _qkv(3, 2, 64, 77, 64, np.float32)
     ref = layers.attention(q, k, v, 4, implementation='dense')
@@ -131,6 +133,7 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_auto_on_cpu_is_unchanged(spy):
     assert jax.default_backend() == 'cpu' and not layers.fused_by_default()
     for lk, path in ((77, 'dense'), (600, 'blockwise')):
@@ -195,6 +198,7 @@ def test_unet_transformer_call_site(monkeypatch, spy):
     assert _max(explicit, fused) < MODULE_TOL
 
 
+@pytest.mark.slow
 def test_diffuser_attention_field_reaches_every_context_block(cfg, spy):
     from vd_jax.models.unet import Diffuser
     x, t, c = jnp.zeros((1, 8, 8, 4)), jnp.array([3]), jnp.zeros((1, 7, 32))

@@ -167,6 +167,7 @@ def test_ignored_flags_are_warnings_and_the_demo_prompt_is_for_a_plain_run(files
     assert err.startswith('no --prompt given: using the demo prompt') and '--out' in err
 
 
+@pytest.mark.slow
 def test_sample_py_mistakes_in_a_subprocess(env, files, tmp_path):
     out = tmp_path / 'out'
     for argv, needles in (
@@ -179,6 +180,7 @@ def test_sample_py_mistakes_in_a_subprocess(env, files, tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_step_counts_the_original_grid_lacks_are_accepted_before_loading(env, files, tmp_path):
     # dpm++ with 1000 steps: a note names the grid, and the only error is the --out one
     code, _, err, _ = sample(env, '--sampler', 'dpm++', '--steps', '1000', '--prompt', 'x',
@@ -245,6 +247,7 @@ def vd():
     return VersatileDiffusion.random('tiny', seed=0)
 
 
+@pytest.mark.slow
 def test_n_0_is_the_first_thing_every_task_checks(vd, monkeypatch, capsys, files, no_model):
     def nothing_else(*a, **k):
         raise AssertionError('work done before n was checked')
@@ -307,6 +310,7 @@ CLIS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CLIS))
 def test_every_cli_documents_and_uses_exit_code_2_for_usage_errors(name, env, tmp_path):
     c = CLIS[name]
@@ -331,6 +335,7 @@ def test_every_cli_documents_and_uses_exit_code_2_for_usage_errors(name, env, tm
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_workdir_it_cannot_create(env, files):
     code, _, err, _ = run(env, 'train.py', '--config', 'configs/train_tiny.py:test', '--workdir',
                           files / 'a_file' / 'w')

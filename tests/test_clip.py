@@ -148,6 +148,7 @@ def test_text_parity(cfg, refs):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ctx)[np.arange(4), eot], axis=-1), 1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_image_parity(cfg, refs, photo_files):
     pixels = clip_preprocess([photo_files['landscape.png'], photo_files['portrait.jpg'],
                               np.zeros((64, 64, 3), np.float32)], size=32)
@@ -287,6 +288,7 @@ class _Shapes(TensorSource):
         return 'float32'
 
 
+@pytest.mark.slow
 def test_full_size_counts_and_released_keys():
     model = load_config('vd_four_flow').model
     text = abstract_params(text_context(model.ctx.text))
@@ -388,6 +390,7 @@ def test_preprocess_bad_input(tmp_path):
         clip_preprocess(np.zeros((8, 8, 4), np.uint8))
 
 
+@pytest.mark.slow
 def test_masked_image_context_matches_hooked_reference(cfg, refs, photo_files):
     """The multi-context demo's masked encoding (`clip.py:_encode_wmask`) rebuilt on
     transformers' own vision model: embeddings times the token mask (a forward hook on the

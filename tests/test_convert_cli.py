@@ -91,6 +91,7 @@ def test_non_checkpoints_get_one_clear_line(tmp_path):
     assert snapshot(tmp_path) == before  # no output, no temporary folder
 
 
+@pytest.mark.slow
 def test_bad_output_locations_are_refused_before_reading(tmp_path):
     # the source is random bytes: were it read first, the error would be about the source
     src = tmp_path / 'random.pth'
@@ -166,6 +167,7 @@ def test_real_checkpoint_files_still_open(tmp_path):
             assert src.shape(k) == tuple(v.shape)
 
 
+@pytest.mark.slow
 def test_progress_off_a_terminal_is_whole_lines_without_carriage_returns(tmp_path):
     """stderr into a pipe (a log file): the converter's progress is the command lines' line
     display (`vd_jax.outputs.progress_bar`), not carriage-return updates piling up in one line."""

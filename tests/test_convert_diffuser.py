@@ -284,6 +284,7 @@ def test_v10_and_legacy_layouts_give_identical_outputs(refs, inputs, run):
         np.testing.assert_array_equal(run(x, i['t'], c, xt, ct, p10), run(x, i['t'], c, xt, ct, pleg))
 
 
+@pytest.mark.slow
 def test_diffusers_export_round_trip(refs):
     out = export_part(refs['params'], refs['cfg'], 'diffuser', 'diffusers')
     sd = refs['sd']

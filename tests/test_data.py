@@ -355,6 +355,7 @@ def _loader(**kw):
     return vdd.make_loader(SYN, **args)
 
 
+@pytest.mark.slow
 def test_loader_is_deterministic_for_a_seed():
     a, _ = _take(_loader(), 4)
     b, _ = _take(_loader(), 4)
@@ -418,6 +419,7 @@ def test_loader_default_shard_is_the_jax_process(monkeypatch):
     _assert_batches_equal(auto, explicit)
 
 
+@pytest.mark.slow
 def test_loader_resume_from_state_equals_uninterrupted():
     # 15 batches of 4 over 36 records crosses epoch boundaries; two processes' view
     kw = dict(process_index=1, process_count=2)

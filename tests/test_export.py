@@ -131,6 +131,7 @@ def test_diffusers_folder_round_trip_bit_exact(ck, folder):
     _assert_bit_exact(alone, {'vae_text': ck['params']['vae_text']}, 'vae_text.safetensors')
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_loads_the_folder(ck, folder):
     from diffusers import VersatileDiffusionPipeline
     pipe = VersatileDiffusionPipeline.from_pretrained(folder)
@@ -203,6 +204,7 @@ def test_diffusers_unets_match(ck, folder, inputs):
         assert float(np.abs(ref).mean()) > 0.1  # a non-trivial output
 
 
+@pytest.mark.slow
 def test_diffusers_vae_decode_matches(ck, folder, inputs):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from vd_jax.models.vae import AutoencoderKL

@@ -260,6 +260,7 @@ def test_converted_checkpoint_folder(ref):
                                   sd['Conv2d_1a_3x3.bn.weight'].numpy())
 
 
+@pytest.mark.slow
 def test_cli_converts_the_inception_file(ref, tmp_path):
     from vd_jax.convert.__main__ import main
     out = str(tmp_path / 'cli')

@@ -36,6 +36,7 @@ def python(code, *, cwd=ROOT, timeout=600):
     return r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_without_pytorch_transformers_does_not_announce_missing_models():
     _, err = python(NO_TORCH + 'import transformers')  # control: the message is real
     assert 'PyTorch was not found' in err
@@ -63,6 +64,7 @@ def test_sample_py_without_pytorch_says_nothing_about_it(tmp_path):
     assert '\r' not in err and '\x1b' not in err
 
 
+@pytest.mark.slow
 def test_datasets_build_and_read_without_chatter(tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()

@@ -136,12 +136,14 @@ def test_gates_refuse_unknown_names_and_missing_parts(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shipped_autokl_passes_its_gate():
     rec = gates.run_gate('autokl', SHIPPED)
     assert rec['passed'], rec                     # measured: every attribute 1.0
     assert rec['numbers']['mean_abs_error'] < 0.01, rec   # measured 0.0061
 
 
+@pytest.mark.slow
 def test_shipped_clip_gate_numbers(capsys):
     """Fails the gate on position only (measured image->text 0.8324, text->image 0.817)."""
     from vd_jax.eval.__main__ import main
@@ -154,6 +156,7 @@ def test_shipped_clip_gate_numbers(capsys):
         assert n['position'] >= 0.78, n
 
 
+@pytest.mark.slow
 def test_shipped_optimus_gate_numbers():
     """Measured: shape 0.2596, colour 0.8784, background 0.3477, size 0.5038, position 1.0,
     all five 0.0364 (chance: 0.25, 0.125, 0.33, 0.5, 0.11)."""

@@ -80,6 +80,7 @@ def _fly(d, params, adapters_scales, flow=('image', 'text')):
     return np.asarray(_jitted(d, flow, True)(params, lora, *_inputs(d, flow[0])))
 
 
+@pytest.mark.slow
 def test_default_targets_are_the_attention_projections(model):
     _, params = model
     targets = select_targets(params, LoraSpec())
@@ -90,6 +91,7 @@ def test_default_targets_are_the_attention_projections(model):
     assert {k.split('/')[-3] for k in targets} == {'attn1', 'attn2'}
 
 
+@pytest.mark.slow
 def test_zero_up_is_the_base_model(model):
     d, params = model
     a = _adapter(params, zero_up=True)
@@ -99,6 +101,7 @@ def test_zero_up_is_the_base_model(model):
     np.testing.assert_array_equal(_run(d, merged), base)
 
 
+@pytest.mark.slow
 def test_merge_matches_the_formula_and_on_the_fly(model):
     d, params = model
     spec = LoraSpec(ranks=(('image', 2), ('text', 3)), alphas=(('image', 4.0), ('text', 1.5)))
@@ -120,6 +123,7 @@ def test_on_the_fly_matches_the_formula_in_every_flow(model):
         np.testing.assert_allclose(_fly(d, params, [(a, 0.7)], flow), ref_f, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_adapters_add_and_scale_zero_is_the_base(model):
     d, params = model
     a, b = _adapter(params, seed=1), _adapter(params, seed=2)
@@ -131,6 +135,7 @@ def test_two_adapters_add_and_scale_zero_is_the_base(model):
     np.testing.assert_allclose(_fly(d, params, [(a, 0.0), (b, 0.0)]), _run(d, params), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_conv_and_dense_targets_by_pattern(model):
     """Any kernel by pattern: 3x3 convs and the text stream's flat dense layers too."""
     d, params = model
@@ -168,6 +173,7 @@ def test_save_load_round_trip(model, tmp_path):
     np.testing.assert_array_equal(_fly(d, params, [(b, 0.7)]), _fly(d, params, [(a, 0.7)]))
 
 
+@pytest.mark.slow
 def test_trainable_form_equals_on_the_fly_and_has_gradients(model):
     d, params = model
     spec = LoraSpec()
@@ -235,6 +241,7 @@ def test_pipeline_load_scale_unload_without_recompiles(vd, tmp_path):
         vd.unload_lora('zzz')
 
 
+@pytest.mark.slow
 def test_pipeline_refuses_what_does_not_fit(vd, tmp_path):
     a = _adapter(vd.params['diffuser'])
     wrong = 'image/context_blocks_0/transformer_blocks_0/attn1/to_zz'

@@ -34,6 +34,7 @@ def adapter_file(tmp_path_factory):
                         Adapter.from_tree(tree, spec))
 
 
+@pytest.mark.slow
 def test_lora_flag_parsing(adapter_file, tmp_path):
     assert parse_lora_flag(adapter_file) == (adapter_file, 1.0)
     assert parse_lora_flag(adapter_file + ':0.25') == (adapter_file, 0.25)
@@ -76,6 +77,7 @@ def test_sample_py_with_two_loras(adapter_file, tmp_path):
     assert np.abs(outs['lora'].astype(int) - outs['base']).max() > 0
 
 
+@pytest.mark.slow
 def test_demo_takes_loras_and_applies_each_sessions_scales(adapter_file, monkeypatch):
     from vd_jax.demo import lora_panel, model, options
     args = options.parse(['--config', 'tiny', '--lora', adapter_file + ':0.7'])

@@ -84,6 +84,7 @@ def _inputs():
         torch.randn(2, 7, 32, generator=g)
 
 
+@pytest.mark.slow
 def test_peft_file_matches_diffusers_lora_loading(setup):
     x, t, c = _inputs()
     with torch.no_grad():

@@ -102,6 +102,7 @@ def test_one_device_and_eight_devices_train_the_same_adapters(base, tmp_path):
         np.testing.assert_allclose(u, np.asarray(flatten(ref['state'].ema_params)[f'{m}/lora_up']))
 
 
+@pytest.mark.slow
 def test_bad_lora_settings_are_named(base, tmp_path):
     from vd_jax.train import setup
     with pytest.raises(ConfigError, match="'\\*/to_zz/kernel' matches no"):

@@ -180,6 +180,7 @@ def test_export_from_workdir_records_the_vae_latent_scale(tmp_path):
     assert abs(scales[1] * float(jnp.std(mean)) - 1.0) < 0.25, (scales, float(jnp.std(mean)))
 
 
+@pytest.mark.slow
 def test_optimus_deterministic_steps_train_a_plain_autoencoder_first():
     """Before `deterministic_steps`: z = mu (the key does not matter) and no KL term; from then
     on: a posterior sample and the KL with its warm-up counted from there."""

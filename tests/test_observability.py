@@ -220,6 +220,7 @@ def test_peaks():
     assert 1e-4 < peak < 100  # TFLOP/s of a CPU
 
 
+@pytest.mark.slow
 def test_profile_steps_flag():
     assert observe.parse_profile_steps('3:5') == (3, 5)
     assert observe.parse_profile_steps(' 7 ') == (7, 7)

@@ -121,6 +121,7 @@ def test_multi_context_and_i2t2i(vd):
     assert len(texts) == 2 and ims.shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(vd, tmp_path):
     with pytest.raises(InputError, match='multiples of 8'):  # tiny: VAE 2 x UNet 4
         vd.text_to_image('a cat', steps=STEPS, height=36)

@@ -36,6 +36,7 @@ def test_an_unmeasured_jaxlib_gets_no_flag(env):
     assert platform.configure_xla() == '' and 'XLA_FLAGS' not in os.environ
 
 
+@pytest.mark.slow
 def test_this_jaxlib_starts_with_the_flag():
     code = ('from vd_jax.platform import configure_xla; f = configure_xla(); import jax, jax.numpy as jnp; '
             'x = jax.lax.conv_general_dilated(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), (1, 1), '
@@ -76,6 +77,7 @@ def test_bfloat16_on_cpu_says_so_once_before_loading_and_in_the_help():
     assert 'i2t 0.29 -> 3.19 s' in ' '.join(build_parser().format_help().split())
 
 
+@pytest.mark.slow
 def test_training_commands_print_info_lines_after_orbax_set_up_logging():
     """Importing the training package (orbax logs through absl, which gives the root logger a
     WARNING handler) must not swallow the progress lines: the stage runner printed none."""

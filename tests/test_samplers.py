@@ -157,6 +157,7 @@ def test_dpmpp_2m_matches_diffusers_stepwise(steps, final):
 # DDPM
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('grid', ['full', 'uniform'])
 def test_ddpm_matches_diffusers_stepwise(grid, monkeypatch):
     if grid == 'full':   # every t in 999..0, posterior buffers of the schedule
@@ -195,6 +196,7 @@ def test_ddpm_full_grid_uses_float64_posterior_buffers():
             np.testing.assert_allclose(std, np.sqrt(arrays['posterior_variance'][t]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddpm_on_ddim_grid_is_ddim_eta_one():
     # Posterior sampling between strided alphas is DDIM with eta = 1 (same mean and variance).
     keys = jax.random.split(jax.random.key(3), SHAPE[0])
@@ -220,6 +222,7 @@ def _counting(fn):
     return wrapped, calls
 
 
+@pytest.mark.slow
 def test_cfg_wrapper_one_batched_call_equals_two_pass_formula():
     rng = np.random.RandomState(0)
     x = jnp.asarray(x_T_np())
@@ -273,6 +276,7 @@ def eps_numpy(x, t):
     return np.sqrt(1 - a) * x / (S2 * a + 1 - a) + 0.1 * np.tanh(x) * np.cos(t / 300.)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('off_by_one', [True, False])
 def test_fidelity_start_matches_original_loop(off_by_one):
     steps, k = 10, 4
@@ -331,6 +335,7 @@ def make_apply(traces):
     return apply_fn
 
 
+@pytest.mark.slow
 def test_seeds_reproducible_across_batch_sizes():
     # DDPM draws both the initial noise and noise at every step (DDIM eta > 0 shares the code)
     run = Sampler(make_apply([]), sampler='ddpm', steps=10)
@@ -363,6 +368,7 @@ def test_key_formats_agree():
         sampling.as_keys(jnp.zeros((2, 3), jnp.float32))
 
 
+@pytest.mark.slow
 def test_sampler_does_not_recompile_for_new_inputs():
     traces = []
     run = Sampler(make_apply(traces), steps=10)
@@ -402,6 +408,7 @@ def test_chunked_equals_one_shot(sampler, eta):
     np.testing.assert_allclose(chunked, one, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_denoiser_keeps_float32_state():
     traces = []
     kw = dict(uncond_context=jnp.zeros((2, 3, 8)), guidance_scale=4.0, seeds=jnp.array([1, 2]),

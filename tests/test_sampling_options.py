@@ -103,6 +103,7 @@ def test_options_are_refused_with_a_message_naming_them():
         SamplingOptions(sampler=name)
 
 
+@pytest.mark.slow
 def test_the_pipeline_refuses_before_sampling(v_zero_snr):
     vd = v_zero_snr
     with pytest.raises(InputError, match='karras'):

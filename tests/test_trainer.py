@@ -166,6 +166,7 @@ def test_microbatches_give_the_full_batch_gradient(toy):
         np.testing.assert_allclose(l1[k], l2[k], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_noise_depends_on_the_record_not_its_batch_position(toy):
     _, _, batch = toy
     sc = _toy_sc()
@@ -498,6 +499,7 @@ def test_overrides_are_typed_and_typos_fail():
         parse_flows(basic)
 
 
+@pytest.mark.slow
 def test_train_py_rejects_a_mistyped_key(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--config',
                         'configs/train_tiny.py:test', '--workdir', str(tmp_path),

@@ -25,6 +25,7 @@ def counts():
     return listing.param_counts()
 
 
+@pytest.mark.slow
 def test_four_flow_full_size_parameter_counts(counts):
     p = abstract_params(Diffuser(load_config('vd_four_flow').model.diffuser))
     assert _count(p) == 2_566_318_852 == counts['diffuser (total)']
@@ -49,6 +50,7 @@ def test_layer_order_and_block_counts(counts):
         assert len(plan.context) == counts[f'n_context_blocks_{s.name}'] == 16
 
 
+@pytest.mark.slow
 def test_progressive_settings_build_only_their_streams():
     basic = abstract_params(Diffuser(load_config('vd_basic').model.diffuser))
     assert set(basic) == {'image'} and _count(basic) == 859_520_964  # = the SD-v1 UNet
@@ -164,6 +166,7 @@ def test_layer_mixing_from_a_key_is_the_drawn_choice(tiny):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_calls_name_the_problem(tiny):
     model, params = tiny
     i = _inputs()

@@ -67,6 +67,7 @@ def test_unknown_mesh_axes_are_refused_unless_size_one(caplog):
     assert shd.batch_shards(_mesh(('data', 'model'), (4, 2)), [('batch', 'data')]) == 4
 
 
+@pytest.mark.slow
 def test_one_axis_mesh_of_one_device_samples_like_no_mesh():
     from jax.sharding import Mesh
     from vd_jax.pipeline import VersatileDiffusion

@@ -92,6 +92,7 @@ def ref():
 # Parity with diffusers
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_parity_with_diffusers(ref):
     m, x01 = ref['m'], ref['images01']
     with torch.no_grad():
@@ -219,6 +220,7 @@ def test_diffusers_legacy_attention_names_and_raw_file(ref):
         convert_checkpoint(both, ref['cfg'])
 
 
+@pytest.mark.slow
 def test_export_round_trip(ref):
     for layout in ('diffusers', 'vd-v1.0'):
         sd = export_part(ref['params'], ref['cfg'], 'vae_image', layout)
