@@ -169,3 +169,21 @@ def test_config_errors_come_before_any_work(source, mesh, tmp_path):
     # and a good config passes the same check
     assert hn.check_config(_cfg(k=4, batch=16).data, 16) == 4
     assert hn.check_config(_cfg(k=0, batch=18).data, 18) == 0
+
+
+def test_members_never_come_from_heldout_combinations():
+    # a source holding every combination once, held-out ones too (a train source has none)
+    labels = np.array([a.labels() for a in sw.ALL_COMBINATIONS])
+    records = [dict(zip(sw.FIELDS, row)) for row in labels]
+    table = hn.NeighbourTable(hn.record_labels(records))
+    heldout = [a.combination for a in sw.HELDOUT_COMBINATIONS]
+    assert all(len(table.records(c)) == 0 for c in heldout)
+    assert all(len(table.records(a.combination)) == 1 for a in sw.TRAIN_COMBINATIONS)
+    base = grain.samplers.IndexSampler(num_records=len(records), shuffle=True, seed=3)
+    sampler = hn.HardNegativeSampler(base, table, 6, sw.FIELDS, 1, 3)
+    for n in range(0, 6 * 300, 6):
+        keys = [sampler[n + m].record_key for m in range(6)]
+        assert keys[0] == base[n // 6].record_key
+        for key in keys[1:]:
+            assert not sw.is_heldout(sw.ALL_COMBINATIONS[key])
+            assert (labels[key] != labels[keys[0]]).sum() == 1
