@@ -88,6 +88,11 @@ def train_config(model_root, flows, arg=None, init_sources=None):
         image_size=256,                  # crop side for 'images'
         random_crop=True,
         shuffle=True,
+        # 'shapes' only: batches of groups of k records, a base + k-1 records that each differ
+        # from it in one attribute (vd_jax.data.hard_negatives); 0 = off, else k >= 2 dividing
+        # the per-process batch. The attributes members may change, comma-separated:
+        hard_negatives=0,
+        hard_negative_attrs='shape,colour,background,size,position',
         seed=0,
         worker_count=0,
         num_records=256,                 # synthetic only

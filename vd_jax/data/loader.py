@@ -15,7 +15,7 @@ bicubic filter, which is antialiased when shrinking.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import grain
 import numpy as np
@@ -150,7 +150,7 @@ def make_loader(source, *, batch_size: int, image_size: Optional[int] = None, se
                 process_count: Optional[int] = None, drop_remainder: bool = True,
                 worker_count: int = 0, worker_buffer_size: int = 1,
                 transforms: Sequence[grain.transforms.Transformation] = (),
-                split: str = 'train') -> grain.DataLoader:
+                split: str = 'train', regroup: Optional[Callable] = None) -> grain.DataLoader:
     """The training loader of this process.
 
     Args:
@@ -171,6 +171,10 @@ def make_loader(source, *, batch_size: int, image_size: Optional[int] = None, se
       transforms: extra grain transforms applied per record after `Preprocess` (e.g.
         tokenization).
       split: split to read from builders / dataset folders.
+      regroup: None, or `regroup(sampler, readers)` -> the sampler to read instead of the
+        global-stream `sampler`; readers = process_count x max(worker_count, 1), reader
+        p + P*w (process p, worker w) reads positions p + P*w, + readers, ... and batches them
+        in that order (`vd_jax.data.hard_negatives`).
     Returns:
       a grain.DataLoader; `it = iter(loader)` yields dicts of stacked arrays: image (B, S, S, 3),
       caption/id str arrays (B,), the records' other fields stacked. `it.get_state()` -> bytes,
@@ -203,6 +207,8 @@ def make_loader(source, *, batch_size: int, image_size: Optional[int] = None, se
     sampler = grain.samplers.IndexSampler(
         num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
         num_epochs=num_epochs, seed=seed)
+    if regroup is not None:
+        sampler = regroup(sampler, shard.shard_count * max(worker_count, 1))
     operations = [Preprocess(image_size, random_crop, scale), *transforms,
                   grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,

@@ -122,6 +122,9 @@ def make_source(cfg, workdir: str, flows):
     """The random-access record source of `cfg.data`."""
     d = cfg.data
     kind = str(d.kind)
+    if d.get('hard_negatives', 0):  # checked before the dataset is built
+        from vd_jax.data.hard_negatives import check_config  # noqa: PLC0415 (lazy: tfds)
+        check_config(d, int(cfg.batch_size) // jax.process_count())
     if kind == 'synthetic':
         return SyntheticLatentSource(int(d.num_records), record_spec(cfg, flows), int(d.seed))
     if kind == 'shapes':  # the generated world (vd_jax.data.shapes), built on first use
@@ -214,11 +217,17 @@ def make_data_loader(cfg, source, mesh, process_index=None, process_count=None):
         # lazy: vd_jax.data.loader pulls in tensorflow_datasets, grain, orbax, ... (+0.4 s)
         from vd_jax.data.loader import as_source  # noqa: PLC0415
         source = IndexedSource(as_source(source))
-    return make_loader(source, batch_size=per_process_batch(cfg, mesh),
+    batch_size = per_process_batch(cfg, mesh)
+    regroup = None
+    if d.get('hard_negatives', 0):  # groups of k neighbours per batch (shapes world only)
+        from vd_jax.data.hard_negatives import from_config  # noqa: PLC0415 (lazy: tfds)
+        regroup = from_config(d, batch_size, source.source)
+    return make_loader(source, batch_size=batch_size,
                        image_size=int(d.image_size) if d.kind in ('images', 'shapes') else None,
                        seed=int(d.seed), shuffle=bool(d.shuffle), scale=True,
                        random_crop=bool(d.random_crop), process_index=process_index,
-                       process_count=process_count, worker_count=int(d.worker_count))
+                       process_count=process_count, worker_count=int(d.worker_count),
+                       regroup=regroup)
 
 
 # ----------------------------------------------------------------------------------------
