@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--clip-batch-size', type=int, default=32)
 
     st = sub.add_parser('fid-stats', help='FID statistics of an image folder, saved to .npz')
+    # listed for --help; `main` hands `gates ...` to vd_jax.eval.gates.main before parsing
+    sub.add_parser('gates', help='the stage-0 gates on held-out shapes (python -m vd_jax.eval '
+                   'gates --help)', add_help=False)
     st.add_argument('folder', help='image folder')
     st.add_argument('stats_out', metavar='OUT.npz', help='statistics file to write')
     _inception_arg(st, required=True)
