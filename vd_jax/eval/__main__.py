@@ -1,7 +1,8 @@
 """Evaluation command line: `python -m vd_jax.eval <command> ...`.
 
   shapes     every flow of a model trained on the shapes world, on held-out prompts and images
-             (attribute accuracy read back from pixels / parsed from captions; JSON + PNG grids)
+             (attribute accuracy read back from pixels / parsed from captions; JSON + PNG grids);
+             --prompt-control N adds prompt control at a fixed seed (vd_jax.eval.prompt_control)
   fid        FID of generated images (t2i from --prompts, or i2i from --images) against a
              reference image folder (--ref-images) or statistics file (--ref-stats)
   clip       CLIP score of t2i samples with their prompts, or (--task i2i) CLIP image
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='comma-separated subset of t2i,i2t,i2i,t2t,dual,guidance and of the '
                         'parts alone: autokl,optimus,clip')
     s.add_argument('--decode', default='greedy', choices=['greedy', 'sample', 'beam'])
+    s.add_argument('--prompt-control', type=int, default=0, metavar='N',
+                   help='also measure prompt control on N held-out bases (vd_jax.eval.'
+                        'prompt_control: at a fixed seed, does changing only the background / '
+                        'position word change that attribute?), with the same sampling flags; '
+                        '0 = off (default)')
 
     f = sub.add_parser('fid', help='FID of generated samples against reference images/statistics')
     _model_args(f)
@@ -262,6 +268,11 @@ def _run_shapes(args, prep) -> int:
     if vd.image_size != IMAGE_SIZE:
         return report(f'shapes evaluates models of the shapes world ({IMAGE_SIZE} px images); '
                       f'{vd.source} makes {vd.image_size} px images')
+    if args.prompt_control:
+        try:
+            vd.check_task('text_to_image')
+        except InputError as e:
+            return report(f'--prompt-control needs text -> image: {e}')
     out = new_run_dir(args.out, args.command)
     settings = EvalSettings(n=args.n, steps=args.steps, scale=args.scale, sampler=args.sampler,
                             spacing=args.spacing, karras=args.karras,
@@ -269,12 +280,31 @@ def _run_shapes(args, prep) -> int:
                             seed=args.seed, batch_size=args.batch_size, decode=args.decode,
                             flows=tuple(args.flows.split(',')))
     record = evaluate(vd, settings, out, log=_log)
+    if args.prompt_control:
+        record['prompt_control'] = _prompt_control(vd, args)
+        print('prompt_control: ' + json.dumps(record['prompt_control']))
     record.update(command=args.command, code_version=code_version(),
                   seconds=round(time.time() - t0, 1))
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
     print(f'wrote {out}/metrics.json')
     return 0
+
+
+def _prompt_control(vd, args) -> dict:
+    """`vd_jax.eval.prompt_control` with the command's sampling flags, and its settings."""
+    # lazy: vd_jax.eval.prompt_control pulls in tensorflow_datasets, grain, ... (+2.1 s)
+    from vd_jax.eval.prompt_control import ATTRIBUTES, prompt_control  # noqa: PLC0415
+    t0 = time.time()
+    sampling = dict(steps=args.steps, scale=args.scale, sampler=args.sampler,
+                    spacing=args.spacing, karras=args.karras,
+                    guidance_rescale=args.guidance_rescale)
+    rec = prompt_control(vd, args.prompt_control, attributes=ATTRIBUTES, seed=args.seed,
+                         batch_size=args.batch_size, **sampling)
+    rec['settings'] = dict(sampling, n=args.prompt_control, attributes=list(ATTRIBUTES),
+                           seed=args.seed, template=0, batch_size=args.batch_size)
+    rec['seconds'] = round(time.time() - t0, 1)
+    return rec
 
 
 RUNS = {'shapes': _run_shapes, 'fid': _run_sampling, 'clip': _run_sampling,

@@ -88,6 +88,8 @@ def check(args, parser, argv):
         bad = [f for f in args.flows.split(',') if f not in FLOWS + PARTS]
         if bad:
             raise InputError(f'--flows: unknown {bad}; choose from {list(FLOWS + PARTS)}')
+        if args.prompt_control < 0:
+            raise InputError('--prompt-control must be >= 0 (bases; 0 = off)')
         check_out(args.out)
         return args, prep
     prep.update(check_sampling(args))

@@ -14,10 +14,11 @@ background word: `follows` near chance (1/3), `varies` near 0.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from vd_jax.batching import map_batched
 from vd_jax.data import shapes as W
 from vd_jax.eval.shapes_reader import read_images
 
@@ -30,7 +31,8 @@ def bases(n: int, seed: int = 0) -> list:
 
 
 def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, seed: int = 0,
-                   template: int = 0, **sampling) -> Dict[str, Dict[str, float]]:
+                   template: int = 0, batch_size: Optional[int] = None,
+                   **sampling) -> Dict[str, Dict[str, float]]:
     """Measure prompt control of a shapes-world model (see the module docstring).
 
     Args:
@@ -38,6 +40,8 @@ def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, s
       n: base combinations; attributes: fields of `vd_jax.data.shapes.FIELDS` to vary.
       seed: sample j of every value uses seed + j; sampling: text_to_image keywords
         (steps, scale, sampler, spacing, guidance_rescale, ...).
+      batch_size: at most this many images per text_to_image call (None: all n at once;
+        the images are the same either way: sample j is seed + j whatever the batching).
     Returns:
       {'follows': {attr: share}, 'varies': {attr: share}, 'chance': {attr: 1 / values}, 'n': n}
     """
@@ -48,7 +52,11 @@ def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, s
         read = []
         for v in values:
             prompts = [W.caption(b._replace(**{attr: v}), template) for b in base]
-            images = vd.text_to_image(prompts, 1, seed=seed, **sampling)
+            if batch_size is None:
+                images = vd.text_to_image(prompts, 1, seed=seed, **sampling)
+            else:
+                images = np.stack(map_batched(lambda p, sd: vd.text_to_image(
+                    p, 1, seed=sd, **sampling), prompts, batch_size, seed))
             read.append([getattr(a, attr) for a in read_images(images)])
         read = np.asarray(read, dtype=object)             # (values, n)
         asked = np.asarray(values, dtype=object)[:, None]
