@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('peft')
+import peft  # noqa: F401 -- in the test extra: a missing install fails, never skips
+import torch
 
 from vd_jax.config import load_config  # noqa: E402
 from vd_jax.convert import convert_checkpoint  # noqa: E402

@@ -10,7 +10,7 @@ from typing import Optional
 import jax
 
 from vd_jax import sharding as shd
-from vd_jax.checkpoint import write_checkpoint
+from vd_jax.checkpoint import flatten, write_checkpoint
 from vd_jax.errors import CheckpointError, ConfigError
 from vd_jax.train import inputs, objectives
 from vd_jax.train.checkpointer import Checkpointer
@@ -77,15 +77,6 @@ def export_run(run: Run, ema_params, batch, out: str, step: int) -> str:
                       model_cfg=model_cfg, run_dir=run.workdir)
 
 
-def _flat(tree, prefix=''):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f'{prefix}{k}.'))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def check_same_model(cfg, workdir: str) -> None:
     """ConfigError naming every `model.*` key where `cfg` differs from the run's saved
     config.json (e.g. an export without the run's `model.schedule.prediction_type=...`
@@ -94,8 +85,8 @@ def check_same_model(cfg, workdir: str) -> None:
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        saved = _flat(json.load(f).get('model', {}), 'model.')
-    given = _flat(json.loads(json.dumps(to_plain(cfg.model), default=str)), 'model.')
+        saved = flatten({'model': json.load(f).get('model', {})}, sep='.')
+    given = flatten({'model': json.loads(json.dumps(to_plain(cfg.model), default=str))}, sep='.')
     diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
     if diff:
         shown = '; '.join(f'{k}: run {saved.get(k)!r}, given {given.get(k)!r}' for k in diff[:6])
