@@ -79,8 +79,12 @@ def get_config(arg=None):
             # 400 steps); a small beta with 1 free nat per dimension and a KL warm-up over half
             # the run lets the autoencoder form first and still bounds the latents' scale.
             # v3: 500 steps of a plain autoencoder first; with posterior noise from step 0 the
-            # encoder never wrote shape/background/size into z (docs/vd-mini.md, Diagnosis)
-            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1000, deterministic_steps=500)
+            # encoder never wrote shape/background/size into z (docs/vd-mini.md, Diagnosis).
+            # 1000, not 500: over the full GPT-2 vocabulary (the diagnosis ablated over the
+            # world's 40 tokens) step 500 is too early (token accuracy 0.92, shape not yet in
+            # z); the noise that starts there froze it out: gate shape 0.25, all else 1.0
+            cfg.optimus.update(beta=0.05, free_bits=1.0, warmup_steps=1000,
+                               deterministic_steps=1000)
             # the loss sums over a sentence's tokens: gradient norms of 5-15, which a clip at
             # 1 turned into a 10x smaller learning rate (token accuracy stalled at 72%)
             cfg.optimizer.grad_clip_norm = 50.0
