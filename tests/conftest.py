@@ -25,18 +25,26 @@ def no_model(monkeypatch):
         monkeypatch.setattr(VersatileDiffusion, name, boom)
 
 
-# The suite runs on parallel workers (pytest-xdist, `-n auto --dist loadfile`: a test file stays
-# on one worker, so its module fixtures are built once). A file is handed out in collection
-# order, so the files that run longest start first; otherwise one of them would start last and
-# run alone at the end. Measured in a whole-suite run (`--durations`); the rest keep their order.
-LONGEST_FIRST = ('test_vd_mini.py', 'test_first_hour_training.py', 'test_lora_training.py',
-                 'test_diffusion_ablation.py')
+# The suite runs on two or more workers (README: `-n auto --dist loadfile
+# --no-loadscope-reorder`): a test file stays on one worker, so its module fixtures (the
+# benchmark runs, the 8-device subprocesses, the shipped model) are built once, and files are
+# handed out in collection order. The longest ones come first, or one of them starts last and
+# runs alone at the end (measured: the stage pipeline started 29 minutes in and ran alone for
+# the last 30). The pipeline test comes first in its file: a worker gets its next file when
+# fewer than three of its tests are pending, so a file queued behind the pipeline would wait
+# for it. Ranked by the `--durations` of a whole-suite run; the rest keep their order.
+RUN_FIRST = ('test_vd_mini.py::test_stage_pipeline_learns_from_nothing', 'test_vd_mini.py',
+             'test_user_meshes.py', 'test_benchmarks_smoke.py', 'test_first_hour_training.py',
+             'test_mesh_sampling.py')
 
 
 def pytest_collection_modifyitems(session, config, items):
     def rank(item):
         name = os.path.basename(str(item.path))
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        for i, key in enumerate(RUN_FIRST):
+            if key in (name, f'{name}::{item.name}'):
+                return i
+        return len(RUN_FIRST)
     items.sort(key=rank)  # stable: the order inside a file and among the rest is kept
 
 

@@ -112,12 +112,12 @@ def test_user_meshes_sample_and_train_like_one_device(eight_devices, tmp_path):
     assert np.abs(ref['t2i']).max() > 0.05  # not a degenerate (all-black) comparison
     # the batch is split over the data axes the mesh has; parameters over fsdp / model
     shards = {n: s['data_shards'] for n, s in info['sample'].items()}
-    assert shards == {'data': 8, 'fsdp': 8, 'data_fsdp': 8, 'fsdp_data': 8, 'model_data': 4,
-                      'data_fsdp_model': 4, 'fsdp_model_data': 4, 'data_unused1': 8}
+    assert shards == {'data': 8, 'fsdp': 8, 'fsdp_data': 8, 'model_data': 4,
+                      'fsdp_model_data': 4, 'data_unused1': 8}
     specs = {n: s['kernel_spec'] for n, s in info['sample'].items()}
     assert specs['data'] == [] and specs['model_data'] == [None, 'model']
     assert specs['fsdp'] == specs['fsdp_data'] == ['fsdp']
-    assert specs['data_fsdp_model'] == specs['fsdp_model_data'] == ['fsdp', 'model']
+    assert specs['fsdp_model_data'] == ['fsdp', 'model']
     # bad meshes: refused with the axis named
     assert "{'dp': 8}" in info['bad']['dp'] and "{'tensor': 2}" in info['bad']['data_tensor']
 
@@ -137,5 +137,4 @@ def test_user_meshes_sample_and_train_like_one_device(eight_devices, tmp_path):
             diffs.append(np.abs(np.asarray(v) - got[f'train/{name}/{path}']).ravel())
         assert np.quantile(np.concatenate(diffs), 0.999) < 1e-5, name
     assert info['train']['data']['kernel_spec'] == []
-    assert info['train']['fsdp_data']['kernel_spec'] == ['fsdp']
     assert info['train']['fsdp_data_model1']['kernel_spec'] == ['fsdp', 'model']

@@ -75,8 +75,11 @@ def test_shipped_model_reduced_gate(vd_mini):
 REDUCED = ['data.num_records=2000', 'optimizer.warmup_steps=20', 'checkpoint.every=10000',
            'validation.every=0', 'log_every=100',
            'autokl.total_steps=200', 'autokl.batch_size=8', 'clip.total_steps=250',
-           'optimus.total_steps=60', 'basic.total_steps=200', 'dc.total_steps=500',
-           'four_flow.total_steps=60']
+           'optimus.total_steps=20', 'basic.total_steps=200', 'dc.total_steps=500',
+           'four_flow.total_steps=10']
+# (Optimus and four-flow only show the plumbing here: their gate numbers are recorded and
+# four-flow starts from dc's export; the learning asserted below is dc's. At 60 steps each
+# they took 5 of the test's 20 minutes.)
 
 
 @pytest.mark.slow

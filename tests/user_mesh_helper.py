@@ -18,20 +18,20 @@ import numpy as np
 from vd_jax.errors import ConfigError
 
 # name -> (axis names, sizes) over 8 devices
+# (one, two and three axes, each in an order other than vd_jax's own; vd_jax's own order is
+# what tests/test_mesh_sampling.py and tests/test_sharding.py run)
 SAMPLE_MESHES = {
     'data': (('data',), (8,)),
     'fsdp': (('fsdp',), (8,)),
-    'data_fsdp': (('data', 'fsdp'), (2, 4)),
     'fsdp_data': (('fsdp', 'data'), (4, 2)),
     'model_data': (('model', 'data'), (2, 4)),
-    'data_fsdp_model': (('data', 'fsdp', 'model'), (2, 2, 2)),
     'fsdp_model_data': (('fsdp', 'model', 'data'), (2, 2, 2)),
     'data_unused1': (('data', 'spare'), (8, 1)),  # a size-1 axis of another name: ignored
 }
 # training: three axes in the user's order with model = 1 (training with model > 1 gives
 # another grad_norm than one device, 7.83 vs 7.47 at the same loss, on the full mesh too:
 # a separate issue, reported, not this one's)
-TRAIN_MESHES = ('data', 'fsdp_data', 'fsdp_data_model1')
+TRAIN_MESHES = ('data', 'fsdp_data_model1')
 SAMPLE_MESHES_TRAIN_ONLY = {'fsdp_data_model1': (('fsdp', 'data', 'model'), (4, 2, 1))}
 # meshes vd_jax refuses: an axis name it has no rule for, used with more than one device
 BAD_MESHES = {'dp': (('dp',), (8,)), 'data_tensor': (('data', 'tensor'), (4, 2))}
