@@ -174,3 +174,34 @@ def test_errors_name_the_sampler_steps_and_spacing():
         for steps, spacing in ((3, 'leading'), (999, 'linspace'), (T, 'full')):
             assert plan_with_warnings(sampler, steps, spacing=spacing)[1] == []
             assert check_steps(sampler, steps, spacing) == (spacing, None)
+
+
+def test_auto_spacing_of_a_zero_snr_v_model_is_trailing():
+    """'auto' gives a zero-terminal-SNR v-prediction model the grid that starts at pure noise
+    (t = T - 1); every other schedule keeps the original VD grid (parity unchanged)."""
+    zero_v = make_schedule(prediction_type='v_prediction', rescale_zero_terminal_snr=True)
+    for sampler in ('ddim', 'ddpm', 'euler', 'euler_a'):
+        p = make_plan(sampler, 50, schedule=zero_v)
+        assert p.spacing == 'trailing' and p.timesteps[0] == T - 1, sampler
+        assert p.timesteps == make_plan(sampler, 50, spacing='trailing').timesteps
+        # an explicit spacing is kept
+        assert make_plan(sampler, 50, spacing='uniform', schedule=zero_v).spacing == 'uniform'
+    assert make_plan('dpm++', 50, schedule=zero_v).spacing == 'linspace'  # starts at T - 1
+    for other in (SCHED, make_schedule(prediction_type='v_prediction'),
+                  make_schedule(rescale_zero_terminal_snr=True)):   # the last: eps, zero SNR
+        p = make_plan('ddim', 50, schedule=other)
+        assert p.spacing == 'uniform' and p.timesteps[0] == 981
+
+
+def test_a_zero_snr_v_model_samples_on_the_trailing_grid_by_default():
+    from vd_jax.config import load_config
+    from vd_jax.pipeline import VersatileDiffusion
+    cfg = load_config('tiny')
+    cfg.model.schedule.prediction_type = 'v_prediction'
+    cfg.model.schedule.rescale_zero_terminal_snr = True
+    vd = VersatileDiffusion.random(cfg, seed=0)
+    auto = np.asarray(vd.text_to_image('a cat', steps=4, seed=1))
+    np.testing.assert_array_equal(auto, vd.text_to_image('a cat', steps=4, seed=1,
+                                                         spacing='trailing'))
+    assert np.abs(auto - np.asarray(vd.text_to_image('a cat', steps=4, seed=1,
+                                                     spacing='uniform'))).max() > 1e-3

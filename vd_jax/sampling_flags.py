@@ -23,8 +23,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         '(Euler ancestral); default ddim')
     p.add_argument('--spacing', default='auto', choices=list(SPACINGS),
                    help="timestep grid (default auto: the original DDIM grid where it is "
-                        "defined, else 'leading' with a note; dpm++: linspace). 'trailing' "
-                        'starts at t = T-1: use it with models trained with zero terminal SNR')
+                        "defined, else 'leading' with a note; dpm++: linspace; 'trailing' for a "
+                        'model trained with zero terminal SNR and v-prediction). '
+                        "'trailing' starts at t = T-1")
     p.add_argument('--karras', action='store_true',
                    help='the Karras et al. sigma grid (dpm++ only)')
     p.add_argument('--guidance-rescale', type=float, default=0.0, metavar='PHI',

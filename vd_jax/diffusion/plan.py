@@ -167,6 +167,21 @@ def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str
     return resolved, notice
 
 
+def starts_below_pure_noise(sampler: str, schedule: Optional[Schedule]) -> bool:
+    """Whether 'auto' spacing resolves to 'trailing' for this sampler and schedule: the
+    schedule has zero terminal SNR, predicts v (an eps model cannot denoise t = T - 1 there:
+    `sampling.check_prediction`), and the sampler's usual grid ('uniform'/'leading') does not
+    start at t = T - 1. False without a schedule or with a traced one."""
+    if schedule is None or schedule.prediction_type == 'epsilon':
+        return False
+    if DEFAULT_SPACING[sampler] not in ('uniform', 'leading'):
+        return False
+    try:
+        return schedule.zero_terminal_snr
+    except (TypeError, ValueError):   # jax.errors.TracerArrayConversionError is a TypeError
+        return False
+
+
 def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timesteps: int = 1000,
               spacing: Optional[str] = None, set_alpha_to_one: Optional[bool] = None,
               start_step: Optional[int] = None, fidelity_off_by_one: bool = True,
@@ -180,7 +195,8 @@ def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timeste
       spacing: 'auto' (None) | 'uniform' | 'leading' | 'linspace' | 'trailing' | 'full', see
         `check_steps`. 'auto' keeps the original VD grid (linspace for dpm++) wherever it is
         defined and otherwise warns (`StepGridNotice`) and uses a grid of exactly `steps`
-        steps; `plan.spacing` is the resolved one.
+        steps; for a zero-terminal-SNR v-prediction `schedule` it is 'trailing'
+        (`starts_below_pure_noise`); `plan.spacing` is the resolved one.
       set_alpha_to_one: target of the last step. False = alpha_bar[0] (the original DDIM;
         diffusers `set_alpha_to_one=False`); True = clean data, alpha_bar 1 (diffusers'
         DDPMScheduler, DPM-Solver and Euler `final_sigmas_type='zero'`). Default: False for
@@ -191,9 +207,16 @@ def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timeste
       lower_order_final: DPM++ only: first-order last step when S < 15 (diffusers default).
       karras: the Karras et al. sigma grid between the schedule's sigma_max and sigma_min
         (diffusers' `use_karras_sigmas=True`; dpm++ only); needs `schedule`.
-      schedule: the schedule (only read for the Karras grid).
+      schedule: the schedule (read for the Karras grid and by 'auto' spacing).
     """
     solver = samplers.get(sampler)
+    if spacing in (None, 'auto') and starts_below_pure_noise(sampler, schedule):
+        # A zero-terminal-SNR model that predicts v was trained to denoise pure noise at
+        # t = T - 1 (Lin et al. 2023); the original VD grid starts at t = 981 for 50 steps and
+        # would hand it pure noise labelled as a noisy image. Its grid is 'trailing' (diffusers
+        # stores `timestep_spacing='trailing'` with such models). VD's own schedule has signal
+        # at T - 1, so converted VD weights keep the original grid.
+        spacing = 'trailing'
     spacing, asc, notice = _grid(sampler, steps, spacing, num_timesteps)
     if notice is not None:
         warnings.warn(notice, StepGridNotice, stacklevel=2)
