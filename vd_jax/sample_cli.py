@@ -141,7 +141,9 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
             print(f"warning: --{name.replace('_', '-')} is ignored by --task {args.task}",
                   file=sys.stderr)
     _check_values(args)
-    args.spacing, notice = check_sampler_flags(args, InputError)
+    # (args.spacing stays as given: 'auto' is resolved with the model's schedule, which a
+    # zero-terminal-SNR v-prediction model turns into 'trailing': diffusion.plan.make_plan)
+    _, notice = check_sampler_flags(args, InputError)
     if notice:
         print(f'note: {notice}', file=sys.stderr)
     prompts = list(args.prompt) + (read_list(args.prompts, '--prompts') if args.prompts else [])
