@@ -95,6 +95,17 @@ def test_cli_prompt_control_record_uses_the_sampling_flags(monkeypatch, tmp_path
     # prompt control: 3 background + 9 position words, 5 bases each, seeds 3..7 for each word
     pc_calls = [c for c in stub.calls if c['scale'] == 3.0][-(12 * 3):]
     assert sorted({c['seed'] for c in pc_calls}) == [3, 5, 7]
+    # the grids: a row per base (5 < 8 shown), a column per value, as the model drew them
+    from vd_jax.image_io import load_image
+    from vd_jax.outputs import make_grid
+    assert pc['values']['background'] == list(W.VOCAB['background'])
+    for attr, cols in (('background', 3), ('position', 9)):
+        grid = load_image(pc['grids'][attr])
+        bases = [W.sample('heldout', 5, 3)[j].attrs for j in range(5)]
+        want = np.stack([W.render(b._replace(**{attr: v})) for b in bases
+                         for v in W.VOCAB[attr]]).astype(np.float32) / 255.
+        expected = np.round(make_grid(want, cols=cols) * 255)
+        np.testing.assert_allclose(np.asarray(grid, np.float32), expected, atol=1)
 
 
 def test_cli_prompt_control_is_off_by_default(monkeypatch, tmp_path, capsys):

@@ -281,7 +281,7 @@ def _run_shapes(args, prep) -> int:
                             flows=tuple(args.flows.split(',')))
     record = evaluate(vd, settings, out, log=_log)
     if args.prompt_control:
-        record['prompt_control'] = _prompt_control(vd, args)
+        record['prompt_control'] = _prompt_control(vd, args, out)
         print('prompt_control: ' + json.dumps(record['prompt_control']))
     record.update(command=args.command, code_version=code_version(),
                   seconds=round(time.time() - t0, 1))
@@ -291,8 +291,13 @@ def _run_shapes(args, prep) -> int:
     return 0
 
 
-def _prompt_control(vd, args) -> dict:
-    """`vd_jax.eval.prompt_control` with the command's sampling flags, and its settings."""
+PROMPT_CONTROL_ROWS = 8   # bases shown in prompt_control_<attribute>.png
+
+
+def _prompt_control(vd, args, out: str) -> dict:
+    """`vd_jax.eval.prompt_control` with the command's sampling flags, and its settings; writes
+    `out/prompt_control_<attribute>.png`: a row per base (the first 8), a column per value of
+    the attribute, every image of a row from the same seed."""
     # lazy: vd_jax.eval.prompt_control pulls in tensorflow_datasets, grain, ... (+2.1 s)
     from vd_jax.eval.prompt_control import ATTRIBUTES, prompt_control  # noqa: PLC0415
     t0 = time.time()
@@ -300,9 +305,17 @@ def _prompt_control(vd, args) -> dict:
                     spacing=args.spacing, karras=args.karras,
                     guidance_rescale=args.guidance_rescale)
     rec = prompt_control(vd, args.prompt_control, attributes=ATTRIBUTES, seed=args.seed,
-                         batch_size=args.batch_size, **sampling)
+                         batch_size=args.batch_size, keep=PROMPT_CONTROL_ROWS, **sampling)
     rec['settings'] = dict(sampling, n=args.prompt_control, attributes=list(ATTRIBUTES),
                            seed=args.seed, template=0, batch_size=args.batch_size)
+    rec['grids'] = {}
+    for attr, images in rec.pop('images').items():
+        path = os.path.join(out, f'prompt_control_{attr}.png')
+        save_png(path, make_grid(images.reshape((-1,) + images.shape[2:]),
+                                 cols=images.shape[1]),
+                 dict(rec['settings'], model=vd.source, rows='held-out bases (seed + row)',
+                      columns=f'{attr}: ' + ', '.join(rec['values'][attr])))
+        rec['grids'][attr] = path
     rec['seconds'] = round(time.time() - t0, 1)
     return rec
 

@@ -31,7 +31,7 @@ def bases(n: int, seed: int = 0) -> list:
 
 
 def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, seed: int = 0,
-                   template: int = 0, batch_size: Optional[int] = None,
+                   template: int = 0, batch_size: Optional[int] = None, keep: int = 0,
                    **sampling) -> Dict[str, Dict[str, float]]:
     """Measure prompt control of a shapes-world model (see the module docstring).
 
@@ -42,14 +42,18 @@ def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, s
         (steps, scale, sampler, spacing, guidance_rescale, ...).
       batch_size: at most this many images per text_to_image call (None: all n at once;
         the images are the same either way: sample j is seed + j whatever the batching).
+      keep: also return the images of the first `keep` bases.
     Returns:
-      {'follows': {attr: share}, 'varies': {attr: share}, 'chance': {attr: 1 / values}, 'n': n}
+      {'follows': {attr: share}, 'varies': {attr: share}, 'chance': {attr: 1 / values},
+       'values': {attr: the values asked, in order}, 'n': n}; with keep > 0 also
+      'images': {attr: (keep, values, H, W, 3) float32 in [0, 1]}: row j is base j drawn with
+      every value of attr at seed + j.
     """
     base = bases(n, seed)
     out = {'follows': {}, 'varies': {}, 'chance': {}, 'n': n}
     for attr in attributes:
         values = W.VOCAB[attr]
-        read = []
+        read, kept = [], []
         for v in values:
             prompts = [W.caption(b._replace(**{attr: v}), template) for b in base]
             if batch_size is None:
@@ -58,10 +62,14 @@ def prompt_control(vd, n: int = 32, *, attributes: Sequence[str] = ATTRIBUTES, s
                 images = np.stack(map_batched(lambda p, sd: vd.text_to_image(
                     p, 1, seed=sd, **sampling), prompts, batch_size, seed))
             read.append([getattr(a, attr) for a in read_images(images)])
+            kept.append(np.asarray(images[:keep], np.float32))
         read = np.asarray(read, dtype=object)             # (values, n)
         asked = np.asarray(values, dtype=object)[:, None]
         out['follows'][attr] = float(np.mean(read == asked))
         out['varies'][attr] = float(np.mean([len(set(read[:, j])) == len(values)
                                              for j in range(n)]))
         out['chance'][attr] = 1.0 / len(values)
+        out.setdefault('values', {})[attr] = list(values)
+        if keep > 0:
+            out.setdefault('images', {})[attr] = np.stack(kept, axis=1)
     return out
