@@ -193,6 +193,7 @@ def test_auto_spacing_of_a_zero_snr_v_model_is_trailing():
         assert p.spacing == 'uniform' and p.timesteps[0] == 981
 
 
+@pytest.mark.slow
 def test_a_zero_snr_v_model_samples_on_the_trailing_grid_by_default():
     from vd_jax.config import load_config
     from vd_jax.pipeline import VersatileDiffusion
