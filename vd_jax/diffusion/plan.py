@@ -11,6 +11,7 @@ import dataclasses
 import warnings
 from typing import Optional, Tuple
 
+import jax
 import numpy as np
 
 from vd_jax.diffusion import ddim, ddpm, dpm_solver, samplers
@@ -176,10 +177,9 @@ def starts_below_pure_noise(sampler: str, schedule: Optional[Schedule]) -> bool:
         return False
     if DEFAULT_SPACING[sampler] not in ('uniform', 'leading'):
         return False
-    try:
-        return schedule.zero_terminal_snr
-    except (TypeError, ValueError):   # jax.errors.TracerArrayConversionError is a TypeError
+    if isinstance(schedule.alphas_cumprod, jax.core.Tracer):   # as `sampling.check_prediction`
         return False
+    return schedule.zero_terminal_snr
 
 
 def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timesteps: int = 1000,
