@@ -193,6 +193,32 @@ def test_auto_spacing_of_a_zero_snr_v_model_is_trailing():
         assert p.spacing == 'uniform' and p.timesteps[0] == 981
 
 
+def test_auto_spacing_reads_a_closed_over_schedule_inside_jit():
+    """`sample` builds its plan while `jit` traces: a schedule closed over (concrete arrays)
+    still resolves 'auto' by its values; a schedule passed in as an argument (traced) keeps the
+    sampler's usual grid instead of failing."""
+    import jax
+    zero_v = make_schedule(prediction_type='v_prediction', rescale_zero_terminal_snr=True)
+    for schedule, expected in ((zero_v, T - 1), (make_schedule(prediction_type='v_prediction'),
+                                                 981)):
+        seen = []
+
+        @jax.jit
+        def closed_over(x, schedule=schedule, seen=seen):
+            seen.append(make_plan('euler_a', 50, schedule=schedule).timesteps[0])
+            return x
+        closed_over(np.zeros(1))
+        assert seen == [expected]
+    traced = []
+
+    @jax.jit
+    def passed_in(s):
+        traced.append(make_plan('ddim', 50, schedule=s).spacing)
+        return s.alphas_cumprod[0]
+    passed_in(zero_v)
+    assert traced == ['uniform']
+
+
 @pytest.mark.slow
 def test_a_zero_snr_v_model_samples_on_the_trailing_grid_by_default():
     from vd_jax.config import load_config

@@ -116,8 +116,10 @@ class Schedule:
 
     @property
     def zero_terminal_snr(self) -> bool:
-        """Whether the last step holds no signal (alpha_bar_T = 0)."""
-        return float(np.asarray(self.alphas_cumprod[-1])) == 0.0
+        """Whether the last step holds no signal (alpha_bar_T = 0). Reads the concrete values
+        with numpy first: indexing a jax array inside a `jit` trace is staged (a tracer) even
+        when the array itself is a closed-over constant."""
+        return float(np.asarray(self.alphas_cumprod)[-1]) == 0.0
 
 
 def cosine_betas(timesteps: int, max_beta: float = 0.999) -> np.ndarray:
