@@ -47,6 +47,11 @@ import common  # noqa: E402
 REPO = common.REPO
 EXIT_PREEMPTED = 75  # vd_jax.platform.EXIT_PREEMPTED (not imported: this process loads no JAX)
 
+# Every row states its whole objective: the recipe's own default (configs/train_vd_mini.py)
+# became v3's (v + zero terminal SNR) after this ablation, and a row must train the same thing
+# whatever the recipe says today.
+EPS_VD = ('model.schedule.prediction_type=epsilon',
+          'model.schedule.rescale_zero_terminal_snr=False')
 V_ZERO_SNR = ('model.schedule.prediction_type=v_prediction',
               'model.schedule.rescale_zero_terminal_snr=True')
 TRAILING = {'spacing': 'trailing'}
@@ -65,16 +70,18 @@ class Row:
 
 
 ROWS = {r.name: r for r in (
-    Row('v2', note="v2's recipe: eps prediction on VD's schedule"),
+    Row('v2', EPS_VD, note="v2's recipe: eps prediction on VD's schedule"),
     Row('v_zero_snr', V_ZERO_SNR, TRAILING,
         note='v-prediction + zero terminal SNR (Lin et al. 2023), trailing spacing'),
     Row('v_zero_snr_min_snr', V_ZERO_SNR + ('loss.snr_gamma=5.0',), TRAILING,
         note='+ min-SNR-5 loss weighting'),
-    Row('offset_noise', ('noise.offset=0.05',), note='eps + offset noise 0.05 instead'),
+    Row('offset_noise', EPS_VD + ('noise.offset=0.05',),
+        note='eps + offset noise 0.05 instead'),
     # not run by default (--rows ...):
-    Row('v_prediction', ('model.schedule.prediction_type=v_prediction',),
+    Row('v_prediction', ('model.schedule.prediction_type=v_prediction',
+                         'model.schedule.rescale_zero_terminal_snr=False'),
         note="v-prediction on VD's schedule (no zero terminal SNR)"),
-    Row('min_snr', ('loss.snr_gamma=5.0',), note='eps + min-SNR-5'),
+    Row('min_snr', EPS_VD + ('loss.snr_gamma=5.0',), note='eps + min-SNR-5'),
     Row('v_zero_snr_rescale', V_ZERO_SNR, dict(TRAILING, guidance_rescale=0.7),
         train_as='v_zero_snr', note='v_zero_snr sampled with guidance rescale 0.7'),
 )}

@@ -27,7 +27,18 @@ def test_every_row_is_a_valid_override_of_the_stage():
     assert cfg.model.schedule.rescale_zero_terminal_snr and cfg.loss.snr_gamma == 5.0
     assert A.DEFAULT_ROWS == ('v2', 'v_zero_snr', 'v_zero_snr_min_snr', 'offset_noise')
     assert A.ROWS['v_zero_snr'].sampling == {'spacing': 'trailing'}
-    assert A.ROWS['offset_noise'].overrides == ('noise.offset=0.05',)
+    assert A.ROWS['offset_noise'].overrides == A.EPS_VD + ('noise.offset=0.05',)
+    # each row trains its own objective whatever the recipe's default is (v3 made it v + zero
+    # terminal SNR after this ablation): v2's row is eps on VD's schedule
+    for name, (prediction, zero_snr) in {'v2': ('epsilon', False),
+                                         'offset_noise': ('epsilon', False),
+                                         'min_snr': ('epsilon', False),
+                                         'v_prediction': ('v_prediction', False),
+                                         'v_zero_snr': ('v_prediction', True)}.items():
+        cfg = load_config(A.STAGE_CONFIG)
+        apply_overrides(cfg, list(A.ROWS[name].overrides))
+        assert (cfg.model.schedule.prediction_type,
+                bool(cfg.model.schedule.rescale_zero_terminal_snr)) == (prediction, zero_snr), name
 
 
 def test_arguments(tmp_path):

@@ -109,3 +109,27 @@ def test_bad_lora_settings_are_named(base, tmp_path):
         setup(_cfg(base, "lora.targets=['*/to_zz/kernel']"), str(tmp_path / 'a'))
     with pytest.raises(CheckpointError, match='does not exist'):
         setup(_cfg(str(tmp_path / 'nothing')), str(tmp_path / 'b'))
+
+
+def test_adapters_train_on_the_objective_of_their_base(tmp_path):
+    """A base trained with v-prediction on a zero-terminal-SNR schedule (VD-mini v3) gives its
+    schedule to the adapters' training config; a config without LoRA is left alone."""
+    from vd_jax.lora.training import adopt_base_schedule
+    cfg = load_config('train_tiny:test')
+    model = cfg.model.to_dict()
+    model['schedule'] = dict(beta_linear_start=0.00085, beta_linear_end=0.012, timesteps=1000,
+                             prediction_type='v_prediction', rescale_zero_terminal_snr=True)
+    base = tmp_path / 'v3_base'
+    base.mkdir()
+    (base / 'config.json').write_text(json.dumps(model))
+    plain = load_config('train_tiny:test')
+    adopt_base_schedule(plain)          # lora.enabled is False: nothing read, nothing changed
+    assert plain.model.schedule.prediction_type == 'epsilon'
+    cfg = _cfg(str(base))
+    assert cfg.model.schedule.prediction_type == 'epsilon'
+    adopt_base_schedule(cfg)
+    s = cfg.model.schedule
+    assert (s.prediction_type, s.rescale_zero_terminal_snr, s.beta_schedule) == \
+        ('v_prediction', True, 'scaled_linear')
+    adopt_base_schedule(cfg)            # idempotent
+    assert s.prediction_type == 'v_prediction'

@@ -30,6 +30,7 @@ import flax.linen as nn
 
 from vd_jax import sharding as shd
 from vd_jax.checkpoint import load_part, read_config
+from vd_jax.diffusion.schedule import ScheduleConfig
 from vd_jax.errors import ConfigError
 from vd_jax.lora.adapters import (Adapter, LoraSpec, init_tree, merge, sampling_weights,
                                   save_adapter, select_targets)
@@ -54,6 +55,21 @@ def base_checkpoint(cfg) -> str:
         return path
     from vd_jax.pipeline import DEFAULT_MODEL, MODELS
     return MODELS[DEFAULT_MODEL]
+
+
+def adopt_base_schedule(cfg) -> None:
+    """Train adapters on the objective their base was trained with: `cfg.model.schedule`
+    becomes the schedule recorded in `lora.base`'s config.json (its keys; the rest VD's
+    defaults, `ScheduleConfig`). A v-prediction, zero-terminal-SNR base (VD-mini v3) trained
+    with an eps loss would learn adapters that fight it. No-op unless `lora.enabled`."""
+    if not enabled(cfg):
+        return
+    base = ScheduleConfig.coerce(read_config(base_checkpoint(cfg)).get('schedule', None))
+    ours = ScheduleConfig.coerce(cfg.model.get('schedule', None))
+    if base != ours:
+        logger.info("model.schedule = %s (lora.base '%s' was trained with it)",
+                    base.to_dict(), base_checkpoint(cfg))
+        cfg.model.schedule.update(base.to_dict())
 
 
 class _Lowerable:

@@ -74,6 +74,7 @@ def setup(cfg, workdir: str, data_source=None, mesh=None) -> Run:
     validation.check(cfg)
     mesh = mesh if mesh is not None else shd.create_mesh(dict(cfg.mesh))
     inputs.adopt_encoder_scales(cfg)
+    lora_training.adopt_base_schedule(cfg)
     model = make_model(cfg)
     sc = StepConfig.from_config(cfg, model)
     # the config's rules name all three mesh axes; a given mesh may have fewer (any order)
