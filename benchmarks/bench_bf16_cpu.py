@@ -100,24 +100,6 @@ def measure(cfg, stream, hw, reps, warmup, log=print) -> dict:
     return out
 
 
-def cpu_family_model() -> dict:
-    """/proc/cpuinfo's cpu family and model of the first CPU (AMD family 25 model 17: Zen 4),
-    which the model name ('AMD EPYC' on a VM) may not say."""
-    out = {}
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                key = key.strip()
-                if key in ('vendor_id', 'cpu family', 'model', 'model name') and key not in out:
-                    out[key] = value.strip()
-                if not line.strip():
-                    break
-    except OSError:
-        pass
-    return out
-
-
 def main(argv=None):
     p = common.base_parser(__doc__.split('\n')[0])
     p.add_argument('--config', default='mid', choices=['mid', 'tiny'])
@@ -128,7 +110,7 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else 1
     cfg, hw = model_config(config)
     rec = {'args': vars(args), 'config': config, 'size_px': hw, 'batch': 2, 'streams': {}}
-    rec['machine'] = dict(common.machine_info(), cpuinfo=cpu_family_model())
+    rec['machine'] = common.machine_info()
     for stream in STREAMS:
         rec['streams'][stream] = measure(cfg, stream, hw, reps, warmup)
     common.write_record('bench_bf16_cpu', rec, args.out, args.smoke)
@@ -143,8 +125,9 @@ def main(argv=None):
                          common.fmt_s(r['step'][v]), f'{st / base:.2f}x',
                          f'{cast:.3f}' if v == 'bf16 cast/call' else '',
                          f'{call:.1f}', f'{call / (CALL_STEPS * base):.2f}x'])
-    ci = rec['machine']['cpuinfo']
-    print(f"\n{rec['machine']['cpu']} (family {ci.get('cpu family')} model {ci.get('model')}), "
+    m = rec['machine']
+    print(f"\n{m['cpu']} ({m['host_kind']}: family {m['cpu_id'].get('family')} model "
+          f"{m['cpu_id'].get('model')}), "
           f"{config} config, {hw} px, batch 2, load "
           f"{rec['machine']['loadavg_at_start'][0]:.1f} at start\n")
     print(common.table(['step', 'variant', 'step s', 'vs float32', 'cast s',

@@ -85,14 +85,64 @@ def _cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
+# Which microarchitecture a CPU is, from /proc/cpuinfo's vendor, family and model (the model
+# name on a VM often says only 'AMD EPYC'). AMD's family/model ranges are those of the Linux
+# kernel's amd_zen*/x86 model tables and AMD's processor programming references: family 17h
+# (23) is Zen/Zen+/Zen 2, 19h (25) is Zen 3 (models 00-0F, 20-2F, 40-5F) or Zen 4 (10-1F,
+# 60-7F, A0-AF), 1Ah (26) is Zen 5. Results differ by kind (Zen 5's XLA GEMM runs twice Zen 4's
+# on the same 2 vCPUs), so records are compared only within one kind.
+_AMD_KINDS = {23: ((0x00, 0xFF, 'Zen/Zen+/Zen 2'),),
+              25: ((0x00, 0x0F, 'Zen 3'), (0x10, 0x1F, 'Zen 4'), (0x20, 0x2F, 'Zen 3'),
+                   (0x40, 0x5F, 'Zen 3'), (0x60, 0x7F, 'Zen 4'), (0xA0, 0xAF, 'Zen 4')),
+              26: ((0x00, 0xFF, 'Zen 5'),)}
+# the ISA extensions that decide which kernels XLA, oneDNN and MKL pick
+_ISA_FLAGS = ('sse4_2', 'avx', 'avx2', 'fma', 'f16c', 'avx512f', 'avx512dq', 'avx512bw',
+              'avx512vl', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'avx_vnni', 'amx_tile',
+              'amx_bf16', 'amx_int8')
+
+
+def cpu_id(path: str = '/proc/cpuinfo') -> Dict[str, object]:
+    """The first CPU's vendor, family, model and stepping (integers) and its model name, read
+    from /proc/cpuinfo ({} where it cannot be read)."""
+    out: Dict[str, object] = {}
+    keys = {'vendor_id': 'vendor', 'cpu family': 'family', 'model': 'model',
+            'stepping': 'stepping', 'model name': 'model_name'}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor only
+                key, _, value = line.partition(':')
+                name = keys.get(key.strip())
+                if name and name not in out:
+                    value = value.strip()
+                    out[name] = int(value) if name in ('family', 'model', 'stepping') \
+                        and value.isdigit() else value
+    except OSError:
+        pass
+    return out
+
+
+def host_kind(cpu: Mapping[str, object]) -> str:
+    """'Zen 4', 'Zen 5', ... for AMD CPUs by family and model (`_AMD_KINDS`); otherwise
+    '<vendor> family F model M' (or 'unknown'): the label records are grouped by."""
+    family, model = cpu.get('family'), cpu.get('model')
+    if cpu.get('vendor') == 'AuthenticAMD' and isinstance(family, int) and isinstance(model, int):
+        for lo, hi, kind in _AMD_KINDS.get(family, ()):
+            if lo <= model <= hi:
+                return kind
+    if family is None or model is None:
+        return 'unknown'
+    return f"{cpu.get('vendor', '?')} family {family} model {model}"
+
+
 def _cpu_flags() -> List[str]:
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 if line.startswith('flags'):
                     fl = set(line.split(':', 1)[1].split())
-                    return sorted(x for x in fl if x in {'avx', 'avx2', 'fma', 'avx512f',
-                                                         'avx512_bf16', 'amx_bf16', 'avx_vnni'})
+                    return [x for x in _ISA_FLAGS if x in fl]
     except OSError:
         pass
     return []
@@ -121,7 +171,8 @@ def machine_info() -> dict:
     """CPU, memory, library versions, threads and flags: the header of every record."""
     info = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        cpu=_cpu_model(), cpu_flags=_cpu_flags(), cores=os.cpu_count(),
+        cpu=_cpu_model(), cpu_id=cpu_id(), host_kind=host_kind(cpu_id()), cpu_flags=_cpu_flags(),
+        cores=os.cpu_count(),
         mem_total_gib=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
         python=platform.python_version(),
         versions={m: _version(m) for m in ('jax', 'jaxlib', 'flax', 'numpy', 'torch',
@@ -492,6 +543,11 @@ def write_record(name: str, record: dict, out_dir: str, smoke: bool = False) -> 
     path = os.path.join(out_dir, f"{name}{'-' + tag if tag else ''}{'-smoke' if smoke else ''}.json")
     record = dict(record)
     record.setdefault('machine', machine_info())
+    if 'gemm' not in record:  # every record carries its machine's f32 GEMM peaks
+        print('== f32 GEMM peaks of this machine (numpy, torch, jax), for the record')
+        libs = [lib for lib in ('numpy', 'torch', 'jax') if _importable(lib)]
+        record['gemm'] = gemm_peak((256,) if smoke else (2048,), libs=libs,
+                                   reps=1 if smoke else 5, warmup=1 if smoke else 2)
     record['machine']['loadavg_at_end'] = os.getloadavg()
     record['smoke'] = smoke
     if os.path.exists(path):  # an earlier run's record is kept, not overwritten
@@ -507,6 +563,11 @@ def write_record(name: str, record: dict, out_dir: str, smoke: bool = False) -> 
     os.replace(tmp, path)
     print(f'wrote {path}')
     return path
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
 
 
 def _jsonable(o):

@@ -19,18 +19,36 @@ MODULES = {'unet_image_stream': 'bench_unet', 'unet_text_stream': 'bench_text_un
            'train_step': 'bench_train', 'attention': 'bench_attention'}
 
 
+def host_of(rec: dict) -> str:
+    """The host kind a record was measured on (`common.host_kind`; records written before it
+    was recorded: their CPU model name). Numbers are compared only within one kind."""
+    m = rec['machine']
+    return m.get('host_kind') or f"{m['cpu']} (kind not recorded)"
+
+
 def main(argv=None):
     paths = (argv if argv is not None else sys.argv[1:]) or \
         sorted(glob.glob(os.path.join(common.RESULTS, '*.json')))
+    records = []
     for p in paths:
         with open(p) as f:
-            rec = json.load(f)
-        m = rec['machine']
-        print(f"\n# {os.path.basename(p)}: {m['cpu']}, {m['cores']} cores, {m['date']}, "
-              f"load {m['loadavg_at_start'][0]:.2f} -> {m.get('loadavg_at_end', [float('nan')])[0]:.2f}, "
-              f"git {m.get('git')}")
-        mod = importlib.import_module(MODULES[rec['benchmark']])
-        mod.print_tables(rec)
+            records.append((p, json.load(f)))
+    # grouped by host kind: a Zen 5 and a Zen 4 run of one benchmark are two results
+    for host in sorted({host_of(r) for _, r in records}):
+        print(f'\n## host: {host}')
+        for p, rec in records:
+            if host_of(rec) != host:
+                continue
+            m = rec['machine']
+            print(f"\n# {os.path.basename(p)}: {m['cpu']}, {m['cores']} cores, {m['date']}, "
+                  f"load {m['loadavg_at_start'][0]:.2f} -> "
+                  f"{m.get('loadavg_at_end', [float('nan')])[0]:.2f}, git {m.get('git')}")
+            script = MODULES.get(rec.get('benchmark'))
+            if script is None:  # scripts that print their tables only when run
+                name = os.path.basename(p).split('-')[0].split('.')[0]
+                print(f'  (no saved-record table: run benchmarks/{name}.py)')
+                continue
+            importlib.import_module(script).print_tables(rec)
 
 
 if __name__ == '__main__':

@@ -58,10 +58,16 @@ def records(tmp_path_factory):
 
 
 def test_records_carry_the_machine(records):
+    """Every record names its host (kind, CPU family and model, ISA flags) and the f32 GEMM
+    peaks of numpy, torch and jax measured in that run: numbers are compared within one kind."""
     for name, r in records.items():
         m = r['machine']
         assert r['smoke'] is True, name
         assert m['cores'] >= 1 and m['versions']['jax'] and m['cpu'], name
+        assert m['host_kind'] and isinstance(m['cpu_id'].get('family'), int), (name, m)
+        assert isinstance(m['cpu_flags'], list), name
+        for lib in ('numpy', 'torch', 'jax'):
+            assert min(v['gflops_median'] for v in r['gemm'][lib].values()) > 0, (name, lib)
 
 
 def test_image_stream_smoke(records):
