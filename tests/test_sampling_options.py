@@ -131,6 +131,17 @@ def test_sample_py_runs_a_v_model_and_records_the_schedule(v_zero_snr, tmp_path,
             settings['karras']) == ('ddim', 'trailing', 0.7, False)
     assert settings['schedule']['prediction_type'] == 'v_prediction'
     assert settings['schedule']['rescale_zero_terminal_snr'] is True
+    # the default 'auto' at 3 steps (the original grid lacks them: an eps model gets a note
+    # that 'leading' is used): for this model 'auto' is 'trailing', said nowhere as 'leading',
+    # and recorded as the grid used
+    capsys.readouterr()
+    argv = ['--ckpt', ck, '--prompt', PROMPT, '--n', '1', '--steps', '3', '--out', str(out),
+            '--no-compile-cache']
+    assert sample_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert 'leading' not in err and 'note:' not in err, err
+    settings = json.loads((out / 'run-002' / 'settings.json').read_text())
+    assert (settings['spacing'], settings['spacing_used']) == ('auto', 'trailing')
 
 
 @pytest.mark.slow

@@ -187,6 +187,15 @@ def test_auto_spacing_of_a_zero_snr_v_model_is_trailing():
         # an explicit spacing is kept
         assert make_plan(sampler, 50, spacing='uniform', schedule=zero_v).spacing == 'uniform'
     assert make_plan('dpm++', 50, schedule=zero_v).spacing == 'linspace'  # starts at T - 1
+    # check_steps (what command lines call) answers as make_plan does once given the schedule:
+    # at 3 steps the original grid is undefined; VD's schedule falls back to 'leading' with a
+    # note, the zero-SNR v schedule is 'trailing' without one
+    assert check_steps('ddim', 3, 'auto')[0] == 'leading' and check_steps('ddim', 3, 'auto')[1]
+    assert check_steps('ddim', 3, 'auto', schedule=zero_v) == ('trailing', None)
+    from vd_jax.diffusion.plan import auto_depends_on_schedule
+    assert auto_depends_on_schedule('ddim', 'auto') and auto_depends_on_schedule('euler_a', None)
+    assert not auto_depends_on_schedule('dpm++', 'auto')
+    assert not auto_depends_on_schedule('ddim', 'leading')
     for other in (SCHED, make_schedule(prediction_type='v_prediction'),
                   make_schedule(rescale_zero_terminal_snr=True)):   # the last: eps, zero SNR
         p = make_plan('ddim', 50, schedule=other)

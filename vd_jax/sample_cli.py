@@ -31,7 +31,7 @@ from vd_jax.errors import CheckpointError, ConfigError, InputError
 from vd_jax.image_io import load_image
 from vd_jax.outputs import code_version, new_run_dir
 from vd_jax.platform import exit_codes_epilog, quiet_libraries
-from vd_jax.sampling_flags import add_sampler_flags, check_sampler_flags
+from vd_jax.sampling_flags import add_sampler_flags, model_grid_notice
 
 DEMO_PROMPT = 'a large red circle at the center on a white background'  # the shapes world
 UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the outputs are noise; '
@@ -142,8 +142,9 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
                   file=sys.stderr)
     _check_values(args)
     # (args.spacing stays as given: 'auto' is resolved with the model's schedule, which a
-    # zero-terminal-SNR v-prediction model turns into 'trailing': diffusion.plan.make_plan)
-    _, notice = check_sampler_flags(args, InputError)
+    # zero-terminal-SNR v-prediction model turns into 'trailing': diffusion.plan.make_plan;
+    # a note that depends on it is given once the model has loaded, `_load_model`)
+    _, notice = model_grid_notice(args, None, before_load=True)
     if notice:
         print(f'note: {notice}', file=sys.stderr)
     prompts = list(args.prompt) + (read_list(args.prompts, '--prompts') if args.prompts else [])
@@ -199,6 +200,9 @@ def _load_model(args, mesh, share, t0):
         f'mesh {dict(mesh.shape)} of {mesh.devices.size} device(s)' if mesh is not None
         else f'device {jax.local_devices()[0]}')
     print(f'loaded {vd.source} in {time.time() - t0:.1f}s; {where}', file=sys.stderr)
+    args.spacing_used, notice = model_grid_notice(args, vd.schedule, before_load=False)
+    if notice:
+        print(f'note: {notice}', file=sys.stderr)
     return vd
 
 

@@ -34,10 +34,12 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_sampler_flags(args, error: Callable[[str], Exception],
-                        spacing: Optional[str] = None) -> Tuple[str, Optional[str]]:
+                        spacing: Optional[str] = None,
+                        schedule=None) -> Tuple[str, Optional[str]]:
     """Check the flags of `add_sampler_flags` with `args.steps` (`spacing` overrides
     args.spacing); raises error(message) naming the flag. Returns `check_steps`'s
-    (resolved spacing, notice or None)."""
+    (resolved spacing, notice or None); `schedule` (the loaded model's) resolves 'auto' as
+    sampling will (before a model loads, the answer is the one for VD's schedule)."""
     from vd_jax.diffusion.sampling import check_steps  # noqa: PLC0415
     # lazy: vd_jax.tasks.common pulls in jax, flax (+1.3 s)
     from vd_jax.tasks.common import SamplingOptions  # noqa: PLC0415
@@ -49,6 +51,19 @@ def check_sampler_flags(args, error: Callable[[str], Exception],
         except InputError as e:
             raise error(f'--{flag}: {e}') from None
     try:
-        return check_steps(args.sampler, args.steps, spacing or args.spacing or 'auto')
+        return check_steps(args.sampler, args.steps, spacing or args.spacing or 'auto',
+                           schedule=schedule)
     except ValueError as e:
         raise error(f'--sampler {args.sampler} --steps {args.steps}: {e}') from None
+
+
+def model_grid_notice(args, schedule, before_load: bool) -> Tuple[str, Optional[str]]:
+    """(the spacing sampling uses, the note to print now or None). Before the model loads
+    (`before_load`), a note is only given when it cannot depend on the model's schedule
+    ('auto' with ddim/ddpm/euler/euler_a resolves to 'trailing' for a zero-terminal-SNR v
+    model); after loading, with its `schedule`, the note that before-load withheld."""
+    # lazy: vd_jax.diffusion pulls in jax, flax (+1.3 s)
+    from vd_jax.diffusion.plan import auto_depends_on_schedule  # noqa: PLC0415
+    spacing, notice = check_sampler_flags(args, InputError, schedule=schedule)
+    depends = auto_depends_on_schedule(args.sampler, args.spacing)
+    return spacing, (notice if depends != before_load else None)

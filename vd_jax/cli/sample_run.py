@@ -70,7 +70,7 @@ def run_task(vd, t: CliTask, args, inputs: TaskInputs, bar, share: Tuple[int, in
               guidance_rescale=args.guidance_rescale)
     me, count = share
     progress = _Progress(bar)
-    steps = make_plan(args.sampler, args.steps, spacing=args.spacing).num_steps
+    steps = make_plan(args.sampler, args.steps, spacing=args.spacing, schedule=vd.schedule).num_steps
     if t.batched:  # inputs x n, split evenly over the processes, then batched on each
         xs, names = ((inputs.prompts, inputs.prompts) if 'prompt' in t.needs
                      else (inputs.images, inputs.paths))

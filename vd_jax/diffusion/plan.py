@@ -135,7 +135,8 @@ def trailing_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
 
 
 def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str] = 'auto', *,
-                num_timesteps: int = 1000) -> Tuple[str, Optional[str]]:
+                num_timesteps: int = 1000,
+                schedule: Optional[Schedule] = None) -> Tuple[str, Optional[str]]:
     """Validate a (sampler, steps, spacing) choice without any model: call it before loading one.
 
     Spacings (the timesteps fed to the model, T = num_timesteps, S = steps):
@@ -156,6 +157,9 @@ def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str
       sampler: a name of `SAMPLERS`.
       steps: S in [1, T]; None = 50 (T for 'full').
       spacing: one of `SPACINGS`; None = 'auto'.
+      schedule: the model's schedule when known: 'auto' is 'trailing' for a zero-terminal-SNR
+        v-prediction schedule (`starts_below_pure_noise`), as in `make_plan`. Without it the
+        answer is the one for VD's schedule.
     Returns:
       (resolved spacing, notice): the spacing `make_plan` will use (pass it on to make the
       choice explicit), and a one-line message to print when 'auto' fell back from the
@@ -164,8 +168,29 @@ def check_steps(sampler: str, steps: Optional[int] = None, spacing: Optional[str
     Raises:
       ValueError naming the sampler, the steps and the spacing.
     """
-    resolved, _, notice = _grid(sampler, steps, spacing, num_timesteps)
+    resolved, _, notice = _grid(sampler, steps, _auto(sampler, spacing, schedule), num_timesteps)
     return resolved, notice
+
+
+def _auto(sampler: str, spacing: Optional[str], schedule: Optional[Schedule]) -> Optional[str]:
+    """'trailing' where 'auto' means it for this schedule (`starts_below_pure_noise`), else
+    `spacing` unchanged."""
+    if spacing in (None, 'auto') and starts_below_pure_noise(sampler, schedule):
+        # A zero-terminal-SNR model that predicts v was trained to denoise pure noise at
+        # t = T - 1 (Lin et al. 2023); the original VD grid starts at t = 981 for 50 steps and
+        # would hand it pure noise labelled as a noisy image. Its grid is 'trailing' (diffusers
+        # stores `timestep_spacing='trailing'` with such models). VD's own schedule has signal
+        # at T - 1, so converted VD weights keep the original grid.
+        return 'trailing'
+    return spacing
+
+
+def auto_depends_on_schedule(sampler: str, spacing: Optional[str]) -> bool:
+    """Whether what `spacing` resolves to for `sampler` depends on the model's schedule: 'auto'
+    with a sampler whose usual grid ('uniform' / 'leading') does not start at t = T - 1 becomes
+    'trailing' for a zero-terminal-SNR v model. Command lines check the flags before a model
+    loads and say where 'auto' lands only once they know (`check_steps(schedule=...)`)."""
+    return spacing in (None, 'auto') and DEFAULT_SPACING[sampler] in ('uniform', 'leading')
 
 
 def starts_below_pure_noise(sampler: str, schedule: Optional[Schedule]) -> bool:
@@ -175,7 +200,7 @@ def starts_below_pure_noise(sampler: str, schedule: Optional[Schedule]) -> bool:
     start at t = T - 1. False without a schedule or with a traced one."""
     if schedule is None or schedule.prediction_type == 'epsilon':
         return False
-    if DEFAULT_SPACING[sampler] not in ('uniform', 'leading'):
+    if not auto_depends_on_schedule(sampler, 'auto'):
         return False
     if isinstance(schedule.alphas_cumprod, jax.core.Tracer):   # as `sampling.check_prediction`
         return False
@@ -210,14 +235,7 @@ def make_plan(sampler: str = 'ddim', steps: Optional[int] = None, *, num_timeste
       schedule: the schedule (read for the Karras grid and by 'auto' spacing).
     """
     solver = samplers.get(sampler)
-    if spacing in (None, 'auto') and starts_below_pure_noise(sampler, schedule):
-        # A zero-terminal-SNR model that predicts v was trained to denoise pure noise at
-        # t = T - 1 (Lin et al. 2023); the original VD grid starts at t = 981 for 50 steps and
-        # would hand it pure noise labelled as a noisy image. Its grid is 'trailing' (diffusers
-        # stores `timestep_spacing='trailing'` with such models). VD's own schedule has signal
-        # at T - 1, so converted VD weights keep the original grid.
-        spacing = 'trailing'
-    spacing, asc, notice = _grid(sampler, steps, spacing, num_timesteps)
+    spacing, asc, notice = _grid(sampler, steps, _auto(sampler, spacing, schedule), num_timesteps)
     if notice is not None:
         warnings.warn(notice, StepGridNotice, stacklevel=2)
     if set_alpha_to_one is None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from vd_jax.cli.model_flags import add_model_flags, load_model
 from vd_jax.cli.usage import compile_cache, report
+from vd_jax.sampling_flags import model_grid_notice
 from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval import generate as G
 from vd_jax.eval.checks import EVAL_MODEL_FLAGS, check
@@ -216,7 +217,8 @@ def _run_sampling(args, prep) -> int:
     settings = {k: v for k, v in vars(args).items()}
     record.update(n=n, generated=gen['generated'], reused=gen['reused'],
                   samples=os.path.join(os.path.abspath(folder), G.SAMPLES), grid=grid,
-                  generation=dict(spec.to_dict(), height=hw[0], width=hw[1]),
+                  generation=dict(spec.to_dict(), height=hw[0], width=hw[1],
+                                  spacing_used=model_grid_notice(args, vd.schedule, False)[0]),
                   model={'source': vd.source, 'untrained': untrained,
                          'config': vd.config.get('name', None)},
                   settings=settings, num_inputs=len(inputs), code_version=code_version(),
@@ -280,6 +282,8 @@ def _run_shapes(args, prep) -> int:
                             seed=args.seed, batch_size=args.batch_size, decode=args.decode,
                             flows=tuple(args.flows.split(',')))
     record = evaluate(vd, settings, out, log=_log)
+    # the grid 'auto' became for this model (trailing for a zero-terminal-SNR v model)
+    record['settings']['spacing_used'] = model_grid_notice(args, vd.schedule, False)[0]
     if args.prompt_control:
         record['prompt_control'] = _prompt_control(vd, args, out)
         print('prompt_control: ' + json.dumps(record['prompt_control']))
