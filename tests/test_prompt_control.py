@@ -46,6 +46,7 @@ class CliStub(Obedient):
     image_size = W.IMAGE_SIZE
     source = 'stub'
     components = None
+    schedule = None      # as VD's: 'auto' keeps the original grid (recorded as spacing_used)
 
     def __init__(self, tasks=('text_to_image',)):
         self.tasks, self.calls = tasks, []
@@ -89,6 +90,7 @@ def test_cli_prompt_control_record_uses_the_sampling_flags(monkeypatch, tmp_path
                                   attributes=['background', 'position'], seed=3, template=0,
                                   batch_size=2)
     assert 'prompt_control: {' in out and rec['flows']['t2i']['accuracy']['all'] == 1.0
+    assert rec['settings']['spacing_used'] == 'trailing'   # the grid sampling used
     # every call (the t2i flow's and prompt control's) sampled with the flags, in batches <= 2
     assert all(c['steps'] == 7 and c['spacing'] == 'trailing' and c['sampler'] == 'euler'
                and c['guidance_rescale'] == 0.7 and c['batch'] <= 2 for c in stub.calls)
@@ -111,6 +113,7 @@ def test_cli_prompt_control_record_uses_the_sampling_flags(monkeypatch, tmp_path
 def test_cli_prompt_control_is_off_by_default(monkeypatch, tmp_path, capsys):
     code, out, err, rec = _shapes(monkeypatch, tmp_path, capsys, CliStub())
     assert code == 0 and 'prompt_control' not in rec and 'prompt_control: ' not in out
+    assert (rec['settings']['spacing'], rec['settings']['spacing_used']) == ('auto', 'uniform')
 
 
 def test_cli_prompt_control_usage_errors(monkeypatch, tmp_path, capsys, no_model):
