@@ -37,6 +37,7 @@ def test_batches_are_consecutive_runs_padded_with_the_last_input():
 class FakePipeline:
     """text_to_image / text_variation: row j of a call is (seed + j, number of the prompt);
     records the batch size of every call."""
+    schedule = None   # VD's: 'auto' spacing keeps the original grid
 
     def __init__(self, prompts):
         self.number = {p: k for k, p in enumerate(prompts)}
@@ -160,6 +161,8 @@ def test_run_task_runs_any_task_of_the_table_without_knowing_its_name(tmp_path):
                                outputs=outputs, runs=2)
 
     class Made:
+        schedule = None   # VD's
+
         def made_up(self, n):
             return [f's{i}' for i in range(n)], np.zeros((n, 1, 1, 3), np.float32)
     bar = LineProgress(file=io.StringIO())
