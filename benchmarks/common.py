@@ -169,9 +169,10 @@ def _git_commit() -> Optional[str]:
 
 def machine_info() -> dict:
     """CPU, memory, library versions, threads and flags: the header of every record."""
+    cpu = cpu_id()
     info = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        cpu=_cpu_model(), cpu_id=cpu_id(), host_kind=host_kind(cpu_id()), cpu_flags=_cpu_flags(),
+        cpu=_cpu_model(), cpu_id=cpu, host_kind=host_kind(cpu), cpu_flags=_cpu_flags(),
         cores=os.cpu_count(),
         mem_total_gib=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
         python=platform.python_version(),

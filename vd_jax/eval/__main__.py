@@ -29,7 +29,6 @@ import numpy as np
 
 from vd_jax.cli.model_flags import add_model_flags, load_model
 from vd_jax.cli.usage import compile_cache, report
-from vd_jax.sampling_flags import model_grid_notice
 from vd_jax.errors import CheckpointError, InputError
 from vd_jax.eval import generate as G
 from vd_jax.eval.checks import EVAL_MODEL_FLAGS, check
@@ -37,7 +36,7 @@ from vd_jax.eval.reference import fit
 from vd_jax.image_io import load_image
 from vd_jax.outputs import code_version, make_grid, new_run_dir, save_png
 from vd_jax.platform import configure_xla, exit_codes_epilog, quiet_libraries
-from vd_jax.sampling_flags import add_sampler_flags
+from vd_jax.sampling_flags import add_sampler_flags, model_grid_notice
 
 GRID_MAX = 64
 
