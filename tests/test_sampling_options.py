@@ -8,6 +8,7 @@ decoded images agree to 1e-5 (summation-order noise); a mis-read option (e.g. th
 prediction type) changes the latents by O(0.1-1), which the second comparison checks.
 """
 import copy
+import os
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +190,81 @@ def test_eval_runs_recorded_before_these_options_still_resume():
     assert spec.mismatch(old) == []
     karras = GenerationSpec(**dict(spec.to_dict(), sampler='dpm++', karras=True))
     assert sorted(m.split(':')[0] for m in karras.mismatch(old)) == ['karras', 'sampler']
+
+
+# ------------------------------------------------------------------------------------------
+# The guidance scale a model's config recommends (`sampling.scale`, e.g. VD-mini v3's 3)
+# ------------------------------------------------------------------------------------------
+
+def test_a_model_config_recommends_only_a_valid_scale():
+    from vd_jax.errors import CheckpointError
+    cfg = load_config('tiny').model
+    assert 'sampling' not in cfg and SamplingOptions.model_defaults(cfg) == {}
+    cfg = copy.deepcopy(cfg)
+    cfg.sampling = {'scale': 3.0}
+    assert SamplingOptions.model_defaults(cfg) == {'scale': 3.0}
+    cfg.sampling = {'scale': 3.0, 'steps': 10}
+    with pytest.raises(CheckpointError, match=r"'sampling' has \['steps'\].*only \['scale'\]"):
+        SamplingOptions.model_defaults(cfg)
+    cfg.sampling = {'scale': -1.0}
+    with pytest.raises(CheckpointError, match=r"'sampling': scale \(guidance\) must be >= 0"):
+        SamplingOptions.model_defaults(cfg)
+
+
+@pytest.fixture(scope='module')
+def recommends_scale_1():
+    """A tiny model whose config recommends guidance scale 1 (conditional only)."""
+    vd = _tiny()
+    cfg = copy.deepcopy(vd.config)
+    cfg.sampling = {'scale': 1.0}
+    return VersatileDiffusion(cfg, dict(vd.params), source='recommends scale 1')
+
+
+@pytest.mark.slow
+def test_the_models_recommended_scale_is_the_default(recommends_scale_1):
+    vd = recommends_scale_1
+    assert vd.sampling_defaults['scale'] == 1.0
+    assert _tiny().sampling_defaults['scale'] == 7.5   # no recommendation: VD's
+    run = lambda **kw: vd.text_to_image(PROMPT, 1, steps=2, seed=0, **kw)  # noqa: E731
+    default = run()
+    np.testing.assert_array_equal(default, run(scale=1.0))
+    assert np.abs(default - run(scale=7.5)).max() > 1e-3   # a caller's scale wins
+
+
+@pytest.mark.slow
+def test_command_lines_take_the_models_recommended_scale(recommends_scale_1, tmp_path, capsys):
+    """sample.py and the evaluation read the recommendation from the config before loading;
+    --scale wins; a config that recommends what it cannot is refused before any work."""
+    import json
+    from vd_jax import sample_cli
+    from vd_jax.checkpoint import write_checkpoint
+    from vd_jax.eval import checks
+    from vd_jax.eval.__main__ import build_parser
+    vd = recommends_scale_1
+    ck = str(tmp_path / 'ck')
+    write_checkpoint(ck, vd.config, {p: jax.tree.map(np.asarray, vd.params[p])
+                                     for p in ('diffuser', 'vae_image', 'ctx_text')})
+    out = tmp_path / 'out'
+    base = ['--ckpt', ck, '--prompt', PROMPT, '--n', '1', '--steps', '2', '--out', str(out),
+            '--no-compile-cache']
+    assert sample_cli.main(base) == 0
+    assert "guidance scale 1: the model's recommendation" in capsys.readouterr().err
+    assert sample_cli.main(base + ['--scale', '2']) == 0
+    assert 'recommendation' not in capsys.readouterr().err
+    scales = [json.loads((out / f'run-00{i}' / 'settings.json').read_text())['scale']
+              for i in (1, 2)]
+    assert scales == [1.0, 2.0]
+    parser = build_parser()   # the evaluation's checks, which run before any model loads
+    for flags, want in (([], 1.0), (['--scale', '4'], 4.0), (['--model', 'tiny'], 7.5)):
+        model = flags if flags[:1] == ['--model'] else ['--ckpt', ck] + flags
+        argv = ['shapes', '--out', str(tmp_path / 'evals')] + model
+        args, _ = checks.check(parser.parse_args(argv), parser, argv)
+        assert args.scale == want, (flags, args.scale)
+    # a broken recommendation: refused before loading, naming the key
+    with open(os.path.join(ck, 'config.json')) as f:
+        cfg = json.load(f)
+    cfg['sampling'] = {'steps': 3}
+    with open(os.path.join(ck, 'config.json'), 'w') as f:
+        json.dump(cfg, f)
+    assert sample_cli.main(base) == 2
+    assert "'sampling' has ['steps']" in capsys.readouterr().err

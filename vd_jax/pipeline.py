@@ -12,8 +12,9 @@ per (conditioning, shapes, steps, sampler); new prompts, images or seeds of the 
 reuse it. Sample i of a call is seeded with `seed + i` and does not depend on the batch it is
 in. Images are float32 arrays (B, H, W, 3) in [0, 1], channels-last.
 
-Sampling keywords of every task: steps (50), scale (7.5), sampler ('ddim' | 'ddpm' |
-'dpm++' | 'euler' | 'euler_a'), eta, seed, spacing, karras, guidance_rescale, dtype
+Sampling keywords of every task: steps (50), scale (7.5, or what the model's config
+recommends: `vd.sampling_defaults`), sampler ('ddim' | 'ddpm' | 'dpm++' | 'euler' |
+'euler_a'), eta, seed, spacing, karras, guidance_rescale, dtype
 (`vd_jax.tasks.SamplingOptions`); plus progress (True or a callable(done, total)),
 callback(step, latents) and latents (initial x_T). The schedule and what the model predicts
 come from the checkpoint's config (`model.schedule`).
@@ -193,9 +194,18 @@ class VersatileDiffusion:
         except ValueError as e:
             raise InputError(f"task '{task}': {e}") from None
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """The sampling options of a call that gives none: `SamplingOptions`'s defaults (VD's)
+        with what the model's config recommends over them (its `sampling` section, e.g.
+        VD-mini v3's guidance scale 3), e.g. {'scale': 3.0, 'steps': 50, ...}."""
+        base = {f: getattr(SamplingOptions, f) for f in SamplingOptions.FIELDS}
+        return dict(base, uncond=self.uncond, **SamplingOptions.model_defaults(self.config))
+
     def _run(self, task: str, *args, **kw):
         self.check_task(task)
-        opts, rest = SamplingOptions.split(kw, uncond=self.uncond)
+        opts, rest = SamplingOptions.split(
+            kw, uncond=self.uncond, **SamplingOptions.model_defaults(self.config))
         if task in ('image_to_text', 'text_variation') or rest.get('output') == 'text':
             rest['method'] = rest.pop('decode', 'sample')
         return TASKS[task].module.run(self.components, *args, options=opts, **rest)

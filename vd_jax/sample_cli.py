@@ -23,7 +23,7 @@ import time
 from typing import List, Tuple
 
 from vd_jax.cli.distributed import check_parallel, make_mesh, shared_run_dir, start_processes
-from vd_jax.cli.model_flags import add_model_flags, check_model_flags, load_model
+from vd_jax.cli.model_flags import add_model_flags, check_model_flags, load_model, model_config
 from vd_jax.cli.sample_run import sample, schedule_record, write
 from vd_jax.cli.sample_tasks import COMMON, TASKS, CliTask
 from vd_jax.cli.usage import check_out, compile_cache, read_list, report
@@ -31,7 +31,7 @@ from vd_jax.errors import CheckpointError, ConfigError, InputError
 from vd_jax.image_io import load_image
 from vd_jax.outputs import code_version, new_run_dir
 from vd_jax.platform import exit_codes_epilog, quiet_libraries
-from vd_jax.sampling_flags import add_sampler_flags, model_grid_notice
+from vd_jax.sampling_flags import add_sampler_flags, model_grid_notice, resolve_scale
 
 DEMO_PROMPT = 'a large red circle at the center on a white background'  # the shapes world
 UNTRAINED = ('UNTRAINED MODEL: random weights (--model tiny / --config), the outputs are noise; '
@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     a('--images', help='a text file with one image path per line')
     a('--n', type=int, default=4, help='samples per input (default 4)')
     a('--steps', type=int, default=50)
-    a('--scale', type=float, default=7.5, help='classifier-free guidance scale (>= 0; 1 = off)')
-    add_sampler_flags(p)  # --sampler, --spacing, --karras, --guidance-rescale
+    add_sampler_flags(p)  # --scale, --sampler, --spacing, --karras, --guidance-rescale
     a('--eta', type=float, default=0.0, help='DDIM eta (>= 0)')
     a('--seed', type=int, default=0, help='sample i uses seed + i (0 <= seed < 2^32)')
     a('--height', type=int)
@@ -116,7 +115,7 @@ def _check_values(args) -> None:
     from vd_jax.tasks.common import SamplingOptions, check_n  # noqa: PLC0415
     api = [('n', lambda: check_n(args.n))] + [
         (f, lambda f=f: SamplingOptions(**{f: getattr(args, f)}))
-        for f in ('scale', 'eta', 'seed', 'dtype')]
+        for f in ('eta', 'seed', 'dtype')]
     for flag, check in api:
         try:
             check()
@@ -171,6 +170,9 @@ def validate(args, parser) -> Tuple[CliTask, List[str], List[str]]:
         except (InputError, FileNotFoundError) as e:
             raise InputError(f'{flag}: {e}') from None
     check_model_flags(args)
+    notice = resolve_scale(args, model_config(args.ckpt, model=args.model, config=args.config))
+    if notice:
+        print(f'note: {notice}', file=sys.stderr)
     check_out(args.out)
     check_parallel(args)
     # lazy: vd_jax.lora.stack pulls in jax (+1.1 s)
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         t, prompts, paths = validate(args, parser)
-    except InputError as e:
+    except (InputError, CheckpointError) as e:  # CheckpointError: a model's broken config
         return report(e)
     import jax  # noqa: PLC0415
     cache = compile_cache(not args.no_compile_cache)

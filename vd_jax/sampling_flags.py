@@ -1,6 +1,7 @@
 """The sampling flags the command lines share (`sample.py`, `python -m vd_jax.eval`): the
-sampler, its step grid, the Karras grid and guidance rescale, with their checks (run before
-any model loads; the messages are the Python API's own, `vd_jax.tasks.SamplingOptions` and
+guidance scale, the sampler, its step grid, the Karras grid and guidance rescale, with their
+checks (run before any model loads: the scale's default, the model's recommendation, is read
+from its config; the messages are the Python API's own, `vd_jax.tasks.SamplingOptions` and
 `vd_jax.diffusion.sampling.check_steps`).
 
 What the model predicts (eps, v, x0) and its noise schedule are not flags: they are read from
@@ -15,9 +16,13 @@ from vd_jax.errors import InputError
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """--sampler, --spacing, --karras, --guidance-rescale."""
+    """--scale, --sampler, --spacing, --karras, --guidance-rescale."""
     # lazy: vd_jax.diffusion.sampling pulls in jax, flax (+1.3 s)
     from vd_jax.diffusion.sampling import SAMPLERS, SPACINGS  # noqa: PLC0415
+    p.add_argument('--scale', type=float, default=None,
+                   help="classifier-free guidance scale (>= 0; 1 = off); default: the model's "
+                        "recommendation (its config's sampling.scale: 3 for VD-mini v3), else "
+                        "7.5 (VD's)")
     p.add_argument('--sampler', default='ddim', choices=list(SAMPLERS),
                    help='ddim (the original), ddpm, dpm++ (DPM-Solver++ 2M), euler, euler_a '
                         '(Euler ancestral); default ddim')
@@ -67,3 +72,23 @@ def model_grid_notice(args, schedule, before_load: bool) -> Tuple[str, Optional[
     spacing, notice = check_sampler_flags(args, InputError, schedule=schedule)
     depends = auto_depends_on_schedule(args.sampler, args.spacing)
     return spacing, (notice if depends != before_load else None)
+
+
+def resolve_scale(args, config) -> Optional[str]:
+    """Fill `args.scale` when the command line did not give it: the guidance scale the
+    model's `config` recommends (`SamplingOptions.model_defaults`), else VD's 7.5. Returns a
+    note to print when the model's recommendation was taken, else None. Raises InputError
+    for a --scale < 0 and CheckpointError for a config that recommends what it cannot."""
+    # lazy: vd_jax.tasks.common pulls in jax, flax (+1.3 s)
+    from vd_jax.tasks.common import SamplingOptions  # noqa: PLC0415
+    if args.scale is not None:
+        try:
+            SamplingOptions(scale=args.scale)
+        except InputError as e:
+            raise InputError(f'--scale: {e}') from None
+        return None
+    recommended = SamplingOptions.model_defaults(config).get('scale')
+    args.scale = float(SamplingOptions.scale if recommended is None else recommended)
+    return None if recommended is None else (
+        f"guidance scale {args.scale:g}: the model's recommendation (its config's "
+        'sampling.scale; give --scale to choose another)')

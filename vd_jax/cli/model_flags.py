@@ -96,3 +96,19 @@ def load_model(ckpt: Optional[str] = None, *, model: Optional[str] = None,
     for path, scale in loras:
         vd.load_lora(path, scale=scale)
     return vd
+
+
+def model_config(ckpt: Optional[str] = None, *, model: Optional[str] = None,
+                 config: Optional[str] = None):
+    """The config of the model the flags name (as `load_model`), read without loading any
+    weights: what a command line checks before the long work (e.g. the guidance scale the
+    model recommends). None for a shipped model with random weights ('tiny')."""
+    from vd_jax.checkpoint import read_config  # noqa: PLC0415
+    from vd_jax.config import load_config  # noqa: PLC0415
+    from vd_jax.pipeline import DEFAULT_MODEL, MODELS  # noqa: PLC0415
+    if ckpt:
+        return read_config(ckpt)
+    if config:
+        return load_config(config)
+    folder = MODELS.get(model or DEFAULT_MODEL)
+    return None if folder is None else read_config(folder)

@@ -26,8 +26,9 @@ from vd_jax.outputs import code_version
 log = logging.getLogger('vd_jax.demo')
 
 DECODE_METHODS = ('sample', 'greedy', 'beam')
-# The original demo's settings: seed 20, two samples, 50 DDIM steps, guidance 7.5.
-DEFAULT_SEED, DEFAULT_N, DEFAULT_STEPS, DEFAULT_SCALE = 20, 2, 50, 7.5
+# The original demo's settings: seed 20, two samples, 50 DDIM steps, and guidance 7.5 unless
+# the served model recommends another scale (`VersatileDiffusion.sampling_defaults`)
+DEFAULT_SEED, DEFAULT_N, DEFAULT_STEPS = 20, 2, 50
 
 
 @dataclasses.dataclass
@@ -80,7 +81,8 @@ def sampling_controls(tab: Tab, *, image_out: bool, text_out: bool = False,
         s['n'] = int(c2.number_input('Samples', 1, 8, DEFAULT_N, key=tab.k('n'), disabled=tab.off))
     s['steps'] = int(c3.number_input('Steps', 1, 1000, DEFAULT_STEPS, key=tab.k('steps'),
                                      disabled=tab.off))
-    s['scale'] = float(c4.number_input('Guidance scale', 0.0, 50.0, DEFAULT_SCALE, 0.5,
+    scale = float(tab.vd.sampling_defaults['scale'])
+    s['scale'] = float(c4.number_input('Guidance scale', 0.0, 50.0, scale, 0.5,
                                        key=tab.k('scale'), disabled=tab.off))
     with st.expander('Sampler and size'):
         a1, a2, a3, a4 = st.columns(4)

@@ -44,8 +44,7 @@ GRID_MAX = 64
 def _model_args(p):
     add_model_flags(p, EVAL_MODEL_FLAGS)  # --ckpt, --model, --dtype
     p.add_argument('--steps', type=int, default=50)
-    p.add_argument('--scale', type=float, default=7.5, help='guidance scale')
-    add_sampler_flags(p)  # --sampler, --spacing, --karras, --guidance-rescale
+    add_sampler_flags(p)  # --scale, --sampler, --spacing, --karras, --guidance-rescale
     p.add_argument('--seed', type=int, default=0, help='sample i uses seed + i')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--out', default='evals', help='output root; each run gets a new folder')
@@ -338,7 +337,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args, prep = check(args, parser, argv)
-    except InputError as e:
+    except (InputError, CheckpointError) as e:  # CheckpointError: a model's broken config
         return report(e)
     configure_xla()
     return RUNS[args.command](args, prep)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
-from vd_jax.cli.model_flags import check_model_flags, model_id
+from vd_jax.cli.model_flags import check_model_flags, model_config, model_id
 from vd_jax.cli.usage import check_at_least_one, check_out
 from vd_jax.config import load_config
 from vd_jax.errors import InputError
 from vd_jax.eval import generate as G
 from vd_jax.eval.reference import list_images
-from vd_jax.sampling_flags import check_sampler_flags
+from vd_jax.sampling_flags import check_sampler_flags, resolve_scale
 
 SAMPLE_COMMANDS = ('fid', 'clip')
 EVAL_MODEL_FLAGS = ('ckpt', 'model')  # eval's --config is a config of its flags, not a model
@@ -78,10 +78,13 @@ def check(args, parser, argv):
     if args.command in SAMPLE_COMMANDS and args.config:
         args = apply_config(args, parser, argv)
     check_at_least_one(args, ('steps', 'batch_size', 'n'))
-    if args.scale < 0 or args.seed < 0:
-        raise InputError('--scale and --seed must be >= 0')
+    if args.seed < 0:
+        raise InputError('--seed must be >= 0')
     check_sampler_flags(args, InputError)
     check_model_flags(args, EVAL_MODEL_FLAGS)
+    notice = resolve_scale(args, model_config(args.ckpt, model=args.model))
+    if notice:
+        print(f'note: {notice}', file=sys.stderr)
     if args.command == 'shapes':
         # lazy: vd_jax.eval.shapes_eval pulls in tensorflow_datasets, grain, orbax, ... (+2.1 s)
         from vd_jax.eval.shapes_eval import FLOWS, PARTS  # noqa: PLC0415

@@ -43,7 +43,7 @@ PARTS = ('autokl', 'optimus', 'clip')
 class EvalSettings:
     n: int = 200                 # held-out samples per flow
     steps: int = 50
-    scale: float = 7.5
+    scale: Optional[float] = None  # None: the model's recommendation (vd.sampling_defaults)
     sampler: str = 'ddim'
     spacing: str = 'auto'
     karras: bool = False
@@ -79,6 +79,8 @@ def evaluate(vd, settings: EvalSettings = EvalSettings(), out_dir: Optional[str]
              log: Callable[[str], None] = print) -> Dict:
     """Run the shapes evaluation of `vd` (a `VersatileDiffusion`); returns the record."""
     s = settings
+    if s.scale is None:
+        s = dataclasses.replace(s, scale=float(vd.sampling_defaults['scale']))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     data = heldout(s.n, s.seed)

@@ -36,6 +36,12 @@ def task_errors():
         raise InputError(str(e)) from None
 
 
+# What a model's config may recommend (`SamplingOptions.model_defaults`): the guidance scale
+# depends on the trained weights (VD-mini v3 reads its captions back best at 3, VD at 7.5); the
+# other options are the caller's choice of speed and sampler
+MODEL_DEFAULT_FIELDS = ('scale',)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """How to sample, for every task.
@@ -91,6 +97,27 @@ class SamplingOptions:
             raise InputError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.uncond not in CONVENTIONS:
             raise InputError(f'uncond must be one of {CONVENTIONS}, got {self.uncond!r}')
+
+    @classmethod
+    def model_defaults(cls, config) -> dict:
+        """The sampling settings a model's config recommends (its `sampling` section, e.g.
+        VD-mini v3's {'scale': 3.0}): they replace this class's defaults for that model,
+        and keywords a caller gives replace them. A config without the section (every
+        converted VD checkpoint) gets VD's own defaults. Raises CheckpointError naming a key
+        or value a model cannot recommend."""
+        section = config.get('sampling', None) if config is not None else None
+        if not section:
+            return {}
+        out = dict(section.items())
+        unknown = sorted(set(out) - set(MODEL_DEFAULT_FIELDS))
+        if unknown:
+            raise CheckpointError(f"the model's config 'sampling' has {unknown}; a model can "
+                                  f'recommend only {list(MODEL_DEFAULT_FIELDS)}')
+        try:
+            cls(**out)
+        except InputError as e:
+            raise CheckpointError(f"the model's config 'sampling': {e}") from None
+        return out
 
     @classmethod
     def split(cls, kwargs: dict, **defaults) -> Tuple['SamplingOptions', dict]:
