@@ -27,9 +27,10 @@ def test_shipped_manifest_has_no_absolute_path():
     assert absolute_paths(manifest) == []
     assert manifest['released_from'] == 'four_flow/export/step_3500'
     assert manifest['stages']['autokl']['export'] == 'autokl/export/step_1500'
+    # (v3: every stage-0 export in the stages work folder; v2's reused two of v1's, in
+    # '../vd_mini')
     assert set(manifest['frozen_parts_from'].values()) == {
-        'autokl/export/step_1500,../vd_mini/clip/export/step_2500,'
-        '../vd_mini/optimus/export/step_2000'}
+        'autokl/export/step_1500,clip/export/step_2500,optimus/export/step_2000'}
 
 
 def _export_final_stage(work, encoder_dirs):
