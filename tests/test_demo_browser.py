@@ -477,6 +477,8 @@ def test_default_model_serves_vd_mini_with_its_examples(browser, default_server,
         _alert(pg, 'single coloured shapes').wait_for()
         from playwright.sync_api import expect
         expect(pg.locator('.st-key-t2i_prompt textarea')).to_have_value(SHAPES_PROMPTS[0])
+        # the guidance field starts at the model's recommended scale (VD-mini v3: 3)
+        expect(pg.locator('.st-key-t2i_scale input')).to_have_value('3.00')
         _set(pg, 't2i_seed', 0)
         _set(pg, 't2i_n', 4)
         _set(pg, 't2i_steps', 50)
@@ -484,7 +486,7 @@ def test_default_model_serves_vd_mini_with_its_examples(browser, default_server,
         shown = _shown_images(pg, default_server, 't2i')
         vd = VersatileDiffusion.default()
         ref = vd.text_to_image([SHAPES_PROMPTS[0]], 4, negative_prompt='', height=vd.image_size,
-                               width=vd.image_size, steps=50, scale=7.5, sampler='ddim',
+                               width=vd.image_size, steps=50, scale=3.0, sampler='ddim',
                                eta=0.0, seed=0)
         _assert_images_match(shown, ref, 'text->image with VD-mini')
         shots(pg, 'vd_mini_text_to_image')

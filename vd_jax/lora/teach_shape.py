@@ -95,9 +95,10 @@ def _t2i(vd, prompts: Sequence[str], seed: int, steps: int, scale: float, batch:
 
 
 def evaluate(adapter: str, shape: str = 'star', n: int = 100, seed: int = 0, steps: int = 50,
-             scale: float = 7.5, batch: int = 50, lora_scale: float = 1.0,
+             scale: Optional[float] = None, batch: int = 50, lora_scale: float = 1.0,
              out_dir: Optional[str] = None, model: str = 'vd-mini') -> Dict:
-    """The example's numbers (see the module docstring); a JSON-able record."""
+    """The example's numbers (see the module docstring); a JSON-able record. scale: the
+    guidance scale (None: the base model's recommendation, `vd.sampling_defaults`)."""
     # lazy: vd_jax.eval.shapes_eval pulls in scipy, numpy (+0.3 s)
     from vd_jax.eval.shapes_eval import heldout  # noqa: PLC0415
     # lazy: vd_jax.eval.shapes_reader pulls in scipy, numpy (+0.2 s)
@@ -106,6 +107,7 @@ def evaluate(adapter: str, shape: str = 'star', n: int = 100, seed: int = 0, ste
     from vd_jax.pipeline import VersatileDiffusion  # noqa: PLC0415
     t0 = time.time()
     vd = VersatileDiffusion.default(model)
+    scale = float(vd.sampling_defaults['scale'] if scale is None else scale)
     kinds = W.SHAPES + (shape,)
     new = new_shape_samples(shape, 'heldout', n, seed)
     old = heldout(n, seed)
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
     e.add_argument('--shape', default='star', choices=W.EXTRA_SHAPES)
     e.add_argument('--n', type=int, default=100, help='prompts of each set')
     e.add_argument('--steps', type=int, default=50)
-    e.add_argument('--scale', type=float, default=7.5, help='guidance')
+    e.add_argument('--scale', type=float, default=None,
+                   help="guidance (default: the base model's recommendation, VD-mini v3's 3)")
     e.add_argument('--lora-scale', type=float, default=1.0)
     e.add_argument('--seed', type=int, default=0)
     e.add_argument('--out', default=None, help='folder for eval.json and PNG grids')
