@@ -57,6 +57,22 @@ def records(tmp_path_factory):
     return recs
 
 
+# bench_vd_mini_step runs in a fixture of its own (not in SCRIPTS): its test can be selected
+# alone (`-k vd_mini_step`) without starting every other script's smoke run, and it builds a
+# small shapes world into its own folder
+@pytest.fixture(scope='module')
+def vd_mini_step_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench_vd_mini_step')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+    cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_vd_mini_step.py'), '--smoke',
+           '--out', str(out), '--workdir', str(out / 'work')]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f'bench_vd_mini_step exited {p.returncode}:\n{p.stdout[-3000:]}\n' \
+        f'{p.stderr[-3000:]}'
+    with open(out / 'bench_vd_mini_step-smoke.json') as f:
+        return json.load(f)
+
+
 def test_records_carry_the_machine(records):
     """Every record names its host (kind, CPU family and model, ISA flags) and the f32 GEMM
     peaks of numpy, torch and jax measured in that run: numbers are compared within one kind."""
@@ -177,3 +193,31 @@ def test_bf16_cpu_smoke(records):
         d = s['max_abs_diff']
         assert d['bf16 cast/call vs float32'] <= 0.02 * d['float32 output max'], (stream, d)
         assert 0 < d['bfloat16 vs float32'] <= 0.05 * d['float32 output max'], (stream, d)
+
+
+def test_vd_mini_step_smoke(vd_mini_step_record):
+    """One VD-mini setting, v2's and v3's recipe: every part of the step timed on real
+    shapes-world records through the shipped encoders, the recipes' schedules as configured,
+    the throughput, shares and FLOP counts consistent with the times."""
+    r = vd_mini_step_record
+    m = r['machine']
+    assert r['smoke'] is True and r['benchmark'] == 'vd_mini_step'
+    assert m['host_kind'] and isinstance(m['cpu_id'].get('family'), int), m
+    for lib in ('numpy', 'torch', 'jax'):
+        assert min(v['gflops_median'] for v in r['gemm'][lib].values()) > 0, lib
+    runs = {(x['stage'], x['recipe']): x for x in r['runs']}
+    assert set(runs) == {('basic', 'v2'), ('basic', 'v3')}
+    assert (runs['basic', 'v2']['prediction_type'], runs['basic', 'v2']['rescale_zero_terminal_snr']) \
+        == ('epsilon', False)
+    assert (runs['basic', 'v3']['prediction_type'], runs['basic', 'v3']['rescale_zero_terminal_snr']) \
+        == ('v_prediction', True)
+    for x in runs.values():
+        assert set(x['times']) == {'loader', 'host', 'input', 'encoders', 'step', 'whole'}
+        assert all(t['median'] > 0 and t['n'] == 2 for t in x['times'].values()), x['times']
+        assert x['examples_per_s'] == pytest.approx(x['batch'] / x['times']['whole']['median'])
+        assert x['encoder_share'] == pytest.approx(
+            x['times']['encoders']['median'] / x['times']['whole']['median'])
+        assert set(x['frozen_parts']) == {'vae_image', 'ctx_image'} and x['flows'] == ['i2i']
+        assert x['flops']['step'] > 0 and x['flops']['encoders'] > 0
+        assert 0 < x['whole_step']['perf/mfu'] and x['loss_finite']
+        assert x['compile_s']['step'] > 0
