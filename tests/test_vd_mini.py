@@ -134,8 +134,11 @@ def test_stage_pipeline_learns_from_nothing(tmp_path):
     assert any(os.path.abspath(record['autokl']['export']) in
                resolved_from(v, os.path.join(work, 'four_flow')) for v in frozen.values()), frozen
     vd = VersatileDiffusion.from_checkpoint(os.path.join(work, 'final'))
-    rec = evaluate(vd, EvalSettings(n=64, steps=20, batch_size=64, flows=('t2i',)), None,
-                   log=lambda s: None)
+    # at 7.5, as measured below (the recipe's exports recommend 3, which the reduced budget's
+    # numbers were not measured at)
+    assert vd.sampling_defaults['scale'] == 3.0
+    rec = evaluate(vd, EvalSettings(n=64, steps=20, scale=7.5, batch_size=64, flows=('t2i',)),
+                   None, log=lambda s: None)
     acc = rec['flows']['t2i']['accuracy']
     # what a few hundred steps learn first: with v3's objective (v-prediction, zero terminal
     # SNR; docs/vd-mini.md, the ablation from scratch) the background the prompt asks for.
