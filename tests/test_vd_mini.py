@@ -122,6 +122,13 @@ def test_stage_pipeline_learns_from_nothing(tmp_path):
     assert list(record) == ['autokl', 'clip', 'optimus', 'basic', 'dc', 'four_flow']
     for stage, r in record.items():
         assert os.path.isdir(r['export']), stage
+    # the VD stages read the world pre-encoded once by the stage-0 exports (the same batches
+    # as the encoders in the loop: tests/test_stages_preencode.py)
+    for stage in ('basic', 'dc', 'four_flow'):
+        assert record[stage]['inputs']['kind'] == 'encoded', record[stage]
+        with open(os.path.join(work, stage, 'config.json')) as f:
+            assert json.load(f)['data']['kind'] == 'encoded'
+    assert record['basic']['inputs']['path'] == record['four_flow']['inputs']['path']
     for stage in ('autokl', 'clip', 'optimus'):   # each stage-0 gate measured and recorded
         assert 'shape' in json.dumps(record[stage]['gate']['numbers']), record[stage]
     # each VD stage started from the previous stage's export and used the stage-0 encoders

@@ -16,6 +16,13 @@ apply to every stage (a `<stage>.` prefix limits one to that stage, e.g. `basic.
 `<workdir>/stages.json` records each stage's export, wall time and final metrics;
 `<workdir>/final` is the last stage's export (every part of the model).
 
+Pre-encoded inputs: the VD stages' encoders are frozen, so before the first VD stage the
+shapes world goes once through the stage-0 exports (`vd_jax.data.preencode`: AutoKL
+posterior means, CLIP contexts, Optimus means; exactly what the loop would compute at every
+step) into `<workdir>/encoded/<name>` (reused while the stage-0 exports stay the same), and
+the VD stages read it (`data.kind=encoded`; measured: the encoders were 19-33% of every step,
+BENCHMARKS.md 5b). `--encoders-in-loop` runs them inside every step instead.
+
 Stage-0 gates (`vd_jax.eval.gates`): after each stage-0 stage's export, and before the next
 stage starts, its gate runs on held-out combinations of the shapes world; the numbers go into
 `stages.json` (`<stage>.gate`). A failed gate stops the run with its numbers (exit code 4); a
@@ -54,9 +61,11 @@ STAGE0 = ('autokl', 'clip', 'optimus')
 VD_STAGES = ('basic', 'dc', 'four_flow')
 
 
-def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str]) -> List[str]:
+def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str],
+                    init: bool = True) -> List[str]:
     """The overrides of one stage: the shared ones, its own (`stage.key=v`), the data folder
-    shared by all stages, and the previous stages' exports."""
+    shared by all stages, and the previous stages' exports (the stage-0 encoders; with `init`,
+    the previous VD stage's export it starts from)."""
     out = []
     for o in overrides:
         head, _, rest = o.partition('.')
@@ -68,9 +77,59 @@ def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str
     if stage in VD_STAGES:
         out.append('encoders.ckpt=' + ','.join(exports[s] for s in STAGE0))
         previous = VD_STAGES[VD_STAGES.index(stage) - 1] if stage != 'basic' else None
-        if previous:
+        if previous and init:
             out.append(f'init.sources.previous.path={exports[previous]}')
     return out
+
+
+def preencode_world(workdir: str, overrides: Sequence[str], exports: Dict[str, str],
+                    recipe: str = RECIPE) -> Dict[str, object]:
+    """The recipe's world (`<workdir>/data`) through the stage-0 exports once, for every
+    flow of the last VD stage: a `vd_jax.data.preencode` dataset in `<workdir>/encoded/<name>`,
+    `<name>` a digest of the exports (new exports: a new dataset). Returns {'path' (relative
+    to `workdir`), 'records', 'seconds'}; an existing dataset is reused (seconds 0)."""
+    import hashlib  # noqa: PLC0415
+    # lazy: these pull in jax, tensorflow_datasets, grain, ... (+2 s)
+    from vd_jax import sharding as shd  # noqa: PLC0415
+    from vd_jax.data.preencode import preencode  # noqa: PLC0415
+    from vd_jax.train import inputs  # noqa: PLC0415
+    from vd_jax.train.settings import parse_flows  # noqa: PLC0415
+    stage = VD_STAGES[-1]
+    cfg = load_config(f'{recipe}:{stage}')
+    apply_overrides(cfg, [f"data.path={os.path.join(workdir, 'data')}"]
+                    + stage_overrides(stage, overrides, exports, init=False))
+    inputs.adopt_encoder_scales(cfg)   # the latents' scales the stage-0 exports recorded
+    if str(cfg.data.kind) != 'shapes':
+        raise ConfigError(f"pre-encoding is for the shapes world (data.kind='shapes'), not "
+                          f"{cfg.data.kind!r}: use --encoders-in-loop")
+    # named by what decides its contents: the exports' weights (not only their paths: a
+    # retrained stage may export to the same folder) and the world's settings
+    h = hashlib.sha256(json.dumps([bool(cfg.encoders.vae_sample), int(cfg.data.num_records),
+                                   int(cfg.data.seed), int(cfg.data.image_size)]).encode())
+    for folder in str(cfg.encoders.ckpt).split(','):
+        for name in sorted(f for f in os.listdir(folder) if f.endswith('.safetensors')):
+            with open(os.path.join(folder, name), 'rb') as f:
+                h.update(f.read())
+    digest = h.hexdigest()[:12]
+    out = os.path.join(workdir, 'encoded')
+    rel = os.path.join('encoded', 'vd_encoded', digest)
+    flows = parse_flows(cfg)
+    t0 = time.time()
+    source = inputs.make_source(cfg, workdir, flows)
+    if os.path.isfile(os.path.join(out, 'vd_encoded', digest, '1.0.0', 'dataset_info.json')):
+        logger.info('pre-encoded world: reusing %s', os.path.join(workdir, rel))
+        return dict(path=rel, records=len(source), seconds=0.0)
+    logger.info('pre-encoding the world (%d records) through the stage-0 exports into %s',
+                len(source), os.path.join(workdir, rel))
+    encoders = inputs.FrozenEncoders(cfg.model, flows, shd.create_mesh(dict(cfg.mesh)),
+                                     shd.normalize_rules(cfg.logical_axis_rules),
+                                     str(cfg.encoders.ckpt), bool(cfg.encoders.vae_sample))
+    # the batch of the stages (32): the encoders' programs see the shapes the loop gave them
+    preencode(source, inputs.make_encode_fn(encoders, seed=int(cfg.seed)), out,
+              image_size=int(cfg.data.image_size), batch_size=int(cfg.batch_size), name=digest)
+    seconds = round(time.time() - t0, 1)
+    logger.info('pre-encoded %d records in %.0f s', len(source), seconds)
+    return dict(path=rel, records=len(source), seconds=seconds)
 
 
 def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = False) -> None:
@@ -96,10 +155,13 @@ def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = Fa
 
 
 def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str] = STAGE0 + VD_STAGES,
-               recipe: str = RECIPE, ignore_gates: bool = False) -> Dict[str, dict]:
+               recipe: str = RECIPE, ignore_gates: bool = False,
+               encoders_in_loop: bool = False) -> Dict[str, dict]:
     """Train `stages` of `recipe` in order under `workdir`; returns the stages.json record.
     Each stage-0 stage's gate is checked after its export (`check_gate`): a failed one raises
-    `GateFailed` before the next stage starts, unless `ignore_gates`."""
+    `GateFailed` before the next stage starts, unless `ignore_gates`. The VD stages read the
+    world pre-encoded by the stage-0 exports (`preencode_world`; its record is each VD stage's
+    'inputs') unless `encoders_in_loop`."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
     record = json.load(open(path)) if os.path.isfile(path) else {}
@@ -112,7 +174,13 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
                 check_gate(stage, record, path, ignore_gates)
             continue
         cfg = load_config(f'{recipe}:{stage}')
-        apply_overrides(cfg, [f'data.path={data}'] + stage_overrides(stage, overrides, exports))
+        stage_args = [f'data.path={data}'] + stage_overrides(stage, overrides, exports)
+        encoded = None
+        if stage in VD_STAGES and not encoders_in_loop:
+            encoded = preencode_world(workdir, overrides, exports, recipe)
+            stage_args += ['data.kind=encoded',
+                           f"data.path={os.path.join(workdir, encoded['path'])}"]
+        apply_overrides(cfg, stage_args)
         logger.info('stage %s: %d steps, batch %d', stage, int(cfg.total_steps),
                     int(cfg.batch_size))
         t0 = time.time()
@@ -129,6 +197,8 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
                              seconds=round(prev.get('seconds', 0) + time.time() - t0, 1),
                              steps=out['step'], final={k: v for k, v in last.items()
                                                        if k.startswith(('loss', 'val/'))})
+        if encoded is not None:
+            record[stage]['inputs'] = dict(encoded, kind='encoded')
         exports[stage] = record[stage]['export']
         with open(path, 'w') as f:
             json.dump(record, f, indent=1)
@@ -189,6 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--release', metavar='OUT', help='write the final export with float16 '
                    'storage into OUT (no training)')
     p.add_argument('--name', help="the release's name in its manifest (with --release)")
+    p.add_argument('--encoders-in-loop', action='store_true',
+                   help='run the frozen encoders inside every VD step instead of pre-encoding '
+                        'the world once before the first VD stage')
     p.add_argument('--ignore-gates', action='store_true',
                    help='go on to the next stage when a stage-0 gate fails (the numbers are '
                         'still recorded in stages.json)')
@@ -208,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         rec = run_stages(args.workdir, overrides, args.stages.split(','), args.recipe,
-                         ignore_gates=args.ignore_gates)
+                         ignore_gates=args.ignore_gates,
+                         encoders_in_loop=args.encoders_in_loop)
     except GateFailed as e:
         print(json.dumps(e.result['numbers'], indent=1), file=sys.stderr)
         print(f'error: {e}; stopped before the next stage (stages.json has the numbers; '
