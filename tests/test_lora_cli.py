@@ -110,3 +110,8 @@ def test_the_extra_shape_is_drawn_captioned_and_read():
     assert len({s.attrs for s in held}) == 43
     for a in W.ALL_COMBINATIONS[::97]:                        # old shapes still read exactly
         assert read_image(W.render(a), shapes=kinds) == a
+    # the diamond too (the square turned 45 degrees), at both sizes
+    for size in ('small', 'large'):
+        d = W.Attributes('diamond', 'blue', 'black', size, 'right')
+        assert read_image(W.render_any(d), shapes=kinds) == d
+    assert len({s.attrs for s in new_shape_samples('diamond', 'heldout', 42)}) == 42  # its rule's count

@@ -38,7 +38,7 @@ def test_reduced_worked_example_learns_the_star(tmp_path):
     prompts = [s.caption for s in new_shape_samples('star', 'heldout', 43)
                if s.attrs.size == 'large'][:16]
     vd = VersatileDiffusion.default()
-    kinds = W.SHAPES + W.EXTRA_SHAPES
+    kinds = W.SHAPES + ('star',)   # as measured (and as teach_shape eval reads)
 
     def star_share():
         imgs = vd.text_to_image(prompts, n=1, steps=20, seed=0, progress=False)
