@@ -29,6 +29,8 @@ SCRIPTS = {
     'bench_compile_cache': [],
     'bench_fullsize': [],
     'bench_bf16_cpu': [],
+    # (its record's tag is the latent size: profile_unet_ops-s16-smoke.json)
+    'profile_unet_ops': [],
 }
 TOL = 1e-4
 
@@ -51,7 +53,8 @@ def records(tmp_path_factory):
         if p.returncode != 0:
             failures.append(f'{name} exited {p.returncode}:\n{log[-3000:]}')
             continue
-        with open(out / f'{name}-smoke.json') as f:
+        found = sorted(out.glob(f'{name}-smoke.json')) or sorted(out.glob(f'{name}-s*-smoke.json'))
+        with open(found[0]) as f:
             recs[name] = json.load(f)
     assert not failures, '\n\n'.join(failures)
     return recs
@@ -221,3 +224,16 @@ def test_vd_mini_step_smoke(vd_mini_step_record):
         assert x['flops']['step'] > 0 and x['flops']['encoders'] > 0
         assert 0 < x['whole_step']['perf/mfu'] and x['loss_finite']
         assert x['compile_s']['step'] > 0
+
+
+def test_profile_unet_ops_smoke(records):
+    """The per-op profile of the image-stream CFG step: every op the trace timed is named by
+    its HLO instruction and sorted into a kind; the convolutions and dots carry FLOPs."""
+    r = records['profile_unet_ops']
+    assert r['smoke'] is True and r['machine']['host_kind']
+    kinds = r['kinds']
+    assert {'conv 3x3', 'dot: linear (q/k/v/out, FF, emb)'} <= set(kinds), sorted(kinds)
+    assert all(k['ms_per_step'] > 0 and k['count_per_step'] > 0 for k in kinds.values())
+    assert sum(k['ms_per_step'] for k in kinds.values()) == pytest.approx(r['op_sum_ms'], rel=1e-6)
+    assert 0 < r['busy_ms'] <= r['span_ms'] * (1 + 1e-6)
+    assert kinds['conv 3x3']['gflop_per_step'] > 0 and r['dot_conv_gflop_per_step'] > 0
