@@ -29,7 +29,7 @@ XLA's threads, so the sum can exceed the busy time).
   python benchmarks/profile_unet_ops.py --size 32       # 32x32 latent
   python benchmarks/profile_unet_ops.py --smoke         # tiny config, 16x16, seconds (CI)
 
-Record: benchmarks/results/profile_unet_ops[-<tag>][-smoke].json (tag defaults to s<size>).
+Record: benchmarks/results/profile_unet_ops[-<tag>][-smoke].json (tag defaults to s<size>; none with --smoke).
 """
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def main(argv=None):
     calls = args.calls or 2
     warmup = args.warmup if args.warmup is not None else 1
     reps = args.reps if args.reps is not None else (1 if smoke else 2)
-    if not args.tag:
+    if not args.tag and not smoke:  # (the smoke record keeps the plain name the CI reads)
         args.tag = f's{size}' + ('' if args.attention == 'auto' else f'-{args.attention}')
 
     import numpy as np

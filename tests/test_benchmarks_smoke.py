@@ -29,7 +29,6 @@ SCRIPTS = {
     'bench_compile_cache': [],
     'bench_fullsize': [],
     'bench_bf16_cpu': [],
-    # (its record's tag is the latent size: profile_unet_ops-s16-smoke.json)
     'profile_unet_ops': [],
 }
 TOL = 1e-4
@@ -53,8 +52,7 @@ def records(tmp_path_factory):
         if p.returncode != 0:
             failures.append(f'{name} exited {p.returncode}:\n{log[-3000:]}')
             continue
-        found = sorted(out.glob(f'{name}-smoke.json')) or sorted(out.glob(f'{name}-s*-smoke.json'))
-        with open(found[0]) as f:
+        with open(out / f'{name}-smoke.json') as f:
             recs[name] = json.load(f)
     assert not failures, '\n\n'.join(failures)
     return recs

@@ -204,8 +204,7 @@ class VersatileDiffusion:
 
     def _run(self, task: str, *args, **kw):
         self.check_task(task)
-        opts, rest = SamplingOptions.split(
-            kw, uncond=self.uncond, **SamplingOptions.model_defaults(self.config))
+        opts, rest = SamplingOptions.split(kw, **self.sampling_defaults)
         if task in ('image_to_text', 'text_variation') or rest.get('output') == 'text':
             rest['method'] = rest.pop('decode', 'sample')
         return TASKS[task].module.run(self.components, *args, options=opts, **rest)

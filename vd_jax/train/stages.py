@@ -113,12 +113,12 @@ def preencode_world(workdir: str, overrides: Sequence[str], exports: Dict[str, s
     digest = h.hexdigest()[:12]
     out = os.path.join(workdir, 'encoded')
     rel = os.path.join('encoded', 'vd_encoded', digest)
+    if os.path.isfile(os.path.join(out, 'vd_encoded', digest, '1.0.0', 'dataset_info.json')):
+        logger.info('pre-encoded world: reusing %s', os.path.join(workdir, rel))
+        return dict(path=rel, records=int(cfg.data.num_records), seconds=0.0)
     flows = parse_flows(cfg)
     t0 = time.time()
     source = inputs.make_source(cfg, workdir, flows)
-    if os.path.isfile(os.path.join(out, 'vd_encoded', digest, '1.0.0', 'dataset_info.json')):
-        logger.info('pre-encoded world: reusing %s', os.path.join(workdir, rel))
-        return dict(path=rel, records=len(source), seconds=0.0)
     logger.info('pre-encoding the world (%d records) through the stage-0 exports into %s',
                 len(source), os.path.join(workdir, rel))
     encoders = inputs.FrozenEncoders(cfg.model, flows, shd.create_mesh(dict(cfg.mesh)),
