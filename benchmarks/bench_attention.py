@@ -10,10 +10,14 @@ In one process, interleaved (ABBA), after warm-up:
   dense          vd_jax.models.layers.attention(implementation='dense'): head-major
   blockwise      vd_jax.models.layers.attention(implementation='blockwise')
   auto           what the model runs (blockwise above layers.BLOCKWISE_MIN_KEYS keys)
+  bw_QxK         with --blocks QxK ...: blockwise with q_block=Q, k_block=K (the sweep that
+                 chooses layers.Q_BLOCK / K_BLOCK; K >= the key count is one softmax per
+                 query block, no online rescaling)
 Every output is compared with torch's (max abs diff).
 
   python benchmarks/bench_attention.py            # ~2 min
   python benchmarks/bench_attention.py --smoke    # seconds (CI)
+  python benchmarks/bench_attention.py --shapes 4096x4096 --blocks 64x4096 128x1024 --tag sweep
 """
 from __future__ import annotations
 
@@ -43,7 +47,13 @@ def packed_dense(q, k, v, num_heads):
 
 def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
+    ap.add_argument('--shapes', nargs='+', default=None, metavar='LQxLK',
+                    help='(query, key) token counts to run (default: the UNet\'s four)')
+    ap.add_argument('--blocks', nargs='+', default=[], metavar='QxK',
+                    help='extra blockwise variants: query block x key block')
     args = ap.parse_args(argv)
+    shapes = [_pair(x, '--shapes') for x in args.shapes] if args.shapes else None
+    blocks = [_pair(x, '--blocks') for x in args.blocks]
     common.setup(args.threads, jaxlib_defaults=args.xla_default)
     reps = args.reps or (1 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else 1
@@ -57,7 +67,7 @@ def main(argv=None):
     heads, channels = (2, 32) if args.smoke else (HEADS, CHANNELS)
     rec = dict(benchmark='attention', args=vars(args), machine=common.machine_info(),
                heads=heads, channels=channels, block_min_keys=layers.BLOCKWISE_MIN_KEYS, runs=[])
-    for lq, lk in (SMOKE_SHAPES if args.smoke else SHAPES):
+    for lq, lk in shapes or (SMOKE_SHAPES if args.smoke else SHAPES):
         print(f'== {lq} queries x {lk} keys, batch 2, {heads} heads, {channels} channels')
         rng = np.random.default_rng(lq + lk)
         q, k, v = (rng.standard_normal((2, n, channels), dtype=np.float32) for n in (lq, lk, lk))
@@ -72,7 +82,10 @@ def main(argv=None):
             'packed_dense': jax.jit(lambda a, b, c: packed_dense(a, b, c, heads)),
             **{impl: jax.jit(lambda a, b, c, impl=impl: layers.attention(a, b, c, heads,
                                                                          implementation=impl))
-               for impl in ('dense', 'blockwise', 'auto')}}
+               for impl in ('dense', 'blockwise', 'auto')},
+            **{f'bw_{qb}x{kb}': jax.jit(lambda a, b, c, qb=qb, kb=kb: layers.blockwise_attention(
+                a, b, c, heads, (channels // heads) ** -0.5, q_block=qb, k_block=kb))
+               for qb, kb in blocks}}
         ref = torch_fn().transpose(1, 2).reshape(2, lq, channels).numpy()
         fns, diffs = {'torch_sdpa': torch_fn}, {}
         for name, f in jits.items():
@@ -90,10 +103,20 @@ def main(argv=None):
     return rec
 
 
+def _pair(text: str, flag: str):
+    try:
+        a, b = (int(x) for x in text.lower().split('x'))
+    except ValueError:
+        raise SystemExit(f'error: {flag} takes AxB with two integers, got {text!r}') from None
+    if a < 1 or b < 1:
+        raise SystemExit(f'error: {flag} sizes must be positive, got {text!r}')
+    return a, b
+
+
 def print_tables(rec):
-    names = ('torch_sdpa', 'packed_dense', 'dense', 'blockwise', 'auto')
-    rows = []
+    rows, names = [], ()
     for r in rec['runs']:
+        names = tuple(r['times'])
         base = r['times']['torch_sdpa']['median']
         rows.append((f"{r['lq']} x {r['lk']}",
                      *[f"{r['times'][n]['median'] * 1e3:.1f} ({base / r['times'][n]['median']:.2f}x)"

@@ -17,7 +17,7 @@ import common  # noqa: E402
 MODULES = {'unet_image_stream': 'bench_unet', 'unet_text_stream': 'bench_text_unet',
            'convert_checkpoint': 'bench_convert', 'levers': 'bench_levers',
            'train_step': 'bench_train', 'attention': 'bench_attention',
-           'vd_mini_step': 'bench_vd_mini_step'}
+           'vd_mini_step': 'bench_vd_mini_step', 'attention_share': 'attention_share'}
 
 
 def host_of(rec: dict) -> str:

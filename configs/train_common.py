@@ -110,9 +110,11 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     # the checkpoint folder `base` ('' = the shipped VD-mini) and exports one adapter file
     # `export/step_<N>/<name>.safetensors`. targets: glob patterns over kernel paths ([] = the
     # attention projections q/k/v/out of every context layer); rank / alpha per stream (rank 0:
-    # none on that stream).
+    # none on that stream); save_dtype: the export's tensors, 'float32' or 'float16' (half the
+    # file; sampling computes in float32 either way).
     cfg.lora = dict(enabled=False, base='', name='lora', description='', targets=[],
-                    rank={'image': 4, 'text': 4}, alpha={'image': 4.0, 'text': 4.0})
+                    rank={'image': 4, 'text': 4}, alpha={'image': 4.0, 'text': 4.0},
+                    save_dtype='float32')
 
     # Sampling with the EMA weights during training (vd_jax.train.validation): every N steps
     # (0: never), n samples per trained flow, metrics 'shapes' and/or 'clip_score' (on

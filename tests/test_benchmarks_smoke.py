@@ -25,7 +25,9 @@ SCRIPTS = {
     # tiny model's level-2 self-attention has 1024 tokens
     'bench_levers': ['--profile', '--sizes', '64', '--variants', 'baseline', 'chunked', 'flash'],
     'bench_train': [],
-    'bench_attention': [],
+    'bench_attention': ['--blocks', '64x128'],
+    # 32x32: the tiny model's first level has 1024 tokens, so the blockwise variant acts
+    'attention_share': ['--sizes', '32', '--blocks', '128x256'],
     'bench_compile_cache': [],
     'bench_fullsize': [],
     'bench_bf16_cpu': [],
@@ -146,9 +148,18 @@ def test_attention_smoke(records):
     r = records['bench_attention']
     assert len(r['runs']) == 3
     for run in r['runs']:
-        assert set(run['times']) == {'torch_sdpa', 'packed_dense', 'dense', 'blockwise', 'auto'}
+        assert set(run['times']) == {'torch_sdpa', 'packed_dense', 'dense', 'blockwise', 'auto',
+                                     'bw_64x128'}
         # every form is exact: torch's SDPA up to f32 rounding
         assert max(run['max_abs_diff_vs_torch'].values()) < 1e-5, run
+
+
+def test_attention_share_smoke(records):
+    r = records['attention_share']['sizes']['32']
+    assert set(r['times']) == {'torch', 'torch_nocore', 'jax', 'jax_nocore', 'jax_bw_128x256'}
+    # each vd_jax variant computes what its diffusers counterpart does, the ablated core too
+    assert max(r['max_abs_diff_vs_torch'].values()) < TOL, r['max_abs_diff_vs_torch']
+    assert set(r['core_s']) == set(r['rest_s']) == {'torch', 'jax'}
 
 
 def test_train_smoke(records):

@@ -13,8 +13,8 @@ import pytest
 
 from vd_jax.checkpoint import flatten, unflatten
 from vd_jax.errors import CheckpointError, ConfigError
-from vd_jax.lora.adapters import (Adapter, LoraSpec, init_tree, merge, read_adapter, sampling_weights,
-                                  save_adapter, select_targets)
+from vd_jax.lora.adapters import (Adapter, LoraSpec, check_save_dtype, init_tree, merge, read_adapter,
+                                  sampling_weights, save_adapter, select_targets)
 from vd_jax.lora.apply import LoraDiffuser, TrainableLora
 from vd_jax.models.unet import Diffuser
 
@@ -171,6 +171,25 @@ def test_save_load_round_trip(model, tmp_path):
         for x, y in zip(a.weights[m], b.weights[m]):
             np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(_fly(d, params, [(b, 0.7)]), _fly(d, params, [(a, 0.7)]))
+
+
+def test_float16_files_are_half_the_size_and_read_back_rounded(model, tmp_path):
+    _, params = model
+    a = _adapter(params, LoraSpec(ranks=(('image', 4), ('text', 4))))
+    p32 = save_adapter(str(tmp_path / 'a32.safetensors'), a)
+    p16 = save_adapter(str(tmp_path / 'a16.safetensors'), a, dtype='float16')
+    tensor_bytes = sum(x.nbytes for w in a.weights.values() for x in w)
+    assert os.path.getsize(p32) - os.path.getsize(p16) >= 0.49 * tensor_bytes
+    b = read_adapter(p16)
+    assert b.alphas == a.alphas and b.info['rank'] == {'image': [4], 'text': [4]}
+    for m in a.weights:
+        for x, y in zip(a.weights[m], b.weights[m]):
+            assert y.dtype == np.float32   # computed in float32 whatever the storage
+            np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
+    with pytest.raises(ConfigError, match='dtype'):
+        save_adapter(str(tmp_path / 'bad.safetensors'), a, dtype='int8')
+    with pytest.raises(ConfigError, match=r'lora\.save_dtype'):
+        check_save_dtype('bfloat16')
 
 
 @pytest.mark.slow

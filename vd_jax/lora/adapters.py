@@ -185,8 +185,22 @@ def init_tree(targets: Mapping[str, Tuple[int, int]], spec: LoraSpec, seed: int 
 # Files
 # ------------------------------------------------------------------------------------------
 
-def save_adapter(path: str, adapter: Adapter) -> str:
-    """Write one adapter file (tensors + the `vd_jax_lora` metadata record); returns path."""
+# Storage dtypes of an adapter file (`lora.save_dtype`): float16 halves the file (diffusers
+# and PEFT share LoRAs in float16 too); read_adapter always computes in float32.
+SAVE_DTYPES = ('float32', 'float16')
+
+
+def check_save_dtype(dtype: str, key: str = 'lora.save_dtype') -> str:
+    """`dtype` if it is one of SAVE_DTYPES, else a ConfigError naming `key`."""
+    if str(dtype) not in SAVE_DTYPES:
+        raise ConfigError(f'{key} = {dtype!r}: adapter files are stored as one of {SAVE_DTYPES}')
+    return str(dtype)
+
+
+def save_adapter(path: str, adapter: Adapter, dtype: str = 'float32') -> str:
+    """Write one adapter file (tensors in `dtype`, one of SAVE_DTYPES, + the `vd_jax_lora`
+    metadata record); returns path."""
+    dt = np.dtype(check_save_dtype(dtype, 'dtype'))
     stream_alpha: Dict[str, set] = {}
     for m, a in adapter.alphas.items():
         stream_alpha.setdefault(m.split('/')[0], set()).add(float(a))
@@ -199,8 +213,8 @@ def save_adapter(path: str, adapter: Adapter) -> str:
     else:
         info['alpha'] = {s: next(iter(v)) for s, v in stream_alpha.items()}
         info.pop('module_alpha', None)
-    tree = {f'{m}/{DOWN}': np.asarray(d, np.float32) for m, (d, _) in adapter.weights.items()}
-    tree.update({f'{m}/{UP}': np.asarray(u, np.float32) for m, (_, u) in adapter.weights.items()})
+    tree = {f'{m}/{DOWN}': np.asarray(d, dt) for m, (d, _) in adapter.weights.items()}
+    tree.update({f'{m}/{UP}': np.asarray(u, dt) for m, (_, u) in adapter.weights.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     save_params(tmp, tree, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})

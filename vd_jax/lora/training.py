@@ -32,8 +32,8 @@ from vd_jax import sharding as shd
 from vd_jax.checkpoint import load_part, read_config
 from vd_jax.diffusion.schedule import ScheduleConfig
 from vd_jax.errors import ConfigError
-from vd_jax.lora.adapters import (Adapter, LoraSpec, init_tree, merge, sampling_weights,
-                                  save_adapter, select_targets)
+from vd_jax.lora.adapters import (Adapter, LoraSpec, check_save_dtype, init_tree, merge,
+                                  sampling_weights, save_adapter, select_targets)
 from vd_jax.lora.apply import TrainableLora
 from vd_jax.train.objectives import Diffusion
 from vd_jax.train.optim import group_tree
@@ -112,6 +112,7 @@ class LoraRun:
             raise ConfigError(f"lora.enabled trains adapters of the diffuser: objective must be "
                               f"'diffusion', got {cfg.get('objective')!r}")
         spec = LoraSpec.from_config(cfg.lora)
+        check_save_dtype(cfg.lora.get('save_dtype', 'float32'))
         base_path = base_checkpoint(cfg)
         read_config(base_path)  # a missing / wrong folder fails before any tracing
         with jax.set_mesh(mesh):
@@ -184,7 +185,7 @@ class LoraRun:
         path = os.path.join(out, f'{self.name}.safetensors')
         if jax.process_index() == 0:
             a = self.adapter(tree, step)
-            save_adapter(path, a)
+            save_adapter(path, a, str(self.cfg.lora.get('save_dtype', 'float32')))
             logger.info('exported the EMA adapters of step %d to %s (%.3f MB)', step, path,
                         os.path.getsize(path) / 1e6)
         return path

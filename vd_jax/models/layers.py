@@ -299,13 +299,15 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
     vs = jnp.moveaxis(_split_heads(pad(v, nk * k_block), num_heads)
                       .reshape(b, num_heads, nk, k_block, d), 2, 0)
     valid = (jnp.arange(nk * k_block) < lk).reshape(nk, k_block)
+    ragged = lk % k_block != 0   # padding keys to mask: a select pass over every logits block
 
     @jax.checkpoint
     def key_step(carry, block):
         m, l, acc, qi = carry
         kj, vj, ok = block
         s = jnp.matmul(qi, kj).astype(jnp.float32)  # (B, H, q_block, k_block); q pre-scaled
-        s = jnp.where(ok, s, -jnp.inf)  # the first key block always has a real key
+        if ragged:  # (static) the first key block always has a real key
+            s = jnp.where(ok, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1, keepdims=True))
         p = jnp.exp(s - m_new)
         corr = jnp.exp(m - m_new)
