@@ -9,6 +9,8 @@ VD's image UNet at full width, random weights converted by our converter):
                  k and v feed a mean so nothing is dead code)
   jax            vd_jax as shipped (`attention='auto'`)
   jax_nocore     the same replacement in `vd_jax.models.attention`
+  jax_SHIFT      with --shifts (default: running): the blockwise core with that exponent
+                 shift (`layers.blockwise_attention(shift=...)`; the shipped one is 'bound')
   jax_bw_QxK     with --blocks: the blockwise core with q_block=Q, k_block=K in every
                  self-attention above layers.BLOCKWISE_MIN_KEYS keys
 The core's cost on a side is (side - side_nocore); the rest of the step is side_nocore. The
@@ -56,13 +58,13 @@ def jax_core(variant):
     if variant == 'nocore':
         attn_mod.attention = _core_as_q
     elif variant is not None:
-        qb, kb = variant
+        opts = dict(variant)   # blockwise_attention's q_block / k_block / shift
 
         def blocks(q, k, v, num_heads, bias=None, scale=None, dtype=None, implementation='auto',
                    **kw):
             if bias is None and k.shape[1] > layers.BLOCKWISE_MIN_KEYS:
                 d = q.shape[-1] // num_heads
-                return layers.blockwise_attention(q, k, v, num_heads, d ** -0.5, dtype, qb, kb)
+                return layers.blockwise_attention(q, k, v, num_heads, d ** -0.5, dtype, **opts)
             return shipped(q, k, v, num_heads, bias=bias, scale=scale, dtype=dtype,
                            implementation=implementation, **kw)
         attn_mod.attention = blocks
@@ -88,6 +90,9 @@ def main(argv=None):
     ap.add_argument('--sizes', type=int, nargs='+', default=None, help='latent sizes (default 64)')
     ap.add_argument('--blocks', nargs='+', default=[], metavar='QxK',
                     help='extra vd_jax variants: blockwise query block x key block')
+    ap.add_argument('--shifts', nargs='*', default=['running'], metavar='SHIFT',
+                    help="extra vd_jax variants: blockwise attention with this exponent shift "
+                         "('running', 'bound': vd_jax.models.layers.SHIFTS)")
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
     args = ap.parse_args(argv)
     blocks = [_pair(b) for b in args.blocks]
@@ -117,7 +122,8 @@ def main(argv=None):
     ctx2 = torch.cat([uctx, ctx])
     jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
     variants = {'jax': None, 'jax_nocore': 'nocore',
-                **{f'jax_bw_{qb}x{kb}': (qb, kb) for qb, kb in blocks}}
+                **{f'jax_{shift}': {'shift': shift} for shift in args.shifts},
+                **{f'jax_bw_{qb}x{kb}': {'q_block': qb, 'k_block': kb} for qb, kb in blocks}}
     for s in sizes:
         log(f'== CFG DDIM step, batch 2, latent {s}x{s}')
         x = torch.randn(1, 4, s, s, generator=g)

@@ -10,6 +10,8 @@ In one process, interleaved (ABBA), after warm-up:
   dense          vd_jax.models.layers.attention(implementation='dense'): head-major
   blockwise      vd_jax.models.layers.attention(implementation='blockwise')
   auto           what the model runs (blockwise above layers.BLOCKWISE_MIN_KEYS keys)
+  blockwise_running  blockwise with the running-max shift (FlashAttention's; before the
+                 fixed bound of `layers.blockwise_attention(shift='bound')`)
   bw_QxK         with --blocks QxK ...: blockwise with q_block=Q, k_block=K (the sweep that
                  chooses layers.Q_BLOCK / K_BLOCK; K >= the key count is one softmax per
                  query block, no online rescaling)
@@ -83,6 +85,8 @@ def main(argv=None):
             **{impl: jax.jit(lambda a, b, c, impl=impl: layers.attention(a, b, c, heads,
                                                                          implementation=impl))
                for impl in ('dense', 'blockwise', 'auto')},
+            'blockwise_running': jax.jit(lambda a, b, c: layers.blockwise_attention(
+                a, b, c, heads, (channels // heads) ** -0.5, shift='running')),
             **{f'bw_{qb}x{kb}': jax.jit(lambda a, b, c, qb=qb, kb=kb: layers.blockwise_attention(
                 a, b, c, heads, (channels // heads) ** -0.5, q_block=qb, k_block=kb))
                for qb, kb in blocks}}

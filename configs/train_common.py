@@ -48,8 +48,10 @@ def train_config(model_root, flows, arg=None, init_sources=None):
     # (convention `uncond`, see vd_jax.modalities). 0.1 is the usual choice (UNVERIFIED vs paper).
     cfg.cfg_dropout = dict(p=0.1, uncond='v1.0')
     cfg.autokl = dict(kl_weight=1e-6, recon='l1', crop=0)   # objective 'autokl' (crop: side)
-    cfg.optimus = dict(beta=0.5, free_bits=0.1, warmup_steps=1000,  # objective 'optimus'
-                       deterministic_steps=0)     # > 0: a plain autoencoder first (z = mu, no KL)
+    # objective 'optimus'; deterministic_steps > 0: a plain autoencoder first (z = mu, no KL);
+    # sampled_softmax K > 0: the batch's tokens + K random ones instead of the whole vocabulary
+    cfg.optimus = dict(beta=0.5, free_bits=0.1, warmup_steps=1000, deterministic_steps=0,
+                       sampled_softmax=0)
 
     cfg.total_steps = 100_000            # default (UNVERIFIED vs paper)
     cfg.batch_size = 64                  # global batch; default (UNVERIFIED vs paper)

@@ -149,14 +149,15 @@ def test_attention_smoke(records):
     assert len(r['runs']) == 3
     for run in r['runs']:
         assert set(run['times']) == {'torch_sdpa', 'packed_dense', 'dense', 'blockwise', 'auto',
-                                     'bw_64x128'}
+                                     'blockwise_running', 'bw_64x128'}
         # every form is exact: torch's SDPA up to f32 rounding
         assert max(run['max_abs_diff_vs_torch'].values()) < 1e-5, run
 
 
 def test_attention_share_smoke(records):
     r = records['attention_share']['sizes']['32']
-    assert set(r['times']) == {'torch', 'torch_nocore', 'jax', 'jax_nocore', 'jax_bw_128x256'}
+    assert set(r['times']) == {'torch', 'torch_nocore', 'jax', 'jax_nocore', 'jax_running',
+                               'jax_bw_128x256'}
     # each vd_jax variant computes what its diffusers counterpart does, the ablated core too
     assert max(r['max_abs_diff_vs_torch'].values()) < TOL, r['max_abs_diff_vs_torch']
     assert set(r['core_s']) == set(r['rest_s']) == {'torch', 'jax'}

@@ -189,6 +189,12 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 BLOCKWISE_MIN_KEYS = 512
 Q_BLOCK, K_BLOCK = 256, 512
 IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'fused')
+# blockwise_attention's exponent shift; with 'bound', a query block falls back to the running
+# max when some row's sum of exp(logit - bound) is below BOUND_MIN_SUM. Above it, the row's
+# largest term is >= 1e-26 / keys (a normal float32 below 1e11 keys) and each term XLA:CPU
+# flushes to zero (< 1.2e-38) is below 1.2e-12 of the sum: float32 precision is kept.
+SHIFTS = ('running', 'bound')
+BOUND_MIN_SUM = 1e-26
 # Backends on which 'auto' attention is `jax.nn.dot_product_attention` ('fused'). The CPU
 # tuning above (head-major transposes, the blockwise scan) was measured on XLA:CPU only; on
 # GPU/TPU the one fused call leaves the choice to JAX/XLA (and `fused_implementation='cudnn'`
@@ -276,7 +282,7 @@ def fused_attention(q, k, v, num_heads: int, bias=None, scale: Optional[float] =
 
 
 def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jnp.float32,
-                        q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
+                        q_block: int = Q_BLOCK, k_block: int = K_BLOCK, shift: str = 'bound'):
     """Exact softmax attention computed block by block (FlashAttention's online softmax).
 
     Queries are processed `q_block` at a time (`lax.map`), keys `k_block` at a time
@@ -284,7 +290,14 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
     than (B, H, q_block, k_block) exists. Lengths need not divide the blocks: padding keys
     are masked out, padding queries dropped. The key step is rematerialised in the backward
     pass, so training does not store the probabilities either. Same shapes as `attention`.
+
+    shift: what the exponent subtracts. 'running': the running row max (FlashAttention);
+    'bound': a fixed per-row upper bound of the logits, |q_i| max_j |k_j| (one pass less over
+    every logits block, no rescaling), with the running max as the fallback of any query block
+    whose bound is too loose for float32 (see the code).
     """
+    if shift not in SHIFTS:
+        raise ValueError(f'blockwise attention shift must be one of {SHIFTS}, got {shift!r}')
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // num_heads
@@ -322,6 +335,39 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
         (m, l, acc, _), _ = jax.lax.scan(key_step, init, (ks, vs, valid))
         return acc / l  # (B, H, q_block, D)
 
-    out = jax.lax.map(query_block, qs)  # (nq, B, H, q_block, D)
+    if shift == 'running':
+        out = jax.lax.map(query_block, qs)  # (nq, B, H, q_block, D)
+    else:
+        # Cauchy-Schwarz: q_i . k_j <= |q_i| max_j |k_j| =: m_i for every key, so exp(s - m_i)
+        # never overflows and m_i is the same for every key block: no max pass over the logits
+        # and no rescaling of the running sums. The softmax does not depend on the shift
+        # (stop_gradient is exact). A loose bound underflows: a query block in which some row's
+        # sum falls below BOUND_MIN_SUM is recomputed with the running max (lax.cond runs one
+        # branch), so the result is the softmax's either way.
+        k_norm = jnp.sqrt(jnp.square(ks.astype(jnp.float32)).sum(-2))     # (nk, B, H, k_block)
+        k_max = jnp.where(valid[:, None, None], k_norm, 0.0).max((0, -1))  # (B, H)
+        bounds = jax.lax.stop_gradient(
+            jnp.sqrt(jnp.square(qs.astype(jnp.float32)).sum(-1, keepdims=True))
+            * k_max[:, :, None, None])                                     # (nq, B, H, qb, 1)
+
+        @jax.checkpoint
+        def fixed_step(carry, block):
+            l, acc, qi, mi = carry
+            kj, vj, ok = block
+            p = jnp.exp(jnp.matmul(qi, kj).astype(jnp.float32) - mi)
+            if ragged:
+                p = jnp.where(ok, p, 0.0)
+            return (l + p.sum(-1, keepdims=True),
+                    acc + jnp.matmul(p.astype(dtype), vj).astype(jnp.float32), qi, mi), None
+
+        def bounded_block(args):
+            qi, mi = args
+            init = (jnp.zeros((b, num_heads, q_block, 1), jnp.float32),
+                    jnp.zeros((b, num_heads, q_block, d), jnp.float32), qi, mi)
+            (l, acc, _, _), _ = jax.lax.scan(fixed_step, init, (ks, vs, valid))
+            return jax.lax.cond(l.min() >= BOUND_MIN_SUM, lambda: acc / l,
+                                lambda: query_block(qi))
+
+        out = jax.lax.map(bounded_block, (qs, bounds))
     out = jnp.moveaxis(out, 0, 2).reshape(b, num_heads, nq * q_block, d)[:, :, :lq]
     return _merge_heads(out).astype(dtype)

@@ -257,9 +257,13 @@ class GPT2Transformer(nn.Module):
         new_cache = {'index': index + t, 'latent_emb': cache['latent_emb'], 'layers': tuple(layers)}
         return self.ln_f(h), new_cache
 
-    def logits(self, h):
-        """Tied LM head: h (..., D) @ wte.T -> (..., V) float32."""
-        return self.wte.attend(h).astype(jnp.float32)
+    def logits(self, h, candidates=None):
+        """Tied LM head: h (..., D) @ wte.T -> (..., V) float32; with `candidates` (C,) token
+        ids, only their columns: (..., C) (a sampled softmax in training)."""
+        if candidates is None:
+            return self.wte.attend(h).astype(jnp.float32)
+        w = jnp.take(self.wte.embedding, candidates, axis=0).astype(self.dtype)   # (C, D)
+        return jnp.dot(h.astype(self.dtype), w.T).astype(jnp.float32)
 
 
 class GPT2ForLatentConnector(nn.Module):
@@ -289,21 +293,22 @@ class GPT2ForLatentConnector(nn.Module):
                              'GPT-2 positions')
         return self.transformer.init_cache(z, batch, num_slots)
 
-    def step(self, input_ids, cache):
+    def step(self, input_ids, cache, candidates=None):
         """input_ids (B, T) -> (logits (B, T, V) float32, cache). The caller keeps
-        index + T <= number of slots (dynamic_update_slice would clamp silently)."""
+        index + T <= number of slots (dynamic_update_slice would clamp silently).
+        candidates: (C,) token ids -> logits (B, T, C) of those tokens only."""
         h, cache = self.transformer(input_ids, cache)
-        return self.transformer.logits(h), cache
+        return self.transformer.logits(h, candidates), cache
 
-    def __call__(self, input_ids, z=None):
+    def __call__(self, input_ids, z=None, candidates=None):
         """Teacher-forced logits (B, T, V) of a whole sequence; with z (B, latent) the latent
         is injected as in Optimus (positions 1..T, memory slot), without it this is plain
-        GPT2LMHeadModel."""
+        GPT2LMHeadModel. candidates: (C,) token ids -> (B, T, C)."""
         if input_ids.ndim != 2:
             raise ValueError(f'input_ids must be (B, T), got shape {input_ids.shape}')
         b, t = input_ids.shape
         cache = self.init_cache(z, b, t + (z is not None))
-        return self.step(input_ids, cache)[0]
+        return self.step(input_ids, cache, candidates)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,7 +324,8 @@ class Optimus(nn.Module):
 
     Methods (via `model.apply({'params': p}, ..., method=...)`):
       encode(input_ids): (B, L) BERT ids, pad 0 -> (mu, logvar) (B, latent).
-      decode_logits(input_ids, z): teacher-forced decoder logits (B, T, V).
+      decode_logits(input_ids, z[, candidates]): teacher-forced decoder logits (B, T, V)
+        (or (B, T, C) over C candidate token ids).
       init_cache(z, num_slots) / decode_step(input_ids, cache): the KV-cache decoder.
     The network works on unscaled latents; VD's latents are `latent_scale` x mu (1 for the
     released model, whose config has latent_scale_factor text 1.0).
@@ -343,9 +349,10 @@ class Optimus(nn.Module):
         _, pooled = self.encoder(input_ids, attention_mask=(input_ids != self.config.bert_pad_id))
         return self.encoder.moments(pooled)
 
-    def decode_logits(self, input_ids, z):
-        """GPT-2 ids (B, T) and z (B, latent) or None -> logits (B, T, V), teacher-forced."""
-        return self.decoder(input_ids, z)
+    def decode_logits(self, input_ids, z, candidates=None):
+        """GPT-2 ids (B, T) and z (B, latent) or None -> logits (B, T, V), teacher-forced;
+        with candidates (C,) token ids, the logits of those tokens only (B, T, C)."""
+        return self.decoder(input_ids, z, candidates)
 
     def init_cache(self, z, num_slots: int):
         """z (B, latent) -> KV cache with the memory in slot 0 and `num_slots - 1` free slots."""

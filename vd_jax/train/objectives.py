@@ -270,6 +270,30 @@ def decoder_ids(sentences, gpt2, config) -> np.ndarray:
     return out
 
 
+def sampled_candidates(target, valid, vocab_size: int, num_sampled: int, key):
+    """The candidates of `Optimus`' sampled softmax.
+
+    target (B, T) token ids, valid (B, T) bool (False: padding). Returns (candidates (U + K,)
+    ids, bias (U + K,) added to their logits, target (B, T) as indices into candidates),
+    where the first U = B * T slots are the distinct valid targets (sorted; unused slots get
+    bias -inf) and the last K are uniform draws from the vocabulary, each with bias
+    log((V - n) / K) (n distinct targets), or -inf where a draw repeats a target. Shapes
+    are static (jittable); padding positions' indices are meaningless (masked by the caller).
+    """
+    v = int(vocab_size)
+    flat = jnp.where(valid, target, v).reshape(-1)
+    pos = jnp.unique(flat, size=flat.size, fill_value=v)          # sorted, sentinel v last
+    used = pos < v
+    neg = jax.random.randint(key, (int(num_sampled),), 0, v)
+    hit = (neg[:, None] == pos[None, :]).any(-1)
+    n_used = used.sum()
+    log_ratio = jnp.log(jnp.maximum(v - n_used, 1).astype(jnp.float32) / num_sampled)
+    cand = jnp.concatenate([jnp.where(used, pos, 0), neg])
+    bias = jnp.concatenate([jnp.where(used, 0.0, -jnp.inf),
+                            jnp.where(hit, -jnp.inf, log_ratio)]).astype(jnp.float32)
+    return cand, bias, jnp.searchsorted(pos, target).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimus(Objective):
     """Text VAE: cross-entropy of the teacher-forced GPT-2 decoder on a posterior sample
@@ -282,13 +306,22 @@ class Optimus(Objective):
     then the VAE above with the KL warm-up counted from N. Measured on the shapes world
     (docs/vd-mini.md, Diagnosis for v3): with posterior noise from step 0 the encoder never
     writes shape, background or size into z (read back at chance); 500 deterministic steps
-    first give all five attributes back."""
+    first give all five attributes back.
+
+    `sampled_softmax` K > 0 replaces the softmax over the whole GPT-2 vocabulary (50k tokens:
+    measured, it is most of the step's time on a small decoder) by a sampled softmax (Jean et
+    al. 2015): the candidates are every token the batch's targets use plus K tokens drawn
+    uniformly at random from the vocabulary, and the drawn tokens' logits carry
+    log(number of other tokens / K), so their sum estimates the rest of the partition
+    function and the tokens the data never uses are still pushed down. Decoding always uses
+    the full vocabulary. 0: the exact softmax (the default)."""
     model: Any                                   # vd_jax.models.optimus.Optimus
     beta: float = 0.5
     free_bits: float = 0.1
     warmup_steps: int = 1000
     parts: Tuple[str, ...] = ('vae_text',)
     deterministic_steps: int = 0
+    sampled_softmax: int = 0
 
     def modules(self):
         return {'vae_text': self.model}
@@ -312,9 +345,16 @@ class Optimus(Objective):
             per_record_keys(key, batch['index']))
         stochastic = jnp.asarray(step >= self.deterministic_steps, jnp.float32)
         z = mu + stochastic * jnp.exp(0.5 * logvar) * eps
-        logits = self.model.apply({'params': params}, dec[:, :-1], z, method='decode_logits')
         target = dec[:, 1:]
         mask = (target != c.pad_id).astype(jnp.float32)
+        if self.sampled_softmax:
+            cand, bias, target = sampled_candidates(target, mask > 0, c.decoder.vocab_size,
+                                                    self.sampled_softmax,
+                                                    jax.random.fold_in(key, 1))
+            logits = self.model.apply({'params': params}, dec[:, :-1], z, cand,
+                                      method='decode_logits') + bias
+        else:
+            logits = self.model.apply({'params': params}, dec[:, :-1], z, method='decode_logits')
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
         rec = jnp.sum(nll * mask, axis=1).mean()
@@ -401,9 +441,14 @@ def from_config(cfg, model=None, flows=(), schedule=None) -> Objective:
             return AutoKL(family('autokl').build(mc.vae.image), float(sec.get('kl_weight', 1e-6)),
                           str(sec.get('recon', 'l1')), int(sec.get('crop', 0)))
         if name == 'optimus':
+            sampled = sec.get('sampled_softmax', 0) or 0
+            if isinstance(sampled, bool) or int(sampled) != sampled or int(sampled) < 0:
+                raise ConfigError(f'optimus.sampled_softmax = {sampled!r}: the number of sampled '
+                                  'tokens is an integer >= 0 (0: the exact softmax)')
             return Optimus(family('optimus').build(mc.vae.text), float(sec.get('beta', 0.5)),
                            float(sec.get('free_bits', 0.1)), int(sec.get('warmup_steps', 1000)),
-                           deterministic_steps=int(sec.get('deterministic_steps', 0)))
+                           deterministic_steps=int(sec.get('deterministic_steps', 0)),
+                           sampled_softmax=int(sampled))
         return CLIP(family('clip_text').build(mc.ctx.text),
                     family('clip_vision').build(mc.ctx.image))
     except (KeyError, AttributeError) as e:
