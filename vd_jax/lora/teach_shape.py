@@ -12,7 +12,8 @@ render   a folder of PNG renders with .txt captions: `--new` images of the new s
          index 4 (`is_heldout`): 43 of its 432 combinations are never rendered for training.
 eval     text -> image with the adapter at scale 1 (and the base, for comparison), read back by
          the shapes reader extended to the new shape (`read_image(shapes=SHAPES + (shape,))`):
-           new      prompts of held-out combinations of the new shape: share drawn as it;
+           new      prompts of held-out combinations of the new shape: share drawn as it
+                    (also per asked size: shape_by_size);
            old      the world's held-out prompts (`vd_jax.eval.shapes_eval.heldout`): attribute
                     accuracy of the base and of the adapted model (same seeds);
          prints and writes a JSON record (and PNG grids with --out).
@@ -125,6 +126,11 @@ def evaluate(adapter: str, shape: str = 'star', n: int = 100, seed: int = 0, ste
         shapes_read = [r.shape for r in read]
         acc['read_as'] = {k: shapes_read.count(k) / len(read) for k in kinds + (None,)
                           if shapes_read.count(k)}
+        # the shape read back per asked size (the small ones are bounded by the AutoKL)
+        acc['shape_by_size'] = {
+            size: float(np.mean([r.shape == s.attrs.shape for r, s in zip(read, samples)
+                                 if s.attrs.size == size]))
+            for size in W.SIZES if any(s.attrs.size == size for s in samples)}
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in acc.items()}
 
     rec['base'] = {'new': score('base_new', new), 'old': score('base_old', old)}

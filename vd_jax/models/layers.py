@@ -187,7 +187,12 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 # materialises the (B, H, Lq, Lk) logits. On this CPU it is faster from 1024 keys on (32x32
 # and 64x64 latents) and cut the 64x64 sampler's peak memory from 7.5 to 4.6 GiB.
 BLOCKWISE_MIN_KEYS = 512
-Q_BLOCK, K_BLOCK = 256, 512
+# With the fixed 'bound' shift the key blocks need no rescaling, and one key block of up to
+# 4096 keys (the 64x64 latents' self-attention: no scan over keys) made the image stream's
+# 64x64 CFG step 4-8% faster than 512-key blocks (benchmarks/attention_share.py, Zen 4,
+# BENCHMARKS.md 3c); 256 queries per block was the best of 128-1024. A (B, H, 256, 4096)
+# float32 logits block is 64 MB at batch 2 and 8 heads.
+Q_BLOCK, K_BLOCK = 256, 4096
 IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'fused')
 # blockwise_attention's exponent shift; with 'bound', a query block falls back to the running
 # max when some row's sum of exp(logit - bound) is below BOUND_MIN_SUM. Above it, the row's

@@ -348,9 +348,10 @@ class Optimus(Objective):
         target = dec[:, 1:]
         mask = (target != c.pad_id).astype(jnp.float32)
         if self.sampled_softmax:
+            # a key no record's posterior sample uses (those are fold_in(key, index) as is)
+            neg_key = jax.random.fold_in(jax.random.fold_in(key, 0), 1)
             cand, bias, target = sampled_candidates(target, mask > 0, c.decoder.vocab_size,
-                                                    self.sampled_softmax,
-                                                    jax.random.fold_in(key, 1))
+                                                    self.sampled_softmax, neg_key)
             logits = self.model.apply({'params': params}, dec[:, :-1], z, cand,
                                       method='decode_logits') + bias
         else:
