@@ -1,7 +1,5 @@
 """Test session setup: offline, CPU, deterministic; shared tiny-model fixtures."""
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -48,36 +46,6 @@ def pytest_collection_modifyitems(session, config, items):
                 return i
         return len(RUN_FIRST)
     items.sort(key=rank)  # stable: the order inside a file and among the rest is kept
-
-
-# One persistent XLA compilation cache for the whole run, shared by the xdist workers and
-# removed at the end: many tests build the same tiny models and jit the same programs (samplers,
-# train steps) through fresh Python closures, which jax's in-memory caches cannot match but the
-# persistent cache (keyed by the program itself) does. In-process only: subprocesses that
-# measure or interrupt compilation (benchmarks, Ctrl-C tests) keep compiling cold.
-# `VD_JAX_TESTS_XLA_CACHE=0` turns it off (to measure what it saves).
-_CACHE_ENV = 'VD_JAX_TESTS_XLA_CACHE'
-
-
-def pytest_configure(config):
-    if os.environ.get(_CACHE_ENV) == '0':
-        return
-    if not hasattr(config, 'workerinput'):  # the controller (or a run without xdist)
-        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix='vd_jax-tests-xla-')
-        config._vd_jax_cache = os.environ[_CACHE_ENV]
-    import jax
-    jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-    # a size limit turns on jax's file lock (filelock: a test dependency through torch), so
-    # one worker never reads an entry the other is still writing
-    jax.config.update('jax_compilation_cache_max_size', 4 << 30)
-
-
-def pytest_unconfigure(config):
-    path = getattr(config, '_vd_jax_cache', None)
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
-        os.environ.pop(_CACHE_ENV, None)
 
 
 def pytest_report_header(config):
