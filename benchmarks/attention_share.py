@@ -32,16 +32,6 @@ import bench_unet  # noqa: E402
 import common  # noqa: E402
 
 
-def _pair(text: str):
-    try:
-        a, b = (int(x) for x in text.lower().split('x'))
-    except ValueError:
-        raise SystemExit(f'error: --blocks takes QxK with two integers, got {text!r}') from None
-    if a < 1 or b < 1:
-        raise SystemExit(f'error: --blocks sizes must be positive, got {text!r}')
-    return a, b
-
-
 def _core_as_q(q, k, v, *args, dtype=None, **kwargs):
     """The attention core replaced by q (the shapes of the real output); k and v still used."""
     out = q + 0.0 * (k.mean() + v.mean())
@@ -95,7 +85,7 @@ def main(argv=None):
                          "('running', 'bound': vd_jax.models.layers.SHIFTS)")
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
     args = ap.parse_args(argv)
-    blocks = [_pair(b) for b in args.blocks]
+    blocks = [common.parse_pair(b, '--blocks') for b in args.blocks]
     common.setup(args.threads, jaxlib_defaults=args.xla_default)
     smoke = args.smoke
     sizes = args.sizes or ([16] if smoke else [64])

@@ -54,8 +54,8 @@ def main(argv=None):
     ap.add_argument('--blocks', nargs='+', default=[], metavar='QxK',
                     help='extra blockwise variants: query block x key block')
     args = ap.parse_args(argv)
-    shapes = [_pair(x, '--shapes') for x in args.shapes] if args.shapes else None
-    blocks = [_pair(x, '--blocks') for x in args.blocks]
+    shapes = [common.parse_pair(x, '--shapes') for x in args.shapes] if args.shapes else None
+    blocks = [common.parse_pair(x, '--blocks') for x in args.blocks]
     common.setup(args.threads, jaxlib_defaults=args.xla_default)
     reps = args.reps or (1 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else 1
@@ -105,16 +105,6 @@ def main(argv=None):
     common.write_record('bench_attention', rec, args.out, args.smoke)
     print_tables(rec)
     return rec
-
-
-def _pair(text: str, flag: str):
-    try:
-        a, b = (int(x) for x in text.lower().split('x'))
-    except ValueError:
-        raise SystemExit(f'error: {flag} takes AxB with two integers, got {text!r}') from None
-    if a < 1 or b < 1:
-        raise SystemExit(f'error: {flag} sizes must be positive, got {text!r}')
-    return a, b
 
 
 def print_tables(rec):

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'benchmarks', 'results')
@@ -32,6 +32,18 @@ RESULTS = os.path.join(REPO, 'benchmarks', 'results')
 # ----------------------------------------------------------------------------------------
 # Set-up and the environment record
 # ----------------------------------------------------------------------------------------
+
+def parse_pair(text: str, flag: str) -> Tuple[int, int]:
+    """'AxB' (a command-line value such as a block size or a shape) -> (A, B), positive
+    integers; anything else exits with an error naming `flag`."""
+    try:
+        a, b = (int(x) for x in text.lower().split('x'))
+    except ValueError:
+        raise SystemExit(f'error: {flag} takes AxB with two integers, got {text!r}') from None
+    if a < 1 or b < 1:
+        raise SystemExit(f'error: {flag} sizes must be positive, got {text!r}')
+    return a, b
+
 
 def setup(threads: int = 2, xla_flags: Optional[str] = None, jaxlib_defaults: bool = False) -> None:
     """Offline, CPU-only, `threads` intra-op threads for torch; XLA flags (before jax starts).

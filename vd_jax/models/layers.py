@@ -349,8 +349,8 @@ def blockwise_attention(q, k, v, num_heads: int, scale: float, dtype: Dtype = jn
         # (stop_gradient is exact). A loose bound underflows: a query block in which some row's
         # sum falls below BOUND_MIN_SUM is recomputed with the running max (lax.cond runs one
         # branch), so the result is the softmax's either way.
-        k_norm = jnp.sqrt(jnp.square(ks.astype(jnp.float32)).sum(-2))     # (nk, B, H, k_block)
-        k_max = jnp.where(valid[:, None, None], k_norm, 0.0).max((0, -1))  # (B, H)
+        # (B, H); padding keys are zeros, so they cannot raise the max
+        k_max = jnp.sqrt(jnp.square(ks.astype(jnp.float32)).sum(-2)).max((0, -1))
         bounds = jax.lax.stop_gradient(
             jnp.sqrt(jnp.square(qs.astype(jnp.float32)).sum(-1, keepdims=True))
             * k_max[:, :, None, None])                                     # (nq, B, H, qb, 1)
