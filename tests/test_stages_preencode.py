@@ -68,3 +68,36 @@ def test_preencoded_world_gives_the_loops_batches(tmp_path):
     assert rec2['path'] != rec['path'] and rec2['seconds'] > 0
     with open(os.path.join(work, rec['path'], '1.0.0', 'dataset_info.json')) as f:
         assert json.load(f)['name'] == 'vd_encoded'
+
+
+def test_every_stage_is_checked_as_it_will_run_before_the_first_starts(tmp_path):
+    """`run_stages` checks every stage's settings (the VD stages on the pre-encoded world)
+    before the first stage: a setting a later stage refuses fails at once, with nothing
+    written, not after the hour of stage 0 (the validation metric 'shapes' on
+    data.kind='encoded' was refused only when VD-basic started)."""
+    from vd_jax.errors import ConfigError
+    from vd_jax.train.stages import STAGE0, VD_STAGES, preflight, run_stages
+    work = tmp_path / 'work'
+    preflight(str(work), STAGE0 + VD_STAGES)                    # the recipe as it runs
+    preflight(str(work), STAGE0 + VD_STAGES, encoders_in_loop=True)
+    with pytest.raises(ConfigError, match=r"stage dc: validation.metrics: unknown \['bogus'\]"):
+        run_stages(str(work), ['dc.validation.metrics=["bogus"]'])
+    with pytest.raises(ConfigError, match='stage optimus: .*optimus.sampled_softmax'):
+        run_stages(str(work), ['optimus.optimus.sampled_softmax=-1'])
+    assert not work.exists()
+
+
+def test_the_shapes_metric_needs_the_world_or_the_world_pre_encoded():
+    from vd_jax.config import load_config
+    from vd_jax.errors import ConfigError
+    from vd_jax.train import validation
+    from vd_jax.train.stages import RECIPE
+    cfg = load_config(f'{RECIPE}:dc')
+    assert cfg.validation.every > 0 and 'shapes' in cfg.validation.metrics
+    for kind in ('shapes', 'encoded'):
+        cfg.data.kind = kind
+        validation.check(cfg)
+    cfg.data.kind = 'images'
+    with pytest.raises(ConfigError, match=r"'shapes' needs data.kind in \['shapes', 'encoded'\], "
+                                          r"got 'images'"):
+        validation.check(cfg)

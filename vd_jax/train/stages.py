@@ -132,6 +132,29 @@ def preencode_world(workdir: str, overrides: Sequence[str], exports: Dict[str, s
     return dict(path=rel, records=len(source), seconds=seconds)
 
 
+def preflight(workdir: str, stages: Sequence[str], overrides: Sequence[str] = (),
+              recipe: str = RECIPE, encoders_in_loop: bool = False) -> None:
+    """Check every stage's settings as `run_stages` will run them, before the first stage
+    starts: a bad override or a setting that a later stage refuses fails at once, not after
+    the hour the earlier stages take. The exports that do not exist yet are placeholders."""
+    # lazy: run pulls in jax, flax, the models (+2 s)
+    from vd_jax.train import run, validation  # noqa: PLC0415
+    from vd_jax.train.settings import StepConfig  # noqa: PLC0415
+    pending = {s: os.path.join(workdir, s, 'export') for s in STAGE0 + VD_STAGES}
+    for stage in stages:
+        cfg = load_config(f'{recipe}:{stage}')
+        args = [f"data.path={os.path.join(workdir, 'data')}"]
+        args += stage_overrides(stage, overrides, pending)
+        if stage in VD_STAGES and not encoders_in_loop:
+            args += ['data.kind=encoded']
+        try:
+            apply_overrides(cfg, args)
+            validation.check(cfg)
+            StepConfig.from_config(cfg, run.make_model(cfg))
+        except ConfigError as e:
+            raise ConfigError(f'stage {stage}: {e}') from None
+
+
 def check_gate(stage: str, record: Dict[str, dict], path: str, ignore: bool = False) -> None:
     """The stage-0 gate of `stage` on its export: computed once (saved into `record` and the
     stages.json at `path`), then held: raises `GateFailed` unless it passed or `ignore`."""
@@ -162,6 +185,7 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     `GateFailed` before the next stage starts, unless `ignore_gates`. The VD stages read the
     world pre-encoded by the stage-0 exports (`preencode_world`; its record is each VD stage's
     'inputs') unless `encoders_in_loop`."""
+    preflight(workdir, stages, overrides, recipe, encoders_in_loop)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
     record = json.load(open(path)) if os.path.isfile(path) else {}

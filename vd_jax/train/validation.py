@@ -6,7 +6,9 @@ prompts, images and seeds every time), grids go to `<workdir>/validation/step_<N
 and TensorBoard, and the configured metrics into metrics.jsonl as `val/...`:
 
   shapes       attribute accuracy per flow on held-out shapes-world samples
-               (`vd_jax.eval.shapes_eval`; the data must be the shapes world)
+               (`vd_jax.eval.shapes_eval`, which draws its own held-out combinations; the
+               data must be the shapes world or the world pre-encoded, data.kind='encoded',
+               as `python -m vd_jax.train.stages` trains the VD stages)
   clip_score   CLIP score of text->image samples of `validation.prompts` with the run's own
                CLIP towers (`vd_jax.eval.clip_score`)
 """
@@ -25,6 +27,8 @@ from vd_jax.outputs import make_grid
 logger = logging.getLogger(__name__)
 
 METRICS = ('shapes', 'clip_score')
+# data the 'shapes' metric applies to: the world, or the world pre-encoded by the stage runner
+SHAPES_DATA = ('shapes', 'encoded')
 # the shapes evaluation's name of each trained flow
 _SHAPES_FLOWS = {'t2i': 't2i', 'i2t': 'i2t', 'i2i': 'i2i', 't2t': 't2t'}
 
@@ -36,8 +40,9 @@ def check(cfg) -> None:
     bad = [m for m in v.get('metrics', ()) if m not in METRICS]
     if bad:
         raise ConfigError(f'validation.metrics: unknown {bad}; choose from {list(METRICS)}')
-    if 'shapes' in v.get('metrics', ()) and cfg.data.kind != 'shapes':
-        raise ConfigError("validation metric 'shapes' needs data.kind='shapes'")
+    if 'shapes' in v.get('metrics', ()) and cfg.data.kind not in SHAPES_DATA:
+        raise ConfigError(f"validation metric 'shapes' needs data.kind in {list(SHAPES_DATA)}, "
+                          f"got {cfg.data.kind!r}")
     if str(cfg.get('objective', 'diffusion')) != 'diffusion':
         raise ConfigError('validation samples the diffuser: set validation.every=0 for the '
                           f"'{cfg.objective}' objective")
