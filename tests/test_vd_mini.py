@@ -104,7 +104,6 @@ REDUCED = ['data.num_records=2000', 'optimizer.warmup_steps=20', 'checkpoint.eve
            'validation.every=0', 'log_every=100',
            'autokl.total_steps=200', 'autokl.batch_size=8', 'clip.total_steps=250',
            'optimus.total_steps=20', 'optimus.optimizer.warmup_steps=5',
-           'optimus.optimus.sampled_softmax=1024',
            'basic.total_steps=200', 'dc.total_steps=500',
            'four_flow.total_steps=10', 'four_flow.optimizer.warmup_steps=2']
 # (Optimus and four-flow only show the plumbing here: their gate numbers are recorded and
