@@ -82,6 +82,20 @@ def stage_overrides(stage: str, overrides: Sequence[str], exports: Dict[str, str
     return out
 
 
+def stage_config(workdir: str, stage: str, overrides: Sequence[str], exports: Dict[str, str],
+                 recipe: str = RECIPE, encoded: Optional[str] = None, init: bool = True):
+    """The config `stage` runs with: the recipe's, the world folder under `workdir`, the
+    stage's overrides and exports (`stage_overrides`); with `encoded`, the pre-encoded world
+    at that path instead of the world."""
+    cfg = load_config(f'{recipe}:{stage}')
+    args = [f"data.path={os.path.join(workdir, 'data')}"]
+    args += stage_overrides(stage, overrides, exports, init=init)
+    if encoded is not None:
+        args += ['data.kind=encoded', f'data.path={encoded}']
+    apply_overrides(cfg, args)
+    return cfg
+
+
 def preencode_world(workdir: str, overrides: Sequence[str], exports: Dict[str, str],
                     recipe: str = RECIPE) -> Dict[str, object]:
     """The recipe's world (`<workdir>/data`) through the stage-0 exports once, for every
@@ -95,9 +109,7 @@ def preencode_world(workdir: str, overrides: Sequence[str], exports: Dict[str, s
     from vd_jax.train import inputs  # noqa: PLC0415
     from vd_jax.train.settings import parse_flows  # noqa: PLC0415
     stage = VD_STAGES[-1]
-    cfg = load_config(f'{recipe}:{stage}')
-    apply_overrides(cfg, [f"data.path={os.path.join(workdir, 'data')}"]
-                    + stage_overrides(stage, overrides, exports, init=False))
+    cfg = stage_config(workdir, stage, overrides, exports, recipe, init=False)
     inputs.adopt_encoder_scales(cfg)   # the latents' scales the stage-0 exports recorded
     if str(cfg.data.kind) != 'shapes':
         raise ConfigError(f"pre-encoding is for the shapes world (data.kind='shapes'), not "
@@ -141,14 +153,11 @@ def preflight(workdir: str, stages: Sequence[str], overrides: Sequence[str] = ()
     from vd_jax.train import run, validation  # noqa: PLC0415
     from vd_jax.train.settings import StepConfig  # noqa: PLC0415
     pending = {s: os.path.join(workdir, s, 'export') for s in STAGE0 + VD_STAGES}
+    encoded = os.path.join(workdir, 'encoded')
     for stage in stages:
-        cfg = load_config(f'{recipe}:{stage}')
-        args = [f"data.path={os.path.join(workdir, 'data')}"]
-        args += stage_overrides(stage, overrides, pending)
-        if stage in VD_STAGES and not encoders_in_loop:
-            args += ['data.kind=encoded']
         try:
-            apply_overrides(cfg, args)
+            cfg = stage_config(workdir, stage, overrides, pending, recipe,
+                               encoded if stage in VD_STAGES and not encoders_in_loop else None)
             validation.check(cfg)
             StepConfig.from_config(cfg, run.make_model(cfg))
         except ConfigError as e:
@@ -189,7 +198,6 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'stages.json')
     record = json.load(open(path)) if os.path.isfile(path) else {}
-    data = os.path.join(workdir, 'data')
     exports = {s: r['export'] for s, r in record.items() if r.get('export')}
     for stage in stages:
         if record.get(stage, {}).get('export') and os.path.isdir(record[stage]['export']):
@@ -197,14 +205,11 @@ def run_stages(workdir: str, overrides: Sequence[str] = (), stages: Sequence[str
             if stage in STAGE0:
                 check_gate(stage, record, path, ignore_gates)
             continue
-        cfg = load_config(f'{recipe}:{stage}')
-        stage_args = [f'data.path={data}'] + stage_overrides(stage, overrides, exports)
         encoded = None
         if stage in VD_STAGES and not encoders_in_loop:
             encoded = preencode_world(workdir, overrides, exports, recipe)
-            stage_args += ['data.kind=encoded',
-                           f"data.path={os.path.join(workdir, encoded['path'])}"]
-        apply_overrides(cfg, stage_args)
+        cfg = stage_config(workdir, stage, overrides, exports, recipe,
+                           os.path.join(workdir, encoded['path']) if encoded else None)
         logger.info('stage %s: %d steps, batch %d', stage, int(cfg.total_steps),
                     int(cfg.batch_size))
         t0 = time.time()
