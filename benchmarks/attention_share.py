@@ -9,6 +9,8 @@ VD's image UNet at full width, random weights converted by our converter):
                  k and v feed a mean so nothing is dead code)
   jax            vd_jax as shipped (`attention='auto'`)
   jax_nocore     the same replacement in `vd_jax.models.attention`
+  jax_repeat_x   vd_jax with x repeated for the two CFG halves up front (before the diffuser
+                 shared the prefix up to its first self-attention: `guidance.SHARES_X`)
   jax_SHIFT      with --shifts (default: running): the blockwise core with that exponent
                  shift (`layers.blockwise_attention(shift=...)`; the shipped one is 'bound')
   jax_bw_QxK     with --blocks: the blockwise core with q_block=Q, k_block=K in every
@@ -111,7 +113,7 @@ def main(argv=None):
     ctx, uctx = (torch.randn(1, bench_unet.CTX_LEN, cd, generator=g) for _ in range(2))
     ctx2 = torch.cat([uctx, ctx])
     jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
-    variants = {'jax': None, 'jax_nocore': 'nocore',
+    variants = {'jax': None, 'jax_nocore': 'nocore', 'jax_repeat_x': 'repeat_x',
                 **{f'jax_{shift}': {'shift': shift} for shift in args.shifts},
                 **{f'jax_bw_{qb}x{kb}': {'q_block': qb, 'k_block': kb} for qb, kb in blocks}}
     for s in sizes:
@@ -137,9 +139,10 @@ def measure_size(x, variants, cfg, params, unet, tstep, sched, ctx2, jctx, juctx
     jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     fns, compile_s, outs = {}, {}, {}
     for name, variant in variants.items():
-        js = bench_unet.JaxSide(Diffuser(cfg.diffuser), params, 50, cfg.schedule)
+        js = bench_unet.JaxSide(Diffuser(cfg.diffuser), params, 50, cfg.schedule,
+                                shares_x=variant != 'repeat_x')
         t0 = time.perf_counter()
-        with jax_core(variant):
+        with jax_core(None if variant == 'repeat_x' else variant):
             compiled = js.step.lower(params, jx, pos, jctx, juctx, js.schedule).compile()
         compile_s[name] = time.perf_counter() - t0
         fns[name] = (lambda c=compiled, sc=js.schedule:

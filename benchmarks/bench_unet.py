@@ -108,13 +108,13 @@ class JaxSide:
     """Our jitted CFG DDIM step and loop over the converted params."""
 
     def __init__(self, model, params, steps: int, schedule_cfg, xtype: str = 'image',
-                 ctype: str = 'image'):
+                 ctype: str = 'image', shares_x: bool = True):
         import jax
         import jax.numpy as jnp
         from vd_jax.diffusion import sampling
         from vd_jax.diffusion.schedule import make_schedule
         self.jax, self.jnp, self.sampling = jax, jnp, sampling
-        self.model, self.params = model, params
+        self.model, self.params, self.shares_x = model, params, shares_x
         self.schedule = make_schedule(schedule_cfg)
         self.plan = sampling.make_plan('ddim', steps)
 
@@ -124,18 +124,29 @@ class JaxSide:
         self.forward = jax.jit(apply_fn)
 
         def step(p, x, pos, ctx, uctx, schedule):
-            eps_fn = sampling.make_eps_fn(lambda xt, t, c: apply_fn(p, xt, t, c), ctx,
-                                          uncond_context=uctx, guidance_scale=GUIDANCE)
+            eps_fn = sampling.make_eps_fn(self.denoise_fn(p), ctx, uncond_context=uctx,
+                                          guidance_scale=GUIDANCE)
             st = sampling.SamplerState(x=x, pred_x0=jnp.zeros_like(x), keys=None)
             return sampling.run_steps(eps_fn, schedule, self.plan, st, pos[None]).x
         self.step = jax.jit(step)
 
+    def denoise_fn(self, p):
+        """denoise(x_t, t, ctx) over params p, marked as the pipeline's `conditioning.Single`
+        is: guidance passes x once and the diffuser repeats it after the first self-attention
+        (`guidance.SHARES_X`); shares_x=False repeats x up front (the previous program)."""
+        from vd_jax.diffusion.guidance import SHARES_X
+
+        def denoise(xt, t, c):
+            return self.apply_fn(p, xt, t, c)
+        setattr(denoise, SHARES_X, self.shares_x)
+        return denoise
+
     def loop_fn(self, steps: int):
         """The whole guided DDIM loop (`sampling.sample`, one lax.scan) as a jittable function."""
-        sampling, apply_fn = self.sampling, self.apply_fn
+        sampling = self.sampling
 
         def loop(p, x_T, ctx, uctx, schedule):
-            return sampling.sample(lambda xt, t, c: apply_fn(p, xt, t, c), schedule, ctx,
+            return sampling.sample(self.denoise_fn(p), schedule, ctx,
                                    uncond_context=uctx, guidance_scale=GUIDANCE, sampler='ddim',
                                    steps=steps, x_T=x_T)
         return loop

@@ -154,6 +154,53 @@ def test_every_flow_runs_and_mixing_degenerates_to_single_flows(tiny):
 
 
 @pytest.mark.slow
+def test_contexts_in_groups_share_x_like_repeating_it(tiny):
+    """context (G*B, L, D) with x (B, ...): x is shared by G context groups (the CFG halves)
+    and the result is the call with x and t repeated G times, for every flow; the shared
+    prefix runs once (fewer FLOPs)."""
+    model, params = tiny
+    i = _inputs()
+    f = lambda *a: model.apply({'params': params}, *a)
+    for xt, x in (('image', i['x_img']), ('text', i['x_txt'])):
+        for ct, c in (('image', i['c_img']), ('text', i['c_txt'])):
+            c3 = jnp.concatenate([c, c[::-1], 2 * c])            # three groups of B = 2
+            want = f(jnp.concatenate([x] * 3), jnp.concatenate([i['t']] * 3), c3, xt, ct)
+            got = f(x, i['t'], c3, xt, ct)
+            assert got.shape == want.shape == (6,) + x.shape[1:]
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=(xt, ct))
+    flops = lambda *a: jax.jit(f, static_argnums=(3, 4)).lower(*a).compile().cost_analysis()['flops']
+    c2 = jnp.concatenate([i['c_txt']] * 2)
+    assert flops(i['x_img'], i['t'], c2, 'image', 'text') < flops(
+        jnp.concatenate([i['x_img']] * 2), jnp.concatenate([i['t']] * 2), c2, 'image', 'text')
+    with pytest.raises(ValueError, match='a multiple of B=2'):
+        f(i['x_img'], i['t'], i['c_txt'][:1], 'image', 'text')
+
+
+def test_guidance_passes_x_once_to_a_model_that_shares_it():
+    """cfg_denoise calls a denoise_fn marked SHARES_X with x once and both halves' contexts,
+    and the guided result equals the repeated-x call's."""
+    from vd_jax.diffusion.guidance import SHARES_X, cfg_denoise
+    seen = []
+
+    def model(x, t, c):       # a model whose output depends on x, t and the context
+        seen.append(x.shape[0])
+        reps = c.shape[0] // x.shape[0]
+        x, t = jnp.concatenate([x] * reps), jnp.concatenate([t] * reps)
+        return x * c.mean((1, 2))[:, None] + t[:, None] * 0.01
+
+    def plain(x, t, c):
+        return model(x, t, c)
+    setattr(model, SHARES_X, True)
+    x, t = jnp.arange(6.0).reshape(2, 3), jnp.array([3, 4])
+    c, u = jnp.ones((2, 4, 5)), jnp.zeros((2, 4, 5)) + 0.5
+    a = cfg_denoise(model, 7.5)(x, t, c, u)
+    assert seen == [2]
+    b = cfg_denoise(plain, 7.5)(x, t, c, u)
+    assert seen[-1] == 4
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_layer_mixing_from_a_key_is_the_drawn_choice(tiny):
     model, params = tiny
     i = _inputs()

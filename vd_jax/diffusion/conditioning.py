@@ -44,6 +44,9 @@ class Single:
     diffuser: Any
     xtype: str
     ctype: str
+    # guidance passes x once with both halves' contexts; the diffuser repeats it after the
+    # first self-attention (`guidance.SHARES_X`, `Diffuser.__call__`'s context groups)
+    shares_x_across_contexts = True
 
     def __call__(self, params, x, t, ctx):
         return self.diffuser.apply({'params': params}, x, t, ctx, self.xtype, self.ctype)

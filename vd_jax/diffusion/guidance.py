@@ -51,6 +51,11 @@ def rescale_guided(guided, cond, phi):
     return phi * (guided * (std_c / std_g)) + (1. - phi) * guided
 
 
+# A denoise_fn with this attribute set to True takes (x (B, ...), t (B,), contexts (2B, ...))
+# for classifier-free guidance and returns 2B rows (see cfg_denoise).
+SHARES_X = 'shares_x_across_contexts'
+
+
 def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.ndarray]:
     """Wrap `denoise_fn` with classifier-free guidance.
 
@@ -64,7 +69,11 @@ def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.
     Returns:
       guided(x_t, t, context, uncond_context=None) -> eps, with
       eps = e_u + s (e_c - e_u) computed in float32 from ONE call
-      `denoise_fn(concat[x_t, x_t], concat[t, t], concat_leaves[uncond, cond])`.
+      `denoise_fn(concat[x_t, x_t], concat[t, t], concat_leaves[uncond, cond])`; or, when
+      `denoise_fn` has a true attribute `SHARES_X` ('shares_x_across_contexts'),
+      `denoise_fn(x_t, t, concat_leaves[uncond, cond])` returning 2B rows: the model
+      repeats x where the halves start to differ (`vd_jax.models.unet.Diffuser`: after the
+      first self-attention), so the shared prefix runs once.
     """
     if is_static_one(scale):
         def conditional(x_t, t, context, uncond_context=None):
@@ -77,9 +86,12 @@ def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.
             raise ValueError(f'guidance scale {scale} needs an uncond_context '
                              '(pass guidance_scale=1.0 for conditional-only sampling)')
         b = x_t.shape[0]
-        eps = denoise_fn(jnp.concatenate([x_t, x_t], axis=0),
-                         jnp.concatenate([t, t], axis=0),
-                         concat_contexts(uncond_context, context))
+        if getattr(denoise_fn, SHARES_X, False):   # the model repeats x itself, late
+            eps = denoise_fn(x_t, t, concat_contexts(uncond_context, context))
+        else:
+            eps = denoise_fn(jnp.concatenate([x_t, x_t], axis=0),
+                             jnp.concatenate([t, t], axis=0),
+                             concat_contexts(uncond_context, context))
         if eps.shape[0] != 2 * b:
             raise ValueError(f'denoise_fn returned batch {eps.shape[0]} for a guided batch of {2 * b}')
         eps = eps.astype(jnp.float32)

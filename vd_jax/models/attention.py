@@ -92,8 +92,16 @@ class BasicTransformerBlock(nn.Module):
 
     def __call__(self, x, context):
         x = self.attn1(self.norm1(x)) + x
+        # context rows = G x the rows of x: x is shared by G context groups (the CFG halves).
+        # Self-attention is the last operation that cannot tell the groups apart.
+        x = repeat_groups(x, context.shape[0] // x.shape[0])
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
+
+
+def repeat_groups(x, groups: int):
+    """(B, ...) -> (groups * B, ...): x repeated group-major, [x; x; ...] (groups >= 1)."""
+    return x if groups == 1 else jnp.concatenate([x] * groups, axis=0)
 
 
 class SpatialTransformer(nn.Module):
@@ -114,11 +122,14 @@ class SpatialTransformer(nn.Module):
                                                          attention=self.attention)]
         self.proj_out = Dense(self.channels, zero_init=True, **kw)
 
-    def __call__(self, x, context):  # x (B, H, W, C) or (B, S, 1, C); context (B, L, D)
+    def __call__(self, x, context):
+        """x (B, H, W, C) or (B, S, 1, C); context (G*B, L, D), G >= 1: with G > 1, x is
+        shared by G context groups (group-major) and the result has G*B rows, computed
+        once up to the self-attention (`BasicTransformerBlock`)."""
         b, hh, ww, c = x.shape
         h = self.proj_in(self.norm(x))
         h = h.reshape(b, hh * ww, h.shape[-1])
         for blk in self.transformer_blocks:
             h = blk(h, context.astype(self.dtype))
-        h = self.proj_out(h).reshape(b, hh, ww, c)
-        return h + x
+        h = self.proj_out(h).reshape(h.shape[0], hh, ww, c)
+        return h + repeat_groups(x, h.shape[0] // b)

@@ -26,7 +26,7 @@ import numpy as np
 import flax.linen as nn
 
 from vd_jax import sharding_names as ax
-from vd_jax.models.attention import SpatialTransformer
+from vd_jax.models.attention import SpatialTransformer, repeat_groups
 from vd_jax.models.diffuser_config import BlockSpec, DiffuserConfig, StreamConfig, plan_stream
 from vd_jax.models.layers import (Conv, Dense, GroupNorm, Upsample, group_norm_stats,
                                   timestep_embedding)
@@ -280,7 +280,7 @@ class Diffuser(nn.Module):
                                                  self.attention))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _check(self, x, xtype: str, contexts, ctypes):
+    def _check(self, x, xtype: str, contexts, ctypes, shared_x: bool = False):
         cfg = self.config
         if xtype not in cfg.with_part('data'):
             raise ValueError(f"xtype '{xtype}' has no data layers in this diffuser (streams with "
@@ -301,8 +301,11 @@ class Diffuser(nn.Module):
                 raise ValueError(f"ctype '{ct}' has no context layers in this diffuser (streams "
                                  f"with context layers: {cfg.with_part('context')})")
             cd = cfg.stream(ct).context_dim
-            if c.ndim != 3 or c.shape[0] != x.shape[0] or c.shape[-1] != cd:
-                raise ValueError(f"context for '{ct}' must be (B={x.shape[0]}, L, {cd}), got {c.shape}")
+            rows_ok = c.ndim == 3 and (c.shape[0] == x.shape[0] or (
+                shared_x and c.shape[0] > 0 and c.shape[0] % x.shape[0] == 0))
+            if not rows_ok or c.shape[-1] != cd:
+                rows = f'a multiple of B={x.shape[0]}' if shared_x else f'B={x.shape[0]}'
+                raise ValueError(f"context for '{ct}' must be ({rows}, L, {cd}), got {c.shape}")
 
     def _run(self, x, t, xtype: str, context_op: Callable):
         cfg = self.config
@@ -315,8 +318,13 @@ class Diffuser(nn.Module):
                 h = _constrain(data[di](h, emb))
                 di += 1
             elif op == 'c':
+                rows = h.shape[0]
                 h = _constrain(context_op(ci, h))
                 ci += 1
+                if h.shape[0] != rows:  # x shared by context groups: from here on, per group
+                    groups = h.shape[0] // rows
+                    emb = repeat_groups(emb, groups)
+                    hs = [repeat_groups(a, groups) for a in hs]
             elif op == 's':
                 hs.append(h)
             else:
@@ -330,15 +338,20 @@ class Diffuser(nn.Module):
         Args:
           x: noisy latent; image (B, H, W, 4) channels-last, text (B, 768).
           t: timesteps (B,) or scalar, as fed to the model (the original DDIM feeds t+1).
-          context: (B, L, context_dim): CLIP text (L=77) or CLIP image (L=257) tokens.
+          context: (B, L, context_dim): CLIP text (L=77) or CLIP image (L=257) tokens; or
+            (G*B, L, context_dim): G context groups (group-major) sharing x and t, as the
+            unconditional and conditional halves of classifier-free guidance do. Everything
+            up to the first self-attention then runs once for the B rows (the same values as
+            with x repeated G times, up to float32 summation order).
           xtype: output modality = which data layers ('image' | 'text').
           ctype: context modality = which context layers ('image' | 'text').
         Returns:
-          eps prediction, same shape as x, float32.
+          eps prediction, float32, shaped as x (with G*B rows for G context groups).
         """
-        self._check(x, xtype, [context], [ctype])
+        self._check(x, xtype, [context], [ctype], shared_x=True)
         ctx_blocks = getattr(self, ctype).context_blocks
-        return self._run(x, t, xtype, lambda j, h: ctx_blocks[j](h, context))
+        out = self._run(x, t, xtype, lambda j, h: ctx_blocks[j](h, context))
+        return repeat_groups(out, context.shape[0] // out.shape[0])
 
     def mix(self, x, t, contexts: Sequence, ctypes: Sequence[str], ratios,
             xtype: str = 'image', mixing: str = 'attention', layer_choices=None, rng=None):
