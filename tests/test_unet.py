@@ -237,18 +237,25 @@ def test_bad_calls_name_the_problem(tiny):
 def test_bf16_compute_and_remat(tiny):
     model, params = tiny
     i = _inputs()
-    ref = model.apply({'params': params}, i['x_img'], i['t'], i['c_txt'], 'image', 'text')
     cfg = load_config('tiny').model.diffuser
-    bf = Diffuser(cfg, dtype=jnp.bfloat16).apply({'params': params}, i['x_img'], i['t'], i['c_txt'],
-                                                 'image', 'text')
+
+    # each program compiled whole (op by op, this test took 40-200 s)
+    def t2i(m):
+        return jax.jit(lambda p: m.apply({'params': p}, i['x_img'], i['t'], i['c_txt'], 'image',
+                                         'text'))(params)
+    ref = t2i(model)
+    bf = t2i(Diffuser(cfg, dtype=jnp.bfloat16))
     assert bf.dtype == jnp.float32
     rel = float(jnp.abs(bf - ref).max() / jnp.abs(ref).max())
     assert 0 < rel < 0.1  # bf16 has ~3 significant digits through ~20 layers
 
-    def loss(p, m):
-        return jnp.mean(m.apply({'params': p}, i['x_txt'], i['t'], i['c_img'], 'text', 'image') ** 2)
-    g0 = jax.grad(loss)(params, model)
-    g1 = jax.grad(loss)(params, Diffuser(cfg, remat=True))
+    def grad(m):
+        def loss(p):
+            return jnp.mean(m.apply({'params': p}, i['x_txt'], i['t'], i['c_img'], 'text',
+                                    'image') ** 2)
+        return jax.jit(jax.grad(loss))(params)
+    g0 = grad(model)
+    g1 = grad(Diffuser(cfg, remat=True))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 

@@ -106,9 +106,11 @@ def test_user_meshes_sample_and_train_like_one_device(eight_devices, tmp_path):
     for name, (names, sizes) in helper.SAMPLE_MESHES.items():
         s = info['sample'][name]
         assert list(s['mesh']) == list(names) and list(s['mesh'].values()) == list(sizes)
-        np.testing.assert_allclose(got[f'sample/{name}'], ref['t2i'], atol=SAMPLE_TOL, rtol=0,
-                                   err_msg=name)
-        assert s['i2t'] == ref['i2t'], name
+        if name in helper.T2I_MESHES:
+            np.testing.assert_allclose(got[f'sample/{name}'], ref['t2i'], atol=SAMPLE_TOL,
+                                       rtol=0, err_msg=name)
+        if name in helper.I2T_MESHES:
+            assert s['i2t'] == ref['i2t'], name
     assert np.abs(ref['t2i']).max() > 0.05  # not a degenerate (all-black) comparison
     # the batch is split over the data axes the mesh has; parameters over fsdp / model
     shards = {n: s['data_shards'] for n, s in info['sample'].items()}

@@ -12,6 +12,7 @@ that rebuilds it (configs/train_vd_mini.py through `python -m vd_jax.train.stage
 """
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -117,8 +118,12 @@ def test_stage_pipeline_learns_from_nothing(tmp_path):
     from vd_jax.pipeline import VersatileDiffusion
     from vd_jax.train.stages import run_stages
     work = str(tmp_path / 'vd_mini')
+    t0 = time.monotonic()
     # a reduced budget does not pass the stage-0 gates: go on, as --ignore-gates does
     record = run_stages(work, REDUCED, ignore_gates=True)
+    # where the test's minutes go (`pytest -s`): each stage's seconds and its gate's
+    print(f'stages took {time.monotonic() - t0:.0f} s:',
+          {k: (r.get('seconds'), (r.get('gate') or {}).get('seconds')) for k, r in record.items()})
     assert list(record) == ['autokl', 'clip', 'optimus', 'basic', 'dc', 'four_flow']
     for stage, r in record.items():
         assert os.path.isdir(r['export']), stage
@@ -144,8 +149,10 @@ def test_stage_pipeline_learns_from_nothing(tmp_path):
     # at 7.5, as measured below (the recipe's exports recommend 3, which the reduced budget's
     # numbers were not measured at)
     assert vd.sampling_defaults['scale'] == 3.0
+    t1 = time.monotonic()
     rec = evaluate(vd, EvalSettings(n=64, steps=20, scale=7.5, batch_size=64, flows=('t2i',)),
                    None, log=lambda s: None)
+    print(f'evaluation took {time.monotonic() - t1:.0f} s')
     acc = rec['flows']['t2i']['accuracy']
     # what a few hundred steps learn first: with v3's objective (v-prediction, zero terminal
     # SNR; docs/vd-mini.md, the ablation from scratch) the background the prompt asks for.
