@@ -28,12 +28,22 @@ def host_of(rec: dict) -> str:
 
 
 def main(argv=None):
-    paths = (argv if argv is not None else sys.argv[1:]) or \
-        sorted(glob.glob(os.path.join(common.RESULTS, '*.json')))
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('records', nargs='*', metavar='RECORD.json',
+                    help='records to print (default: every record in benchmarks/results/)')
+    paths = ap.parse_args(argv).records or sorted(glob.glob(os.path.join(common.RESULTS,
+                                                                           '*.json')))
     records = []
-    for p in paths:
-        with open(p) as f:
-            records.append((p, json.load(f)))
+    for p in paths:   # every path checked before anything is printed
+        try:
+            with open(p) as f:
+                rec = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f'cannot read benchmark record {p}: {e}')
+        if not isinstance(rec, dict) or 'machine' not in rec:
+            ap.error(f'{p} is not a benchmark record (no "machine" section)')
+        records.append((p, rec))
     # grouped by host kind: a Zen 5 and a Zen 4 run of one benchmark are two results
     for host in sorted({host_of(r) for _, r in records}):
         print(f'\n## host: {host}')

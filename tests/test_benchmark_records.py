@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import common  # noqa: E402
@@ -64,3 +66,17 @@ def test_report_groups_records_by_host_kind(tmp_path, capsys):
         out.index('## host: Zen 5') < out.index('bench_fullsize-0.json') < \
         out.index('bench_fullsize-2.json')
     assert out.count('## host:') == 2
+
+
+def test_report_names_a_bad_record_before_printing(tmp_path, capsys):
+    good = tmp_path / 'bench_fullsize-0.json'
+    good.write_text(json.dumps(dict(machine=dict(cpu='AMD EPYC', host_kind='Zen 4', cores=2,
+                                                 date='d', loadavg_at_start=[0.1], git='abc'))))
+    (tmp_path / 'notes.json').write_text('[1, 2]')
+    for bad, want in ((tmp_path / 'missing.json', 'cannot read benchmark record'),
+                      (tmp_path / 'notes.json', 'is not a benchmark record')):
+        with pytest.raises(SystemExit) as e:
+            report.main([str(good), str(bad)])
+        assert e.value.code == 2
+        out, err = capsys.readouterr()
+        assert want in err and str(bad) in err and out == ''   # nothing printed first
