@@ -115,8 +115,11 @@ def test_image_stream_smoke(records):
     for s in r['step'].values():
         assert s['step_max_abs_diff'] < TOL
         assert s['torch']['median'] > 0 and s['jax']['median'] > 0
-        # torch's counter (with the CPU-SDPA formula) and the HLO dot/conv count agree
-        assert s['flops_hlo_dot_conv'] == pytest.approx(s['flops_torch_counter'], rel=0.02)
+        # torch's counter (with the CPU-SDPA formula) counts diffusers' step; the HLO dot/conv
+        # count is below it by the shared CFG prefix (x's layers up to the first self-attention
+        # run once: measured 6.3% fewer at this tiny config's 16², 14.4% at full size 64²)
+        assert 0.85 * s['flops_torch_counter'] < s['flops_hlo_dot_conv'] < \
+            s['flops_torch_counter'], (s['flops_hlo_dot_conv'], s['flops_torch_counter'])
     lp = r['loop']
     assert lp['final_max_abs_diff'] < 1e-3 * max(1.0, lp['final_max_abs'])
     assert set(r['compile_vs_steps']) >= {str(lp['steps'])}
