@@ -134,12 +134,11 @@ class JaxSide:
         """denoise(x_t, t, ctx) over params p, marked as the pipeline's `conditioning.Single`
         is: guidance passes x once and the diffuser repeats it after the first self-attention
         (`guidance.SHARES_X`); shares_x=False repeats x up front (the previous program)."""
-        from vd_jax.diffusion.guidance import SHARES_X
+        from vd_jax.diffusion.guidance import mark_shares_x
 
         def denoise(xt, t, c):
             return self.apply_fn(p, xt, t, c)
-        setattr(denoise, SHARES_X, self.shares_x)
-        return denoise
+        return mark_shares_x(denoise, self.shares_x)
 
     def loop_fn(self, steps: int):
         """The whole guided DDIM loop (`sampling.sample`, one lax.scan) as a jittable function."""

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib
 import json
@@ -28,7 +29,6 @@ def host_of(rec: dict) -> str:
 
 
 def main(argv=None):
-    import argparse
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('records', nargs='*', metavar='RECORD.json',
                     help='records to print (default: every record in benchmarks/results/)')

@@ -68,6 +68,7 @@ def records(tmp_path_factory):
     for name, p in procs.items():
         if p.poll() is None:
             p.kill()
+            (out / f'{name}.log').open('a').write('\n[killed: still running after 900 s]\n')
         log = (out / f'{name}.log').read_text()
         if p.wait() != 0:
             failures.append(f'{name} exited {p.returncode}:\n{log[-3000:]}')

@@ -198,6 +198,10 @@ def test_guidance_passes_x_once_to_a_model_that_shares_it():
     b = cfg_denoise(plain, 7.5)(x, t, c, u)
     assert seen[-1] == 4
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    # the pipeline's single-flow conditioning is marked (its attribute spells SHARES_X)
+    from vd_jax.diffusion.conditioning import Single
+    from vd_jax.diffusion.guidance import shares_x
+    assert shares_x(Single)
 
 
 @pytest.mark.slow

@@ -56,6 +56,17 @@ def rescale_guided(guided, cond, phi):
 SHARES_X = 'shares_x_across_contexts'
 
 
+def shares_x(fn) -> bool:
+    """Whether `fn` takes x once for several context groups (its `SHARES_X` attribute)."""
+    return bool(getattr(fn, SHARES_X, False))
+
+
+def mark_shares_x(fn, value: bool = True):
+    """Set `fn`'s `SHARES_X` attribute (cfg_denoise then passes x once); returns `fn`."""
+    setattr(fn, SHARES_X, bool(value))
+    return fn
+
+
 def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.ndarray]:
     """Wrap `denoise_fn` with classifier-free guidance.
 
@@ -86,7 +97,7 @@ def cfg_denoise(denoise_fn: DenoiseFn, scale, rescale=0.0) -> Callable[..., jnp.
             raise ValueError(f'guidance scale {scale} needs an uncond_context '
                              '(pass guidance_scale=1.0 for conditional-only sampling)')
         b = x_t.shape[0]
-        if getattr(denoise_fn, SHARES_X, False):   # the model repeats x itself, late
+        if shares_x(denoise_fn):   # the model repeats x itself, late
             eps = denoise_fn(x_t, t, concat_contexts(uncond_context, context))
         else:
             eps = denoise_fn(jnp.concatenate([x_t, x_t], axis=0),

@@ -35,7 +35,8 @@ from vd_jax.diffusion import samplers
 from vd_jax.diffusion.plan import (DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SPACINGS,  # noqa: F401
                                    Plan, StepGridNotice, check_steps, make_plan,
                                    trailing_timesteps)
-from vd_jax.diffusion.guidance import SHARES_X, cfg_denoise, is_static_one, is_static_zero
+from vd_jax.diffusion.guidance import (cfg_denoise, is_static_one, is_static_zero,
+                                       mark_shares_x, shares_x)
 from vd_jax.diffusion.schedule import Schedule, q_sample
 
 
@@ -288,10 +289,10 @@ def _eps_fn(apply_fn, params, context, uncond_context, scale, guided, compute_dt
             rescale=0.0):
     def denoise_fn(x_t, t, ctx):
         return apply_fn(params, x_t, t, ctx)
-    setattr(denoise_fn, SHARES_X, bool(getattr(apply_fn, SHARES_X, False)))
-    return make_eps_fn(denoise_fn, context, uncond_context=uncond_context,
-                       guidance_scale=scale if guided else 1.0, compute_dtype=compute_dtype,
-                       guidance_rescale=rescale)
+    # the pipeline's flows (conditioning.Single) take x once for both CFG halves
+    return make_eps_fn(mark_shares_x(denoise_fn, shares_x(apply_fn)), context,
+                       uncond_context=uncond_context, guidance_scale=scale if guided else 1.0,
+                       compute_dtype=compute_dtype, guidance_rescale=rescale)
 
 
 def _sample_impl(params, schedule, context, uncond_context, scale, eta, x_T, keys, x0, rescale, *,
