@@ -16,9 +16,10 @@
     python benchmarks/bench_fullsize.py [--workdir /tmp/vd_fullsize] [--smoke]
 
 `--smoke` runs the same code on the tiny config (CI), each task once, the two dtypes taking
-turns (five child processes, not ten: each one's start-up and compile is the smoke run's
-cost, and no number of it is compared). The full run needs ~21 GB of disk (the
-float16 source and the float32 checkpoint), 20 GiB of RAM and ~18 minutes on 2 cores.
+turns, all five in one child process (a process's start-up is the smoke run's cost, and no
+number of it is compared; its peak RSS is then the largest so far, not the task's own).
+The full run needs ~21 GB of disk (the float16 source and the float32 checkpoint), 20 GiB
+of RAM and ~18 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -82,23 +83,34 @@ def write_source(path: str, smoke: bool) -> dict:
                 write_s=round(time.perf_counter() - t0, 1))
 
 
+_COMPILE_EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
+                   '/jax/core/compile/backend_compile_duration': 'backend'}
+_compile_s: dict = {}   # JAX's compile seconds by part since the current task began
+
+
+def _count_compiles() -> None:
+    """Listen to JAX's compile events (once per process) and zero the counts."""
+    import jax
+    if not _compile_s:
+        def on_event(name, secs, **_):
+            if name in _COMPILE_EVENTS:
+                _compile_s[_COMPILE_EVENTS[name]] += secs
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+    _compile_s.update(trace=0.0, lower=0.0, backend=0.0)
+
+
 def run_task(ckpt: str, task: str, dtype: str, smoke: bool) -> dict:
-    """Load + one task at 512 px (smoke: the tiny size), 2 steps, in this fresh process.
-    Compile time is JAX's own count (trace + lowering + XLA backend compile events); memory
-    is sampled every 50 ms as anonymous (what the process holds: the weights) and file-backed
-    (pages of the memory-mapped checkpoint, which the kernel may drop) resident memory."""
+    """Load + one task at 512 px (smoke: the tiny size), 2 steps (the full run: in a fresh
+    process). Compile time is JAX's own count (trace + lowering + XLA backend compile events);
+    memory is sampled every 50 ms as anonymous (what the process holds: the weights) and
+    file-backed (pages of the memory-mapped checkpoint, which the kernel may drop) resident
+    memory."""
     import numpy as np
     import jax
     from vd_jax.pipeline import VersatileDiffusion
-    compile_s = {'trace': 0.0, 'lower': 0.0, 'backend': 0.0}
-    events = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
-              '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
-              '/jax/core/compile/backend_compile_duration': 'backend'}
-
-    def on_event(name, secs, **_):
-        if name in events:
-            compile_s[events[name]] += secs
-    jax.monitoring.register_event_duration_secs_listener(on_event)
+    _count_compiles()
+    compile_s = _compile_s
     common.reset_peak()
     with common.MemSampler() as ms:
         t0 = time.perf_counter()
@@ -194,9 +206,8 @@ def task_runs(smoke: bool) -> list:
 def main(argv=None):
     ap = common.base_parser(__doc__.split('\n\n')[0])
     ap.add_argument('--workdir', default='/tmp/vd_fullsize')
-    ap.add_argument('--child', choices=['write', 'task', 'bf16'], help=argparse_hidden())
-    ap.add_argument('--task')
-    ap.add_argument('--dtype')
+    ap.add_argument('--child', choices=['write', 'tasks', 'bf16'], help=argparse_hidden())
+    ap.add_argument('--runs', help=argparse_hidden())   # DTYPE:TASK,DTYPE:TASK,...
     ap.add_argument('--bf16-steps', type=int, default=None)
     args = ap.parse_args(argv)
     common.setup(args.threads, jaxlib_defaults=args.xla_default)
@@ -206,8 +217,9 @@ def main(argv=None):
     if args.child == 'write':
         print(json.dumps(write_source(src, smoke)))
         return
-    if args.child == 'task':
-        print(json.dumps(run_task(ckpt, args.task, args.dtype, smoke)))
+    if args.child == 'tasks':
+        runs = [r.split(':') for r in args.runs.split(',')]
+        print(json.dumps({'result': [run_task(ckpt, task, dtype, smoke) for dtype, task in runs]}))
         return
     if args.child == 'bf16':
         print(json.dumps(bf16_distance(ckpt, args.bf16_steps, None if smoke else 256)))
@@ -233,11 +245,17 @@ def main(argv=None):
             old = json.load(f)
         rec.update({k: old[k] for k in ('source', 'convert_s') if k in old})
     rows, rec['runs'] = [], []
-    for dtype, task in task_runs(smoke):
-        log(f'== {task} {dtype}')
-        r = common.run_child(me + ['--child', 'task', '--task', task, '--dtype', dtype])
+    # the full run: every task in a fresh process (its own peak memory); smoke: one process
+    children = [[p] for p in task_runs(smoke)] if not smoke else [task_runs(smoke)]
+    results = []
+    for runs in children:
+        log('== ' + ', '.join(f'{task} {dtype}' for dtype, task in runs))
+        out = common.run_child(me + ['--child', 'tasks', '--runs',
+                                     ','.join(f'{d}:{t}' for d, t in runs)])
+        results += [dict(r, child_wall_s=out['child_wall_s']) for r in out['result']]
+    for r in results:
         rec['runs'].append(r)
-        rows.append([task, dtype, f"{common.gib(r['peak_rss']):.1f}",
+        rows.append([r['task'], r['dtype'], f"{common.gib(r['peak_rss']):.1f}",
                      f"{common.gib(r['peak_anon']):.1f}", r['load_s'], r['compile_s'],
                      r['first_step_s'], r['second_step_s'], r['total_s']])
     log(common.table(['task', 'dtype', 'peak RSS GiB', 'peak anon GiB', 'load s', 'compile s',

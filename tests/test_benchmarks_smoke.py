@@ -33,6 +33,7 @@ SCRIPTS = {
     'bench_fullsize': [],
     'bench_bf16_cpu': [],
     'profile_unet_ops': [],
+    'bench_linear': [],
 }
 TOL = 1e-4
 
@@ -206,8 +207,8 @@ def test_compile_cache_smoke(records):
 
 def test_fullsize_smoke(records):
     """The full-size run's code path on the tiny config: write a random v1.0 file, convert it,
-    every task in its own process (smoke: each task once, both dtypes used; the full run does
-    every pair), and the bf16-vs-fp32 distance."""
+    every task (smoke: each task once, both dtypes used, in one child process; the full run:
+    every pair, each in its own process), and the bf16-vs-fp32 distance."""
     r = records['bench_fullsize']
     runs = [(x['task'], x['dtype']) for x in r['runs']]
     assert sorted(t for t, _ in runs) == sorted(('t2i', 'i2i', 'i2t', 't2t', 'dual'))
@@ -270,3 +271,19 @@ def test_profile_unet_ops_smoke(records):
     assert sum(k['ms_per_step'] for k in kinds.values()) == pytest.approx(r['op_sum_ms'], rel=1e-6)
     assert 0 < r['busy_ms'] <= r['span_ms'] * (1 + 1e-6)
     assert kinds['conv 3x3']['gflop_per_step'] > 0 and r['dot_conv_gflop_per_step'] > 0
+
+
+def test_linear_smoke(records):
+    """The linear products of one CFG step, read from the step's own jaxpr, each timed on both
+    sides with the same result."""
+    r = records['bench_linear']
+    assert r['smoke'] is True and r['machine']['host_kind']
+    s = r['sizes']['16']
+    assert s['products'] == sum(x['count'] for x in s['shapes']) > 20
+    # the tiny config's first attention level: 64 channels at 8x8, q/k/v/out and proj_in/out
+    # over two 64-token rows (the CFG batch)
+    assert any(x['m'] == 128 and x['k'] == x['n'] == 64 and x['count'] > 10
+               for x in s['shapes']), s['shapes']
+    for x in s['shapes']:
+        assert x['max_abs_diff'] < 1e-4, x
+    assert s['step_linear_s']['torch'] > 0 and s['step_linear_s']['jax'] > 0
