@@ -246,7 +246,7 @@ def main(argv=None):
         rec.update({k: old[k] for k in ('source', 'convert_s') if k in old})
     rows, rec['runs'] = [], []
     # the full run: every task in a fresh process (its own peak memory); smoke: one process
-    children = [[p] for p in task_runs(smoke)] if not smoke else [task_runs(smoke)]
+    children = [task_runs(smoke)] if smoke else [[run] for run in task_runs(smoke)]
     results = []
     for runs in children:
         log('== ' + ', '.join(f'{task} {dtype}' for dtype, task in runs))
