@@ -89,8 +89,8 @@ _COMPILE_EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
 _compile_s: dict = {}   # JAX's compile seconds by part since the current task began
 
 
-def _count_compiles() -> None:
-    """Listen to JAX's compile events (once per process) and zero the counts."""
+def _count_compiles() -> dict:
+    """Listen to JAX's compile events (once per process); zero and return the counts."""
     import jax
     if not _compile_s:
         def on_event(name, secs, **_):
@@ -98,6 +98,7 @@ def _count_compiles() -> None:
                 _compile_s[_COMPILE_EVENTS[name]] += secs
         jax.monitoring.register_event_duration_secs_listener(on_event)
     _compile_s.update(trace=0.0, lower=0.0, backend=0.0)
+    return _compile_s
 
 
 def run_task(ckpt: str, task: str, dtype: str, smoke: bool) -> dict:
@@ -109,8 +110,7 @@ def run_task(ckpt: str, task: str, dtype: str, smoke: bool) -> dict:
     import numpy as np
     import jax
     from vd_jax.pipeline import VersatileDiffusion
-    _count_compiles()
-    compile_s = _compile_s
+    compile_s = _count_compiles()
     common.reset_peak()
     with common.MemSampler() as ms:
         t0 = time.perf_counter()
@@ -247,14 +247,12 @@ def main(argv=None):
     rows, rec['runs'] = [], []
     # the full run: every task in a fresh process (its own peak memory); smoke: one process
     children = [task_runs(smoke)] if smoke else [[run] for run in task_runs(smoke)]
-    results = []
     for runs in children:
         log('== ' + ', '.join(f'{task} {dtype}' for dtype, task in runs))
         out = common.run_child(me + ['--child', 'tasks', '--runs',
                                      ','.join(f'{d}:{t}' for d, t in runs)])
-        results += [dict(r, child_wall_s=out['child_wall_s']) for r in out['result']]
-    for r in results:
-        rec['runs'].append(r)
+        rec['runs'] += [dict(r, child_wall_s=out['child_wall_s']) for r in out['result']]
+    for r in rec['runs']:
         rows.append([r['task'], r['dtype'], f"{common.gib(r['peak_rss']):.1f}",
                      f"{common.gib(r['peak_anon']):.1f}", r['load_s'], r['compile_s'],
                      r['first_step_s'], r['second_step_s'], r['total_s']])

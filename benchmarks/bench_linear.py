@@ -39,7 +39,9 @@ def _sub_jaxprs(eqn):
 
 def linear_shapes(jaxpr) -> collections.Counter:
     """Counter of (M, K, N) over the dot_generals of `jaxpr` (nested ones included) whose
-    right-hand side is a 2-D matrix contracted on one axis and that have no batch axes."""
+    right-hand side is a 2-D matrix contracted on one axis and that have no batch axes. A
+    loop body's products count once (the CFG step runs its linear layers outside loops: the
+    only loop bodies are the blockwise attention's, whose batched products are not counted)."""
     import numpy as np
     found = collections.Counter()
     for eqn in jaxpr.eqns:
