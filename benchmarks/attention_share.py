@@ -7,8 +7,7 @@ VD's image UNet at full width, random weights converted by our converter):
   torch          diffusers as shipped (AttnProcessor2_0: torch's CPU flash SDPA)
   torch_nocore   every attention core replaced by `q` (the q/k/v/out projections still run;
                  k and v feed a mean so nothing is dead code)
-  jax            vd_jax as shipped (`attention='auto'`; on CPU the attention projections
-                 fused, `models.attention.fuse_projections`, as the pipeline samples)
+  jax            vd_jax as shipped (`attention='auto'`)
   jax_nocore     the same replacement in `vd_jax.models.attention`
   jax_repeat_x   vd_jax with x repeated for the two CFG halves up front (before the diffuser
                  shared the prefix up to its first self-attention: `guidance.SHARES_X`)
@@ -16,11 +15,6 @@ VD's image UNet at full width, random weights converted by our converter):
                  shift (`layers.blockwise_attention(shift=...)`; the shipped one is 'bound')
   jax_bw_QxK     with --blocks: the blockwise core with q_block=Q, k_block=K in every
                  self-attention above layers.BLOCKWISE_MIN_KEYS keys
-  with --projections-ab:
-  jax_original_projections  vd_jax with the original q/k/v products (three per
-                 self-attention, two k/v per cross-attention)
-  torch_fused    diffusers after `unet.fuse_qkv_projections()` (its experimental opt-in, the
-                 same fusion: FusedAttnProcessor2_0)
 The core's cost on a side is (side - side_nocore); the rest of the step is side_nocore. The
 record keeps every time, the host (CPU family/model/flags) and the GEMM peaks of the run.
 
@@ -91,9 +85,6 @@ def main(argv=None):
     ap.add_argument('--shifts', nargs='*', default=['running'], metavar='SHIFT',
                     help="extra vd_jax variants: blockwise attention with this exponent shift "
                          "('running', 'bound': vd_jax.models.layers.SHIFTS)")
-    ap.add_argument('--projections-ab', action='store_true',
-                    help='also time both sides with the other form of the attention projections '
-                         '(vd_jax original, diffusers fused)')
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
     args = ap.parse_args(argv)
     blocks = [common.parse_pair(b, '--blocks') for b in args.blocks]
@@ -124,43 +115,38 @@ def main(argv=None):
     jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
     variants = {'jax': None, 'jax_nocore': 'nocore', 'jax_repeat_x': 'repeat_x',
                 **{f'jax_{shift}': {'shift': shift} for shift in args.shifts},
-                **{f'jax_bw_{qb}x{kb}': {'q_block': qb, 'k_block': kb} for qb, kb in blocks},
-                **({'jax_original_projections': 'original_projections'} if args.projections_ab
-                   else {})}
+                **{f'jax_bw_{qb}x{kb}': {'q_block': qb, 'k_block': kb} for qb, kb in blocks}}
     for s in sizes:
         log(f'== CFG DDIM step, batch 2, latent {s}x{s}')
         x = torch.randn(1, 4, s, s, generator=g)
         rec['sizes'][str(s)] = measure_size(x, variants, cfg, params, unet, tstep, sched, ctx2,
-                                            jctx, juctx, reps, warmup, log,
-                                            torch_fused=args.projections_ab)
+                                            jctx, juctx, reps, warmup, log)
     common.write_record('attention_share', rec, args.out, smoke)
     print_tables(rec)
     return rec
 
 
 def measure_size(x, variants, cfg, params, unet, tstep, sched, ctx2, jctx, juctx, reps, warmup,
-                 log, torch_fused: bool = False) -> dict:
+                 log) -> dict:
     """Every variant's CFG step at the size of x (1, 4, s, s), interleaved; a function so the
-    timed closures bind this size's inputs. params: the converted (original) tree."""
+    timed closures bind this size's inputs."""
     import numpy as np
     import jax.numpy as jnp
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0
     from vd_jax.models.unet import Diffuser
-    shipped = bench_unet.shipped_params(params)
     t = sched.timesteps[0]
     pos = jnp.asarray(0, jnp.int32)
     jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     fns, compile_s, outs = {}, {}, {}
     for name, variant in variants.items():
-        p = params if variant == 'original_projections' else shipped
-        js = bench_unet.JaxSide(Diffuser(cfg.diffuser), p, 50, cfg.schedule,
+        js = bench_unet.JaxSide(Diffuser(cfg.diffuser), params, 50, cfg.schedule,
                                 shares_x=variant != 'repeat_x')
         t0 = time.perf_counter()
-        with jax_core(None if variant in ('repeat_x', 'original_projections') else variant):
-            compiled = js.step.lower(p, jx, pos, jctx, juctx, js.schedule).compile()
+        with jax_core(None if variant == 'repeat_x' else variant):
+            compiled = js.step.lower(params, jx, pos, jctx, juctx, js.schedule).compile()
         compile_s[name] = time.perf_counter() - t0
-        fns[name] = (lambda c=compiled, sc=js.schedule, p=p:
-                     c(p, jx, pos, jctx, juctx, sc).block_until_ready())
+        fns[name] = (lambda c=compiled, sc=js.schedule:
+                     c(params, jx, pos, jctx, juctx, sc).block_until_ready())
         outs[name] = np.asarray(fns[name]()).transpose(0, 3, 1, 2)
 
     def torch_with(processor):
@@ -173,16 +159,10 @@ def measure_size(x, variants, cfg, params, unet, tstep, sched, ctx2, jctx, juctx
         return run
     fns['torch'] = torch_with(AttnProcessor2_0())
     fns['torch_nocore'] = torch_with(TorchCoreAsQ())
-    if torch_fused:   # adds the fused weights next to the originals; the processor picks
-        unet.fuse_qkv_projections()
-        unet.set_attn_processor(AttnProcessor2_0())
-        fns['torch_fused'] = torch_with(FusedAttnProcessor2_0())
     ref = {k: fns[k]().numpy() for k in ('torch', 'torch_nocore')}
     # every variant computes what its torch counterpart does (the ablated ones too)
     diffs = {name: float(np.abs(out - ref['torch_nocore' if name == 'jax_nocore'
                                           else 'torch']).max()) for name, out in outs.items()}
-    if torch_fused:
-        diffs['torch_fused'] = float(np.abs(fns['torch_fused']().numpy() - ref['torch']).max())
     times = common.interleaved(fns, reps=reps, warmup=warmup, log=log)
     med = {k: v['median'] for k, v in times.items()}
     return dict(times=times, compile_s=compile_s, max_abs_diff_vs_torch=diffs,

@@ -104,13 +104,6 @@ def convert(unet, cfg):
     return to_device(flatten(params)), t_conv
 
 
-def shipped_params(params):
-    """The converted params in the form vd_jax's samplers run them on this backend: on CPU the
-    attention projections fused once (`Components.sampling_params`), else as converted."""
-    from vd_jax.models.attention import fuse_by_default, fuse_projections
-    return fuse_projections(params) if fuse_by_default() else params
-
-
 class JaxSide:
     """Our jitted CFG DDIM step and loop over the converted params."""
 
@@ -166,8 +159,6 @@ def main(argv=None):
                     help='step counts whose loop compile time is measured')
     ap.add_argument('--no-probes', action='store_true', help='skip the per-side RSS probes')
     ap.add_argument('--no-gemm', action='store_true', help='skip the GEMM peak measurement')
-    ap.add_argument('--original-projections', action='store_true',
-                    help='vd_jax with the original q/k/v products (not fused as it samples on CPU)')
     ap.add_argument('--attention', choices=('auto', 'dense', 'blockwise'), default='auto',
                     help="our Diffuser's attention implementation (auto: blockwise above 512 keys)")
     ap.add_argument('--probe', choices=('torch', 'jax'), help=argparse_hidden())
@@ -203,8 +194,6 @@ def main(argv=None):
     t_build = time.perf_counter() - t0
     mem_torch = common.rss()
     params, t_conv = convert(unet, cfg)
-    if not args.original_projections:
-        params = shipped_params(params)
     n_jax = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     mem_both = common.rss()
     rec['model'] = dict(torch_params=n_params, jax_params=n_jax, torch_build_s=t_build,
@@ -307,8 +296,7 @@ def main(argv=None):
         for side in ('torch', 'jax'):
             argv = [os.path.abspath(__file__), '--probe', side, '--probe-size', str(ps),
                     '--threads', str(args.threads)] + (['--smoke'] if smoke else []) + \
-                ['--attention', args.attention] + \
-                (['--original-projections'] if args.original_projections else [])
+                ['--attention', args.attention]
             rec['probes'][side] = common.run_child(argv)
             p = rec['probes'][side]
             log(f"  {side}: peak RSS {p['peak_rss_gib']:.2f} GiB (after build {p['rss_built_gib']:.2f}, "
@@ -389,9 +377,7 @@ def probe(args):
         cfg = model_config(smoke)
         model = Diffuser(cfg.diffuser, attention=args.attention)
         r0 = common.rss()
-        base = params = random_params(abstract_params(model))
-        if not args.original_projections:  # the pipeline keeps both trees: so does the probe
-            params = shipped_params(base)
+        params = random_params(abstract_params(model))
         jax.block_until_ready(params)
         r1 = common.rss()
 

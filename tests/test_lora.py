@@ -124,20 +124,6 @@ def test_on_the_fly_matches_the_formula_in_every_flow(model):
 
 
 @pytest.mark.slow
-def test_on_the_fly_over_fused_projections(model):
-    """Adapters on to_q / to_k / to_v reach the fused to_qkv / to_kv products (each on its
-    slice of the output): the same outputs as over the original tree, in every flow."""
-    from vd_jax.models.attention import fuse_projections
-    d, params = model
-    a = _adapter(params, LoraSpec(ranks=(('image', 2), ('text', 3))))
-    fused = fuse_projections(params)
-    for flow in (('image', 'text'), ('text', 'text'), ('image', 'image')):
-        ref_f = _run(d, _reference(params, [(a, 0.7)]), flow)
-        assert np.abs(ref_f - _run(d, params, flow)).max() > 1e-2
-        np.testing.assert_allclose(_fly(d, fused, [(a, 0.7)], flow), ref_f, atol=1e-5, rtol=0)
-
-
-@pytest.mark.slow
 def test_two_adapters_add_and_scale_zero_is_the_base(model):
     d, params = model
     a, b = _adapter(params, seed=1), _adapter(params, seed=2)

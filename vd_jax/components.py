@@ -31,7 +31,6 @@ from vd_jax import modalities as M
 from vd_jax import sharding as shd
 from vd_jax.batching import pad_rows, round_up, trim_rows
 from vd_jax.models import family
-from vd_jax.models.attention import fuse_by_default, fuse_projections
 from vd_jax.models.init import abstract_params
 
 
@@ -49,8 +48,7 @@ class Components:
 
     Explicit caches, each holding one kind of thing: `jitted` (name -> jitted function),
     `samplers` (settings -> `Sampler`, filled by `vd_jax.tasks`), `tokenizers` (name ->
-    tokenizer), `uncond` (the unconditional contexts, computed once) and the diffuser params
-    with fused attention projections the samplers run on CPU (`sampling_params`).
+    tokenizer) and `uncond` (the unconditional contexts, computed once).
     """
 
     def __init__(self, model_config, params: Mapping[str, Any], *, dtype='float32',
@@ -72,7 +70,6 @@ class Components:
         self.tokenizers: Dict[str, Any] = {}
         self.uncond: Dict[Tuple[str, str, str], jax.Array] = {}
         self.adapters = None  # LoRA adapters in use (`vd_jax.lora.stack.AdapterStack`)
-        self._fused: Optional[Tuple[Any, Any]] = None  # (base params, fused) of the last fuse
         for part, tree in params.items():
             self.set_params(part, tree)
 
@@ -115,19 +112,6 @@ class Components:
             sh = self.shardings(part)
             tree = jax.tree_util.tree_map(lambda v, s: jax.device_put(v, s), tree, sh)
         self.params[part] = tree
-
-    def sampling_params(self):
-        """The diffuser params the samplers run (without LoRA): on the backends where it is
-        faster (`models.attention.fuse_by_default`: CPU) the attention projections fused
-        (`fuse_projections`), computed once per weights (`set_params` starts again); else
-        `params['diffuser']` itself. The same values up to float32 summation order."""
-        base = self.params['diffuser']
-        if not fuse_by_default():
-            return base
-        if self._fused is None or self._fused[0] is not base:
-            self._fused = None  # the old fused kernels go before the new ones are made
-            self._fused = (base, fuse_projections(base))
-        return self._fused[1]
 
     def jit(self, name: str, fn: Callable) -> Callable:
         """`jax.jit(fn)` (or fn, if already jitted), cached under `name` (fn must close over

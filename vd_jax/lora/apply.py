@@ -6,10 +6,8 @@
     Dense:  sum_k scale_k * (x @ down_k) @ up_k
     Conv:   sum_k scale_k * conv(x, down_k as a (k, k, in, r) kernel, same stride/padding) @ up_k
 
-(`up` already times alpha / r). A fused projection (`to_qkv` / `to_kv`, see
-`vd_jax.models.attention.fuse_projections`) gets each original projection's paths on its own
-slice of the output, so adapters apply to either tree. Nothing in the model changes: without
-adapters no interceptor runs, so the default model stays the same program bit for bit.
+(`up` already times alpha / r). Nothing in the model changes: without adapters no interceptor
+runs, so the default model stays the same program bit for bit.
 
 `LoraDiffuser` wraps a `Diffuser` with the same `apply` signature the samplers and the
 training objective call; its params are {'base': diffuser params, 'lora': {'weights': [one
@@ -30,7 +28,6 @@ import flax.linen as nn
 
 from vd_jax.checkpoint import flatten
 from vd_jax.lora.adapters import DOWN, UP
-from vd_jax.models.attention import FUSED_PARTS
 from vd_jax.models.layers import Conv, Dense
 
 
@@ -50,13 +47,6 @@ def _low_rank(module, x, down, up):
     return jnp.dot(h, up.astype(dt))
 
 
-def _adapted(module, x, y, entries, scales):
-    """y plus the scaled low-rank paths of `entries` [(k, down, up)] for input x."""
-    for k, down, up in entries:
-        y = y + (scales[k] * _low_rank(module, x, down, up)).astype(y.dtype)
-    return y
-
-
 @contextlib.contextmanager
 def with_adapters(stacks: Sequence[Mapping[str, Tuple[Any, Any]]], scales):
     """Within this context (at trace time), adapted Dense/Conv layers add their LoRA paths.
@@ -72,17 +62,13 @@ def with_adapters(stacks: Sequence[Mapping[str, Tuple[Any, Any]]], scales):
         y = next_fun(*args, **kwargs)
         if context.method_name != '__call__' or not isinstance(context.module, (Dense, Conv)):
             return y
-        path = context.module.path
+        entries = by_module.get('/'.join(context.module.path))
+        if not entries:
+            return y
         x = args[0]
-        if path and path[-1] in FUSED_PARTS:  # fused q/k/v: each part's adapters, its slice
-            parent = '/'.join(path[:-1])
-            parts = [by_module.get(f'{parent}/{p}', []) for p in FUSED_PARTS[path[-1]]]
-            if not any(parts):
-                return y
-            ys = jnp.split(y, len(parts), axis=-1)
-            return jnp.concatenate([_adapted(context.module, x, yi, entries, scales)
-                                    for yi, entries in zip(ys, parts)], axis=-1)
-        return _adapted(context.module, x, y, by_module.get('/'.join(path), []), scales)
+        for k, down, up in entries:
+            y = y + (scales[k] * _low_rank(context.module, x, down, up)).astype(y.dtype)
+        return y
 
     if not by_module:
         yield

@@ -5,17 +5,10 @@ states (B, S, 1, C); the context is (B, L, context_dim).
 
 `attention` is looked up in this module's globals at call time, so a benchmark can swap the
 attention function of the diffuser alone (`benchmarks/bench_levers.py`).
-
-Fused projections: `fuse_projections(params)` concatenates, once, the kernels of every
-self-attention's q/k/v into `to_qkv` (C, 3 inner) and of every cross-attention's k/v into
-`to_kv` (D, 2 inner); `CrossAttention` runs one product where its params have the fused
-kernel, else the original three. The tree the converter, checkpoints, training and LoRA use
-is the original's; the samplers run the fused one on CPU (`FUSE_BACKENDS`), where XLA's GEMM
-does one wide product faster than three narrow ones (BENCHMARKS.md 3f).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +17,6 @@ import flax.linen as nn
 from vd_jax.models.layers import Dense, GroupNorm, LayerNorm, attention
 
 Dtype = Any
-
-# The fused kernels' names, and which attention of `BasicTransformerBlock` is which (the
-# original's names: attn1 attends to x itself, attn2 to the context).
-FUSED_QKV, FUSED_KV = 'to_qkv', 'to_kv'
-SELF_ATTENTION, CROSS_ATTENTION = 'attn1', 'attn2'
-# Backends whose samplers run fused projections (measured on XLA:CPU only; GPU/TPU keep the
-# original three products until measured there).
-FUSE_BACKENDS = ('cpu',)
 
 
 class CrossAttention(nn.Module):
@@ -50,21 +35,11 @@ class CrossAttention(nn.Module):
         self.to_k = Dense(inner, use_bias=False, **kw)
         self.to_v = Dense(inner, use_bias=False, **kw)
         self.to_out_0 = Dense(self.query_dim, **kw)
-        # used only when the params have them (`fuse_projections`); init creates neither
-        self.to_qkv = Dense(3 * inner, use_bias=False, **kw)
-        self.to_kv = Dense(2 * inner, use_bias=False, **kw)
 
     def __call__(self, x, context=None):
-        if context is None and self.has_variable('params', FUSED_QKV):
-            q, k, v = jnp.split(self.to_qkv(x), 3, axis=-1)
-        else:
-            context = x if context is None else context
-            q = self.to_q(x)
-            if self.has_variable('params', FUSED_KV):
-                k, v = jnp.split(self.to_kv(context), 2, axis=-1)
-            else:
-                k, v = self.to_k(context), self.to_v(context)
-        out = attention(q, k, v, self.heads, dtype=self.dtype, implementation=self.attention)
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                        dtype=self.dtype, implementation=self.attention)
         return self.to_out_0(out)
 
 
@@ -106,10 +81,10 @@ class BasicTransformerBlock(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attn1 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,  # SELF_ATTENTION
+        self.attn1 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,
                                     attention=self.attention)
         self.ff = FeedForward(self.dim, **kw)
-        self.attn2 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,  # CROSS_ATTENTION
+        self.attn2 = CrossAttention(self.dim, self.heads, self.dim_head, **kw,
                                     attention=self.attention)
         self.norm1 = LayerNorm(1e-5, **kw)
         self.norm2 = LayerNorm(1e-5, **kw)
@@ -158,48 +133,3 @@ class SpatialTransformer(nn.Module):
             h = blk(h, context.astype(self.dtype))
         h = self.proj_out(h).reshape(h.shape[0], hh, ww, c)
         return h + repeat_groups(x, h.shape[0] // b)
-
-
-# fused kernel -> the original projections it holds, in order on its output axis
-FUSED_PARTS = {FUSED_QKV: ('to_q', 'to_k', 'to_v'), FUSED_KV: ('to_k', 'to_v')}
-_FUSED = {SELF_ATTENTION: (FUSED_QKV, FUSED_PARTS[FUSED_QKV]),
-          CROSS_ATTENTION: (FUSED_KV, FUSED_PARTS[FUSED_KV])}
-
-
-def fuse_projections(params: Mapping) -> dict:
-    """The diffuser params with every attention's projections fused (see the module doc).
-
-    Each self-attention's {to_q, to_k, to_v} kernels become one `to_qkv` kernel (C, 3 inner),
-    each cross-attention's {to_k, to_v} one `to_kv` (D, 2 inner), concatenated on the output
-    axis; every other leaf is the same array. A tree already fused is returned as it is.
-    The result holds new arrays for the fused kernels only (the caller keeps the original).
-    """
-    def walk(node, name):
-        if not isinstance(node, Mapping):
-            return node
-        out = {k: walk(v, k) for k, v in node.items()}
-        fused, parts = _FUSED.get(name, (None, ()))
-        if parts and all(p in out for p in parts):
-            out[fused] = {'kernel': jnp.concatenate([out.pop(p)['kernel'] for p in parts], -1)}
-        return out
-    return walk(params, None)
-
-
-def unfuse_projections(params: Mapping) -> dict:
-    """The inverse of `fuse_projections`: the original tree (to_q / to_k / to_v kernels)."""
-    def walk(node, name):
-        if not isinstance(node, Mapping):
-            return node
-        out = {k: walk(v, k) for k, v in node.items()}
-        fused, parts = _FUSED.get(name, (None, ()))
-        if fused in out:
-            for p, kern in zip(parts, jnp.split(out.pop(fused)['kernel'], len(parts), -1)):
-                out[p] = {'kernel': kern}
-        return out
-    return walk(params, None)
-
-
-def fuse_by_default() -> bool:
-    """Whether the samplers run fused projections: the default JAX backend is in
-    `FUSE_BACKENDS`."""
-    return jax.default_backend() in FUSE_BACKENDS

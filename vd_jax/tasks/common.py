@@ -212,13 +212,10 @@ def conditioning_dtype(comps, opts: SamplingOptions):
 
 
 def diffuser_params(comps):
-    """The diffuser parameters the samplers run: the base (its attention projections fused
-    on CPU, `Components.sampling_params`), or with LoRA adapters loaded the form
-    `conditioning_dtype`'s diffuser reads (merged, or base + adapters on the fly; the
-    adapters address the original projections, so these stay unfused)."""
-    if comps.adapters is None:
-        return comps.sampling_params()
-    return comps.adapters.sampling_params(comps.params['diffuser'])
+    """The diffuser parameters the samplers run: the base, or with LoRA adapters loaded the
+    form `conditioning_dtype`'s diffuser reads (merged, or base + adapters on the fly)."""
+    base = comps.params['diffuser']
+    return base if comps.adapters is None else comps.adapters.sampling_params(base)
 
 
 def denoise(comps, cond, ctx, uctx, opts: SamplingOptions, *, shape=None, seeds=None,
