@@ -19,7 +19,7 @@ MODULES = {'unet_image_stream': 'bench_unet', 'unet_text_stream': 'bench_text_un
            'convert_checkpoint': 'bench_convert', 'levers': 'bench_levers',
            'train_step': 'bench_train', 'attention': 'bench_attention',
            'vd_mini_step': 'bench_vd_mini_step', 'attention_share': 'attention_share',
-           'linear_shapes': 'bench_linear'}
+           'linear_shapes': 'bench_linear', 'step_spells': 'step_spells'}
 
 
 def host_of(rec: dict) -> str:

@@ -34,6 +34,7 @@ SCRIPTS = {
     'bench_bf16_cpu': [],
     'profile_unet_ops': [],
     'bench_linear': [],
+    'step_spells': [],
 }
 TOL = 1e-4
 
@@ -287,3 +288,23 @@ def test_linear_smoke(records):
     for x in s['shapes']:
         assert x['max_abs_diff'] < 1e-4, x
     assert s['step_linear_s']['torch'] > 0 and s['step_linear_s']['jax'] > 0
+
+
+def test_step_spells_smoke(records):
+    """vd_jax's step timed call by call after each condition, round robin, with each call's
+    CPU time, faults and steal."""
+    r = records['step_spells']
+    assert r['smoke'] is True and r['machine']['host_kind'] and r['size'] == 16
+    assert set(r['conditions']) == {'back_to_back', 'sleep', 'churn', 'torch'}
+    for name, c in r['conditions'].items():
+        assert len(c['calls']) == c['wall']['n'] == 2, name
+        for k in c['calls']:
+            assert k['wall_s'] > 0 and k['user_s'] >= 0 and k['minflt'] >= 0, (name, k)
+            assert k['steal_s'] >= 0
+        assert 0 <= c['slow'] <= 2
+    # what came before each call: nothing, the idle gap, the churn up to the gap, torch's step
+    assert max(k['between_s'] for k in r['conditions']['back_to_back']['calls']) < 0.01
+    assert min(k['between_s'] for k in r['conditions']['sleep']['calls']) >= 0.05
+    assert min(k['between_s'] for k in r['conditions']['churn']['calls']) >= 0.05
+    assert r['slow_threshold_s'] == pytest.approx(
+        1.05 * r['conditions']['back_to_back']['wall']['median'])
