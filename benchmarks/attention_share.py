@@ -95,7 +95,6 @@ def main(argv=None):
     reps = args.reps if args.reps is not None else (1 if smoke else 5)
 
     import torch
-    import jax.numpy as jnp
 
     rec = dict(benchmark='attention_share', args=vars(args), machine=common.machine_info(),
                sizes={})
@@ -103,16 +102,9 @@ def main(argv=None):
     if not args.no_gemm:
         common.machine_peaks(rec, smoke, log=log)
     log('== build diffusers UNet2DConditionModel and convert it')
-    cfg = bench_unet.model_config(smoke)
-    unet = bench_unet.build_torch(smoke)
-    params, _ = bench_unet.convert(unet, cfg)
-    sched = bench_unet.ddim_scheduler(50)
-    tstep = common.torch_cfg_step(unet, sched, bench_unet.GUIDANCE)
-    cd = bench_unet.unet_config(smoke)['cross_attention_dim']
-    g = torch.Generator().manual_seed(1)
-    ctx, uctx = (torch.randn(1, bench_unet.CTX_LEN, cd, generator=g) for _ in range(2))
-    ctx2 = torch.cat([uctx, ctx])
-    jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
+    ab = bench_unet.cfg_setup(smoke)
+    cfg, unet, params, sched, tstep, g = ab.cfg, ab.unet, ab.params, ab.sched, ab.tstep, ab.g
+    ctx2, jctx, juctx = ab.ctx2, ab.jctx, ab.juctx
     variants = {'jax': None, 'jax_nocore': 'nocore', 'jax_repeat_x': 'repeat_x',
                 **{f'jax_{shift}': {'shift': shift} for shift in args.shifts},
                 **{f'jax_bw_{qb}x{kb}': {'q_block': qb, 'k_block': kb} for qb, kb in blocks}}

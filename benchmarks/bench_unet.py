@@ -104,6 +104,27 @@ def convert(unet, cfg):
     return to_device(flatten(params)), t_conv
 
 
+def cfg_setup(smoke: bool):
+    """What the A/B scripts share: diffusers' UNet and its conversion, the DDIM scheduler, the
+    torch CFG step and the (uncond, cond) contexts on both sides. Returns a namespace with cfg,
+    unet, params, sched, tstep, ctx2 (torch, uncond first), jctx, juctx and the torch
+    generator g that drew the contexts (draw the latents from it next)."""
+    import types
+    import torch
+    import jax.numpy as jnp
+    cfg = model_config(smoke)
+    unet = build_torch(smoke)
+    params, _ = convert(unet, cfg)
+    sched = ddim_scheduler(50)
+    tstep = common.torch_cfg_step(unet, sched, GUIDANCE)
+    cd = unet_config(smoke)['cross_attention_dim']
+    g = torch.Generator().manual_seed(1)
+    ctx, uctx = (torch.randn(1, CTX_LEN, cd, generator=g) for _ in range(2))
+    return types.SimpleNamespace(
+        cfg=cfg, unet=unet, params=params, sched=sched, tstep=tstep, g=g,
+        ctx2=torch.cat([uctx, ctx]), jctx=jnp.asarray(ctx.numpy()), juctx=jnp.asarray(uctx.numpy()))
+
+
 class JaxSide:
     """Our jitted CFG DDIM step and loop over the converted params."""
 

@@ -85,18 +85,10 @@ def main(argv=None):
                size=size, conditions={})
     log = print
     log('== build diffusers UNet2DConditionModel and convert it')
-    cfg = bench_unet.model_config(smoke)
-    unet = bench_unet.build_torch(smoke)
-    params, _ = bench_unet.convert(unet, cfg)
-    js = bench_unet.JaxSide(Diffuser(cfg.diffuser), params, 50, cfg.schedule)
-    sched = bench_unet.ddim_scheduler(50)
-    tstep = common.torch_cfg_step(unet, sched, bench_unet.GUIDANCE)
-    cd = bench_unet.unet_config(smoke)['cross_attention_dim']
-    g = torch.Generator().manual_seed(1)
-    ctx, uctx = (torch.randn(1, bench_unet.CTX_LEN, cd, generator=g) for _ in range(2))
-    ctx2 = torch.cat([uctx, ctx])
-    jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
-    x = torch.randn(1, 4, size, size, generator=g)
+    ab = bench_unet.cfg_setup(smoke)
+    params, sched, tstep, ctx2, jctx, juctx = ab.params, ab.sched, ab.tstep, ab.ctx2, ab.jctx, ab.juctx
+    js = bench_unet.JaxSide(Diffuser(ab.cfg.diffuser), params, 50, ab.cfg.schedule)
+    x = torch.randn(1, 4, size, size, generator=ab.g)
     jx = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     pos = jnp.asarray(0, jnp.int32)
     log(f'== compile the CFG DDIM step, batch 2, latent {size}x{size}')
