@@ -110,19 +110,26 @@ def cfg_setup(smoke: bool):
     unet, params, sched, tstep, ctx2 (torch, uncond first), jctx, juctx and the torch
     generator g that drew the contexts (draw the latents from it next)."""
     import types
-    import torch
-    import jax.numpy as jnp
     cfg = model_config(smoke)
     unet = build_torch(smoke)
     params, _ = convert(unet, cfg)
     sched = ddim_scheduler(50)
     tstep = common.torch_cfg_step(unet, sched, GUIDANCE)
+    g, ctx2, jctx, juctx = draw_contexts(smoke)
+    return types.SimpleNamespace(cfg=cfg, unet=unet, params=params, sched=sched, tstep=tstep,
+                                 g=g, ctx2=ctx2, jctx=jctx, juctx=juctx)
+
+
+def draw_contexts(smoke: bool):
+    """The benchmarks' (cond, uncond) contexts, drawn in that order from a torch generator
+    seeded 1: returns (g, ctx2 = [uncond; cond] for torch, jctx, juctx for jax); g draws the
+    latents next."""
+    import torch
+    import jax.numpy as jnp
     cd = unet_config(smoke)['cross_attention_dim']
     g = torch.Generator().manual_seed(1)
     ctx, uctx = (torch.randn(1, CTX_LEN, cd, generator=g) for _ in range(2))
-    return types.SimpleNamespace(
-        cfg=cfg, unet=unet, params=params, sched=sched, tstep=tstep, g=g,
-        ctx2=torch.cat([uctx, ctx]), jctx=jnp.asarray(ctx.numpy()), juctx=jnp.asarray(uctx.numpy()))
+    return g, torch.cat([uctx, ctx]), jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
 
 
 class JaxSide:
@@ -225,13 +232,7 @@ def main(argv=None):
     js = JaxSide(model, params, loop_steps or 50, cfg.schedule)
     sched = ddim_scheduler(loop_steps or 50)
     tstep = common.torch_cfg_step(unet, sched, GUIDANCE)
-    cd = unet_config(smoke)['cross_attention_dim']
-
-    g = torch.Generator().manual_seed(1)
-    ctx = torch.randn(1, CTX_LEN, cd, generator=g)
-    uctx = torch.randn(1, CTX_LEN, cd, generator=g)
-    ctx2 = torch.cat([uctx, ctx])
-    jctx, juctx = jnp.asarray(ctx.numpy()), jnp.asarray(uctx.numpy())
+    g, ctx2, jctx, juctx = draw_contexts(smoke)
 
     # -- parity of one forward ----------------------------------------------------------
     log('== parity (one forward, batch 2)')
