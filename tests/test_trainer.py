@@ -425,6 +425,35 @@ def test_init_from_a_smaller_setting_copies_what_both_have(tmp_path):
     assert report['sources']['smaller']['unused_source_tensors'] == 0
 
 
+def test_exact_init_with_sources_initialises_only_the_rest(tmp_path):
+    """`initial_state` applies the sources to the abstract tree and initialises only the leaves
+    none provides: bitwise what the whole init followed by the sources gives (the whole init
+    is the reference: the same program before its other outputs were dropped)."""
+    from vd_jax.train.run import initial_state, setup
+    from vd_jax.train.step import init_params_sharded
+    from vd_jax.sharding import gather
+    small_model = _image_only(load_config('train_tiny:test').model)
+    write_checkpoint(str(tmp_path / 'basic'), small_model,
+                     {'diffuser': _host(_abstract(small_model), 3)})
+    cfg = _real_cfg('init.method=exact', f'init.sources.smaller.path={tmp_path / "basic"}')
+    run = setup(cfg, str(tmp_path / 'run'))
+    got = flatten(gather(initial_state(run).params))
+    whole = gather(init_params_sharded(run.sc, run.mesh, run.shardings.params,
+                                       jax.random.PRNGKey(cfg.seed)))
+    want, report = apply_init_sources(whole, [('smaller', str(tmp_path / 'basic'), '*')],
+                                      cfg.model)
+    want = flatten(want)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    # both kinds are there: copied leaves and fresh ones (the text stream)
+    fresh = [k for k in want if k.startswith('text/')]
+    assert fresh and len(fresh) < len(want)
+    assert any(not np.array_equal(want[k], flatten(whole)[k]) for k in want if k.startswith('image/'))
+    with open(tmp_path / 'run' / 'init_report.json') as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+
+
 def test_init_from_a_diffusers_sd_unet_maps_cross_attention_to_text_context(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel

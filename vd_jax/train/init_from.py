@@ -90,13 +90,16 @@ def apply_init_sources(host_params: Mapping[str, Any], sources: Sequence[Tuple[s
     """Copy source parameters into a (host, numpy) parameter tree.
 
     Args:
-      host_params: nested dict of numpy arrays (fresh init); not modified.
+      host_params: nested dict of numpy arrays (fresh init); not modified. A leaf may also be
+        abstract (anything with `shape` and `dtype` that is not an array, e.g. a
+        `jax.ShapeDtypeStruct`): it comes back unchanged where no source provides it, so
+        callers initialise only those leaves (`vd_jax.train.run.initial_state`).
       sources: (name, path, map spec) in order.
       loaded: optional {name: flat source params} (skips reading `path`).
     Returns:
       (new nested params, report dict).
     """
-    target = {k: np.asarray(v) for k, v in flatten(host_params).items()}
+    target = {k: v if is_abstract(v) else np.asarray(v) for k, v in flatten(host_params).items()}
     owner: Dict[str, str] = {}
     report: Dict[str, Any] = {'sources': {}, 'groups': {}}
     for name, path, spec in sources:
@@ -141,10 +144,17 @@ def apply_init_sources(host_params: Mapping[str, Any], sources: Sequence[Tuple[s
     for path, a in target.items():
         g = group_of(path)
         entry = report['groups'].setdefault(g, {'params': 0, 'from': {}})
-        entry['params'] += int(a.size)
+        size = int(np.prod(a.shape))
+        entry['params'] += size
         src_name = owner.get(path, 'fresh init')
-        entry['from'][src_name] = entry['from'].get(src_name, 0) + int(a.size)
+        entry['from'][src_name] = entry['from'].get(src_name, 0) + size
     return unflatten(target), report
+
+
+def is_abstract(leaf) -> bool:
+    """A leaf that only describes an array (shape and dtype, no values)."""
+    return not isinstance(leaf, np.ndarray) and hasattr(leaf, 'shape') and hasattr(leaf, 'dtype') \
+        and not hasattr(leaf, '__array__')
 
 
 def _prefix(path: str) -> str:

@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from vd_jax import modalities as M
 from vd_jax import sharding as shd
+from vd_jax.checkpoint import flatten, unflatten
 from vd_jax.errors import ConfigError
 from vd_jax.lora import training as lora_training
 from vd_jax.models.init import random_params
@@ -145,24 +146,32 @@ def initial_state(run: Run) -> TrainState:
     params_sh = run.shardings.params
     method = str(cfg.init.method)
     sources = init_from.configured_sources(cfg)
+    key = jax.random.PRNGKey(cfg.seed)
+    if method == 'exact' and not sources:
+        return create_train_state(init_params_sharded(sc, run.mesh, params_sh, key), sc,
+                                  run.shardings)
     if method == 'exact':
-        params = init_params_sharded(sc, run.mesh, params_sh, jax.random.PRNGKey(cfg.seed))
-        host = shd.gather(params) if sources else None
+        # the sources first, over the abstract tree: then only the leaves none of them
+        # provides are initialised (the same values as initialising all; far less to compile)
+        host, report = init_from.apply_init_sources(run.abstract.params, sources, cfg.model)
+        flat = flatten(host)
+        fresh = [k for k, v in flat.items() if init_from.is_abstract(v)]
+        if fresh:
+            flat.update(shd.gather(init_params_sharded(sc, run.mesh, params_sh, key, only=fresh)))
+        host = unflatten(flat)
     elif method == 'random':
         host = jax.tree_util.tree_map(
             np.asarray, random_params(nn.unbox(run.boxed), seed=int(cfg.seed)))
-        params = None
+        if sources:
+            host, report = init_from.apply_init_sources(host, sources, cfg.model)
     else:
         raise ConfigError(f"init.method must be 'exact' or 'random', got {method!r}")
     if sources:
-        host, report = init_from.apply_init_sources(host, sources, cfg.model)
         logger.info(init_from.format_report(report))
         if jax.process_index() == 0:
             os.makedirs(run.workdir, exist_ok=True)
             init_from.write_report(report, os.path.join(run.workdir, 'init_report.json'))
-    if host is not None:
-        params = place_params(host, params_sh)
-    return create_train_state(params, sc, run.shardings)
+    return create_train_state(place_params(host, params_sh), sc, run.shardings)
 
 
 def encoder_key(cfg):
