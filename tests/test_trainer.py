@@ -425,6 +425,7 @@ def test_init_from_a_smaller_setting_copies_what_both_have(tmp_path):
     assert report['sources']['smaller']['unused_source_tensors'] == 0
 
 
+@pytest.mark.slow
 def test_exact_init_with_sources_initialises_only_the_rest(tmp_path):
     """`initial_state` applies the sources to the abstract tree and initialises only the leaves
     none provides: bitwise what the whole init followed by the sources gives (the whole init
