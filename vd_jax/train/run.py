@@ -139,7 +139,9 @@ def frozen_encoders(cfg, flows, mesh, ckpt: Optional[str] = None) -> inputs.Froz
 
 def initial_state(run: Run) -> TrainState:
     """A fresh state: `cfg.init.method` ('exact': the modules' initialisers, jitted into their
-    shards; 'random': numpy fan-in weights, instant) then the configured init sources."""
+    shards; 'random': numpy fan-in weights, instant) and the configured init sources. With
+    'exact', the leaves the sources provide are not initialised at all (the others get the
+    values the whole init would give them)."""
     cfg, sc = run.cfg, run.sc
     if run.lora is not None:
         return run.lora.initial_state()
