@@ -44,18 +44,6 @@ def _close(a, b, what):
     return d.ravel()
 
 
-def _write_image_only_source(path):
-    """A checkpoint of train_tiny's diffuser with only its image stream (random weights)."""
-    from vd_jax.checkpoint import write_checkpoint
-    from vd_jax.models.init import abstract_params, random_params
-    from vd_jax.models.unet import Diffuser
-    model = load_config(train_helper.CONFIG).model.copy_and_resolve_references()
-    model.diffuser.streams = {'image': dict(model.diffuser.streams.image)}
-    params = jax.tree.map(np.asarray, random_params(abstract_params(Diffuser(model.diffuser)),
-                                                    seed=7))
-    write_checkpoint(path, model, {'diffuser': params})
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     workdir = tmp_path / 'run'
@@ -66,7 +54,7 @@ def test_two_processes_train_like_one(tmp_path):
     # initialises only the text stream, sharded over both processes' devices, gathers it and
     # takes the image stream from the source -- the 1-device run's parameters, checked below
     basic = str(tmp_path / 'basic')
-    _write_image_only_source(basic)
+    train_helper.write_image_only_source(basic, seed=7)
     run = RUN + ['init.method=exact', f'init.sources.smaller.path={basic}']
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--config',
            f'configs/{train_helper.CONFIG.replace(":", ".py:")}', '--workdir', str(workdir),

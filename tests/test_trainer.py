@@ -39,6 +39,8 @@ from vd_jax.sharding import create_mesh
 from vd_jax.train.step import (_new_state, abstract_boxed_params, draw_noise, loss_and_grads,
                                state_shardings, train_step)
 
+import train_helper
+
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 FLOWS = (('t2i', 'image', 'text'), ('i2i', 'image', 'image'), ('i2t', 'text', 'image'),
          ('t2t', 'text', 'text'))
@@ -317,9 +319,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # (this run also starts from a "smaller setting": its image stream, through init sources)
-    small_model = _image_only(load_config('train_tiny:test').model)
-    small = _host(_abstract(small_model), 5)
-    write_checkpoint(str(tmp_path / 'basic'), small_model, {'diffuser': small})
+    train_helper.write_image_only_source(tmp_path / 'basic', seed=5)
     cfg = _real_cfg('total_steps=10', 'data.num_records=48', 'data.shuffle=False',
                     'checkpoint.every=2', 'checkpoint.keep=2',
                     f'init.sources.smaller.path={tmp_path / "basic"}')
@@ -398,16 +398,9 @@ def _host(tree, seed):
     return jax.tree.map(np.asarray, random_params(tree, seed=seed))
 
 
-def _image_only(model_cfg):
-    """A model config with only the image stream (a VD-basic of the same size)."""
-    small = model_cfg.copy_and_resolve_references()
-    small.diffuser.streams = {'image': dict(model_cfg.diffuser.streams.image)}
-    return small
-
-
 def test_init_from_a_smaller_setting_copies_what_both_have(tmp_path):
     big = load_config('train_tiny:test')
-    small_model = _image_only(big.model)  # VD-basic
+    small_model = train_helper.image_only_model(big.model)  # VD-basic
     small = _host(_abstract(small_model), 1)
     write_checkpoint(str(tmp_path / 'basic'), small_model, {'diffuser': small})
     fresh = _host(_abstract(big.model), 2)
@@ -433,9 +426,7 @@ def test_exact_init_with_sources_initialises_only_the_rest(tmp_path):
     from vd_jax.train.run import initial_state, setup
     from vd_jax.train.step import init_params_sharded
     from vd_jax.sharding import gather
-    small_model = _image_only(load_config('train_tiny:test').model)
-    write_checkpoint(str(tmp_path / 'basic'), small_model,
-                     {'diffuser': _host(_abstract(small_model), 3)})
+    train_helper.write_image_only_source(tmp_path / 'basic', seed=3)
     cfg = _real_cfg('init.method=exact', f'init.sources.smaller.path={tmp_path / "basic"}')
     run = setup(cfg, str(tmp_path / 'run'))
     got = flatten(gather(initial_state(run).params))
@@ -479,7 +470,7 @@ def test_init_from_a_diffusers_sd_unet_maps_cross_attention_to_text_context(tmp_
     new, report = apply_init_sources(fresh, sources, cfg.model)
     fn, ff = flatten(new), flatten(fresh)
     # reference: the converter run on the state dict directly
-    image_only = _image_only(cfg.model)
+    image_only = train_helper.image_only_model(cfg.model)
     ref = flatten(convert_checkpoint({f'image_unet.{k}': v for k, v in unet.state_dict().items()},
                                      image_only, parts=['diffuser'])['diffuser'])
     for k in fn:

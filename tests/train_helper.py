@@ -20,6 +20,28 @@ SHARED = ['noise.fixed=True', 'optimizer.warmup_steps=0', 'optimizer.lr=1e-3',
 CONFIG = 'train_tiny:test'
 
 
+def image_only_model(model_cfg):
+    """A model config with only the image stream (a VD-basic of the same size)."""
+    small = model_cfg.copy_and_resolve_references()
+    small.diffuser.streams = {'image': dict(model_cfg.diffuser.streams.image)}
+    return small
+
+
+def write_image_only_source(path, seed):
+    """An init source for CONFIG's diffuser: a checkpoint of its image stream alone, random
+    weights drawn with `seed`."""
+    import jax
+    import numpy as np
+    from vd_jax.checkpoint import write_checkpoint
+    from vd_jax.config import load_config
+    from vd_jax.models.init import abstract_params, random_params
+    from vd_jax.models.unet import Diffuser
+    model = image_only_model(load_config(CONFIG).model)
+    params = jax.tree.map(np.asarray, random_params(abstract_params(Diffuser(model.diffuser)),
+                                                    seed=seed))
+    write_checkpoint(str(path), model, {'diffuser': params})
+
+
 def _spec(sharding):
     return [list(e) if isinstance(e, tuple) else e for e in sharding.spec]
 

@@ -153,8 +153,7 @@ def apply_init_sources(host_params: Mapping[str, Any], sources: Sequence[Tuple[s
 
 def is_abstract(leaf) -> bool:
     """A leaf that only describes an array (shape and dtype, no values)."""
-    return not isinstance(leaf, np.ndarray) and hasattr(leaf, 'shape') and hasattr(leaf, 'dtype') \
-        and not hasattr(leaf, '__array__')
+    return hasattr(leaf, 'shape') and hasattr(leaf, 'dtype') and not hasattr(leaf, '__array__')
 
 
 def _prefix(path: str) -> str:
