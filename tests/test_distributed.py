@@ -48,7 +48,8 @@ def _close(a, b, what):
 def test_two_processes_train_like_one(tmp_path):
     workdir = tmp_path / 'run'
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    env = dict(os.environ,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
                JAX_PLATFORMS='cpu')
     # the exact init with an init source (a VD-basic of the image stream): each process
     # initialises only the text stream, sharded over both processes' devices, gathers it and

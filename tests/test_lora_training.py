@@ -46,7 +46,8 @@ def test_one_device_and_eight_devices_train_the_same_adapters(base, tmp_path):
     from vd_jax.train import train
     out = tmp_path / 'eight'
     out.mkdir()
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS='cpu', PYTHONPATH=os.path.join(HERE, '..'))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'lora_train_helper.py'), str(out),
                              base, 'mesh.data=4', 'mesh.fsdp=2'], env=env,

@@ -32,7 +32,8 @@ TOL = 2e-5
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('mesh')
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'mesh_sampling_helper.py'),
                              str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -110,8 +111,8 @@ def _pixels(path):
 
 
 def _sample_py(args, out, devices=2):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               JAX_PLATFORMS='cpu')
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
     return [sys.executable, os.path.join(ROOT, 'sample.py'), '--model', 'tiny', '--steps', '2',
             '--out', str(out), '--mesh', 'data=2', *args], env
 

@@ -71,7 +71,8 @@ def test_global_batch_on_one_device_and_text_is_refused():
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('eight')
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS='cpu', PYTHONPATH=os.path.join(HERE, '..'))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train_helper.py'), str(out),
                              'mesh.data=4', 'mesh.fsdp=2', *RUN], env=env, cwd=os.path.join(HERE, '..'),

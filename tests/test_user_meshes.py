@@ -82,7 +82,8 @@ def test_one_axis_mesh_of_one_device_samples_like_no_mesh():
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('user_meshes')
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'user_mesh_helper.py'), str(out)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -130,7 +131,10 @@ def test_user_meshes_sample_and_train_like_one_device(eight_devices, tmp_path):
         t = info['train'][name]
         for step in (1, 2):
             for k, v in ref_train['history'][step].items():
-                np.testing.assert_allclose(t['history'][str(step)][k], v, rtol=2e-5,
+                # the gradient norm sums every squared gradient in another order (measured
+                # 2.2e-5 relative with the tests' -O1 programs): tests/test_distributed.py's 1e-4
+                np.testing.assert_allclose(t['history'][str(step)][k], v,
+                                           rtol=1e-4 if k == 'grad_norm' else 2e-5,
                                            err_msg=f'{name} {k}')
         diffs = []
         for path, v in params.items():
