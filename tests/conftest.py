@@ -23,6 +23,11 @@ if os.environ.get('VD_JAX_TEST_OPTIMIZE', '') not in ('1', 'true'):
 import pytest  # noqa: E402
 
 
+def child_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a child process with `devices` CPU devices: this session's flags kept."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 @pytest.fixture(scope='session')
 def tiny_config():
     from vd_jax.config import load_config

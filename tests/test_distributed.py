@@ -26,6 +26,7 @@ from vd_jax.train import Checkpointer, load_metrics, make_model, train
 from vd_jax.train.step import state_shardings
 
 import train_helper
+from conftest import child_xla_flags
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 RUN = ['total_steps=3', 'data.num_records=16', 'checkpoint.every=2']
@@ -48,8 +49,7 @@ def _close(a, b, what):
 def test_two_processes_train_like_one(tmp_path):
     workdir = tmp_path / 'run'
     port = _free_port()
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(2),
                JAX_PLATFORMS='cpu')
     # the exact init with an init source (a VD-basic of the image stream): each process
     # initialises only the text stream, sharded over both processes' devices, gathers it and

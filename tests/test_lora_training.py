@@ -19,6 +19,7 @@ from vd_jax.train.settings import apply_overrides
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import lora_train_helper  # noqa: E402
+from conftest import child_xla_flags  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -46,8 +47,7 @@ def test_one_device_and_eight_devices_train_the_same_adapters(base, tmp_path):
     from vd_jax.train import train
     out = tmp_path / 'eight'
     out.mkdir()
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
                JAX_PLATFORMS='cpu', PYTHONPATH=os.path.join(HERE, '..'))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'lora_train_helper.py'), str(out),
                              base, 'mesh.data=4', 'mesh.fsdp=2'], env=env,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import mesh_sampling_helper as helper
+from conftest import child_xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, '..')
@@ -32,8 +33,7 @@ TOL = 2e-5
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('mesh')
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
                JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'mesh_sampling_helper.py'),
                              str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -111,8 +111,7 @@ def _pixels(path):
 
 
 def _sample_py(args, out, devices=2):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(devices), JAX_PLATFORMS='cpu')
     return [sys.executable, os.path.join(ROOT, 'sample.py'), '--model', 'tiny', '--steps', '2',
             '--out', str(out), '--mesh', 'data=2', *args], env
 

@@ -11,21 +11,16 @@ import pytest
 from conftest import TEST_XLA_FLAGS
 
 FULL = os.environ.get('VD_JAX_TEST_OPTIMIZE', '') in ('1', 'true')
-# one tiny UNet forward, printed in full precision (the child's XLA_FLAGS is the test's choice)
+# one tiny UNet forward, saved to argv[1]; prints the child's optimisation flags ('-': none)
 FORWARD = """
 import os, sys, numpy as np, jax, jax.numpy as jnp
 print(' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'optimization_level' in f
                or 'expensive' in f) or '-')
 from vd_jax.config import load_config
-from vd_jax.models.init import abstract_params
+from vd_jax.models.init import abstract_params, random_params
 from vd_jax.models.unet import Diffuser
-cfg = load_config('tiny').model
-model = Diffuser(cfg.diffuser)
-shapes = jax.tree.leaves(abstract_params(model))
-rng = np.random.default_rng(0)
-params = jax.tree.unflatten(jax.tree.structure(abstract_params(model)),
-                            [jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32)
-                             for a in shapes])
+model = Diffuser(load_config('tiny').model.diffuser)
+params = random_params(abstract_params(model), seed=0)
 x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
 c = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
 y = jax.jit(lambda p: model.apply({'params': p}, x, jnp.array([3, 700]), c, 'image', 'text'))(params)

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import user_mesh_helper as helper
+from conftest import child_xla_flags
 from vd_jax import sharding as shd
 from vd_jax.checkpoint import flatten
 from vd_jax.errors import ConfigError
@@ -82,8 +83,7 @@ def test_one_axis_mesh_of_one_device_samples_like_no_mesh():
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('user_meshes')
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
                JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'user_mesh_helper.py'), str(out)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
