@@ -23,6 +23,7 @@ from vd_jax.train.settings import apply_overrides
 from vd_jax.train import train
 
 import train_helper
+from conftest import child_xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = ['total_steps=2', 'data.num_records=16']
@@ -71,8 +72,7 @@ def test_global_batch_on_one_device_and_text_is_refused():
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('eight')
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
                JAX_PLATFORMS='cpu', PYTHONPATH=os.path.join(HERE, '..'))
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train_helper.py'), str(out),
                              'mesh.data=4', 'mesh.fsdp=2', *RUN], env=env, cwd=os.path.join(HERE, '..'),
@@ -95,10 +95,13 @@ def test_one_device_and_eight_devices_take_the_same_step(eight_devices, tmp_path
         info = json.load(f)
     res = np.load(os.path.join(out, 'result.npz'))
     assert info['devices'] == 8 and info['mesh'] == {'data': 4, 'fsdp': 2, 'model': 1}
-    # Same losses: float sums run in another order over 8 shards, hence a tolerance.
+    # Same losses: float sums run in another order over 8 shards, hence a tolerance; the
+    # gradient norm sums every squared gradient (measured 2.2e-5 relative with the tests' -O1
+    # programs, alone): tests/test_distributed.py's 1e-4
     for step in (1, 2):
         for k, v in ref['history'][step].items():
-            np.testing.assert_allclose(info['history'][str(step)][k], v, rtol=2e-5, err_msg=k)
+            np.testing.assert_allclose(info['history'][str(step)][k], v,
+                                       rtol=1e-4 if k == 'grad_norm' else 2e-5, err_msg=k)
     # Same parameters after two AdamW steps. Adam divides by sqrt(v), so an entry whose
     # gradient is ~0 (sign decided by the last bits of a differently ordered sum) can move by
     # up to lr per step either way: the hard bound is 2 * lr * steps = 4e-3. Measured: median
