@@ -10,13 +10,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # with the -O2 programs' to float32 rounding: tests/test_suite_setup.py, a tiny UNet forward
 # 9.5e-7 apart at max 1.36). Measured on a 2-core Zen 4 host, alternating the two settings:
 # test_pipeline + test_lora + test_sampling_api on two workers 226 / 228 s at -O2, 193 / 194 s
-# here (-15%); the whole suite 38.1 min in one run (it was 39.4 and 45.3 min at -O2, other
-# runs). (-O0, jax's `jax_disable_most_optimizations`, runs loops such as the text decoder's
-# greedy search many times slower: tests/user_mesh_helper.py took over 400 s against 141.)
+# here (-15%); the whole suite 38.1 and 37.1 min in two runs (it was 39.4 and 45.3 min at
+# -O2, other runs). (-O0, jax's `jax_disable_most_optimizations`, runs loops such as the text
+# decoder's greedy search many times slower: tests/user_mesh_helper.py took over 400 s
+# against 141.)
 # Subprocesses inherit XLA_FLAGS; the tests that set it for a child append to it.
 # `VD_JAX_TEST_OPTIMIZE=1` compiles as users do.
 TEST_XLA_FLAGS = ('--xla_backend_optimization_level=1', '--xla_llvm_disable_expensive_passes=true')
-if os.environ.get('VD_JAX_TEST_OPTIMIZE', '') not in ('1', 'true'):
+OPTIMIZE_AS_USERS = os.environ.get('VD_JAX_TEST_OPTIMIZE', '') in ('1', 'true')
+if not OPTIMIZE_AS_USERS:
     _flags = os.environ.get('XLA_FLAGS', '').split()
     os.environ['XLA_FLAGS'] = ' '.join(_flags + [f for f in TEST_XLA_FLAGS if f not in _flags])
 

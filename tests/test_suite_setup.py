@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TEST_XLA_FLAGS
+from conftest import OPTIMIZE_AS_USERS, TEST_XLA_FLAGS
 
-FULL = os.environ.get('VD_JAX_TEST_OPTIMIZE', '') in ('1', 'true')
 # one tiny UNet forward, saved to argv[1]; prints the child's optimisation flags ('-': none)
 FORWARD = """
 import os, sys, numpy as np, jax, jax.numpy as jnp
@@ -36,9 +35,9 @@ def _child(out, env=None):
 @pytest.mark.slow  # two child processes (15 s)
 def test_tests_compile_at_o1_and_compute_what_users_get(tmp_path):
     flags = os.environ.get('XLA_FLAGS', '').split()
-    assert all((f in flags) is not FULL for f in TEST_XLA_FLAGS), flags
+    assert all((f in flags) is not OPTIMIZE_AS_USERS for f in TEST_XLA_FLAGS), flags
     inherited = _child(tmp_path / 'test.npy')
-    assert inherited == ('-' if FULL else ' '.join(TEST_XLA_FLAGS))
+    assert inherited == ('-' if OPTIMIZE_AS_USERS else ' '.join(TEST_XLA_FLAGS))
     # as users compile (sample.py / train.py: only vd_jax.platform's flags)
     user = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     assert _child(tmp_path / 'user.npy', env=user) == '-'
